@@ -1,0 +1,1140 @@
+//! The master's networking and bookkeeping around the pure scheduler.
+//!
+//! One engine task owns every table (tasks, workers, files, scheduler), so
+//! nothing in the master needs a lock on its hot path. Each worker connection
+//! has a reader task (frames in, output files streamed to disk) and a writer
+//! task (frames and input files out); both talk to the engine through
+//! unbounded channels, so a slow worker never blocks the engine and the user
+//! not calling `wait` for a while never stalls the runtime.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use drover_worker::protocol::{
+    self, read_frame, Ending, FrameError, Hello, MasterMsg, OutputHeader, RunTask, TaskReport,
+    WorkerMsg, PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
+};
+use drover_worker::Resources;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::scheduler::{FileKey, Placement, Request, Scheduler, WorkerKey};
+use crate::task::{Attempt, Outcome, TaskId, TaskResult};
+
+/// Default number of times a task is retried after losing its worker.
+pub const DEFAULT_MAX_RETRIES: u32 = 5;
+
+/// A task after submit-time validation: file names resolved, paths checked.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub id: TaskId,
+    pub command: String,
+    pub inputs: Vec<PreparedInput>,
+    pub outputs: Vec<(String, PathBuf)>,
+    pub env: Vec<(String, String)>,
+    pub resources: Resources,
+    pub wall_time_s: Option<f64>,
+    pub category: String,
+    pub tag: Option<String>,
+    pub priority: i32,
+    pub max_retries: u32,
+    pub environment: Option<PreparedInput>,
+    pub submitted: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct PreparedInput {
+    /// Cache name for cached files; None for per-task files and buffers.
+    pub cache_id: Option<String>,
+    pub source: FileSource,
+    pub remote: String,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum FileSource {
+    Path(PathBuf),
+    Bytes(Arc<[u8]>),
+}
+
+/// A point-in-time view of the master.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub tasks_waiting: u64,
+    pub tasks_running: u64,
+    pub tasks_done: u64,
+    pub tasks_failed: u64,
+    pub tasks_cancelled: u64,
+    pub workers_connected: u64,
+    pub workers_busy: u64,
+    pub resources_in_use: Resources,
+    pub resources_total: Resources,
+    /// Times a task went back to the queue after its worker was lost.
+    pub tasks_requeued: u64,
+    /// Input file bodies sent to workers (a cached file counts once per worker).
+    pub files_sent: u64,
+}
+
+pub(crate) enum Command {
+    Submit(Box<Prepared>),
+    Cancel(TaskId, oneshot::Sender<bool>),
+    CancelTag(String, oneshot::Sender<usize>),
+    Stats(oneshot::Sender<Stats>),
+    Workers(oneshot::Sender<Vec<WorkerInfo>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What the master knows of a connected worker.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkerInfo {
+    pub host: String,
+    pub addr: String,
+    pub resources: Resources,
+    pub running: usize,
+}
+
+enum Event {
+    Joined {
+        key: WorkerKey,
+        hello: Box<Hello>,
+        addr: SocketAddr,
+        tx: mpsc::UnboundedSender<Outgoing>,
+        conn: Arc<ConnShared>,
+    },
+    Msg {
+        key: WorkerKey,
+        msg: WorkerMsg,
+    },
+    Gone {
+        key: WorkerKey,
+        reason: String,
+    },
+}
+
+/// Shared between the engine and one connection's reader: where each running
+/// attempt's outputs go. Keyed by (task, attempt) so a stale report never
+/// writes over a newer attempt's files.
+#[derive(Default)]
+struct ConnShared {
+    outputs: Mutex<HashMap<(TaskId, u32), Vec<(String, PathBuf)>>>,
+}
+
+enum Outgoing {
+    Msg(MasterMsg),
+    File {
+        id: String,
+        cache: bool,
+        source: FileSource,
+    },
+}
+
+pub(crate) struct EngineConfig {
+    pub password: Option<Vec<u8>>,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+enum TaskState {
+    Waiting,
+    Running {
+        worker: WorkerKey,
+        attempt: u32,
+        allocation: Resources,
+        started: SystemTime,
+    },
+}
+
+struct TaskEntry {
+    spec: Box<Prepared>,
+    seq: u64,
+    state: TaskState,
+    attempts: Vec<Attempt>,
+    cancelling: bool,
+    /// Interned cached inputs, largest first would need sizes; submission order is kept.
+    cached_keys: Vec<FileKey>,
+}
+
+struct WorkerEntry {
+    hello: Box<Hello>,
+    addr: SocketAddr,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    conn: Arc<ConnShared>,
+    files: HashSet<FileKey>,
+    running: HashSet<TaskId>,
+    in_use: Resources,
+}
+
+struct Engine {
+    config: EngineConfig,
+    sched: Scheduler,
+    tasks: HashMap<TaskId, TaskEntry>,
+    workers: HashMap<WorkerKey, WorkerEntry>,
+    file_keys: HashMap<String, FileKey>,
+    file_names: Vec<String>,
+    results: std::sync::mpsc::Sender<TaskResult>,
+    next_seq: u64,
+    stats: Stats,
+    placements: Vec<Placement>,
+}
+
+/// Starts the engine on `listener`; returns when told to shut down.
+pub(crate) async fn run(
+    listener: TcpListener,
+    config: EngineConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    results: std::sync::mpsc::Sender<TaskResult>,
+) {
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let password = config.password.clone().map(Arc::<[u8]>::from);
+    let keepalive = (config.keepalive_interval, config.keepalive_timeout);
+    let accept = tokio::spawn(accept_loop(listener, events_tx, password, keepalive));
+    let mut engine = Engine {
+        config,
+        sched: Scheduler::new(),
+        tasks: HashMap::new(),
+        workers: HashMap::new(),
+        file_keys: HashMap::new(),
+        file_names: Vec::new(),
+        results,
+        next_seq: 0,
+        stats: Stats::default(),
+        placements: Vec::new(),
+    };
+    loop {
+        tokio::select! {
+            biased;
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                engine.on_event(ev);
+                // Take what else is ready before scheduling, so a burst costs one scheduling pass.
+                for _ in 0..4096 {
+                    match events.try_recv() { Ok(ev) => engine.on_event(ev), Err(_) => break }
+                }
+            }
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { break };
+                if let Some(done) = engine.on_command(cmd) {
+                    engine.shutdown();
+                    accept.abort();
+                    let _ = done.send(());
+                    return;
+                }
+                for _ in 0..4096 {
+                    match commands.try_recv() {
+                        Ok(cmd) => if let Some(done) = engine.on_command(cmd) {
+                            engine.shutdown();
+                            accept.abort();
+                            let _ = done.send(());
+                            return;
+                        },
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        engine.schedule();
+    }
+    engine.shutdown();
+    accept.abort();
+}
+
+impl Engine {
+    fn intern(&mut self, name: &str) -> FileKey {
+        if let Some(&k) = self.file_keys.get(name) {
+            return k;
+        }
+        let k = self.file_names.len() as FileKey;
+        self.file_names.push(name.to_string());
+        self.file_keys.insert(name.to_string(), k);
+        k
+    }
+
+    fn on_command(&mut self, cmd: Command) -> Option<oneshot::Sender<()>> {
+        match cmd {
+            Command::Submit(spec) => self.submit(spec),
+            Command::Cancel(id, reply) => {
+                let _ = reply.send(self.cancel(id));
+            }
+            Command::CancelTag(tag, reply) => {
+                let ids: Vec<TaskId> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| t.spec.tag.as_deref() == Some(&tag))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let n = ids.into_iter().filter(|id| self.cancel(*id)).count();
+                let _ = reply.send(n);
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+            Command::Workers(reply) => {
+                let list = self
+                    .workers
+                    .values()
+                    .map(|w| WorkerInfo {
+                        host: w.hello.hostname.clone(),
+                        addr: w.addr.to_string(),
+                        resources: w.hello.resources,
+                        running: w.running.len(),
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::Shutdown(done) => return Some(done),
+        }
+        None
+    }
+
+    fn submit(&mut self, spec: Box<Prepared>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut cached_keys = Vec::new();
+        for input in spec.inputs.iter().chain(spec.environment.iter()) {
+            if let Some(id) = &input.cache_id {
+                cached_keys.push(self.intern(id));
+            }
+        }
+        let id = spec.id;
+        self.sched.enqueue(
+            id,
+            request_for(&spec.resources),
+            spec.priority,
+            seq,
+            &cached_keys,
+        );
+        self.stats.tasks_waiting += 1;
+        self.tasks.insert(
+            id,
+            TaskEntry {
+                spec,
+                seq,
+                state: TaskState::Waiting,
+                attempts: Vec::new(),
+                cancelling: false,
+                cached_keys,
+            },
+        );
+    }
+
+    fn cancel(&mut self, id: TaskId) -> bool {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return false;
+        };
+        match task.state {
+            TaskState::Waiting => {
+                self.sched.remove_waiting(id);
+                self.stats.tasks_waiting -= 1;
+                self.finish(id, Outcome::Cancelled, None, None);
+                true
+            }
+            TaskState::Running {
+                worker, attempt, ..
+            } => {
+                if task.cancelling {
+                    return false;
+                }
+                task.cancelling = true;
+                if let Some(w) = self.workers.get(&worker) {
+                    let _ = w.tx.send(Outgoing::Msg(MasterMsg::Kill {
+                        task_id: id,
+                        attempt,
+                    }));
+                }
+                true
+            }
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.workers_connected = self.workers.len() as u64;
+        s.workers_busy = self
+            .workers
+            .values()
+            .filter(|w| !w.running.is_empty())
+            .count() as u64;
+        s.resources_total = self.workers.values().fold(Resources::default(), |a, w| {
+            a.saturating_add(&w.hello.resources)
+        });
+        s.resources_in_use = self
+            .workers
+            .values()
+            .fold(Resources::default(), |a, w| a.saturating_add(&w.in_use));
+        s
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Joined {
+                key,
+                hello,
+                addr,
+                tx,
+                conn,
+            } => {
+                info!(worker = %addr, host = %hello.hostname, resources = ?hello.resources, "worker joined");
+                self.sched.add_worker(key, hello.resources);
+                let mut files = HashSet::new();
+                for id in &hello.cached {
+                    if let Some(&k) = self.file_keys.get(id) {
+                        files.insert(k);
+                        self.sched.note_cached(key, k);
+                    } else {
+                        let k = self.intern(id);
+                        files.insert(k);
+                        self.sched.note_cached(key, k);
+                    }
+                }
+                self.workers.insert(
+                    key,
+                    WorkerEntry {
+                        hello,
+                        addr,
+                        tx,
+                        conn,
+                        files,
+                        running: HashSet::new(),
+                        in_use: Resources::default(),
+                    },
+                );
+            }
+            Event::Msg { key, msg } => match msg {
+                WorkerMsg::TaskDone { report, .. } => self.task_done(key, *report),
+                WorkerMsg::Rejected {
+                    task_id,
+                    attempt,
+                    reason,
+                } => {
+                    warn!(task_id, "worker rejected the task: {reason}");
+                    self.requeue(key, task_id, attempt, format!("rejected: {reason}"), false);
+                }
+                WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
+                WorkerMsg::Pong | WorkerMsg::Hello(_) | WorkerMsg::AuthProof { .. } => {}
+            },
+            Event::Gone { key, reason } => self.worker_gone(key, &reason),
+        }
+    }
+
+    fn worker_gone(&mut self, key: WorkerKey, reason: &str) {
+        let Some(worker) = self.workers.remove(&key) else {
+            return;
+        };
+        info!(worker = %worker.addr, "worker left: {reason}");
+        self.sched.remove_worker(key);
+        let mut lost: Vec<TaskId> = worker.running.into_iter().collect();
+        lost.sort_unstable();
+        for id in lost {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            let TaskState::Running {
+                attempt,
+                allocation,
+                ..
+            } = task.state
+            else {
+                continue;
+            };
+            task.attempts.push(Attempt {
+                host: worker.hello.hostname.clone(),
+                allocation,
+                ending: format!("worker lost ({reason})"),
+            });
+            self.stats.tasks_running -= 1;
+            if task.cancelling {
+                self.finish(id, Outcome::Cancelled, None, None);
+            } else if task.attempts.len() as u32 > task.spec.max_retries {
+                let why = format!("worker lost {} times; last: {reason}", task.attempts.len());
+                self.finish(id, Outcome::WorkerLost, None, Some(why));
+            } else {
+                let _ = attempt;
+                self.enqueue_again(id);
+                self.stats.tasks_requeued += 1;
+            }
+        }
+    }
+
+    fn enqueue_again(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.state = TaskState::Waiting;
+        self.sched.enqueue(
+            id,
+            request_for(&task.spec.resources),
+            task.spec.priority,
+            task.seq,
+            &task.cached_keys,
+        );
+        self.stats.tasks_waiting += 1;
+    }
+
+    /// Takes a running attempt back from `worker` and queues it again.
+    fn requeue(
+        &mut self,
+        worker: WorkerKey,
+        id: TaskId,
+        attempt: u32,
+        why: String,
+        count_attempt: bool,
+    ) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let TaskState::Running {
+            worker: w,
+            attempt: a,
+            allocation,
+            ..
+        } = task.state
+        else {
+            return;
+        };
+        if w != worker || a != attempt {
+            return;
+        }
+        if let Some(wk) = self.workers.get_mut(&worker) {
+            wk.running.remove(&id);
+            wk.in_use = wk.in_use.saturating_sub(&allocation);
+            wk.conn
+                .outputs
+                .lock()
+                .map(|mut m| m.remove(&(id, attempt)))
+                .ok();
+        }
+        self.sched.release(worker, allocation);
+        self.stats.tasks_running -= 1;
+        if count_attempt {
+            let host = self
+                .workers
+                .get(&worker)
+                .map(|w| w.hello.hostname.clone())
+                .unwrap_or_default();
+            task.attempts.push(Attempt {
+                host,
+                allocation,
+                ending: why,
+            });
+        }
+        if task.cancelling {
+            self.finish(id, Outcome::Cancelled, None, None);
+        } else {
+            self.enqueue_again(id);
+            self.stats.tasks_requeued += 1;
+        }
+    }
+
+    fn task_done(&mut self, key: WorkerKey, report: TaskReport) {
+        let id = report.task_id;
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let TaskState::Running {
+            worker,
+            attempt,
+            allocation,
+            started,
+        } = task.state
+        else {
+            return;
+        };
+        if worker != key || attempt != report.attempt {
+            debug!(task = id, "ignoring a stale report");
+            return;
+        }
+        let host = match self.workers.get_mut(&key) {
+            Some(w) => {
+                w.running.remove(&id);
+                w.in_use = w.in_use.saturating_sub(&allocation);
+                w.hello.hostname.clone()
+            }
+            None => String::new(),
+        };
+        self.sched.release(key, allocation);
+        self.stats.tasks_running -= 1;
+        if report.ending == Ending::InputMissing
+            && !task.cancelling
+            && (task.attempts.len() as u32) < task.spec.max_retries
+        {
+            // The worker's cache lost a file we thought it had: forget that, and send it again elsewhere or here.
+            if let Some(w) = self.workers.get_mut(&key) {
+                for k in &task.cached_keys {
+                    w.files.remove(k);
+                }
+            }
+            task.attempts.push(Attempt {
+                host,
+                allocation,
+                ending: report
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "input missing".into()),
+            });
+            self.enqueue_again(id);
+            self.stats.tasks_requeued += 1;
+            return;
+        }
+        let outcome = match report.ending {
+            Ending::Exited if report.exit_code == Some(0) && report.missing_outputs.is_empty() => {
+                Outcome::Success
+            }
+            Ending::Exited if report.exit_code == Some(0) => Outcome::OutputMissing,
+            Ending::Exited => Outcome::Failed,
+            Ending::LimitExceeded => Outcome::ResourceExhausted {
+                resource: report
+                    .limit_exceeded
+                    .as_ref()
+                    .map(|l| l.resource.clone())
+                    .unwrap_or_else(|| "memory".into()),
+            },
+            Ending::WallTime => Outcome::WallTimeExceeded,
+            Ending::Killed if task.cancelling => Outcome::Cancelled,
+            Ending::Killed => Outcome::Failed,
+            Ending::InputMissing => Outcome::InputMissing,
+            Ending::SetupFailed => Outcome::Failed,
+        };
+        let mut error = report.error.clone();
+        if outcome == Outcome::OutputMissing && error.is_none() {
+            error = Some(format!(
+                "missing outputs: {}",
+                report.missing_outputs.join(", ")
+            ));
+        }
+        task.attempts.push(Attempt {
+            host: host.clone(),
+            allocation,
+            ending: format!("{outcome:?}"),
+        });
+        let _ = started;
+        self.finish(id, outcome, Some((report, host)), error);
+    }
+
+    /// Removes the task and hands its result to the user.
+    fn finish(
+        &mut self,
+        id: TaskId,
+        outcome: Outcome,
+        report: Option<(TaskReport, String)>,
+        error: Option<String>,
+    ) {
+        let Some(task) = self.tasks.remove(&id) else {
+            return;
+        };
+        match outcome {
+            Outcome::Success => self.stats.tasks_done += 1,
+            Outcome::Cancelled => self.stats.tasks_cancelled += 1,
+            _ => self.stats.tasks_failed += 1,
+        }
+        let spec = task.spec;
+        let allocated = task
+            .attempts
+            .last()
+            .map(|a| a.allocation)
+            .unwrap_or(spec.resources);
+        let mut result = TaskResult {
+            id,
+            tag: spec.tag,
+            category: spec.category,
+            command: spec.command,
+            outcome,
+            exit_code: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error,
+            allocated,
+            measured: Default::default(),
+            submitted: spec.submitted,
+            started: None,
+            finished: SystemTime::now(),
+            host: None,
+            attempts: task.attempts,
+        };
+        if let Some((report, host)) = report {
+            result.exit_code = report.exit_code;
+            result.signal = report.signal;
+            result.stdout = report.stdout;
+            result.stderr = report.stderr;
+            result.measured = report.measured;
+            result.started =
+                Some(SystemTime::UNIX_EPOCH + Duration::from_millis(report.started_ms));
+            result.host = Some(host);
+        }
+        let _ = self.results.send(result);
+    }
+
+    fn schedule(&mut self) {
+        if self.sched.waiting() == 0 || self.workers.is_empty() {
+            return;
+        }
+        let mut placements = std::mem::take(&mut self.placements);
+        placements.clear();
+        self.sched.schedule(&mut placements);
+        for p in placements.drain(..) {
+            self.dispatch(p);
+        }
+        self.placements = placements;
+    }
+
+    fn dispatch(&mut self, p: Placement) {
+        let Some(task) = self.tasks.get_mut(&p.task) else {
+            self.sched.release(p.worker, p.allocation);
+            return;
+        };
+        let Some(worker) = self.workers.get_mut(&p.worker) else {
+            self.sched.enqueue(
+                p.task,
+                request_for(&task.spec.resources),
+                task.spec.priority,
+                task.seq,
+                &task.cached_keys,
+            );
+            return;
+        };
+        let attempt = task.attempts.len() as u32 + 1;
+        let spec = &task.spec;
+        let mut inputs = Vec::with_capacity(spec.inputs.len());
+        let mut send = |input: &PreparedInput, n: usize| -> String {
+            match &input.cache_id {
+                Some(id) => {
+                    let k = self.file_keys.get(id).copied();
+                    let fresh = k.map(|k| worker.files.insert(k)).unwrap_or(true);
+                    if fresh {
+                        if let Some(k) = k {
+                            self.sched.note_cached(p.worker, k);
+                        }
+                        self.stats.files_sent += 1;
+                        let _ = worker.tx.send(Outgoing::File {
+                            id: id.clone(),
+                            cache: true,
+                            source: input.source.clone(),
+                        });
+                    }
+                    id.clone()
+                }
+                None => {
+                    let id = format!("u-{}-{}-{}", p.task, attempt, n);
+                    self.stats.files_sent += 1;
+                    let _ = worker.tx.send(Outgoing::File {
+                        id: id.clone(),
+                        cache: false,
+                        source: input.source.clone(),
+                    });
+                    id
+                }
+            }
+        };
+        for (n, input) in spec.inputs.iter().enumerate() {
+            let file_id = send(input, n);
+            inputs.push(protocol::InputRef {
+                file_id,
+                name: input.remote.clone(),
+                cached: input.cache_id.is_some(),
+            });
+        }
+        let environment = spec.environment.as_ref().map(|e| send(e, usize::MAX));
+        let run = RunTask {
+            task_id: p.task,
+            attempt,
+            command: spec.command.clone(),
+            env: spec.env.clone(),
+            inputs,
+            outputs: spec
+                .outputs
+                .iter()
+                .map(|(remote, _)| remote.clone())
+                .collect(),
+            allocation: p.allocation,
+            enforce_limits: !spec.resources.is_zero(),
+            wall_time_s: spec.wall_time_s,
+            environment,
+        };
+        if !spec.outputs.is_empty() {
+            if let Ok(mut m) = worker.conn.outputs.lock() {
+                m.insert((p.task, attempt), spec.outputs.clone());
+            }
+        }
+        let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Run(Box::new(run))));
+        worker.running.insert(p.task);
+        worker.in_use = worker.in_use.saturating_add(&p.allocation);
+        task.state = TaskState::Running {
+            worker: p.worker,
+            attempt,
+            allocation: p.allocation,
+            started: SystemTime::now(),
+        };
+        self.stats.tasks_waiting -= 1;
+        self.stats.tasks_running += 1;
+    }
+
+    fn shutdown(&mut self) {
+        for w in self.workers.values() {
+            let _ = w.tx.send(Outgoing::Msg(MasterMsg::Shutdown));
+        }
+        let _ = &self.config;
+    }
+}
+
+/// A task that declares nothing gets one core until categories learn better.
+fn request_for(resources: &Resources) -> Request {
+    if resources.is_zero() {
+        Request::Fixed(Resources {
+            cores: 1,
+            ..Default::default()
+        })
+    } else {
+        Request::Fixed(*resources)
+    }
+}
+
+static NEXT_WORKER: AtomicU32 = AtomicU32::new(1);
+
+async fn accept_loop(
+    listener: TcpListener,
+    events: mpsc::UnboundedSender<Event>,
+    password: Option<Arc<[u8]>>,
+    keepalive: (Duration, Duration),
+) {
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let events = events.clone();
+        let password = password.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, addr, events, password, keepalive).await {
+                warn!(peer = %addr, "{e}");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    events: mpsc::UnboundedSender<Event>,
+    password: Option<Arc<[u8]>>,
+    (interval, timeout): (Duration, Duration),
+) -> anyhow::Result<()> {
+    let (r, w) = stream.into_split();
+    let mut reader = BufReader::with_capacity(64 * 1024, r);
+    let mut writer = BufWriter::with_capacity(64 * 1024, w);
+    let hello = match tokio::time::timeout(
+        Duration::from_secs(30),
+        handshake(&mut reader, &mut writer, password.as_deref(), interval),
+    )
+    .await
+    {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => anyhow::bail!("refused connection from {addr}: {e}"),
+        Err(_) => anyhow::bail!("connection from {addr} did not complete the handshake in 30 s"),
+    };
+    let key = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let conn = Arc::new(ConnShared::default());
+    if events
+        .send(Event::Joined {
+            key,
+            hello: Box::new(hello),
+            addr,
+            tx,
+            conn: conn.clone(),
+        })
+        .is_err()
+    {
+        return Ok(());
+    }
+    let writer_task = tokio::spawn(write_loop(writer, rx, interval));
+    let reason = read_loop(&mut reader, key, &events, &conn, timeout).await;
+    writer_task.abort();
+    let _ = events.send(Event::Gone { key, reason });
+    Ok(())
+}
+
+async fn handshake(
+    reader: &mut BufReader<OwnedReadHalf>,
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    password: Option<&[u8]>,
+    keepalive: Duration,
+) -> anyhow::Result<Hello> {
+    let mut buf = Vec::new();
+    let refuse = |reason: String| async move { reason };
+    let msg: WorkerMsg = read_frame(reader, &mut buf)
+        .await
+        .map_err(|e| anyhow::anyhow!("bad hello: {e}"))?;
+    let WorkerMsg::Hello(hello) = msg else {
+        anyhow::bail!("expected a hello, got {msg:?}");
+    };
+    let mut refusal = None;
+    if hello.protocol != PROTOCOL_VERSION {
+        refusal = Some(format!(
+            "protocol version mismatch: this master speaks version {PROTOCOL_VERSION} (drover {}), the worker version {} (drover {})",
+            env!("CARGO_PKG_VERSION"),
+            hello.protocol,
+            hello.drover_version
+        ));
+    } else if password.is_some() && !hello.password {
+        refusal =
+            Some("this master requires a password; start the worker with --password-file".into());
+    } else if password.is_none() && hello.password {
+        refusal = Some("this master has no password but the worker was given one; refusing so that neither side is fooled".into());
+    }
+    if let Some(reason) = refusal {
+        let reason = refuse(reason).await;
+        protocol::write_frame(
+            writer,
+            &MasterMsg::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await?;
+        writer.flush().await?;
+        anyhow::bail!("{reason}");
+    }
+    let mut proof = None;
+    if let Some(password) = password {
+        let mine = protocol::new_nonce();
+        protocol::write_frame(
+            writer,
+            &MasterMsg::Challenge {
+                nonce: mine.clone(),
+            },
+        )
+        .await?;
+        writer.flush().await?;
+        let msg: WorkerMsg = read_frame(reader, &mut buf)
+            .await
+            .map_err(|e| anyhow::anyhow!("bad auth reply: {e}"))?;
+        let WorkerMsg::AuthProof {
+            nonce,
+            proof: theirs,
+        } = msg
+        else {
+            anyhow::bail!("expected a password proof, got {msg:?}");
+        };
+        if !protocol::verify_proof(password, ROLE_WORKER, &mine, &nonce, &theirs) {
+            protocol::write_frame(
+                writer,
+                &MasterMsg::Refused {
+                    reason: "wrong password".into(),
+                },
+            )
+            .await?;
+            writer.flush().await?;
+            anyhow::bail!("worker {} gave a wrong password", hello.hostname);
+        }
+        proof = Some(protocol::auth_proof(password, ROLE_MASTER, &nonce, &mine));
+    }
+    protocol::write_frame(
+        writer,
+        &MasterMsg::Welcome {
+            proof,
+            keepalive_interval_s: keepalive.as_secs_f64(),
+        },
+    )
+    .await?;
+    writer.flush().await?;
+    Ok(*hello)
+}
+
+async fn read_loop(
+    reader: &mut BufReader<OwnedReadHalf>,
+    key: WorkerKey,
+    events: &mpsc::UnboundedSender<Event>,
+    conn: &ConnShared,
+    timeout: Duration,
+) -> String {
+    let mut buf = Vec::new();
+    loop {
+        let msg: WorkerMsg = match tokio::time::timeout(timeout, read_frame(reader, &mut buf)).await
+        {
+            Err(_) => return format!("no message for {timeout:?}"),
+            Ok(Err(FrameError::Closed)) => return "connection closed".into(),
+            Ok(Err(e)) => return format!("protocol error: {e}"),
+            Ok(Ok(m)) => m,
+        };
+        if let WorkerMsg::TaskDone { report, outputs } = &msg {
+            let dests = conn
+                .outputs
+                .lock()
+                .ok()
+                .and_then(|mut m| m.remove(&(report.task_id, report.attempt)));
+            if let Err(e) = receive_outputs(reader, outputs, dests.as_deref()).await {
+                return format!("receiving outputs of task {}: {e}", report.task_id);
+            }
+        }
+        if events.send(Event::Msg { key, msg }).is_err() {
+            return "master shutting down".into();
+        }
+    }
+}
+
+/// Streams each output body to its local path through a temporary name. Bodies
+/// nobody expects (a stale attempt, a name the task did not declare) are read and dropped.
+async fn receive_outputs(
+    reader: &mut BufReader<OwnedReadHalf>,
+    outputs: &[OutputHeader],
+    dests: Option<&[(String, PathBuf)]>,
+) -> anyhow::Result<()> {
+    for header in outputs {
+        let dest = dests
+            .and_then(|d| d.iter().find(|(name, _)| *name == header.name))
+            .map(|(_, p)| p);
+        let mut body = (&mut *reader).take(header.size);
+        match dest {
+            Some(dest) => {
+                let tmp = dest.with_file_name(format!(
+                    ".{}.drover-part",
+                    dest.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ));
+                let written = async {
+                    let mut file = tokio::fs::File::create(&tmp).await?;
+                    let n = tokio::io::copy(&mut body, &mut file).await?;
+                    file.flush().await?;
+                    Ok::<u64, std::io::Error>(n)
+                }
+                .await;
+                match written {
+                    Ok(n) if n == header.size => tokio::fs::rename(&tmp, dest).await?,
+                    Ok(_) => {
+                        anyhow::bail!("connection closed in the middle of output {}", header.name)
+                    }
+                    Err(e) => {
+                        warn!(
+                            "cannot write output {} to {}: {e}",
+                            header.name,
+                            dest.display()
+                        );
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        tokio::io::copy(&mut body, &mut tokio::io::sink()).await?;
+                    }
+                }
+            }
+            None => {
+                tokio::io::copy(&mut body, &mut tokio::io::sink()).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_loop(
+    mut writer: BufWriter<OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    interval: Duration,
+) -> anyhow::Result<()> {
+    let mut frame = Vec::with_capacity(4096);
+    let mut last_write = Instant::now();
+    loop {
+        let item = match tokio::time::timeout(
+            interval
+                .saturating_sub(last_write.elapsed())
+                .max(Duration::from_millis(10)),
+            rx.recv(),
+        )
+        .await
+        {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            Err(_) => {
+                frame.clear();
+                protocol::encode_frame(&MasterMsg::Ping, &mut frame)?;
+                writer.write_all(&frame).await?;
+                writer.flush().await?;
+                last_write = Instant::now();
+                continue;
+            }
+        };
+        let mut next = Some(item);
+        while let Some(item) = next.take() {
+            match item {
+                Outgoing::Msg(msg) => {
+                    frame.clear();
+                    protocol::encode_frame(&msg, &mut frame)?;
+                    writer.write_all(&frame).await?;
+                }
+                Outgoing::File { id, cache, source } => {
+                    send_file(&mut writer, &mut frame, id, cache, &source).await?
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        writer.flush().await?;
+        last_write = Instant::now();
+    }
+    Ok(())
+}
+
+async fn send_file(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    frame: &mut Vec<u8>,
+    id: String,
+    cache: bool,
+    source: &FileSource,
+) -> anyhow::Result<()> {
+    match source {
+        FileSource::Bytes(bytes) => {
+            frame.clear();
+            protocol::encode_frame(
+                &MasterMsg::PutFile {
+                    id,
+                    size: bytes.len() as u64,
+                    cache,
+                },
+                frame,
+            )?;
+            writer.write_all(frame).await?;
+            writer.write_all(bytes).await?;
+        }
+        FileSource::Path(path) => {
+            let file = tokio::fs::File::open(path).await;
+            let (file, size) = match file {
+                Ok(f) => {
+                    let size = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    (Some(f), size)
+                }
+                Err(e) => {
+                    // Send an empty body: the worker's content check (or the task) then reports the file as missing.
+                    warn!(
+                        "input {} vanished before it could be sent: {e}",
+                        path.display()
+                    );
+                    (None, 0)
+                }
+            };
+            frame.clear();
+            protocol::encode_frame(&MasterMsg::PutFile { id, size, cache }, frame)?;
+            writer.write_all(frame).await?;
+            if let Some(f) = file {
+                let sent = tokio::io::copy(&mut f.take(size), writer).await?;
+                if sent < size {
+                    // The file shrank while being sent; pad so the stream stays framed (the hash check catches it).
+                    let zeros = vec![0u8; (size - sent).min(1 << 20) as usize];
+                    let mut left = size - sent;
+                    while left > 0 {
+                        let n = left.min(zeros.len() as u64) as usize;
+                        writer.write_all(&zeros[..n]).await?;
+                        left -= n as u64;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

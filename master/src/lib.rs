@@ -1,0 +1,29 @@
+//! The drover master: a library that keeps a queue of tasks and packs them
+//! onto workers by the resources they need.
+//!
+//! ```no_run
+//! use drover_master::{Manager, Task};
+//! use std::time::Duration;
+//!
+//! let manager = Manager::builder().port(9123).build()?;
+//! for i in 0..10 {
+//!     manager.submit(Task::new(format!("echo {i}")).cores(1))?;
+//! }
+//! while !manager.is_empty() {
+//!     if let Some(result) = manager.wait(Some(Duration::from_secs(5))) {
+//!         println!("task {} {:?}: {}", result.id, result.outcome, result.stdout.trim());
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+mod engine;
+mod files;
+mod manager;
+pub mod scheduler;
+mod task;
+
+pub use drover_worker::protocol::Measured;
+pub use drover_worker::Resources;
+pub use engine::{Stats, WorkerInfo};
+pub use manager::{Manager, ManagerBuilder, StartError, SubmitError};
+pub use task::{Attempt, Outcome, Task, TaskId, TaskResult};

@@ -1,0 +1,362 @@
+//! The user's handle on a master: a blocking API over an internal tokio runtime.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use drover_worker::protocol::check_sandbox_name;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{
+    self, Command, EngineConfig, FileSource, Prepared, PreparedInput, Stats, WorkerInfo,
+};
+use crate::files::FileNamer;
+use crate::task::{InputSource, Task, TaskId, TaskResult};
+
+/// Why a task was not accepted.
+#[derive(thiserror::Error, Debug)]
+pub enum SubmitError {
+    #[error("input file missing at submit: {0}")]
+    InputMissing(String),
+    #[error("invalid file name: {0}")]
+    InvalidName(String),
+    #[error("invalid task: {0}")]
+    Invalid(String),
+    #[error("the manager has shut down")]
+    ShutDown,
+}
+
+/// Why a manager could not start.
+#[derive(thiserror::Error, Debug)]
+pub enum StartError {
+    #[error("cannot listen on port {port}: {source}")]
+    Listen { port: u16, source: std::io::Error },
+    #[error("{0}")]
+    Password(std::io::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Configures a [`Manager`].
+///
+/// ```no_run
+/// use drover_master::{Manager, Task};
+/// let manager = Manager::builder().port(0).project("demo").build()?;
+/// println!("workers connect to port {}", manager.port());
+/// manager.submit(Task::new("echo hello"))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ManagerBuilder {
+    port: u16,
+    bind: String,
+    project: Option<String>,
+    password_file: Option<PathBuf>,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+impl Default for ManagerBuilder {
+    fn default() -> Self {
+        ManagerBuilder {
+            port: 9123,
+            bind: "0.0.0.0".into(),
+            project: None,
+            password_file: None,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ManagerBuilder {
+    /// TCP port for workers; 0 picks any free port (see [`Manager::port`]). Default 9123.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Address to listen on (default all interfaces).
+    pub fn bind(mut self, addr: impl Into<String>) -> Self {
+        self.bind = addr.into();
+        self
+    }
+
+    /// Project name, by which workers and `drover status` find this master through a catalog.
+    pub fn project(mut self, name: impl Into<String>) -> Self {
+        self.project = Some(name.into());
+        self
+    }
+
+    /// Require workers to prove they know the password in this file.
+    pub fn password_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.password_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// How often an idle connection is pinged, and how long silence means a worker is gone.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keepalive_interval = interval;
+        self.keepalive_timeout = timeout;
+        self
+    }
+
+    /// Starts listening and returns the manager.
+    pub fn build(self) -> Result<Manager, StartError> {
+        let password = match &self.password_file {
+            Some(p) => {
+                Some(drover_worker::protocol::read_password_file(p).map_err(StartError::Password)?)
+            }
+            None => None,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("drover-master")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind((
+                self.bind.as_str(),
+                self.port,
+            )))
+            .map_err(|source| StartError::Listen {
+                port: self.port,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            port: self.port,
+            source,
+        })?;
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (results_tx, results) = std::sync::mpsc::channel();
+        let config = EngineConfig {
+            password,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+        };
+        runtime.spawn(engine::run(listener, config, commands_rx, results_tx));
+        Ok(Manager {
+            runtime: Some(runtime),
+            addr,
+            project: self.project,
+            commands,
+            results: Mutex::new(results),
+            next_id: AtomicU64::new(1),
+            outstanding: AtomicUsize::new(0),
+            namer: FileNamer::default(),
+            started: SystemTime::now(),
+        })
+    }
+}
+
+/// A master: holds the task queue, accepts workers, hands back results.
+///
+/// All methods are blocking and may be called from any thread; the network
+/// work runs on an internal runtime and goes on while nobody calls [`Manager::wait`].
+pub struct Manager {
+    runtime: Option<tokio::runtime::Runtime>,
+    addr: SocketAddr,
+    project: Option<String>,
+    commands: mpsc::UnboundedSender<Command>,
+    results: Mutex<std::sync::mpsc::Receiver<TaskResult>>,
+    next_id: AtomicU64,
+    outstanding: AtomicUsize,
+    namer: FileNamer,
+    started: SystemTime,
+}
+
+impl Manager {
+    /// A builder with the defaults.
+    pub fn builder() -> ManagerBuilder {
+        ManagerBuilder::default()
+    }
+
+    /// The port workers connect to.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The project name, if any.
+    pub fn project(&self) -> Option<&str> {
+        self.project.as_deref()
+    }
+
+    /// When this manager started.
+    pub fn start_time(&self) -> SystemTime {
+        self.started
+    }
+
+    /// Queues a task. Inputs are checked now: a missing file or a name that
+    /// escapes the sandbox is an error here, not a failure later.
+    pub fn submit(&self, task: Task) -> Result<TaskId, SubmitError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let prepared = self.prepare(id, task)?;
+        self.commands
+            .send(Command::Submit(Box::new(prepared)))
+            .map_err(|_| SubmitError::ShutDown)?;
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    fn prepare(&self, id: TaskId, task: Task) -> Result<Prepared, SubmitError> {
+        if task.command.trim().is_empty() {
+            return Err(SubmitError::Invalid("empty command".into()));
+        }
+        let mut inputs = Vec::with_capacity(task.inputs.len());
+        let mut names = std::collections::HashSet::new();
+        for input in task.inputs {
+            check_sandbox_name(&input.remote).map_err(SubmitError::InvalidName)?;
+            if !names.insert(input.remote.clone()) {
+                return Err(SubmitError::InvalidName(format!(
+                    "two inputs are both named {:?}",
+                    input.remote
+                )));
+            }
+            inputs.push(match input.source {
+                InputSource::File { path, cache } => {
+                    let cache_id = if cache {
+                        Some(
+                            self.namer
+                                .name(&path)
+                                .map_err(|e| SubmitError::InputMissing(e.to_string()))?,
+                        )
+                    } else {
+                        let meta = std::fs::metadata(&path).map_err(|e| {
+                            SubmitError::InputMissing(format!("{}: {e}", path.display()))
+                        })?;
+                        if !meta.is_file() {
+                            return Err(SubmitError::InputMissing(format!(
+                                "{} is not a regular file",
+                                path.display()
+                            )));
+                        }
+                        None
+                    };
+                    PreparedInput {
+                        cache_id,
+                        source: FileSource::Path(path),
+                        remote: input.remote,
+                    }
+                }
+                InputSource::Buffer(bytes) => PreparedInput {
+                    cache_id: None,
+                    source: FileSource::Bytes(bytes),
+                    remote: input.remote,
+                },
+            });
+        }
+        for (remote, _) in &task.outputs {
+            check_sandbox_name(remote).map_err(SubmitError::InvalidName)?;
+        }
+        let environment = match task.environment {
+            Some(path) => {
+                let cache_id = self
+                    .namer
+                    .name(&path)
+                    .map_err(|e| SubmitError::InputMissing(e.to_string()))?;
+                Some(PreparedInput {
+                    cache_id: Some(cache_id),
+                    source: FileSource::Path(path),
+                    remote: ".drover-env.tar.gz".into(),
+                })
+            }
+            None => None,
+        };
+        Ok(Prepared {
+            id,
+            command: task.command,
+            inputs,
+            outputs: task.outputs,
+            env: task.env,
+            resources: task.resources,
+            wall_time_s: task.wall_time.map(|d| d.as_secs_f64()),
+            category: task.category.unwrap_or_else(|| "default".into()),
+            tag: task.tag,
+            priority: task.priority,
+            max_retries: task.max_retries.unwrap_or(engine::DEFAULT_MAX_RETRIES),
+            environment,
+            submitted: SystemTime::now(),
+        })
+    }
+
+    /// The next finished task, waiting at most `timeout` (None waits forever).
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<TaskResult> {
+        let results = self.results.lock().ok()?;
+        let got = match timeout {
+            Some(t) => match results.recv_timeout(t) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
+            },
+            None => results.recv().ok(),
+        };
+        if got.is_some() {
+            self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+        got
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).ok()?;
+        rx.blocking_recv().ok()
+    }
+
+    /// Cancels a task; its result (outcome cancelled) still comes out of `wait`. False if it is not queued or running.
+    pub fn cancel(&self, id: TaskId) -> bool {
+        self.ask(|tx| Command::Cancel(id, tx)).unwrap_or(false)
+    }
+
+    /// Cancels every task with this tag; returns how many.
+    pub fn cancel_by_tag(&self, tag: &str) -> usize {
+        self.ask(|tx| Command::CancelTag(tag.to_string(), tx))
+            .unwrap_or(0)
+    }
+
+    /// Counts of tasks and workers, and resources in use.
+    pub fn stats(&self) -> Stats {
+        self.ask(Command::Stats).unwrap_or_default()
+    }
+
+    /// The connected workers.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.ask(Command::Workers).unwrap_or_default()
+    }
+
+    /// True when more tasks would keep the workers busy: fewer tasks wait than
+    /// twice the cores connected (or than 100 when no worker is connected yet).
+    pub fn hungry(&self) -> bool {
+        let s = self.stats();
+        let want = if s.workers_connected == 0 {
+            100
+        } else {
+            2 * s.resources_total.cores as u64
+        };
+        s.tasks_waiting < want
+    }
+
+    /// True when every submitted task has been returned by `wait`.
+    pub fn is_empty(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) == 0
+    }
+
+    /// Tells the workers to leave and stops listening. Also done on drop.
+    pub fn shutdown(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            if let Some(()) = self.ask(Command::Shutdown) {
+                // Give writers a moment to deliver the shutdown message.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

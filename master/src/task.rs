@@ -1,0 +1,238 @@
+//! Tasks as the user describes them, and results as the user gets them back.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use drover_worker::protocol::Measured;
+use drover_worker::Resources;
+use serde::{Deserialize, Serialize};
+
+/// A task's id, unique within one [`crate::Manager`].
+pub type TaskId = u64;
+
+/// A command to run on a worker, with its files and resources.
+///
+/// ```
+/// use drover_master::Task;
+/// let task = Task::new("wc -c input.txt > count.txt")
+///     .input_file("/etc/hostname", "input.txt", true)
+///     .output_file("count.txt", "/tmp/count.txt")
+///     .cores(1)
+///     .memory_mb(100)
+///     .tag("count");
+/// assert_eq!(task.command(), "wc -c input.txt > count.txt");
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Task {
+    pub(crate) command: String,
+    pub(crate) inputs: Vec<InputSpec>,
+    pub(crate) outputs: Vec<(String, PathBuf)>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) resources: Resources,
+    pub(crate) wall_time: Option<Duration>,
+    pub(crate) category: Option<String>,
+    pub(crate) tag: Option<String>,
+    pub(crate) priority: i32,
+    pub(crate) max_retries: Option<u32>,
+    pub(crate) environment: Option<PathBuf>,
+}
+
+/// Where an input's bytes come from.
+#[derive(Clone, Debug)]
+pub(crate) enum InputSource {
+    File { path: PathBuf, cache: bool },
+    Buffer(std::sync::Arc<[u8]>),
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct InputSpec {
+    pub(crate) source: InputSource,
+    pub(crate) remote: String,
+}
+
+impl Task {
+    /// A task that runs `command` under `/bin/sh -c` in its own sandbox directory.
+    pub fn new(command: impl Into<String>) -> Task {
+        Task {
+            command: command.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The command line.
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    /// Sends the local file `local` to the sandbox as `remote`. A `cache`d file
+    /// is kept on the worker by content and crosses the network once per worker.
+    pub fn input_file(
+        mut self,
+        local: impl AsRef<Path>,
+        remote: impl Into<String>,
+        cache: bool,
+    ) -> Task {
+        self.inputs.push(InputSpec {
+            source: InputSource::File {
+                path: local.as_ref().to_path_buf(),
+                cache,
+            },
+            remote: remote.into(),
+        });
+        self
+    }
+
+    /// Writes `bytes` to the sandbox as `remote`.
+    pub fn input_buffer(mut self, bytes: impl Into<Vec<u8>>, remote: impl Into<String>) -> Task {
+        let bytes: Vec<u8> = bytes.into();
+        self.inputs.push(InputSpec {
+            source: InputSource::Buffer(bytes.into()),
+            remote: remote.into(),
+        });
+        self
+    }
+
+    /// Brings the sandbox file `remote` back to the local path `local` when the task ends.
+    pub fn output_file(mut self, remote: impl Into<String>, local: impl AsRef<Path>) -> Task {
+        self.outputs
+            .push((remote.into(), local.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Sets an environment variable for the command.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Task {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Whole cores to reserve.
+    pub fn cores(mut self, cores: u32) -> Task {
+        self.resources.cores = cores;
+        self
+    }
+
+    /// Memory to reserve, MB; also the limit past which the task is killed.
+    pub fn memory_mb(mut self, mb: u64) -> Task {
+        self.resources.memory_mb = mb;
+        self
+    }
+
+    /// Sandbox disk to reserve, MB; also the limit past which the task is killed.
+    pub fn disk_mb(mut self, mb: u64) -> Task {
+        self.resources.disk_mb = mb;
+        self
+    }
+
+    /// GPUs to reserve; the task sees their device ids in `CUDA_VISIBLE_DEVICES`.
+    pub fn gpus(mut self, gpus: u32) -> Task {
+        self.resources.gpus = gpus;
+        self
+    }
+
+    /// All four resources at once.
+    pub fn resources(mut self, resources: Resources) -> Task {
+        self.resources = resources;
+        self
+    }
+
+    /// Kill the task if it runs longer than this.
+    pub fn wall_time(mut self, limit: Duration) -> Task {
+        self.wall_time = Some(limit);
+        self
+    }
+
+    /// The category this task's resource measurements are pooled in.
+    pub fn category(mut self, category: impl Into<String>) -> Task {
+        self.category = Some(category.into());
+        self
+    }
+
+    /// A label to find the task by (and cancel it by) later.
+    pub fn tag(mut self, tag: impl Into<String>) -> Task {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Higher runs first; equal priorities run in submission order.
+    pub fn priority(mut self, priority: i32) -> Task {
+        self.priority = priority;
+        self
+    }
+
+    /// How many times the task is run again after its worker is lost (default 5).
+    pub fn max_retries(mut self, retries: u32) -> Task {
+        self.max_retries = Some(retries);
+        self
+    }
+
+    /// A packaged environment (from `drover pack create`) to run the command in.
+    pub fn environment(mut self, tarball: impl AsRef<Path>) -> Task {
+        self.environment = Some(tarball.as_ref().to_path_buf());
+        self
+    }
+}
+
+/// How a task ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Outcome {
+    /// Exit code 0 and every output present.
+    Success,
+    /// The command exited non-zero or was killed by a signal.
+    Failed,
+    /// An input could not be placed in the sandbox.
+    InputMissing,
+    /// The command succeeded but a declared output is missing (or refused, e.g. a link out of the sandbox).
+    OutputMissing,
+    /// Killed for using more of `resource` than allowed.
+    ResourceExhausted { resource: String },
+    /// Killed at its wall-time limit.
+    WallTimeExceeded,
+    /// Its workers kept disappearing; retries are used up.
+    WorkerLost,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+/// One try at running a task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    pub host: String,
+    pub allocation: Resources,
+    /// What ended this attempt, e.g. "worker lost", "success", "memory over 1000 MB".
+    pub ending: String,
+}
+
+/// Everything known about a finished task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub id: TaskId,
+    pub tag: Option<String>,
+    pub category: String,
+    pub command: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Captured stdout, capped at [`drover_worker::protocol::OUTPUT_CAP_BYTES`] (head and tail kept).
+    pub stdout: String,
+    /// Captured stderr, capped likewise.
+    pub stderr: String,
+    /// A message about what went wrong outside the command, if anything did.
+    pub error: Option<String>,
+    pub allocated: Resources,
+    pub measured: Measured,
+    pub submitted: SystemTime,
+    pub started: Option<SystemTime>,
+    pub finished: SystemTime,
+    /// Host of the worker of the last attempt.
+    pub host: Option<String>,
+    /// Every attempt, in order (worker lost, retried in a bigger allocation, ...).
+    pub attempts: Vec<Attempt>,
+}
+
+impl TaskResult {
+    /// True for [`Outcome::Success`].
+    pub fn succeeded(&self) -> bool {
+        self.outcome == Outcome::Success
+    }
+}

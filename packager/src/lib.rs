@@ -1,0 +1,1 @@
+//! Environments: analyze, create, run and cache (filled in by the packager issue).

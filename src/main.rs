@@ -1,0 +1,158 @@
+//! `drover`: the one binary a node needs. Subcommands run tasks, serve as a
+//! worker, measure a command, build environments, and report status.
+
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use drover_worker::{detect_resources, run_worker, WorkerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "Resource-aware master/worker task scheduling"
+)]
+struct Cli {
+    /// More log output (repeat for more); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run a file of tasks (one command per line, or JSON lines) on a local worker.
+    Run(run::RunArgs),
+    /// Connect to a master and run its tasks.
+    Worker(WorkerArgs),
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// The master, as HOST:PORT.
+    master: String,
+    /// Cores to offer (default: all of this machine's).
+    #[arg(long)]
+    cores: Option<u32>,
+    /// Memory to offer, MB (default: this machine's total).
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Disk to offer, MB (default: free space under --workdir).
+    #[arg(long)]
+    disk: Option<u64>,
+    /// GPUs to offer; tasks get device ids 0..N-1 through CUDA_VISIBLE_DEVICES.
+    #[arg(long, default_value_t = 0)]
+    gpus: u32,
+    /// File holding the master's password.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Exit after this many seconds without a task.
+    #[arg(long, default_value_t = 900)]
+    idle_timeout: u64,
+    /// Directory for the file cache and task sandboxes (default: $TMPDIR/drover-worker-UID).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Exit when the connection to the master ends instead of reconnecting.
+    #[arg(long, hide = true)]
+    exit_on_disconnect: bool,
+}
+
+fn init_logging(verbose: u8, default: &str) {
+    let level = match verbose {
+        0 => default,
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn default_workdir() -> PathBuf {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("drover-worker-{uid}"))
+}
+
+fn worker_main(args: WorkerArgs) -> anyhow::Result<i32> {
+    let workdir = args.workdir.unwrap_or_else(default_workdir);
+    std::fs::create_dir_all(&workdir)
+        .with_context(|| format!("creating workdir {}", workdir.display()))?;
+    let detected = detect_resources(&workdir);
+    let resources = drover_worker::Resources {
+        cores: args.cores.unwrap_or(detected.cores),
+        memory_mb: args.memory.unwrap_or(detected.memory_mb),
+        disk_mb: args.disk.unwrap_or(detected.disk_mb),
+        gpus: args.gpus,
+    };
+    let password = match &args.password_file {
+        Some(p) => Some(drover_worker::protocol::read_password_file(p)?),
+        None => None,
+    };
+    let config = WorkerConfig {
+        master: args.master,
+        resources,
+        password,
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        workdir,
+        exit_on_disconnect: args.exit_on_disconnect,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let reason = runtime.block_on(async {
+        tokio::select! {
+            r = run_worker(config) => r,
+            _ = shutdown_signal() => Ok(drover_worker::StopReason::MasterShutdown),
+        }
+    })?;
+    tracing::info!("worker stopped: {reason:?}");
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Commands::Run(args) => {
+            init_logging(cli.verbose, "warn");
+            run::run(args)
+        }
+        Commands::Worker(args) => {
+            init_logging(cli.verbose, "info");
+            worker_main(args)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("drover: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

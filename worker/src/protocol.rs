@@ -1,0 +1,467 @@
+//! The master/worker wire protocol.
+//!
+//! Every message is a frame: a `u32` big-endian length, then that many bytes
+//! of JSON (one [`MasterMsg`] or [`WorkerMsg`], tagged by `type`). File bodies
+//! never travel inside frames: a [`MasterMsg::PutFile`] or
+//! [`WorkerMsg::TaskDone`] header announces sizes and the raw bytes follow
+//! the frame directly, so a file is streamed and never held whole in memory.
+//! A frame longer than [`MAX_FRAME_BYTES`] closes the connection, because a
+//! peer that sends one is either broken or hostile, and reading it would let
+//! it choose how much memory we allocate.
+//!
+//! Handshake: the worker sends [`WorkerMsg::Hello`]; the master answers
+//! [`MasterMsg::Refused`] (version mismatch, password required or wrong) or,
+//! when it has a password, [`MasterMsg::Challenge`] with a fresh nonce. The
+//! worker answers with its own nonce and `HMAC-SHA256(password, "drover-worker"
+//! ‖ master_nonce ‖ worker_nonce)`; the master checks it and proves itself in
+//! [`MasterMsg::Welcome`] with `HMAC-SHA256(password, "drover-master" ‖
+//! worker_nonce ‖ master_nonce)`. The password never crosses the wire and a
+//! recorded exchange cannot be replayed because both sides pick a nonce.
+
+use std::io;
+
+use hmac::{Hmac, Mac};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::Resources;
+
+/// Bumped whenever a message changes shape; peers with different versions refuse each other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts. Task descriptions and reports are far
+/// smaller; file bodies are streamed outside frames.
+pub const MAX_FRAME_BYTES: u32 = 8 * 1024 * 1024;
+
+/// Stdout and stderr are each capped at this many bytes in a task report:
+/// the first and last halves are kept, with a marker line between them.
+pub const OUTPUT_CAP_BYTES: usize = 64 * 1024;
+
+/// Messages from the master to a worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MasterMsg {
+    /// The master requires a password; answer with [`WorkerMsg::AuthProof`].
+    Challenge { nonce: String },
+    /// The worker is accepted. `proof` is the master's HMAC when a password is in use.
+    Welcome {
+        proof: Option<String>,
+        keepalive_interval_s: f64,
+    },
+    /// The worker is refused; `reason` is meant for a person.
+    Refused { reason: String },
+    /// `size` raw bytes follow this frame: a file named `id`, kept in the
+    /// worker's cache when `cache` is true, consumed by one task otherwise.
+    PutFile { id: String, size: u64, cache: bool },
+    /// Run a task. Its inputs were sent before it on the same connection.
+    Run(Box<RunTask>),
+    /// Kill a running task (cancel); the worker still reports it.
+    Kill { task_id: u64, attempt: u32 },
+    /// Keepalive; the worker answers [`WorkerMsg::Pong`].
+    Ping,
+    /// The master is done with this worker; it should exit.
+    Shutdown,
+}
+
+/// Messages from a worker to the master.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMsg {
+    Hello(Box<Hello>),
+    AuthProof {
+        nonce: String,
+        proof: String,
+    },
+    Pong,
+    /// A task ended. The bodies of `outputs` follow, in order, each exactly `size` bytes.
+    TaskDone {
+        report: Box<TaskReport>,
+        outputs: Vec<OutputHeader>,
+    },
+    /// The worker will not run this task (it would overcommit, or the request is malformed).
+    Rejected {
+        task_id: u64,
+        attempt: u32,
+        reason: String,
+    },
+    /// The worker is leaving (idle timeout, signal).
+    Goodbye {
+        reason: String,
+    },
+}
+
+/// What a worker says about itself when it connects.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub protocol: u32,
+    pub drover_version: String,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub resources: Resources,
+    /// Whether the worker was given a password (so a mismatch gets a clear message).
+    pub password: bool,
+    /// Content ids of files already in the worker's cache from earlier runs.
+    pub cached: Vec<String>,
+}
+
+/// One input of a task: a file already sent to the worker, placed at `name` in the sandbox.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct InputRef {
+    pub file_id: String,
+    pub name: String,
+    pub cached: bool,
+}
+
+/// A task as the worker sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RunTask {
+    pub task_id: u64,
+    pub attempt: u32,
+    pub command: String,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub inputs: Vec<InputRef>,
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    pub allocation: Resources,
+    /// Enforce the allocation's memory and disk as limits (the monitor kills the task past them).
+    #[serde(default)]
+    pub enforce_limits: bool,
+    #[serde(default)]
+    pub wall_time_s: Option<f64>,
+    /// File id of a packaged environment (a tarball sent as a cached input) to run the command in.
+    #[serde(default)]
+    pub environment: Option<String>,
+}
+
+/// Announces one output file whose body follows the [`WorkerMsg::TaskDone`] frame.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct OutputHeader {
+    pub name: String,
+    pub size: u64,
+}
+
+/// How a task's process ended, as the worker saw it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// The command exited (any code) or was killed by a signal it did not get from us.
+    Exited,
+    /// The monitor killed it for going over a limit (see `limit_exceeded`).
+    LimitExceeded,
+    /// It ran past its wall-time limit.
+    WallTime,
+    /// The master cancelled it.
+    Killed,
+    /// An input the task needs was not on the worker.
+    InputMissing,
+    /// The sandbox or environment could not be prepared, or the command could not be started.
+    SetupFailed,
+}
+
+/// Resources a task was measured to use.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct Measured {
+    pub wall_time_s: f64,
+    pub cpu_time_s: f64,
+    /// Peak resident memory of the task's process tree, MB.
+    pub memory_mb: f64,
+    /// Peak disk used in the sandbox, MB (0 when not measured).
+    #[serde(default)]
+    pub disk_mb: f64,
+    /// Average cores used.
+    #[serde(default)]
+    pub cores: f64,
+    /// The monitor's full summary, when the task ran under it.
+    #[serde(default)]
+    pub summary: Option<serde_json::Value>,
+}
+
+/// What a worker reports when a task ends.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskReport {
+    pub task_id: u64,
+    pub attempt: u32,
+    pub ending: Ending,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub measured: Measured,
+    /// Which resource went over its limit, and by how much, for [`Ending::LimitExceeded`].
+    #[serde(default)]
+    pub limit_exceeded: Option<LimitHit>,
+    /// Declared outputs that the task did not produce (or that were refused, e.g. a link out of the sandbox).
+    #[serde(default)]
+    pub missing_outputs: Vec<String>,
+    /// A message for a person when something went wrong outside the command itself.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Milliseconds since the Unix epoch when the command started.
+    pub started_ms: u64,
+}
+
+/// A limit that a task broke.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LimitHit {
+    pub resource: String,
+    pub limit: f64,
+    pub value: f64,
+}
+
+/// Errors while reading a frame.
+#[derive(thiserror::Error, Debug)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge(u32),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+/// Reads one frame and decodes it. `buf` is reused across calls to avoid an allocation per frame.
+pub async fn read_frame<R, T>(reader: &mut R, buf: &mut Vec<u8>) -> Result<T, FrameError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let len = match reader.read_u32().await {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(FrameError::Io(e)),
+    };
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    buf.clear();
+    buf.resize(len as usize, 0);
+    reader.read_exact(buf).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            FrameError::Closed
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    Ok(serde_json::from_slice(buf)?)
+}
+
+/// Encodes `msg` as a frame and appends it to `out` (no I/O, so callers can batch frames).
+pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> io::Result<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *out, msg).map_err(io::Error::other)?;
+    let len = out.len() - start - 4;
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_FRAME_BYTES)
+        .ok_or_else(|| {
+            io::Error::other(format!("message of {len} bytes is over the frame limit"))
+        })?;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Encodes and writes one frame (not flushed).
+pub async fn write_frame<W, T>(writer: &mut W, msg: &T) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let mut out = Vec::with_capacity(256);
+    encode_frame(msg, &mut out)?;
+    writer.write_all(&out).await
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A fresh random nonce, hex-encoded.
+pub fn new_nonce() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// The proof that `role` knows `password`, bound to both nonces.
+pub fn auth_proof(password: &[u8], role: &str, first: &str, second: &str) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = HmacSha256::new_from_slice(password).expect("HMAC takes any key length");
+    mac.update(role.as_bytes());
+    mac.update(first.as_bytes());
+    mac.update(second.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks a proof in constant time.
+pub fn verify_proof(password: &[u8], role: &str, first: &str, second: &str, proof: &str) -> bool {
+    let Ok(given) = hex::decode(proof) else {
+        return false;
+    };
+    let mut mac = HmacSha256::new_from_slice(password).expect("HMAC takes any key length");
+    mac.update(role.as_bytes());
+    mac.update(first.as_bytes());
+    mac.update(second.as_bytes());
+    mac.verify_slice(&given).is_ok()
+}
+
+/// Role strings bound into the proofs, so a worker's proof can't be reflected back as the master's.
+pub const ROLE_WORKER: &str = "drover-worker";
+pub const ROLE_MASTER: &str = "drover-master";
+
+/// Reads a password file: its content with one trailing newline removed.
+pub fn read_password_file(path: &std::path::Path) -> io::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("password file {}: {e}", path.display())))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("password file {} is empty", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Checks that a name given for a file inside a task's sandbox stays inside
+/// it: relative, not empty, and without `..`. Returns a message for a person.
+///
+/// ```
+/// use drover_worker::protocol::check_sandbox_name;
+/// assert!(check_sandbox_name("data/in.txt").is_ok());
+/// assert!(check_sandbox_name("../../x").is_err());
+/// assert!(check_sandbox_name("/etc/x").is_err());
+/// ```
+pub fn check_sandbox_name(name: &str) -> Result<(), String> {
+    use std::path::{Component, Path};
+    if name.is_empty() {
+        return Err("empty file name".into());
+    }
+    if name.contains('\0') {
+        return Err(format!("file name {name:?} contains a NUL byte"));
+    }
+    let path = Path::new(name);
+    for component in path.components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!(
+                    "file name {name:?} escapes the task sandbox (contains ..)"
+                ))
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "file name {name:?} escapes the task sandbox (absolute path)"
+                ))
+            }
+        }
+    }
+    if path.components().all(|c| matches!(c, Component::CurDir)) {
+        return Err(format!("file name {name:?} names the sandbox itself"));
+    }
+    Ok(())
+}
+
+/// Keeps at most [`OUTPUT_CAP_BYTES`] of a captured stream: the head and the tail.
+pub fn cap_output(bytes: &[u8]) -> String {
+    if bytes.len() <= OUTPUT_CAP_BYTES {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
+    let half = OUTPUT_CAP_BYTES / 2;
+    let omitted = bytes.len() - 2 * half;
+    format!(
+        "{}\n[drover: {omitted} bytes omitted]\n{}",
+        String::from_utf8_lossy(&bytes[..half]),
+        String::from_utf8_lossy(&bytes[bytes.len() - half..])
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_oversized_frames_are_refused() {
+        let mut out = Vec::new();
+        encode_frame(&MasterMsg::Ping, &mut out).unwrap();
+        encode_frame(
+            &MasterMsg::Kill {
+                task_id: 7,
+                attempt: 2,
+            },
+            &mut out,
+        )
+        .unwrap();
+        let mut reader = &out[..];
+        let mut buf = Vec::new();
+        let a: MasterMsg = read_frame(&mut reader, &mut buf).await.unwrap();
+        let b: MasterMsg = read_frame(&mut reader, &mut buf).await.unwrap();
+        assert_eq!(a, MasterMsg::Ping);
+        assert_eq!(
+            b,
+            MasterMsg::Kill {
+                task_id: 7,
+                attempt: 2
+            }
+        );
+        assert!(matches!(
+            read_frame::<_, MasterMsg>(&mut reader, &mut buf).await,
+            Err(FrameError::Closed)
+        ));
+
+        let huge = (MAX_FRAME_BYTES + 1).to_be_bytes();
+        let mut reader = &huge[..];
+        assert!(matches!(
+            read_frame::<_, MasterMsg>(&mut reader, &mut buf).await,
+            Err(FrameError::TooLarge(_))
+        ));
+
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"hello");
+        let mut reader = &garbage[..];
+        assert!(matches!(
+            read_frame::<_, MasterMsg>(&mut reader, &mut buf).await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn proofs_bind_role_password_and_nonces() {
+        let (m, w) = (new_nonce(), new_nonce());
+        let proof = auth_proof(b"secret", ROLE_WORKER, &m, &w);
+        assert!(verify_proof(b"secret", ROLE_WORKER, &m, &w, &proof));
+        assert!(!verify_proof(b"wrong", ROLE_WORKER, &m, &w, &proof));
+        assert!(!verify_proof(b"secret", ROLE_MASTER, &m, &w, &proof));
+        assert!(!verify_proof(b"secret", ROLE_WORKER, &w, &m, &proof));
+        assert!(!verify_proof(b"secret", ROLE_WORKER, &m, &w, "zz"));
+    }
+
+    #[test]
+    fn sandbox_names() {
+        for bad in ["", "..", "../x", "a/../../x", "/etc/passwd", ".", "./"] {
+            assert!(
+                check_sandbox_name(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+        for good in ["x", "a/b/c.txt", "./x", ".hidden"] {
+            assert!(
+                check_sandbox_name(good).is_ok(),
+                "{good:?} should be accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn output_is_capped_head_and_tail() {
+        let big = vec![b'a'; OUTPUT_CAP_BYTES * 3];
+        let capped = cap_output(&big);
+        assert!(capped.len() < OUTPUT_CAP_BYTES + 100);
+        assert!(capped.contains("bytes omitted"));
+        assert_eq!(cap_output(b"short"), "short");
+    }
+}

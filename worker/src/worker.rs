@@ -1,0 +1,795 @@
+//! The worker: connects to a master, keeps a content-addressed file cache,
+//! runs tasks in sandboxes within its declared resources, and reports back.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::exec::Running;
+use crate::protocol::{
+    self, auth_proof, check_sandbox_name, read_frame, verify_proof, Ending, FrameError, Hello,
+    LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
+    ROLE_MASTER, ROLE_WORKER,
+};
+use crate::Resources;
+
+/// How a worker is set up.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// `HOST:PORT` of the master.
+    pub master: String,
+    pub resources: Resources,
+    pub password: Option<Vec<u8>>,
+    /// Exit after this long without a task (connected or not).
+    pub idle_timeout: Duration,
+    /// Holds the file cache (shared by workers on this machine, kept across runs) and task sandboxes.
+    pub workdir: PathBuf,
+    /// Exit when the connection ends instead of reconnecting (embedded local workers).
+    pub exit_on_disconnect: bool,
+}
+
+/// Why a worker stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopReason {
+    IdleTimeout,
+    MasterShutdown,
+    Disconnected,
+}
+
+/// Detects this machine's resources: all cores, total memory, free disk under `workdir`.
+pub fn detect_resources(workdir: &Path) -> Resources {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let memory_mb = procfs::Meminfo::current_mb().unwrap_or(1024);
+    let disk_mb = free_disk_mb(workdir).unwrap_or(1024);
+    Resources {
+        cores,
+        memory_mb,
+        disk_mb,
+        gpus: 0,
+    }
+}
+
+trait MeminfoMb {
+    fn current_mb() -> Option<u64>;
+}
+
+impl MeminfoMb for procfs::Meminfo {
+    fn current_mb() -> Option<u64> {
+        use procfs::Current;
+        procfs::Meminfo::current()
+            .ok()
+            .map(|m| m.mem_total / (1024 * 1024))
+    }
+}
+
+fn free_disk_mb(path: &Path) -> Option<u64> {
+    let probe = std::iter::successors(Some(path), |p| p.parent()).find(|p| p.exists())?;
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills a plain struct from a valid C string path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64 / (1024 * 1024))
+}
+
+/// Runs a worker until its idle timeout, until the master tells it to stop, or
+/// (with `exit_on_disconnect`) until the connection ends. Reconnects with
+/// exponential backoff otherwise.
+pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
+    let dirs = Dirs::create(&config.workdir)?;
+    let mut backoff = Duration::from_millis(250);
+    let mut last_busy = Instant::now();
+    loop {
+        match TcpStream::connect(&config.master).await {
+            Ok(stream) => {
+                backoff = Duration::from_millis(250);
+                let _ = stream.set_nodelay(true);
+                info!(master = %config.master, "connected");
+                let outcome = Session::new(&config, &dirs)
+                    .run(stream, &mut last_busy)
+                    .await;
+                match outcome {
+                    Ok(StopReason::Disconnected) => {
+                        warn!(master = %config.master, "connection to the master ended");
+                        if config.exit_on_disconnect {
+                            return Ok(StopReason::Disconnected);
+                        }
+                    }
+                    Ok(reason) => return Ok(reason),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => {
+                debug!(master = %config.master, "cannot connect: {e}");
+                if config.exit_on_disconnect {
+                    bail!("cannot connect to master {}: {e}", config.master);
+                }
+            }
+        }
+        if last_busy.elapsed() >= config.idle_timeout {
+            info!("idle timeout reached while disconnected; exiting");
+            return Ok(StopReason::IdleTimeout);
+        }
+        tokio::time::sleep(backoff.min(config.idle_timeout.saturating_sub(last_busy.elapsed())))
+            .await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The worker's directories. The cache is shared by every worker process that
+/// uses the same workdir; each process has its own task directory.
+struct Dirs {
+    cache: PathBuf,
+    transfer: PathBuf,
+    tasks: PathBuf,
+}
+
+impl Dirs {
+    fn create(workdir: &Path) -> anyhow::Result<Dirs> {
+        let cache = workdir.join("cache");
+        let own = workdir.join(format!("w{}", std::process::id()));
+        let dirs = Dirs {
+            cache,
+            transfer: own.join("transfer"),
+            tasks: own.join("tasks"),
+        };
+        for d in [&dirs.cache, &dirs.transfer, &dirs.tasks] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(dirs)
+    }
+
+    fn cached_ids(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.cache) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        if let Some(own) = self.tasks.parent() {
+            let _ = std::fs::remove_dir_all(own);
+        }
+    }
+}
+
+/// What a finished task hands to the writer: the report frame and the output files to stream after it.
+struct Finished {
+    report: TaskReport,
+    outputs: Vec<(OutputHeader, PathBuf)>,
+    task_dir: PathBuf,
+    allocation: Resources,
+    gpus: Vec<u32>,
+}
+
+enum Outgoing {
+    Msg(WorkerMsg),
+    Done(Box<Finished>),
+}
+
+struct Session<'a> {
+    config: &'a WorkerConfig,
+    dirs: &'a Dirs,
+}
+
+impl<'a> Session<'a> {
+    fn new(config: &'a WorkerConfig, dirs: &'a Dirs) -> Self {
+        Session { config, dirs }
+    }
+
+    async fn run(&self, stream: TcpStream, last_busy: &mut Instant) -> anyhow::Result<StopReason> {
+        let (read_half, write_half) = stream.into_split();
+        let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+        let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
+        let keepalive = self.handshake(&mut reader, &mut writer).await?;
+
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u32, Resources, Vec<u32>)>();
+        let writer_task = tokio::spawn(write_loop(writer, out_rx, done_tx));
+        let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<MasterMsg>();
+        let transfer = self.dirs.transfer.clone();
+        let cache = self.dirs.cache.clone();
+        let reader_task = tokio::spawn(read_loop(reader, msg_tx, cache, transfer));
+
+        let total = self.config.resources;
+        let mut free = total;
+        let mut free_gpus: Vec<u32> = (0..total.gpus).rev().collect();
+        let mut running: HashMap<(u64, u32), oneshot::Sender<()>> = HashMap::new();
+        // The master pings every `keepalive`; silence for several intervals means it is gone.
+        let silence_limit = Duration::from_secs_f64((keepalive * 4.0).max(5.0));
+        let mut last_heard = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let reason = loop {
+            tokio::select! {
+                msg = msg_rx.recv() => {
+                    let Some(msg) = msg else { break StopReason::Disconnected };
+                    last_heard = Instant::now();
+                    match msg {
+                        MasterMsg::Run(task) => {
+                            *last_busy = Instant::now();
+                            let key = (task.task_id, task.attempt);
+                            if !task.allocation.fits_in(&free) || running.contains_key(&key) {
+                                let reason = format!(
+                                    "task {} needs {:?} but this worker has {:?} free; refusing to overcommit",
+                                    task.task_id, task.allocation, free
+                                );
+                                warn!("{reason}");
+                                let _ = out_tx.send(Outgoing::Msg(WorkerMsg::Rejected { task_id: task.task_id, attempt: task.attempt, reason }));
+                                continue;
+                            }
+                            free = free.saturating_sub(&task.allocation);
+                            let at = free_gpus.len().saturating_sub(task.allocation.gpus as usize);
+                            let gpus = free_gpus.split_off(at);
+                            let (kill_tx, kill_rx) = oneshot::channel();
+                            running.insert(key, kill_tx);
+                            let ctx = TaskContext {
+                                task_dir: self.dirs.tasks.join(format!("t{}.{}", task.task_id, task.attempt)),
+                                cache: self.dirs.cache.clone(),
+                                transfer: self.dirs.transfer.clone(),
+                                gpus,
+                            };
+                            let out_tx = out_tx.clone();
+                            tokio::spawn(async move {
+                                let finished = run_task(*task, ctx, kill_rx).await;
+                                let _ = out_tx.send(Outgoing::Done(Box::new(finished)));
+                            });
+                        }
+                        MasterMsg::Kill { task_id, attempt } => {
+                            if let Some(kill) = running.remove(&(task_id, attempt)) {
+                                let _ = kill.send(());
+                            }
+                        }
+                        MasterMsg::Ping => {
+                            let _ = out_tx.send(Outgoing::Msg(WorkerMsg::Pong));
+                        }
+                        MasterMsg::Shutdown => break StopReason::MasterShutdown,
+                        other => warn!("unexpected message from master: {other:?}"),
+                    }
+                }
+                done = done_rx.recv() => {
+                    // The report has been written: the task's resources are free again.
+                    let Some((task_id, attempt, allocation, gpus)) = done else { break StopReason::Disconnected };
+                    running.remove(&(task_id, attempt));
+                    free = free.saturating_add(&allocation);
+                    free_gpus.extend(gpus);
+                    *last_busy = Instant::now();
+                }
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        warn!("no word from the master for {:?}; dropping the connection", last_heard.elapsed());
+                        break StopReason::Disconnected;
+                    }
+                    if running.is_empty() && last_busy.elapsed() >= self.config.idle_timeout {
+                        info!("idle for {:?}; leaving", self.config.idle_timeout);
+                        let _ = out_tx.send(Outgoing::Msg(WorkerMsg::Goodbye { reason: "idle timeout".into() }));
+                        break StopReason::IdleTimeout;
+                    }
+                }
+            }
+        };
+        // Tasks of a lost master are killed: the master requeues them elsewhere.
+        for (_, kill) in running.drain() {
+            let _ = kill.send(());
+        }
+        drop(out_tx);
+        reader_task.abort();
+        if reason == StopReason::Disconnected {
+            writer_task.abort();
+        } else {
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+        }
+        Ok(reason)
+    }
+
+    async fn handshake(
+        &self,
+        reader: &mut BufReader<OwnedReadHalf>,
+        writer: &mut BufWriter<OwnedWriteHalf>,
+    ) -> anyhow::Result<f64> {
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            drover_version: env!("CARGO_PKG_VERSION").to_string(),
+            hostname: hostname(),
+            os: std::env::consts::OS.to_string(),
+            arch: std::env::consts::ARCH.to_string(),
+            resources: self.config.resources,
+            password: self.config.password.is_some(),
+            cached: self.dirs.cached_ids(),
+        };
+        protocol::write_frame(writer, &WorkerMsg::Hello(Box::new(hello))).await?;
+        writer.flush().await?;
+        let mut buf = Vec::new();
+        let mut my_nonce: Option<(String, String)> = None;
+        loop {
+            let msg: MasterMsg = read_frame(reader, &mut buf).await.map_err(|e| match e {
+                FrameError::Closed => {
+                    anyhow::anyhow!("the master closed the connection during the handshake")
+                }
+                other => anyhow::anyhow!("handshake with the master failed: {other}"),
+            })?;
+            match msg {
+                MasterMsg::Refused { reason } => bail!("the master refused this worker: {reason}"),
+                MasterMsg::Challenge { nonce } => {
+                    let Some(password) = &self.config.password else {
+                        bail!(
+                            "the master requires a password; start the worker with --password-file"
+                        );
+                    };
+                    let mine = protocol::new_nonce();
+                    let proof = auth_proof(password, ROLE_WORKER, &nonce, &mine);
+                    protocol::write_frame(
+                        writer,
+                        &WorkerMsg::AuthProof {
+                            nonce: mine.clone(),
+                            proof,
+                        },
+                    )
+                    .await?;
+                    writer.flush().await?;
+                    my_nonce = Some((nonce, mine));
+                }
+                MasterMsg::Welcome {
+                    proof,
+                    keepalive_interval_s,
+                } => {
+                    if let Some(password) = &self.config.password {
+                        let verified = match (&proof, &my_nonce) {
+                            (Some(proof), Some((theirs, mine))) => {
+                                verify_proof(password, ROLE_MASTER, mine, theirs, proof)
+                            }
+                            _ => false,
+                        };
+                        if !verified {
+                            bail!("the master did not prove that it knows the password; refusing to work for it");
+                        }
+                    }
+                    return Ok(keepalive_interval_s);
+                }
+                other => {
+                    bail!("unexpected message from the master during the handshake: {other:?}")
+                }
+            }
+        }
+    }
+}
+
+/// Reads frames from the master. File bodies are streamed to disk here, so
+/// that the main loop only sees small messages.
+async fn read_loop(
+    mut reader: BufReader<OwnedReadHalf>,
+    msgs: mpsc::UnboundedSender<MasterMsg>,
+    cache: PathBuf,
+    transfer: PathBuf,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
+            Ok(m) => m,
+            Err(FrameError::Closed) => return,
+            Err(e) => {
+                warn!("bad frame from the master, dropping the connection: {e}");
+                return;
+            }
+        };
+        if let MasterMsg::PutFile {
+            id,
+            size,
+            cache: keep,
+        } = msg
+        {
+            let dir = if keep { &cache } else { &transfer };
+            if let Err(e) = receive_file(&mut reader, dir, &id, size).await {
+                warn!("receiving file {id}: {e}; dropping the connection");
+                return;
+            }
+            continue;
+        }
+        if msgs.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// Streams `size` bytes into `dir/id` through a temporary name, checking the
+/// content hash for content-named files so a corrupt transfer never enters the cache.
+async fn receive_file(
+    reader: &mut BufReader<OwnedReadHalf>,
+    dir: &Path,
+    id: &str,
+    size: u64,
+) -> anyhow::Result<()> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        bail!("invalid file id {id:?}");
+    }
+    let tmp = dir.join(format!(".part-{}-{id}", std::process::id()));
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut hasher = id.starts_with("b3-").then(blake3::Hasher::new);
+    let mut remaining = size;
+    let mut chunk = vec![0u8; 256 * 1024];
+    while remaining > 0 {
+        let want = remaining.min(chunk.len() as u64) as usize;
+        let n = reader.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            bail!("connection closed with {remaining} bytes of the file still to come");
+        }
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk[..n]);
+        }
+        file.write_all(&chunk[..n]).await?;
+        remaining -= n as u64;
+    }
+    file.flush().await?;
+    drop(file);
+    if let Some(h) = hasher {
+        let got = h.finalize().to_hex();
+        if id.strip_prefix("b3-") != Some(got.as_str()) {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            bail!("content of {id} does not match its name (got b3-{got})");
+        }
+    }
+    // Read-only: cached inputs are hard-linked into sandboxes, and a task must not change what the next one reads.
+    let mut perms = tokio::fs::metadata(&tmp).await?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+    tokio::fs::set_permissions(&tmp, perms).await?;
+    tokio::fs::rename(&tmp, dir.join(id)).await?;
+    Ok(())
+}
+
+async fn write_loop(
+    mut writer: BufWriter<OwnedWriteHalf>,
+    mut out: mpsc::UnboundedReceiver<Outgoing>,
+    done: mpsc::UnboundedSender<(u64, u32, Resources, Vec<u32>)>,
+) -> anyhow::Result<()> {
+    let mut frame = Vec::with_capacity(4096);
+    while let Some(first) = out.recv().await {
+        let mut next = Some(first);
+        // Drain whatever is ready before flushing: one syscall for a burst of reports.
+        while let Some(item) = next.take() {
+            match item {
+                Outgoing::Msg(msg) => {
+                    frame.clear();
+                    protocol::encode_frame(&msg, &mut frame)?;
+                    writer.write_all(&frame).await?;
+                }
+                Outgoing::Done(finished) => {
+                    let Finished {
+                        report,
+                        outputs,
+                        task_dir,
+                        allocation,
+                        gpus,
+                    } = *finished;
+                    let (task_id, attempt) = (report.task_id, report.attempt);
+                    let headers = outputs.iter().map(|(h, _)| h.clone()).collect();
+                    frame.clear();
+                    protocol::encode_frame(
+                        &WorkerMsg::TaskDone {
+                            report: Box::new(report),
+                            outputs: headers,
+                        },
+                        &mut frame,
+                    )?;
+                    writer.write_all(&frame).await?;
+                    for (header, path) in &outputs {
+                        stream_file(&mut writer, path, header.size).await?;
+                    }
+                    let _ = tokio::fs::remove_dir_all(&task_dir).await;
+                    let _ = done.send((task_id, attempt, allocation, gpus));
+                }
+            }
+            next = out.try_recv().ok();
+        }
+        writer.flush().await?;
+    }
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Streams exactly `size` bytes of `path`: if the file changed size since the
+/// header was written, it is cut or zero-padded so the stream stays in step.
+async fn stream_file(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    path: &Path,
+    size: u64,
+) -> anyhow::Result<()> {
+    let mut sent = 0u64;
+    if let Ok(file) = tokio::fs::File::open(path).await {
+        let mut limited = file.take(size);
+        sent = tokio::io::copy(&mut limited, writer).await?;
+    }
+    if sent < size {
+        warn!("{} shrank while being sent; padding", path.display());
+        let zeros = vec![0u8; 64 * 1024];
+        let mut left = size - sent;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            writer.write_all(&zeros[..n]).await?;
+            left -= n as u64;
+        }
+    }
+    Ok(())
+}
+
+struct TaskContext {
+    task_dir: PathBuf,
+    cache: PathBuf,
+    transfer: PathBuf,
+    gpus: Vec<u32>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn run_task(task: RunTask, ctx: TaskContext, kill: oneshot::Receiver<()>) -> Finished {
+    let started_ms = now_ms();
+    let mut report = TaskReport {
+        task_id: task.task_id,
+        attempt: task.attempt,
+        ending: Ending::SetupFailed,
+        exit_code: None,
+        signal: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        measured: Measured::default(),
+        limit_exceeded: None,
+        missing_outputs: Vec::new(),
+        error: None,
+        started_ms,
+    };
+    let sandbox = ctx.task_dir.join("sandbox");
+    let finished = |report: TaskReport, outputs| Finished {
+        report,
+        outputs,
+        task_dir: ctx.task_dir.clone(),
+        allocation: task.allocation,
+        gpus: ctx.gpus.clone(),
+    };
+    if let Err(e) = std::fs::create_dir_all(&sandbox) {
+        report.error = Some(format!("cannot create sandbox {}: {e}", sandbox.display()));
+        return finished(report, Vec::new());
+    }
+    match place_inputs(&task, &sandbox, &ctx) {
+        Ok(()) => {}
+        Err(InputError::Missing(msg)) => {
+            report.ending = Ending::InputMissing;
+            report.error = Some(msg);
+            return finished(report, Vec::new());
+        }
+        Err(InputError::Setup(msg)) => {
+            report.error = Some(msg);
+            return finished(report, Vec::new());
+        }
+    }
+    let stdout_path = ctx.task_dir.join("stdout");
+    let stderr_path = ctx.task_dir.join("stderr");
+    let spawned = (|| -> std::io::Result<Running> {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(&task.command).current_dir(&sandbox);
+        cmd.stdin(Stdio::null());
+        cmd.stdout(std::fs::File::create(&stdout_path)?);
+        cmd.stderr(std::fs::File::create(&stderr_path)?);
+        cmd.env("DROVER_TASK_ID", task.task_id.to_string());
+        cmd.env("DROVER_SANDBOX", &sandbox);
+        let cores = task.allocation.cores.max(1).to_string();
+        cmd.env("CORES", &cores).env("OMP_NUM_THREADS", &cores);
+        if task.allocation.gpus > 0 {
+            let ids: Vec<String> = ctx.gpus.iter().map(|g| g.to_string()).collect();
+            cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
+        }
+        for (k, v) in &task.env {
+            cmd.env(k, v);
+        }
+        Running::spawn(cmd)
+    })();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            report.error = Some(format!("cannot start /bin/sh: {e}"));
+            return finished(report, Vec::new());
+        }
+    };
+    let wall_limit = task
+        .wall_time_s
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64);
+    let deadline = async {
+        match wall_limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut ending = Ending::Exited;
+    tokio::pin!(deadline);
+    tokio::pin!(kill);
+    let exit = loop {
+        tokio::select! {
+            exit = child.wait() => break exit,
+            _ = &mut deadline, if ending == Ending::Exited => {
+                ending = Ending::WallTime;
+                child.kill();
+            }
+            r = &mut kill, if ending == Ending::Exited => {
+                // A dropped sender (lost connection) also means kill.
+                let _ = r;
+                ending = Ending::Killed;
+                child.kill();
+            }
+        }
+    };
+    match exit {
+        Ok(exit) => {
+            report.exit_code = exit.code;
+            report.signal = exit.signal;
+            report.measured.wall_time_s = exit.wall_time.as_secs_f64();
+            report.measured.cpu_time_s = exit.cpu_time_s;
+            report.measured.memory_mb = exit.max_rss_kb as f64 / 1024.0;
+            if report.measured.wall_time_s > 0.0 {
+                report.measured.cores = exit.cpu_time_s / report.measured.wall_time_s;
+            }
+            if ending == Ending::WallTime {
+                report.limit_exceeded = Some(LimitHit {
+                    resource: "wall_time".into(),
+                    limit: wall_limit.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                    value: report.measured.wall_time_s,
+                });
+            }
+        }
+        Err(e) => report.error = Some(format!("waiting for the task: {e}")),
+    }
+    report.ending = ending;
+    report.stdout = read_capped(&stdout_path);
+    report.stderr = read_capped(&stderr_path);
+    let mut outputs = Vec::with_capacity(task.outputs.len());
+    let canonical_sandbox = sandbox.canonicalize().unwrap_or_else(|_| sandbox.clone());
+    for name in &task.outputs {
+        match check_output(&canonical_sandbox, name) {
+            Ok((path, size)) => outputs.push((
+                OutputHeader {
+                    name: name.clone(),
+                    size,
+                },
+                path,
+            )),
+            Err(msg) => {
+                debug!("task {}: {msg}", task.task_id);
+                report.missing_outputs.push(name.clone());
+                if report.error.is_none() && msg.contains("escapes") {
+                    report.error = Some(msg);
+                }
+            }
+        }
+    }
+    finished(report, outputs)
+}
+
+enum InputError {
+    Missing(String),
+    Setup(String),
+}
+
+fn place_inputs(task: &RunTask, sandbox: &Path, ctx: &TaskContext) -> Result<(), InputError> {
+    for input in &task.inputs {
+        check_sandbox_name(&input.name).map_err(InputError::Setup)?;
+        let dest = sandbox.join(&input.name);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| InputError::Setup(format!("creating {}: {e}", parent.display())))?;
+        }
+        if input.cached {
+            let src = ctx.cache.join(&input.file_id);
+            if !src.exists() {
+                return Err(InputError::Missing(format!(
+                    "input {} ({}) is not in the worker's cache",
+                    input.name, input.file_id
+                )));
+            }
+            // Linked, not copied: a cached input costs no disk or time per task.
+            if std::fs::hard_link(&src, &dest).is_err() {
+                std::fs::copy(&src, &dest)
+                    .map_err(|e| InputError::Setup(format!("placing input {}: {e}", input.name)))?;
+            }
+        } else {
+            let src = ctx.transfer.join(&input.file_id);
+            std::fs::rename(&src, &dest).map_err(|e| {
+                InputError::Missing(format!(
+                    "input {} ({}) was not received: {e}",
+                    input.name, input.file_id
+                ))
+            })?;
+            let mut perms = std::fs::metadata(&dest)
+                .map_err(|e| InputError::Setup(e.to_string()))?
+                .permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+            let _ = std::fs::set_permissions(&dest, perms);
+        }
+    }
+    Ok(())
+}
+
+/// An output must be a regular file whose real path stays inside the sandbox:
+/// a link to `/etc/passwd` is refused, not sent.
+fn check_output(sandbox: &Path, name: &str) -> Result<(PathBuf, u64), String> {
+    check_sandbox_name(name)?;
+    let path = sandbox.join(name);
+    let real = path
+        .canonicalize()
+        .map_err(|_| format!("output {name} was not created"))?;
+    if !real.starts_with(sandbox) {
+        return Err(format!(
+            "output {name} escapes the task sandbox (it resolves to {})",
+            real.display()
+        ));
+    }
+    let meta = std::fs::metadata(&real).map_err(|e| format!("output {name}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("output {name} is not a regular file"));
+    }
+    Ok((real, meta.len()))
+}
+
+/// Reads a captured stream without loading more than the cap into memory.
+fn read_capped(path: &Path) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+    if len <= protocol::OUTPUT_CAP_BYTES {
+        let mut bytes = Vec::with_capacity(len);
+        let _ = file.read_to_end(&mut bytes);
+        return protocol::cap_output(&bytes);
+    }
+    let half = protocol::OUTPUT_CAP_BYTES / 2;
+    let mut head = vec![0u8; half];
+    let mut tail = vec![0u8; half];
+    let ok = file.read_exact(&mut head).is_ok()
+        && file.seek(SeekFrom::End(-(half as i64))).is_ok()
+        && file.read_exact(&mut tail).is_ok();
+    if !ok {
+        return String::new();
+    }
+    format!(
+        "{}\n[drover: {} bytes omitted]\n{}",
+        String::from_utf8_lossy(&head),
+        len - 2 * half,
+        String::from_utf8_lossy(&tail)
+    )
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a valid buffer.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
