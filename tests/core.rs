@@ -1,0 +1,483 @@
+//! End-to-end tests of the core: a real master (the library, embedded as a
+//! user embeds it) and real `drover worker` processes over TCP.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use drover_master::{Outcome, SubmitError, Task};
+
+#[test]
+fn tasks_run_with_inputs_buffers_outputs_and_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_file(dir.path(), "in.txt", b"hello drover\n");
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2"]);
+    let out = dir.path().join("result.txt");
+    let id = m
+        .submit(
+            Task::new("cat data/in.txt extra.txt > out.txt; echo \"$GREETING\"; echo oops >&2")
+                .input_file(&input, "data/in.txt", true)
+                .input_buffer(b"from a buffer\n".to_vec(), "extra.txt")
+                .output_file("out.txt", &out)
+                .env("GREETING", "hi there")
+                .tag("first"),
+        )
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.id, id);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(r.exit_code, Some(0));
+    assert_eq!(r.stdout, "hi there\n");
+    assert_eq!(r.stderr, "oops\n");
+    assert_eq!(r.tag.as_deref(), Some("first"));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "hello drover\nfrom a buffer\n"
+    );
+    assert_eq!(r.attempts.len(), 1);
+    assert!(r.host.is_some() && r.started.is_some());
+    assert!(r.measured.wall_time_s > 0.0);
+    assert!(m.is_empty());
+}
+
+#[test]
+fn command_not_found_fails_with_127_and_its_stderr() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new("this-command-does-not-exist-anywhere"))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.exit_code, Some(127));
+    assert!(r.stderr.contains("not found"), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn bad_inputs_and_names_are_refused_at_submit() {
+    let m = manager();
+    let missing = m.submit(Task::new("true").input_file("/no/such/file/anywhere", "x", true));
+    assert!(
+        matches!(missing, Err(SubmitError::InputMissing(ref msg)) if msg.contains("/no/such/file")),
+        "{missing:?}"
+    );
+    let uncached = m.submit(Task::new("true").input_file("/no/such/file", "x", false));
+    assert!(matches!(uncached, Err(SubmitError::InputMissing(_))));
+    for bad in ["../../x", "/etc/x", "a/../../x", ""] {
+        let out = m.submit(Task::new("true").output_file(bad, "/tmp/whatever"));
+        assert!(
+            matches!(out, Err(SubmitError::InvalidName(_))),
+            "output {bad:?}: {out:?}"
+        );
+        let inp = m.submit(Task::new("true").input_buffer(b"x".to_vec(), bad));
+        assert!(
+            matches!(inp, Err(SubmitError::InvalidName(_))),
+            "input {bad:?}: {inp:?}"
+        );
+    }
+    assert!(m.is_empty(), "refused tasks must not count as submitted");
+}
+
+#[test]
+fn an_output_that_links_out_of_the_sandbox_is_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_file(dir.path(), "secret", b"do not leak");
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    let local = dir.path().join("got");
+    m.submit(Task::new(format!("ln -s {} out", secret.display())).output_file("out", &local))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::OutputMissing);
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("escapes the task sandbox"),
+        "{:?}",
+        r.error
+    );
+    assert!(
+        !local.exists(),
+        "nothing may be written for a refused output"
+    );
+}
+
+#[test]
+fn a_cached_input_crosses_once_per_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = write_file(dir.path(), "big", &vec![7u8; 3 * 1024 * 1024]);
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2"]);
+    for _ in 0..20 {
+        m.submit(Task::new("wc -c < big").input_file(&big, "big", true))
+            .unwrap();
+    }
+    let results = collect(&m, 20);
+    for r in &results {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        assert_eq!(r.stdout.trim(), (3 * 1024 * 1024).to_string());
+    }
+    assert_eq!(m.stats().files_sent, 1);
+}
+
+#[test]
+fn the_cache_survives_a_worker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_file(dir.path(), "data", b"cached across runs");
+    let workdir = tempfile::tempdir().unwrap();
+    let start_worker = |port: u16| {
+        let child = std::process::Command::new(drover_bin())
+            .args([
+                "worker",
+                &format!("127.0.0.1:{port}"),
+                "--cores",
+                "1",
+                "--workdir",
+            ])
+            .arg(workdir.path())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Worker {
+            child,
+            workdir: tempfile::tempdir().unwrap(),
+        }
+    };
+    {
+        let m = manager();
+        let _w = start_worker(m.port());
+        m.submit(Task::new("cat data").input_file(&data, "data", true))
+            .unwrap();
+        assert_eq!(collect(&m, 1)[0].outcome, Outcome::Success);
+        assert_eq!(m.stats().files_sent, 1);
+    }
+    let m = manager();
+    let _w = start_worker(m.port());
+    m.submit(Task::new("cat data").input_file(&data, "data", true))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.stdout, "cached across runs");
+    assert_eq!(
+        m.stats().files_sent,
+        0,
+        "the worker already had the file from the earlier run"
+    );
+}
+
+#[test]
+fn wall_time_limit_kills_the_task() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new("sleep 60").wall_time(Duration::from_millis(500)))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::WallTimeExceeded);
+    assert!(r.measured.wall_time_s < 30.0);
+}
+
+#[test]
+fn cancel_by_id_and_by_tag() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    let running = m.submit(Task::new("sleep 60")).unwrap();
+    wait_until(&m, "the sleeper to start", |s| s.tasks_running == 1);
+    let a = m.submit(Task::new("sleep 60").tag("batch")).unwrap();
+    let b = m.submit(Task::new("sleep 60").tag("batch")).unwrap();
+    assert!(m.cancel(running));
+    assert_eq!(m.cancel_by_tag("batch"), 2);
+    let results = collect(&m, 3);
+    let ids: HashSet<_> = results.iter().map(|r| r.id).collect();
+    assert_eq!(ids, HashSet::from([running, a, b]));
+    assert!(
+        results.iter().all(|r| r.outcome == Outcome::Cancelled),
+        "{results:?}"
+    );
+    assert!(
+        !m.cancel(running),
+        "a finished task cannot be cancelled again"
+    );
+    assert_eq!(m.stats().tasks_cancelled, 3);
+}
+
+#[test]
+fn a_worker_killed_mid_task_loses_nothing_and_duplicates_nothing() {
+    let m = manager();
+    let w1 = Worker::start(m.port(), &["--cores", "2"]);
+    let n = 6;
+    let mut ids = HashSet::new();
+    for i in 0..n {
+        ids.insert(
+            m.submit(Task::new(format!("sleep 1; echo {i}")).cores(1))
+                .unwrap(),
+        );
+    }
+    wait_until(&m, "two tasks running on the first worker", |s| {
+        s.tasks_running == 2
+    });
+    // SIGKILL: no goodbye, the master learns from the closed connection.
+    unsafe { libc::kill(w1.pid(), libc::SIGKILL) };
+    let _w2 = Worker::start(m.port(), &["--cores", "2"]);
+    let results = collect(&m, n);
+    let got: Vec<_> = results.iter().map(|r| r.id).collect();
+    let unique: HashSet<_> = got.iter().copied().collect();
+    assert_eq!(unique.len(), n, "a task was reported twice: {got:?}");
+    assert_eq!(unique, ids);
+    assert!(
+        results.iter().all(|r| r.outcome == Outcome::Success),
+        "{results:?}"
+    );
+    let retried = results.iter().filter(|r| r.attempts.len() == 2).count();
+    assert!(
+        retried >= 2,
+        "the two running tasks should have been retried"
+    );
+    assert!(results
+        .iter()
+        .any(|r| r.attempts[0].ending.contains("worker lost")));
+    assert!(
+        m.wait(Some(Duration::from_millis(500))).is_none(),
+        "no extra results"
+    );
+    drop(w1);
+}
+
+#[test]
+fn workers_never_run_more_than_their_cores() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "3"]);
+    let log = dir.path().join("log");
+    // Each task records how many tasks are inside the critical section at once.
+    for _ in 0..9 {
+        m.submit(
+            Task::new(format!(
+                "echo start >> {log}; sleep 0.3; echo end >> {log}",
+                log = log.display()
+            ))
+            .cores(2),
+        )
+        .unwrap();
+    }
+    let results = collect(&m, 9);
+    assert!(results.iter().all(|r| r.outcome == Outcome::Success));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (mut depth, mut max) = (0i32, 0i32);
+    for line in text.lines() {
+        depth += if line == "start" { 1 } else { -1 };
+        max = max.max(depth);
+    }
+    assert_eq!(max, 1, "two 2-core tasks ran at once on a 3-core worker");
+}
+
+fn password_file(dir: &std::path::Path, name: &str, password: &str) -> std::path::PathBuf {
+    write_file(dir, name, format!("{password}\n").as_bytes())
+}
+
+#[test]
+fn wrong_password_is_refused_on_both_sides_and_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = password_file(dir.path(), "good", "correct horse");
+    let bad = password_file(dir.path(), "bad", "battery staple");
+    let m = drover_master::Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .password_file(&good)
+        .build()
+        .unwrap();
+
+    let intruder = Worker::start(
+        m.port(),
+        &[
+            "--password-file",
+            bad.to_str().unwrap(),
+            "--exit-on-disconnect",
+        ],
+    );
+    let (code, stderr) = intruder.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("wrong password"), "worker stderr: {stderr}");
+
+    let no_password = Worker::start(m.port(), &["--exit-on-disconnect"]);
+    let (code, stderr) = no_password.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("requires a password"),
+        "worker stderr: {stderr}"
+    );
+
+    let _friend = Worker::start(
+        m.port(),
+        &["--password-file", good.to_str().unwrap(), "--cores", "1"],
+    );
+    m.submit(Task::new("echo ok")).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success);
+    assert_eq!(m.stats().workers_connected, 1);
+}
+
+#[test]
+fn a_worker_with_a_password_refuses_a_master_that_cannot_prove_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = password_file(dir.path(), "pw", "secret");
+    let m = manager();
+    let w = Worker::start(
+        m.port(),
+        &[
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--exit-on-disconnect",
+        ],
+    );
+    let (code, stderr) = w.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("no password"), "worker stderr: {stderr}");
+}
+
+fn frame(json: &str) -> Vec<u8> {
+    let mut out = (json.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+fn read_reply(stream: &mut TcpStream) -> Option<String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).ok()?;
+    String::from_utf8(body).ok()
+}
+
+#[test]
+fn other_versions_garbage_and_oversized_frames_are_dropped_and_the_master_serves_on() {
+    let m = manager();
+    let addr = format!("127.0.0.1:{}", m.port());
+
+    let mut old = TcpStream::connect(&addr).unwrap();
+    old.write_all(&frame(
+        r#"{"type":"hello","protocol":999,"drover_version":"9.9","hostname":"x","os":"linux","arch":"x86_64","resources":{"cores":1,"memory_mb":1,"disk_mb":1,"gpus":0},"password":false,"cached":[]}"#,
+    ))
+    .unwrap();
+    let reply = read_reply(&mut old).expect("a refusal");
+    assert!(
+        reply.contains("refused") && reply.contains("protocol version mismatch"),
+        "{reply}"
+    );
+
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(&frame("this is not json")).unwrap();
+    assert!(
+        read_reply(&mut garbage).is_none(),
+        "garbage must close the connection"
+    );
+
+    let mut huge = TcpStream::connect(&addr).unwrap();
+    huge.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    huge.write_all(&[b'x'; 1024]).unwrap();
+    assert!(
+        read_reply(&mut huge).is_none(),
+        "an oversized frame must close the connection"
+    );
+
+    assert_eq!(m.stats().workers_connected, 0);
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new("echo still serving")).unwrap();
+    assert_eq!(collect(&m, 1)[0].stdout, "still serving\n");
+}
+
+#[test]
+fn a_worker_refuses_to_overcommit_even_if_asked() {
+    // A hand-written master (a plain TCP listener in this test) asks for too
+    // much on purpose; the real master's scheduler never would.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _w = Worker::start(port, &["--cores", "1", "--memory", "1000"]);
+    let (mut s, _) = listener.accept().unwrap();
+    let hello = read_reply(&mut s).unwrap();
+    assert!(hello.contains("\"type\":\"hello\""));
+    s.write_all(&frame(
+        r#"{"type":"welcome","proof":null,"keepalive_interval_s":10.0}"#,
+    ))
+    .unwrap();
+    let run = |id: u32, cores: u32| {
+        frame(&format!(
+            r#"{{"type":"run","task_id":{id},"attempt":1,"command":"sleep 2","allocation":{{"cores":{cores},"memory_mb":0,"disk_mb":0,"gpus":0}}}}"#
+        ))
+    };
+    s.write_all(&run(1, 1)).unwrap();
+    s.write_all(&run(2, 1)).unwrap();
+    s.write_all(&run(3, 5)).unwrap();
+    let mut rejected = Vec::new();
+    for _ in 0..2 {
+        let reply = read_reply(&mut s).unwrap();
+        assert!(reply.contains("\"type\":\"rejected\""), "{reply}");
+        assert!(reply.contains("refusing to overcommit"));
+        rejected.push(reply);
+    }
+    assert!(rejected.iter().any(|r| r.contains("\"task_id\":2")));
+    assert!(rejected.iter().any(|r| r.contains("\"task_id\":3")));
+    let done = read_reply(&mut s).unwrap();
+    assert!(
+        done.contains("task_done") && done.contains("\"task_id\":1"),
+        "{done}"
+    );
+}
+
+#[test]
+fn a_worker_exits_after_its_idle_timeout() {
+    let m = manager();
+    let w = Worker::start(m.port(), &["--idle-timeout", "1"]);
+    let (code, _) = w.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn drover_run_reports_failures_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = write_file(
+        dir.path(),
+        "tasks.txt",
+        b"# comment\necho one\nexit 3\n{\"command\":\"echo two\",\"cores\":1}\n",
+    );
+    let out = std::process::Command::new(drover_bin())
+        .current_dir(dir.path())
+        .args(["run", "tasks.txt", "--cores", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("2 done, 1 failed, 3 tasks"), "{stderr}");
+    assert!(stderr.contains("drover-failed/task-"), "{stderr}");
+    let log = std::fs::read_dir(dir.path().join("drover-failed"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(std::fs::read_to_string(log).unwrap().contains("exit 3"));
+
+    let ok = write_file(dir.path(), "ok.txt", b"true\ntrue\n");
+    let status = std::process::Command::new(drover_bin())
+        .current_dir(dir.path())
+        .args(["run"])
+        .arg(&ok)
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(0));
+    let bad = write_file(dir.path(), "bad.txt", b"{\"command\": 5}\n");
+    let status = std::process::Command::new(drover_bin())
+        .current_dir(dir.path())
+        .args(["run"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&status.stderr).contains("bad.txt:1"));
+}
