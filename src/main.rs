@@ -31,6 +31,14 @@ enum Commands {
     Run(run::RunArgs),
     /// Connect to a master and run its tasks.
     Worker(WorkerArgs),
+    /// Run a command under the resource monitor and print what it used.
+    Monitor(drover_monitor::cli::MonitorArgs),
+    /// Build, inspect and use self-contained software environments.
+    Pack(drover_packager::cli::PackArgs),
+    /// Run the catalog server that masters report to.
+    Catalog(drover_catalog::server::CatalogArgs),
+    /// Show the masters a catalog knows, like work_queue_status.
+    Status(drover_catalog::status::StatusArgs),
 }
 
 #[derive(clap::Args)]
@@ -146,6 +154,22 @@ fn main() -> ExitCode {
         Commands::Worker(args) => {
             init_logging(cli.verbose, "info");
             worker_main(args)
+        }
+        Commands::Monitor(args) => {
+            init_logging(cli.verbose, "warn");
+            drover_monitor::cli::run(args)
+        }
+        Commands::Pack(args) => {
+            init_logging(cli.verbose, "warn");
+            drover_packager::cli::run(args)
+        }
+        Commands::Catalog(args) => {
+            init_logging(cli.verbose, "info");
+            drover_catalog::server::run(args)
+        }
+        Commands::Status(args) => {
+            init_logging(cli.verbose, "warn");
+            drover_catalog::status::run(args)
         }
     };
     match result {

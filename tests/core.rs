@@ -448,7 +448,9 @@ fn drover_run_reports_failures_and_exits_non_zero() {
     );
     let out = std::process::Command::new(drover_bin())
         .current_dir(dir.path())
-        .args(["run", "tasks.txt", "--cores", "2"])
+        .arg("run")
+        .arg(&tasks)
+        .args(["--cores", "2"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -480,4 +482,61 @@ fn drover_run_reports_failures_and_exits_non_zero() {
         .unwrap();
     assert_eq!(status.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&status.stderr).contains("bad.txt:1"));
+}
+
+#[test]
+fn a_hung_worker_is_found_by_keepalive_and_its_tasks_move() {
+    let m = drover_master::Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .keepalive(Duration::from_millis(200), Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let hung = Worker::start(m.port(), &["--cores", "1"]);
+    let id = m.submit(Task::new("sleep 1; echo finished")).unwrap();
+    wait_until(&m, "the task to start", |s| s.tasks_running == 1);
+    // SIGSTOP keeps the socket open: only the keepalive can tell the worker is gone.
+    unsafe { libc::kill(hung.pid(), libc::SIGSTOP) };
+    wait_until(&m, "the hung worker to be dropped", |s| {
+        s.workers_connected == 0
+    });
+    let _healthy = Worker::start(m.port(), &["--cores", "1"]);
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.id, id);
+    assert_eq!(r.outcome, Outcome::Success);
+    assert_eq!(r.stdout, "finished\n");
+    assert!(
+        r.attempts[0].ending.contains("no message"),
+        "{:?}",
+        r.attempts
+    );
+    unsafe { libc::kill(hung.pid(), libc::SIGCONT) };
+}
+
+#[test]
+fn a_worker_finds_its_master_again_after_a_restart() {
+    let first = manager();
+    let port = first.port();
+    let w = Worker::start(port, &["--cores", "1"]);
+    first.submit(Task::new("echo one")).unwrap();
+    assert_eq!(collect(&first, 1)[0].stdout, "one\n");
+    drop(first);
+    let second = drover_master::Manager::builder()
+        .port(port)
+        .bind("127.0.0.1")
+        .build()
+        .unwrap();
+    second.submit(Task::new("echo two")).unwrap();
+    assert_eq!(collect(&second, 1)[0].stdout, "two\n");
+    drop(w);
+}
+
+#[test]
+fn shutdown_workers_makes_them_exit() {
+    let mut m = manager();
+    let w = Worker::start(m.port(), &["--cores", "1"]);
+    wait_until(&m, "the worker", |s| s.workers_connected == 1);
+    m.shutdown_workers();
+    let (code, _) = w.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0));
 }

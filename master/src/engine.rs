@@ -88,6 +88,7 @@ pub(crate) enum Command {
     Stats(oneshot::Sender<Stats>),
     Workers(oneshot::Sender<Vec<WorkerInfo>>),
     Shutdown(oneshot::Sender<()>),
+    DismissWorkers(oneshot::Sender<()>),
 }
 
 /// What the master knows of a connected worker.
@@ -122,8 +123,11 @@ enum Event {
 /// writes over a newer attempt's files.
 #[derive(Default)]
 struct ConnShared {
-    outputs: Mutex<HashMap<(TaskId, u32), Vec<(String, PathBuf)>>>,
+    outputs: Mutex<HashMap<(TaskId, u32), OutputPlan>>,
 }
+
+/// (name in the sandbox, local destination) for each declared output.
+type OutputPlan = Vec<(String, PathBuf)>;
 
 enum Outgoing {
     Msg(MasterMsg),
@@ -171,7 +175,6 @@ struct WorkerEntry {
 }
 
 struct Engine {
-    config: EngineConfig,
     sched: Scheduler,
     tasks: HashMap<TaskId, TaskEntry>,
     workers: HashMap<WorkerKey, WorkerEntry>,
@@ -195,7 +198,6 @@ pub(crate) async fn run(
     let keepalive = (config.keepalive_interval, config.keepalive_timeout);
     let accept = tokio::spawn(accept_loop(listener, events_tx, password, keepalive));
     let mut engine = Engine {
-        config,
         sched: Scheduler::new(),
         tasks: HashMap::new(),
         workers: HashMap::new(),
@@ -286,6 +288,12 @@ impl Engine {
                     })
                     .collect();
                 let _ = reply.send(list);
+            }
+            Command::DismissWorkers(done) => {
+                for w in self.workers.values() {
+                    let _ = w.tx.send(Outgoing::Msg(MasterMsg::Shutdown));
+                }
+                let _ = done.send(());
             }
             Command::Shutdown(done) => return Some(done),
         }
@@ -775,10 +783,8 @@ impl Engine {
     }
 
     fn shutdown(&mut self) {
-        for w in self.workers.values() {
-            let _ = w.tx.send(Outgoing::Msg(MasterMsg::Shutdown));
-        }
-        let _ = &self.config;
+        // Dropping the senders ends each writer, which closes its connection.
+        self.workers.clear();
     }
 }
 

@@ -343,15 +343,24 @@ impl Manager {
         self.outstanding.load(Ordering::Relaxed) == 0
     }
 
-    /// Tells the workers to leave and stops listening. Also done on drop.
+    /// Stops listening and closes every worker connection; running tasks are
+    /// killed by their workers, which then look for a master again until their
+    /// idle timeout (so pilot jobs outlive one run). Also done on drop.
     pub fn shutdown(&mut self) {
         if let Some(rt) = self.runtime.take() {
-            if let Some(()) = self.ask(Command::Shutdown) {
-                // Give writers a moment to deliver the shutdown message.
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let _ = self.ask(Command::Shutdown);
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+
+    /// Tells every connected worker to exit, then shuts down.
+    pub fn shutdown_workers(&mut self) {
+        if self.runtime.is_some() {
+            let _ = self.ask(Command::DismissWorkers);
+            // Let the writers deliver the message before the runtime goes.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.shutdown();
     }
 }
 

@@ -1,1 +1,23 @@
-//! Environments: analyze, create, run and cache (filled in by the packager issue).
+//! Self-contained, relocatable, content-addressed Python environments.
+//!
+//! - [`analyze`] derives a [`spec::Spec`] from a script's imports.
+//! - [`create`] builds the environment a spec describes into a reproducible
+//!   `.tar.gz` named by its BLAKE3 content hash, through a [`cache`] keyed by
+//!   the normalized spec.
+//! - [`ensure_unpacked`] unpacks an environment once per worker (atomically,
+//!   safe under concurrency) and [`activation_env`] gives the variables to
+//!   run a command inside it.
+//! - [`cli`] is `drover pack analyze|create|run`.
+
+pub mod analyze;
+pub mod archive;
+pub mod cache;
+pub mod cli;
+pub mod create;
+pub mod elf;
+pub mod meta;
+pub mod python;
+pub mod spec;
+mod unpack;
+
+pub use unpack::{activation_env, ensure_unpacked, hash_file, hash_from_name};

@@ -1,0 +1,303 @@
+//! The status report a master sends to the catalog.
+//!
+//! The serde JSON form of [`MasterReport`] is the wire format everywhere: UDP
+//! datagrams, `POST /update` bodies, the entries of `GET /query.json` and the
+//! state file. Every field has a default so that reports from older or newer
+//! masters still parse; unknown fields are ignored.
+
+use serde::{Deserialize, Serialize};
+
+/// The `kind` a drover master puts in its reports.
+pub const MASTER_KIND: &str = "drover-master";
+
+/// Most workers a report keeps; a master with more sends the first ones only.
+pub const MAX_WORKERS: usize = 200;
+
+/// Most categories a report keeps.
+pub const MAX_CATEGORIES: usize = 200;
+
+/// Longest string field (in bytes) the catalog keeps; longer ones are cut.
+pub const MAX_FIELD_LEN: usize = 256;
+
+/// One master's status.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(default)]
+pub struct MasterReport {
+    /// What sent this report; [`MASTER_KIND`] for drover masters.
+    pub kind: String,
+    /// The project name workers look the master up by.
+    pub project: String,
+    /// Host name (or address) workers should connect to.
+    pub host: String,
+    /// Port workers should connect to.
+    pub port: u16,
+    /// User running the master.
+    pub owner: String,
+    /// drover version of the master.
+    pub version: String,
+    /// When the master started, in unix seconds.
+    pub start_time: u64,
+    /// When the catalog received this report, in unix seconds; set by the catalog.
+    pub last_update: u64,
+    /// The address the report came from, as seen by the catalog; set by the
+    /// catalog, so a worker can still reach a master whose `host` does not
+    /// resolve.
+    pub source_addr: String,
+    /// True in the last report a master sends as it shuts down.
+    pub stopped: bool,
+    /// Tasks submitted and not yet dispatched.
+    pub tasks_waiting: u64,
+    /// Tasks dispatched to workers and not yet finished.
+    pub tasks_running: u64,
+    /// Tasks finished successfully.
+    pub tasks_done: u64,
+    /// Tasks finished with a failure.
+    pub tasks_failed: u64,
+    /// Workers connected to the master.
+    pub workers_connected: u64,
+    /// Connected workers running at least one task.
+    pub workers_busy: u64,
+    /// Cores allocated to running tasks.
+    pub cores_inuse: u64,
+    /// Cores of all connected workers.
+    pub cores_total: u64,
+    /// Memory allocated to running tasks, in MB.
+    pub memory_inuse_mb: u64,
+    /// Memory of all connected workers, in MB.
+    pub memory_total_mb: u64,
+    /// GPUs allocated to running tasks.
+    pub gpus_inuse: u64,
+    /// GPUs of all connected workers.
+    pub gpus_total: u64,
+    /// Per-category task counts.
+    pub categories: Vec<CategorySummary>,
+    /// Connected workers, at most [`MAX_WORKERS`].
+    pub workers: Vec<WorkerSummary>,
+}
+
+/// Task counts of one category of a master.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(default)]
+pub struct CategorySummary {
+    /// Category name.
+    pub name: String,
+    /// Tasks waiting.
+    pub waiting: u64,
+    /// Tasks running.
+    pub running: u64,
+    /// Tasks done.
+    pub done: u64,
+    /// Tasks failed.
+    pub failed: u64,
+    /// How the master sizes this category's tasks, as text for people
+    /// (for example `"bucketing: 3 buckets"`).
+    pub allocation: Option<String>,
+}
+
+/// One worker connected to a master.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(default)]
+pub struct WorkerSummary {
+    /// Worker host name.
+    pub host: String,
+    /// Cores the worker offers.
+    pub cores: u64,
+    /// Memory the worker offers, in MB.
+    pub memory_mb: u64,
+    /// Tasks running on the worker.
+    pub running: u64,
+}
+
+/// The identity of an entry: the catalog keeps only the newest report per key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntryKey {
+    /// Report kind.
+    pub kind: String,
+    /// Reported host.
+    pub host: String,
+    /// Reported port.
+    pub port: u16,
+    /// Reported project.
+    pub project: String,
+}
+
+impl std::fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}|{}|{}|{}",
+            self.kind, self.host, self.port, self.project
+        )
+    }
+}
+
+impl MasterReport {
+    /// A report of a drover master with the given project, host and port.
+    pub fn new_master(project: &str, host: &str, port: u16) -> Self {
+        MasterReport {
+            kind: MASTER_KIND.to_string(),
+            project: project.to_string(),
+            host: host.to_string(),
+            port,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The key the catalog stores this report under.
+    pub fn key(&self) -> EntryKey {
+        EntryKey {
+            kind: self.kind.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            project: self.project.clone(),
+        }
+    }
+
+    /// `host:port` to connect to, bracketing IPv6 literals.
+    pub fn address(&self) -> String {
+        join_host_port(&self.host, self.port)
+    }
+
+    /// `source_addr`'s host with the reported port: a fallback for workers
+    /// when `host` does not resolve from where they run.
+    pub fn source_address(&self) -> Option<String> {
+        if self.source_addr.is_empty() {
+            None
+        } else {
+            Some(join_host_port(&self.source_addr, self.port))
+        }
+    }
+
+    /// Fraction of tasks done, `done / (done + waiting + running + failed)`,
+    /// in 0..=1; 0 with no tasks. Failed tasks count against progress so a
+    /// run that fails everything does not look finished.
+    pub fn progress(&self) -> f64 {
+        let total = self
+            .tasks_done
+            .saturating_add(self.tasks_failed)
+            .saturating_add(self.tasks_waiting)
+            .saturating_add(self.tasks_running);
+        if total == 0 {
+            0.0
+        } else {
+            self.tasks_done as f64 / total as f64
+        }
+    }
+
+    /// Cuts the report down to what the catalog is willing to keep, so one
+    /// entry's memory is bounded whatever a sender puts in it.
+    pub fn clamp(&mut self) {
+        for s in [
+            &mut self.kind,
+            &mut self.project,
+            &mut self.host,
+            &mut self.owner,
+            &mut self.version,
+            &mut self.source_addr,
+        ] {
+            truncate_utf8(s, MAX_FIELD_LEN);
+        }
+        self.categories.truncate(MAX_CATEGORIES);
+        for c in &mut self.categories {
+            truncate_utf8(&mut c.name, MAX_FIELD_LEN);
+            if let Some(a) = c.allocation.as_mut() {
+                truncate_utf8(a, MAX_FIELD_LEN);
+            }
+        }
+        self.workers.truncate(MAX_WORKERS);
+        for w in &mut self.workers {
+            truncate_utf8(&mut w.host, MAX_FIELD_LEN);
+        }
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Truncates `s` to at most `max` bytes without splitting a character.
+pub(crate) fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+}
+
+/// Current time in unix seconds (0 if the clock is before 1970).
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_unknown_fields_parse() {
+        let r: MasterReport =
+            serde_json::from_str(r#"{"project":"p","port":9123,"some_future_field":[1,2]}"#)
+                .unwrap();
+        assert_eq!(r.project, "p");
+        assert_eq!(r.port, 9123);
+        assert_eq!(r.tasks_done, 0);
+        assert!(r.categories.is_empty());
+        let c: CategorySummary = serde_json::from_str(r#"{"name":"c"}"#).unwrap();
+        assert_eq!(c.allocation, None);
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut r = MasterReport::new_master("proj", "h", 1);
+        r.categories.push(CategorySummary {
+            name: "c".into(),
+            allocation: Some("bucketing: 3 buckets".into()),
+            ..Default::default()
+        });
+        r.workers.push(WorkerSummary {
+            host: "w".into(),
+            cores: 4,
+            memory_mb: 100,
+            running: 1,
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<MasterReport>(&s).unwrap(), r);
+    }
+
+    #[test]
+    fn clamp_bounds_size() {
+        let mut r = MasterReport::new_master(&"é".repeat(1000), "h", 1);
+        r.workers = vec![WorkerSummary::default(); 1000];
+        r.categories = vec![CategorySummary::default(); 1000];
+        r.clamp();
+        assert!(r.project.len() <= MAX_FIELD_LEN);
+        assert!(r.project.chars().all(|c| c == 'é'));
+        assert_eq!(r.workers.len(), MAX_WORKERS);
+        assert_eq!(r.categories.len(), MAX_CATEGORIES);
+    }
+
+    #[test]
+    fn progress_and_address() {
+        let mut r = MasterReport::new_master("p", "::1", 5);
+        assert_eq!(r.progress(), 0.0);
+        r.tasks_done = 4;
+        r.tasks_failed = 1;
+        r.tasks_waiting = 3;
+        assert!((r.progress() - 0.5).abs() < 1e-9);
+        assert_eq!(r.address(), "[::1]:5");
+        assert_eq!(r.source_address(), None);
+        r.source_addr = "127.0.0.1".into();
+        assert_eq!(r.source_address().as_deref(), Some("127.0.0.1:5"));
+    }
+}

@@ -1,0 +1,307 @@
+//! The catalog's bounded, expiring table of reports and its state file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::report::{EntryKey, MasterReport};
+
+/// The newest report per [`EntryKey`], bounded in count and age.
+///
+/// Entries are also indexed by arrival order so that both eviction of the
+/// oldest entry (when full) and expiry are O(log n): under a flood of new keys
+/// the catalog must not scan the whole table per datagram.
+#[derive(Debug)]
+pub struct Store {
+    entries: HashMap<EntryKey, (u64, MasterReport)>,
+    order: BTreeMap<u64, EntryKey>,
+    next_seq: u64,
+    max_entries: usize,
+    expiry_secs: u64,
+    generation: u64,
+    /// Entries pushed out because the table was full.
+    pub evicted: u64,
+    /// Entries dropped because they were older than the expiry.
+    pub expired: u64,
+}
+
+impl Store {
+    /// An empty store holding at most `max_entries` (at least 1) entries, each
+    /// for `expiry_secs` after its last report.
+    pub fn new(max_entries: usize, expiry_secs: u64) -> Self {
+        Store {
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            next_seq: 0,
+            max_entries: max_entries.max(1),
+            expiry_secs,
+            generation: 0,
+            evicted: 0,
+            expired: 0,
+        }
+    }
+
+    /// Number of entries, expired or not.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Increases on every change; lets the server save only when needed.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Records a report received at `now`, replacing the entry with the same
+    /// key and evicting the least recently updated entry if the table is full.
+    pub fn insert(&mut self, mut report: MasterReport, now: u64) {
+        report.clamp();
+        report.last_update = now;
+        self.insert_as_is(report);
+    }
+
+    fn insert_as_is(&mut self, report: MasterReport) {
+        let key = report.key();
+        if let Some((old_seq, _)) = self.entries.get(&key) {
+            self.order.remove(old_seq);
+        } else {
+            while self.entries.len() >= self.max_entries {
+                let Some((_, oldest)) = self.order.pop_first() else {
+                    break;
+                };
+                self.entries.remove(&oldest);
+                self.evicted += 1;
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.insert(seq, key.clone());
+        self.entries.insert(key, (seq, report));
+        self.generation += 1;
+    }
+
+    fn is_expired(&self, r: &MasterReport, now: u64) -> bool {
+        r.last_update.saturating_add(self.expiry_secs) <= now
+    }
+
+    /// Drops entries whose last report is older than the expiry; returns how
+    /// many were dropped.
+    pub fn expire(&mut self, now: u64) -> usize {
+        let mut dropped = 0;
+        // Arrival order matches last_update order except across a clock step,
+        // so stopping at the first live entry is right in practice and a
+        // straggler only lives until the entries before it expire.
+        while let Some((&seq, key)) = self.order.first_key_value() {
+            let expired = match self.entries.get(key) {
+                Some((_, r)) => self.is_expired(r, now),
+                None => true,
+            };
+            if !expired {
+                break;
+            }
+            if let Some(key) = self.order.remove(&seq) {
+                self.entries.remove(&key);
+            }
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.expired += dropped as u64;
+            self.generation += 1;
+        }
+        dropped
+    }
+
+    /// Unexpired entries, most recently updated first.
+    pub fn live(&self, now: u64) -> Vec<&MasterReport> {
+        self.order
+            .values()
+            .rev()
+            .filter_map(|k| self.entries.get(k))
+            .map(|(_, r)| r)
+            .filter(|r| !self.is_expired(r, now))
+            .collect()
+    }
+
+    /// Restores saved entries, keeping their `last_update` so that reloading
+    /// does not extend their life; expired ones are skipped.
+    pub fn restore(&mut self, mut reports: Vec<MasterReport>, now: u64) {
+        reports.sort_by_key(|r| r.last_update);
+        for mut r in reports {
+            if self.is_expired(&r, now) {
+                continue;
+            }
+            r.clamp();
+            self.insert_as_is(r);
+        }
+    }
+}
+
+/// What the state file holds.
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+pub struct StateFile {
+    /// Format version, for later changes.
+    pub version: u32,
+    /// When the file was written, unix seconds.
+    pub saved_at: u64,
+    /// The entries at that time.
+    pub entries: Vec<MasterReport>,
+}
+
+/// Writes `state` to `path` atomically: a crash leaves either the old or the
+/// new file, never a torn one.
+pub fn save_state(path: &Path, state: &StateFile) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("state file {} has no file name", path.display()))?;
+    let mut tmp_name = file_name.to_os_string();
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let write = || -> anyhow::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        serde_json::to_writer(std::io::BufWriter::new(&mut f), state)?;
+        f.flush()?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing state file {}", path.display())));
+    }
+    // Persist the rename itself; not every filesystem allows opening a
+    // directory, and the data is already safe in the file, so ignore errors.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads a state file; a missing file is an empty state.
+pub fn load_state(path: &Path) -> anyhow::Result<StateFile> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing state file {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
+        Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rep(project: &str, port: u16) -> MasterReport {
+        MasterReport::new_master(project, "h", port)
+    }
+
+    #[test]
+    fn newest_per_key_wins() {
+        let mut s = Store::new(10, 100);
+        let mut r = rep("a", 1);
+        r.tasks_done = 1;
+        s.insert(r.clone(), 10);
+        r.tasks_done = 2;
+        s.insert(r, 11);
+        s.insert(rep("b", 1), 12);
+        assert_eq!(s.len(), 2);
+        let live = s.live(12);
+        assert_eq!(live[0].project, "b");
+        assert_eq!(live[1].tasks_done, 2);
+        assert_eq!(live[1].last_update, 11);
+    }
+
+    #[test]
+    fn key_includes_kind_host_port_project() {
+        let mut s = Store::new(10, 100);
+        s.insert(rep("a", 1), 1);
+        s.insert(rep("a", 2), 1);
+        let mut other_kind = rep("a", 1);
+        other_kind.kind = "other".into();
+        s.insert(other_kind, 1);
+        let mut other_host = rep("a", 1);
+        other_host.host = "h2".into();
+        s.insert(other_host, 1);
+        assert_eq!(s.len(), 4);
+    }
+
+    #[test]
+    fn cap_evicts_least_recently_updated() {
+        let mut s = Store::new(3, 100);
+        s.insert(rep("a", 1), 1);
+        s.insert(rep("b", 1), 2);
+        s.insert(rep("c", 1), 3);
+        s.insert(rep("a", 1), 4); // a is now newest; b is oldest
+        s.insert(rep("d", 1), 5);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.evicted, 1);
+        let names: Vec<_> = s.live(5).iter().map(|r| r.project.clone()).collect();
+        assert_eq!(names, ["d", "a", "c"]);
+        for i in 0..10_000 {
+            s.insert(rep(&format!("flood{i}"), 1), 6);
+        }
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn expiry() {
+        let mut s = Store::new(10, 10);
+        s.insert(rep("a", 1), 100);
+        s.insert(rep("b", 1), 105);
+        assert_eq!(s.live(109).len(), 2);
+        assert_eq!(
+            s.live(110).len(),
+            1,
+            "expired entries are hidden before the sweep"
+        );
+        assert_eq!(s.expire(110), 1);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.expire(200), 1);
+        assert!(s.is_empty());
+        assert_eq!(s.expired, 2);
+    }
+
+    #[test]
+    fn state_round_trip_keeps_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        assert!(load_state(&path).unwrap().entries.is_empty());
+        let mut s = Store::new(10, 10);
+        s.insert(rep("old", 1), 100);
+        s.insert(rep("new", 1), 108);
+        let state = StateFile {
+            version: 1,
+            saved_at: 108,
+            entries: s.live(108).into_iter().cloned().collect(),
+        };
+        save_state(&path, &state).unwrap();
+        let loaded = load_state(&path).unwrap();
+        let mut s2 = Store::new(10, 10);
+        s2.restore(loaded.entries, 112);
+        let live = s2.live(112);
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].project, "new");
+        assert_eq!(live[0].last_update, 108);
+        // Only the state file is left behind, no temp files.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(load_state(&path).is_err());
+    }
+}

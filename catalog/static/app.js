@@ -1,0 +1,467 @@
+// drover catalog status page.
+//
+// Everything a master reports is untrusted: it is only ever put in the page
+// as text (textContent, setAttribute on data-*), never parsed as HTML, and the
+// server's Content-Security-Policy forbids inline script as a second line.
+'use strict';
+
+(function () {
+  const POLL_MS = 2500;
+  const POLL_HIDDEN_MS = 10000;
+  const STALE_SECS = 60;
+
+  const state = {
+    masters: [],
+    stats: null,
+    serverSkew: 0, // server clock minus ours, seconds
+    lastOk: 0,
+    error: null,
+    sortKey: localStorage.getItem('drover.sortKey') || 'last_update',
+    sortDir: localStorage.getItem('drover.sortDir') || 'desc',
+    filter: sessionStorage.getItem('drover.filter') || '',
+    previous: new Map(), // key -> {col: value} to flash changed numbers
+  };
+
+  // ---- small DOM helpers (text only) ----
+
+  function el(tag, opts, ...children) {
+    const e = document.createElement(tag);
+    if (opts) {
+      if (opts.cls) e.className = opts.cls;
+      if (opts.attrs) for (const [k, v] of Object.entries(opts.attrs)) e.setAttribute(k, String(v));
+      if (opts.title != null) e.title = String(opts.title);
+    }
+    for (const c of children) {
+      if (c == null || c === false) continue;
+      e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return e;
+  }
+
+  function $(id) { return document.getElementById(id); }
+
+  function num(v) {
+    const n = Number(v);
+    return Number.isFinite(n) && n >= 0 ? n : 0;
+  }
+
+  function fmtInt(n) { return num(n).toLocaleString('en-US'); }
+
+  function fmtMem(mb) {
+    mb = num(mb);
+    if (mb >= 1024 * 1024) return (mb / 1024 / 1024).toFixed(1) + ' TB';
+    if (mb >= 1024) return (mb / 1024).toFixed(mb >= 10240 ? 0 : 1) + ' GB';
+    return mb + ' MB';
+  }
+
+  function fmtAge(secs) {
+    secs = Math.max(0, Math.round(secs));
+    if (secs < 60) return secs + 's ago';
+    if (secs < 3600) return Math.floor(secs / 60) + 'm ago';
+    if (secs < 86400) return Math.floor(secs / 3600) + 'h ago';
+    return Math.floor(secs / 86400) + 'd ago';
+  }
+
+  function fmtDuration(secs) {
+    secs = Math.max(0, Math.round(secs));
+    const d = Math.floor(secs / 86400), h = Math.floor(secs % 86400 / 3600),
+      m = Math.floor(secs % 3600 / 60), s = secs % 60;
+    if (d) return d + 'd ' + h + 'h';
+    if (h) return h + 'h ' + m + 'm';
+    if (m) return s ? m + 'm ' + s + 's' : m + 'm';
+    return s + 's';
+  }
+
+  function nowServer() { return Date.now() / 1000 + state.serverSkew; }
+
+  function keyOf(m) {
+    return [m.kind, m.host, m.port, m.project].map(String).join('|');
+  }
+
+  function address(m) {
+    const host = String(m.host || '');
+    return (host.includes(':') ? '[' + host + ']' : host) + ':' + num(m.port);
+  }
+
+  function totalTasks(m) {
+    return num(m.tasks_done) + num(m.tasks_failed) + num(m.tasks_waiting) + num(m.tasks_running);
+  }
+
+  function progress(m) {
+    const t = totalTasks(m);
+    return t ? num(m.tasks_done) / t : 0;
+  }
+
+  function pct(x) { return (Math.round(x * 1000) / 10).toFixed(x > 0 && x < 0.1 ? 1 : 0) + '%'; }
+
+  // A stacked bar: done, failed, running, then waiting as the empty track.
+  function progressBar(m, big) {
+    const t = totalTasks(m);
+    const bar = el('div', { cls: 'bar' + (big ? ' bar-big' : ''), attrs: {
+      role: 'progressbar', 'aria-valuemin': 0, 'aria-valuemax': 100,
+      'aria-valuenow': Math.round(progress(m) * 100),
+    } });
+    for (const [cls, v] of [['seg-done', m.tasks_done], ['seg-failed', m.tasks_failed], ['seg-running', m.tasks_running]]) {
+      if (!t || !num(v)) continue;
+      const s = el('span', { cls: 'seg ' + cls });
+      s.style.width = (num(v) / t * 100) + '%';
+      bar.append(s);
+    }
+    return bar;
+  }
+
+  function meter(label, used, total, fmt) {
+    used = num(used); total = num(total);
+    const frac = total ? Math.min(1, used / total) : 0;
+    const fill = el('span', { cls: 'meter-fill' });
+    fill.style.width = (frac * 100) + '%';
+    return el('div', { cls: 'meter' },
+      el('div', { cls: 'meter-head' },
+        el('span', { cls: 'meter-label' }, label),
+        el('span', { cls: 'meter-value' }, fmt(used) + ' / ' + fmt(total))),
+      el('div', { cls: 'meter-track' }, fill));
+  }
+
+  // ---- data ----
+
+  async function fetchJson(url) {
+    const r = await fetch(url, { cache: 'no-store', headers: { Accept: 'application/json' } });
+    if (!r.ok) throw new Error(url + ': HTTP ' + r.status);
+    const date = Date.parse(r.headers.get('Date') || '');
+    return { body: await r.json(), date };
+  }
+
+  async function poll() {
+    try {
+      const [q, s] = await Promise.all([fetchJson('/query.json'), fetchJson('/api/stats').catch(() => null)]);
+      state.masters = Array.isArray(q.body) ? q.body.filter(m => m && typeof m === 'object') : [];
+      if (s) state.stats = s.body;
+      if (Number.isFinite(q.date)) {
+        // Ages are computed against the server's clock so a skewed client
+        // does not show every master as stale.
+        state.serverSkew = (q.date - Date.now()) / 1000;
+      }
+      state.lastOk = Date.now();
+      state.error = null;
+    } catch (e) {
+      state.error = String(e && e.message || e);
+    }
+    render();
+    setTimeout(poll, document.hidden ? POLL_HIDDEN_MS : POLL_MS);
+  }
+
+  // ---- rendering ----
+
+  function render() {
+    renderLive();
+    renderTotals();
+    const route = parseRoute();
+    $('list-view').hidden = route.view !== 'list';
+    $('detail-view').hidden = route.view !== 'detail';
+    if (route.view === 'detail') renderDetail(route.key); else renderList();
+    renderFooter();
+  }
+
+  function renderLive() {
+    const live = $('live');
+    live.classList.toggle('is-error', !!state.error);
+    live.classList.toggle('is-ok', !state.error && !!state.lastOk);
+    if (state.error) {
+      $('live-text').textContent = state.lastOk ? 'catalog unreachable, retrying' : 'cannot reach catalog, retrying';
+      live.title = state.error;
+    } else if (state.lastOk) {
+      $('live-text').textContent = 'live · ' + new Date(state.lastOk).toLocaleTimeString();
+      live.title = 'refreshes every ' + POLL_MS / 1000 + ' s';
+    }
+  }
+
+  function setText(id, text) {
+    const e = $(id);
+    if (e.textContent !== text) {
+      // The first value replaces a placeholder; only later changes are news.
+      const first = e.textContent === '–';
+      e.textContent = text;
+      if (!first) flash(e);
+    }
+  }
+
+  function flash(e) {
+    e.classList.remove('changed');
+    void e.offsetWidth; // restart the animation
+    e.classList.add('changed');
+  }
+
+  function renderTotals() {
+    const ms = state.masters.filter(m => !m.stopped);
+    const sum = f => ms.reduce((a, m) => a + num(m[f]), 0);
+    setText('t-masters', fmtInt(ms.length));
+    setText('t-workers', fmtInt(sum('workers_busy')) + ' / ' + fmtInt(sum('workers_connected')));
+    setText('t-running', fmtInt(sum('tasks_running')));
+    setText('t-waiting', fmtInt(sum('tasks_waiting')));
+    setText('t-done', fmtInt(sum('tasks_done')));
+    setText('t-cores', fmtInt(sum('cores_inuse')) + ' / ' + fmtInt(sum('cores_total')));
+  }
+
+  function matcher() {
+    const f = state.filter.trim();
+    if (!f) return () => true;
+    let re = null;
+    try { re = new RegExp(f, 'i'); } catch (_) { /* plain text then */ }
+    const lower = f.toLowerCase();
+    return m => {
+      const p = String(m.project || '');
+      return re ? re.test(p) : p.toLowerCase().includes(lower);
+    };
+  }
+
+  function sortValue(m, key) {
+    switch (key) {
+      case 'project': return String(m.project || '').toLowerCase();
+      case 'address': return address(m).toLowerCase();
+      case 'progress': return progress(m);
+      default: return num(m[key]);
+    }
+  }
+
+  function sorted(list) {
+    const k = state.sortKey, dir = state.sortDir === 'asc' ? 1 : -1;
+    return list.slice().sort((a, b) => {
+      const va = sortValue(a, k), vb = sortValue(b, k);
+      if (va < vb) return -dir;
+      if (va > vb) return dir;
+      return keyOf(a) < keyOf(b) ? -1 : 1;
+    });
+  }
+
+  const COLUMNS = [
+    { id: 'project', label: 'Project' },
+    { id: 'address', label: 'Host : port' },
+    { id: 'tasks_waiting', label: 'Waiting', num: true },
+    { id: 'tasks_running', label: 'Running', num: true },
+    { id: 'tasks_done', label: 'Done', num: true },
+    { id: 'tasks_failed', label: 'Failed', num: true },
+    { id: 'workers', label: 'Workers', num: true },
+    { id: 'cores', label: 'Cores', num: true },
+    { id: 'progress', label: 'Progress' },
+    { id: 'updated', label: 'Updated', num: true },
+  ];
+
+  function renderList() {
+    const match = matcher();
+    const shown = sorted(state.masters.filter(match));
+    const body = $('masters-body');
+    const rows = [];
+    const now = nowServer();
+    const seen = new Map();
+    for (const m of shown) {
+      const key = keyOf(m);
+      const age = now - num(m.last_update);
+      const tr = el('tr', { cls: 'row' + (m.stopped ? ' is-stopped' : age > STALE_SECS ? ' is-stale' : ''), attrs: {
+        'data-key': key, tabindex: 0, 'aria-label': 'Show details of ' + String(m.project),
+      } });
+      const prev = state.previous.get(key) || {};
+      const values = {};
+      for (const col of COLUMNS) {
+        const td = el('td', { cls: (col.num ? 'num ' : '') + 'col-' + col.id, attrs: { 'data-label': col.label, 'data-col': col.id } });
+        let text;
+        switch (col.id) {
+          case 'project': {
+            text = String(m.project);
+            const name = el('span', { cls: 'project-name' }, text);
+            td.append(name);
+            if (m.stopped) td.append(el('span', { cls: 'badge badge-stopped' }, 'stopped'));
+            else if (age > STALE_SECS) td.append(el('span', { cls: 'badge badge-stale' }, 'stale'));
+            if (m.owner) td.append(el('span', { cls: 'owner' }, String(m.owner)));
+            break;
+          }
+          case 'address': text = address(m); td.append(el('span', { cls: 'mono' }, text)); break;
+          case 'workers': text = fmtInt(m.workers_busy) + ' / ' + fmtInt(m.workers_connected); td.append(text); break;
+          case 'cores': text = fmtInt(m.cores_inuse) + ' / ' + fmtInt(m.cores_total); td.append(text); break;
+          case 'progress': {
+            text = pct(progress(m));
+            td.append(el('div', { cls: 'progress-cell' }, progressBar(m, false), el('span', { cls: 'pct' }, text)));
+            break;
+          }
+          case 'updated': text = fmtAge(age); td.append(el('time', { title: new Date(num(m.last_update) * 1000).toLocaleString() }, text)); break;
+          default: text = fmtInt(m[col.id]); td.append(text);
+        }
+        values[col.id] = text;
+        if (col.num && col.id !== 'updated' && prev[col.id] !== undefined && prev[col.id] !== text) {
+          td.classList.add('changed');
+        }
+        tr.append(td);
+      }
+      seen.set(key, values);
+      rows.push(tr);
+    }
+    state.previous = seen;
+    body.replaceChildren(...rows);
+    $('empty').hidden = shown.length > 0;
+    $('empty').textContent = state.masters.length
+      ? 'No master matches this filter.'
+      : 'No master is reporting to this catalog yet.';
+    $('shown').textContent = shown.length === state.masters.length
+      ? fmtInt(shown.length) + (shown.length === 1 ? ' master' : ' masters')
+      : fmtInt(shown.length) + ' of ' + fmtInt(state.masters.length) + ' masters';
+    for (const th of document.querySelectorAll('#masters th[data-sort]')) {
+      const k = th.getAttribute('data-sort');
+      th.setAttribute('aria-sort', k === state.sortKey ? (state.sortDir === 'asc' ? 'ascending' : 'descending') : 'none');
+    }
+  }
+
+  function kv(label, value, mono) {
+    return el('div', { cls: 'kv' }, el('dt', null, label), el('dd', { cls: mono ? 'mono' : '' }, value));
+  }
+
+  function statTile(label, value, cls) {
+    return el('div', { cls: 'tile ' + (cls || '') }, el('div', { cls: 'tile-value' }, value), el('div', { cls: 'tile-label' }, label));
+  }
+
+  function renderDetail(key) {
+    const box = $('detail');
+    const m = state.masters.find(x => keyOf(x) === key);
+    if (!m) {
+      box.replaceChildren(el('p', { cls: 'empty' },
+        state.lastOk ? 'This master is no longer reporting (its entry expired).' : 'Loading…'));
+      return;
+    }
+    const now = nowServer();
+    const head = el('div', { cls: 'detail-head' },
+      el('h1', { cls: 'detail-title' }, String(m.project)),
+      m.stopped ? el('span', { cls: 'badge badge-stopped' }, 'stopped') : null,
+      el('span', { cls: 'detail-pct' }, pct(progress(m)) + ' done'));
+    const meta = el('dl', { cls: 'meta' },
+      kv('Address', address(m), true),
+      m.source_addr && m.source_addr !== m.host ? kv('Seen from', String(m.source_addr), true) : null,
+      kv('Owner', String(m.owner || '—')),
+      kv('Version', String(m.version || '—')),
+      kv('Running for', num(m.start_time) ? fmtDuration(now - num(m.start_time)) : '—'),
+      kv('Last report', fmtAge(now - num(m.last_update))));
+    const tiles = el('div', { cls: 'tiles' },
+      statTile('waiting', fmtInt(m.tasks_waiting), 'accent-waiting'),
+      statTile('running', fmtInt(m.tasks_running), 'accent-running'),
+      statTile('done', fmtInt(m.tasks_done), 'accent-done'),
+      statTile('failed', fmtInt(m.tasks_failed), 'accent-failed'),
+      statTile('workers busy / connected', fmtInt(m.workers_busy) + ' / ' + fmtInt(m.workers_connected)));
+    const meters = el('div', { cls: 'meters' },
+      meter('Cores', m.cores_inuse, m.cores_total, fmtInt),
+      meter('Memory', m.memory_inuse_mb, m.memory_total_mb, fmtMem),
+      num(m.gpus_total) ? meter('GPUs', m.gpus_inuse, m.gpus_total, fmtInt) : null);
+
+    const cats = Array.isArray(m.categories) ? m.categories : [];
+    const catTable = cats.length ? el('table', { cls: 'sub' },
+      el('thead', null, el('tr', null, ...['Category', 'Waiting', 'Running', 'Done', 'Failed', 'Progress', 'Allocation']
+        .map((h, i) => el('th', { cls: i >= 1 && i <= 4 ? 'num' : '' }, h)))),
+      el('tbody', null, ...cats.map(c => {
+        const asMaster = { tasks_done: c.done, tasks_failed: c.failed, tasks_running: c.running, tasks_waiting: c.waiting };
+        return el('tr', null,
+          el('td', { attrs: { 'data-label': 'Category' } }, String(c.name)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Waiting' } }, fmtInt(c.waiting)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Running' } }, fmtInt(c.running)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Done' } }, fmtInt(c.done)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Failed' } }, fmtInt(c.failed)),
+          el('td', { cls: 'col-progress', attrs: { 'data-label': 'Progress' } },
+            el('div', { cls: 'progress-cell' }, progressBar(asMaster, false), el('span', { cls: 'pct' }, pct(progress(asMaster))))),
+          el('td', { cls: 'muted', attrs: { 'data-label': 'Allocation' } }, c.allocation == null ? '—' : String(c.allocation)));
+      }))) : el('p', { cls: 'muted' }, 'No categories reported.');
+
+    const workers = Array.isArray(m.workers) ? m.workers : [];
+    const workerTable = workers.length ? el('table', { cls: 'sub' },
+      el('thead', null, el('tr', null, ...['Worker', 'Cores', 'Memory', 'Tasks running']
+        .map((h, i) => el('th', { cls: i ? 'num' : '' }, h)))),
+      el('tbody', null, ...workers.map(w => el('tr', null,
+        el('td', { cls: 'mono', attrs: { 'data-label': 'Worker' } }, String(w.host)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Cores' } }, fmtInt(w.cores)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Memory' } }, fmtMem(w.memory_mb)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Tasks running' } }, fmtInt(w.running)))))) :
+      el('p', { cls: 'muted' }, 'No workers connected.');
+    const moreWorkers = num(m.workers_connected) > workers.length && workers.length
+      ? el('p', { cls: 'muted' }, 'Showing ' + fmtInt(workers.length) + ' of ' + fmtInt(m.workers_connected) + ' workers.') : null;
+
+    box.replaceChildren(
+      head,
+      progressBar(m, true),
+      el('div', { cls: 'legend' },
+        el('span', { cls: 'lg lg-done' }, 'done'), el('span', { cls: 'lg lg-failed' }, 'failed'),
+        el('span', { cls: 'lg lg-running' }, 'running'), el('span', { cls: 'lg lg-waiting' }, 'waiting')),
+      tiles,
+      el('div', { cls: 'detail-grid' },
+        el('section', { cls: 'panel' }, el('h2', null, 'Resources'), meters),
+        el('section', { cls: 'panel' }, el('h2', null, 'Master'), meta)),
+      el('section', { cls: 'panel' }, el('h2', null, 'Categories'), catTable),
+      el('section', { cls: 'panel' }, el('h2', null, 'Workers'), workerTable, moreWorkers));
+    document.title = String(m.project) + ' · drover catalog';
+  }
+
+  function renderFooter() {
+    const s = state.stats;
+    const parts = ['drover catalog'];
+    if (s) {
+      parts[0] += ' ' + String(s.version || '');
+      parts.push(fmtInt(s.entries) + ' / ' + fmtInt(s.max_entries) + ' entries');
+      parts.push('entries expire after ' + fmtDuration(num(s.expiry_secs)));
+      parts.push(fmtInt(num(s.udp_received) + num(s.http_received)) + ' reports received');
+      const dropped = num(s.dropped_malformed) + num(s.dropped_oversized);
+      if (dropped) parts.push(fmtInt(dropped) + ' dropped');
+    }
+    $('foot').textContent = parts.join(' · ');
+  }
+
+  // ---- routing and events ----
+
+  function parseRoute() {
+    const h = location.hash || '#/';
+    if (h.startsWith('#/master/')) {
+      try { return { view: 'detail', key: decodeURIComponent(h.slice('#/master/'.length)) }; } catch (_) { /* fall through */ }
+    }
+    return { view: 'list' };
+  }
+
+  function openMaster(key) { location.hash = '#/master/' + encodeURIComponent(key); }
+
+  function init() {
+    const filter = $('filter');
+    filter.value = state.filter;
+    filter.addEventListener('input', () => {
+      state.filter = filter.value;
+      sessionStorage.setItem('drover.filter', state.filter);
+      renderList();
+    });
+    for (const th of document.querySelectorAll('#masters th[data-sort]')) {
+      th.querySelector('button').addEventListener('click', () => {
+        const k = th.getAttribute('data-sort');
+        if (state.sortKey === k) state.sortDir = state.sortDir === 'asc' ? 'desc' : 'asc';
+        else { state.sortKey = k; state.sortDir = k === 'project' || k === 'address' ? 'asc' : 'desc'; }
+        localStorage.setItem('drover.sortKey', state.sortKey);
+        localStorage.setItem('drover.sortDir', state.sortDir);
+        renderList();
+      });
+    }
+    const body = $('masters-body');
+    body.addEventListener('click', e => {
+      const tr = e.target.closest('tr[data-key]');
+      if (tr) openMaster(tr.getAttribute('data-key'));
+    });
+    body.addEventListener('keydown', e => {
+      if (e.key !== 'Enter' && e.key !== ' ') return;
+      const tr = e.target.closest('tr[data-key]');
+      if (tr) { e.preventDefault(); openMaster(tr.getAttribute('data-key')); }
+    });
+    window.addEventListener('hashchange', () => {
+      document.title = 'drover catalog';
+      render();
+      window.scrollTo(0, 0);
+    });
+    document.addEventListener('keydown', e => {
+      if (e.key === 'Escape' && parseRoute().view === 'detail') location.hash = '#/';
+      else if (e.key === '/' && document.activeElement !== filter && parseRoute().view === 'list') {
+        e.preventDefault();
+        filter.focus();
+      }
+    });
+    render();
+    poll();
+  }
+
+  init();
+})();

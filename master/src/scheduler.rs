@@ -1,0 +1,1085 @@
+//! Placement of waiting tasks on workers.
+//!
+//! The scheduler is pure bookkeeping: no I/O, no clock, no randomness. The
+//! master feeds it events (workers joining and leaving, tasks queued,
+//! cancelled and finished, files cached) and asks it for [`Placement`]s.
+//!
+//! # Design
+//!
+//! **Shapes.** Waiting tasks are grouped by their [`Request`] ("shape"). Each
+//! shape keeps its tasks in an ordered set keyed by (priority descending, seq
+//! ascending). Tasks of one shape are interchangeable as far as fitting is
+//! concerned, so only the head of each shape is ever a candidate: whatever
+//! holds for the head holds for the rest. That is what makes the cost of a
+//! placement independent of the number of queued tasks, and what keeps tasks
+//! of the same shape in order.
+//!
+//! **Ready and blocked shapes.** The heads of all shapes that might fit
+//! somewhere live in one ordered `ready` set, so the globally best task is
+//! its first element. When a head fits no worker, its shape moves to a
+//! `blocked` list and the loop continues with the next head, which is how
+//! lower-priority tasks of other shapes backfill. Free resources only grow
+//! on [`Scheduler::release`] and [`Scheduler::add_worker`], so those are the
+//! only places a shape can become unblocked; they re-check the blocked
+//! shapes against that one worker only. The blocked mark is therefore exact
+//! ("fits on no worker right now"), and a blocked shape costs nothing in
+//! [`Scheduler::schedule`]; a failed worker search happens at most once per
+//! unblocking event.
+//!
+//! **Worker index.** Workers are kept in a set ordered by (free gpus, free
+//! cores). A request for `g` gpus and `c` cores starts at the first worker
+//! with exactly `g` free gpus and at least `c` free cores, and moves up gpu
+//! levels only when needed. This is best fit: small tasks fill up partly
+//! used workers, leaving idle workers whole (for [`Request::WholeWorker`]
+//! tasks and for the factory to retire) and keeping gpu workers for gpu
+//! tasks. Memory and disk are checked while walking; they usually scale
+//! with cores so the first candidate nearly always fits. Workers with
+//! nothing running are also kept in an `idle` set for whole-worker tasks.
+//!
+//! **Cache affinity.** For each cached file the scheduler keeps the workers
+//! that hold it. A task remembers only its first (largest) cached input;
+//! before the general search, up to [`AFFINITY_SCAN`] holders of that file
+//! are tried. The cap bounds the cost for a file cached everywhere.
+//!
+//! **Memory.** Per queued task the scheduler stores one 24-byte entry in
+//! its shape's B-tree and one 24-byte slot in the task index (needed to
+//! cancel a task or replace it), about 80 bytes in all with B-tree and hash
+//! table slack.
+//!
+//! Workers are addressed internally by a dense slot (reused after removal)
+//! so that hot paths index a `Vec` instead of hashing the master's key.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use drover_worker::Resources;
+
+/// The master's task id.
+pub type TaskKey = u64;
+/// The master's worker slot id.
+pub type WorkerKey = u32;
+/// An interned id of a cached input file.
+pub type FileKey = u32;
+
+/// How many holders of a task's first cached input are tried before falling
+/// back to the general best-fit search.
+pub const AFFINITY_SCAN: usize = 16;
+
+/// Stands for "no cached input" inside a waiting entry; a `FileKey` of
+/// `u32::MAX` therefore never attracts a task.
+const NO_FILE: FileKey = FileKey::MAX;
+
+/// What a task asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Request {
+    /// Exactly these resources.
+    Fixed(Resources),
+    /// A whole worker: placed only on a worker with nothing running;
+    /// allocated that worker's total resources.
+    WholeWorker,
+}
+
+/// A decision to run `task` on `worker`, with `allocation` reserved there
+/// until [`Scheduler::release`] gives it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The task to start.
+    pub task: TaskKey,
+    /// The worker to start it on.
+    pub worker: WorkerKey,
+    /// What was reserved for it (the request, or the worker's total for a
+    /// whole-worker task).
+    pub allocation: Resources,
+}
+
+/// A waiting task inside its shape's queue.
+///
+/// Equality and order look only at (priority, seq, task): `file` rides along
+/// in what would otherwise be padding, and must not matter when a cancelled
+/// task is looked up from its index entry, which does not know it.
+#[derive(Clone, Copy, Debug)]
+struct Waiting {
+    priority: i32,
+    file: FileKey,
+    seq: u64,
+    task: TaskKey,
+}
+
+impl Waiting {
+    fn order(&self) -> (Reverse<i32>, u64, TaskKey) {
+        (Reverse(self.priority), self.seq, self.task)
+    }
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        self.order() == other.order()
+    }
+}
+
+impl Eq for Waiting {}
+
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Waiting {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.order().cmp(&other.order())
+    }
+}
+
+/// Index into `Scheduler::shapes`; u32 keeps [`Loc`] at 16 bytes.
+type ShapeId = u32;
+
+/// Where a waiting task sits, enough to find its queue entry again.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    shape: ShapeId,
+    priority: i32,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct Shape {
+    request: Request,
+    queue: BTreeSet<Waiting>,
+    /// True while the shape is on the blocked list (and so not in `ready`).
+    blocked: bool,
+}
+
+#[derive(Debug, Default)]
+struct WorkerState {
+    key: WorkerKey,
+    total: Resources,
+    free: Resources,
+    /// Tasks placed and not yet released; "idle" needs this, since a task
+    /// may reserve nothing at all.
+    running: u32,
+    files: HashSet<FileKey>,
+}
+
+impl WorkerState {
+    fn is_idle(&self) -> bool {
+        self.running == 0 && self.free == self.total
+    }
+
+    fn index_key(&self, slot: usize) -> (u32, u32, usize) {
+        (self.free.gpus, self.free.cores, slot)
+    }
+}
+
+/// Decides which waiting task runs on which worker. See the module
+/// documentation for the data structures and their costs.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    shapes: Vec<Shape>,
+    shape_ids: HashMap<Request, ShapeId>,
+    free_shapes: Vec<ShapeId>,
+    /// Heads of non-empty, unblocked shapes.
+    ready: BTreeSet<(Waiting, ShapeId)>,
+    blocked: Vec<ShapeId>,
+    tasks: HashMap<TaskKey, Loc>,
+
+    workers: Vec<WorkerState>,
+    slots: HashMap<WorkerKey, usize>,
+    free_slots: Vec<usize>,
+    /// Every live worker by (free gpus, free cores, slot).
+    by_free: BTreeSet<(u32, u32, usize)>,
+    idle: BTreeSet<usize>,
+    holders: HashMap<FileKey, Vec<usize>>,
+}
+
+impl Scheduler {
+    /// An empty scheduler: no workers, no tasks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register a worker offering `total`. Re-adding a known key replaces
+    /// it as if it had been removed first.
+    pub fn add_worker(&mut self, worker: WorkerKey, total: Resources) {
+        if self.slots.contains_key(&worker) {
+            self.remove_worker(worker);
+        }
+        let state = WorkerState {
+            key: worker,
+            total,
+            free: total,
+            running: 0,
+            files: HashSet::new(),
+        };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.workers[slot] = state;
+                slot
+            }
+            None => {
+                self.workers.push(state);
+                self.workers.len() - 1
+            }
+        };
+        self.slots.insert(worker, slot);
+        self.by_free.insert(self.workers[slot].index_key(slot));
+        self.idle.insert(slot);
+        self.unblock_for(slot);
+    }
+
+    /// Forget the worker (the master requeues its running tasks itself with
+    /// `enqueue` and their original `seq`). Those tasks must not be
+    /// [`release`](Scheduler::release)d afterwards: if the key is reused by
+    /// a new worker, the release would credit the newcomer.
+    pub fn remove_worker(&mut self, worker: WorkerKey) {
+        let Some(slot) = self.slots.remove(&worker) else {
+            return;
+        };
+        let state = std::mem::take(&mut self.workers[slot]);
+        self.by_free.remove(&state.index_key(slot));
+        self.idle.remove(&slot);
+        for file in state.files {
+            if let Some(holders) = self.holders.get_mut(&file) {
+                if let Some(pos) = holders.iter().position(|&s| s == slot) {
+                    holders.swap_remove(pos);
+                }
+                if holders.is_empty() {
+                    self.holders.remove(&file);
+                }
+            }
+        }
+        self.free_slots.push(slot);
+        // Shapes stay unblocked even if this worker was their only fit: the
+        // next schedule finds out with one search and blocks them then.
+    }
+
+    /// Queue a task. Order: higher `priority` first, then lower `seq`
+    /// (submission order; a requeued task keeps its seq so it goes back to
+    /// its place). `cached_inputs`: the task's cached input files, largest
+    /// first; the scheduler prefers a worker that already holds the first
+    /// one (see [`Scheduler::note_cached`]) if that worker fits.
+    ///
+    /// Queueing a task that is already waiting replaces it.
+    pub fn enqueue(
+        &mut self,
+        task: TaskKey,
+        request: Request,
+        priority: i32,
+        seq: u64,
+        cached_inputs: &[FileKey],
+    ) {
+        self.remove_waiting(task);
+        let shape = self.intern(request);
+        let entry = Waiting {
+            priority,
+            file: cached_inputs.first().copied().unwrap_or(NO_FILE),
+            seq,
+            task,
+        };
+        let queue = &mut self.shapes[shape as usize].queue;
+        let old_head = queue.first().copied();
+        queue.insert(entry);
+        self.tasks.insert(
+            task,
+            Loc {
+                shape,
+                priority,
+                seq,
+            },
+        );
+        self.refresh_ready(shape, old_head);
+    }
+
+    /// Remove a waiting task (cancel). Returns false if it isn't waiting.
+    pub fn remove_waiting(&mut self, task: TaskKey) -> bool {
+        let Some(loc) = self.tasks.remove(&task) else {
+            return false;
+        };
+        let key = Waiting {
+            priority: loc.priority,
+            file: NO_FILE,
+            seq: loc.seq,
+            task,
+        };
+        let queue = &mut self.shapes[loc.shape as usize].queue;
+        let old_head = queue.first().copied();
+        queue.remove(&key);
+        self.refresh_ready(loc.shape, old_head);
+        self.retire_if_empty(loc.shape);
+        true
+    }
+
+    /// A task that ran on `worker` with `allocation` is finished: give the
+    /// resources back. Unknown workers are ignored (the worker may have been
+    /// removed while the task ran).
+    pub fn release(&mut self, worker: WorkerKey, allocation: Resources) {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return;
+        };
+        let w = &mut self.workers[slot];
+        self.by_free.remove(&w.index_key(slot));
+        // Clamped so that a duplicate release cannot invent capacity.
+        w.free = min_each(&w.free.saturating_add(&allocation), &w.total);
+        w.running = w.running.saturating_sub(1);
+        self.by_free.insert(w.index_key(slot));
+        if w.is_idle() {
+            self.idle.insert(slot);
+        }
+        self.unblock_for(slot);
+    }
+
+    /// Record that `worker` holds cached file `file` (from its hello
+    /// inventory, or after a transfer).
+    pub fn note_cached(&mut self, worker: WorkerKey, file: FileKey) {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return;
+        };
+        if self.workers[slot].files.insert(file) {
+            self.holders.entry(file).or_default().push(slot);
+        }
+    }
+
+    /// Place as many waiting tasks as fit right now, appending to `out`;
+    /// resources of placed tasks are reserved on their workers. Never
+    /// overcommits a worker in any resource. Higher priority first; a task
+    /// that fits nowhere does not block lower-priority tasks of other shapes
+    /// that do fit (backfill), but tasks of the same shape keep their order.
+    pub fn schedule(&mut self, out: &mut Vec<Placement>) {
+        self.schedule_up_to(out, usize::MAX);
+    }
+
+    /// Like [`Scheduler::schedule`] but at most `max` placements (so the
+    /// master can interleave I/O).
+    pub fn schedule_up_to(&mut self, out: &mut Vec<Placement>, max: usize) {
+        let mut placed = 0;
+        while placed < max {
+            let Some((head, shape)) = self.ready.pop_first() else {
+                break;
+            };
+            let request = self.shapes[shape as usize].request;
+            let Some(slot) = self.find_worker(&request, head.file) else {
+                self.shapes[shape as usize].blocked = true;
+                self.blocked.push(shape);
+                continue;
+            };
+            let allocation = self.reserve(slot, &request);
+            let queue = &mut self.shapes[shape as usize].queue;
+            queue.pop_first();
+            match queue.first() {
+                Some(&next) => {
+                    self.ready.insert((next, shape));
+                }
+                None => self.retire_if_empty(shape),
+            }
+            self.tasks.remove(&head.task);
+            out.push(Placement {
+                task: head.task,
+                worker: self.workers[slot].key,
+                allocation,
+            });
+            placed += 1;
+        }
+    }
+
+    /// How many tasks are waiting.
+    pub fn waiting(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// True if `task` is waiting.
+    pub fn is_waiting(&self, task: TaskKey) -> bool {
+        self.tasks.contains_key(&task)
+    }
+
+    /// Waiting tasks grouped by request: what a factory needs to decide how
+    /// many workers of a given size to start.
+    pub fn demand(&self) -> Vec<(Request, usize)> {
+        self.live_shapes()
+            .map(|s| (s.request, s.queue.len()))
+            .collect()
+    }
+
+    /// How many workers of size `worker` the waiting tasks could keep busy:
+    /// the waiting requests packed first-fit-decreasing into bins of that
+    /// size, counting at most `limit` bins. Whole-worker tasks take a bin
+    /// each; requests that do not fit in an empty bin are not counted.
+    ///
+    /// Identical tasks are packed a group at a time and identical bins are
+    /// kept as one run, so the cost depends on the number of shapes, not on
+    /// the number of tasks or bins.
+    pub fn workers_needed(&self, worker: Resources, limit: usize) -> usize {
+        let mut bins: usize = 0;
+        let mut fixed: Vec<(Resources, usize)> = Vec::new();
+        for shape in self.live_shapes() {
+            match shape.request {
+                Request::WholeWorker => bins = bins.saturating_add(shape.queue.len()),
+                Request::Fixed(r) if r.fits_in(&worker) => fixed.push((r, shape.queue.len())),
+                Request::Fixed(_) => {}
+            }
+        }
+        if bins >= limit {
+            return limit;
+        }
+        fixed.sort_by(|a, b| {
+            size_in(&b.0, &worker)
+                .total_cmp(&size_in(&a.0, &worker))
+                .then_with(|| b.0.cmp(&a.0))
+        });
+        // Runs of identical bins, in first-fit order: (room left, how many).
+        let mut runs: Vec<(Resources, usize)> = Vec::new();
+        for (request, count) in fixed {
+            if request.is_zero() {
+                // Takes no room, but something has to run it.
+                if bins == 0 {
+                    bins = 1;
+                    runs.push((worker, 1));
+                }
+                continue;
+            }
+            let mut left = count;
+            let mut i = 0;
+            while left > 0 && i < runs.len() {
+                let (room, n) = runs[i];
+                let k = fit_count(&request, &room);
+                if k == 0 {
+                    i += 1;
+                    continue;
+                }
+                let after = room.saturating_sub(&scale(&request, k));
+                if left >= k.saturating_mul(n) {
+                    runs[i].0 = after;
+                    left -= k * n;
+                    i += 1;
+                    continue;
+                }
+                // The run splits: `full` bins take k each, one bin takes
+                // the rest, and the remaining bins are untouched.
+                let full = left / k;
+                let part = left % k;
+                let mut split = Vec::with_capacity(3);
+                if full > 0 {
+                    split.push((after, full));
+                }
+                let mut untouched = n - full;
+                if part > 0 {
+                    split.push((room.saturating_sub(&scale(&request, part)), 1));
+                    untouched -= 1;
+                }
+                if untouched > 0 {
+                    split.push((room, untouched));
+                }
+                runs.splice(i..=i, split);
+                left = 0;
+            }
+            if left == 0 {
+                continue;
+            }
+            let per_bin = fit_count(&request, &worker);
+            let new_bins = left.div_ceil(per_bin);
+            bins = bins.saturating_add(new_bins);
+            if bins >= limit {
+                return limit;
+            }
+            let full = left / per_bin;
+            let part = left % per_bin;
+            if full > 0 {
+                runs.push((worker.saturating_sub(&scale(&request, per_bin)), full));
+            }
+            if part > 0 {
+                runs.push((worker.saturating_sub(&scale(&request, part)), 1));
+            }
+        }
+        bins.min(limit)
+    }
+
+    /// Unreserved resources on `worker`, or `None` if it is not known.
+    pub fn free(&self, worker: WorkerKey) -> Option<Resources> {
+        self.slots.get(&worker).map(|&slot| self.workers[slot].free)
+    }
+
+    fn live_shapes(&self) -> impl Iterator<Item = &Shape> {
+        self.shapes.iter().filter(|s| !s.queue.is_empty())
+    }
+
+    fn intern(&mut self, request: Request) -> ShapeId {
+        if let Some(&id) = self.shape_ids.get(&request) {
+            return id;
+        }
+        let shape = Shape {
+            request,
+            queue: BTreeSet::new(),
+            blocked: false,
+        };
+        let id = match self.free_shapes.pop() {
+            Some(id) => {
+                self.shapes[id as usize] = shape;
+                id
+            }
+            None => {
+                // Every live shape holds at least one task, so 2^32 of them
+                // cannot fit in memory.
+                let id = ShapeId::try_from(self.shapes.len()).expect("fewer than 2^32 shapes");
+                self.shapes.push(shape);
+                id
+            }
+        };
+        self.shape_ids.insert(request, id);
+        id
+    }
+
+    /// Empty shapes are recycled so that a stream of distinct requests does
+    /// not grow the shape table or the blocked list without bound.
+    fn retire_if_empty(&mut self, shape: ShapeId) {
+        let s = &mut self.shapes[shape as usize];
+        if !s.queue.is_empty() {
+            return;
+        }
+        if s.blocked {
+            s.blocked = false;
+            self.blocked.retain(|&b| b != shape);
+        }
+        self.shape_ids.remove(&s.request);
+        self.free_shapes.push(shape);
+    }
+
+    /// Keep `ready` holding the shape's current head after its queue changed.
+    fn refresh_ready(&mut self, shape: ShapeId, old_head: Option<Waiting>) {
+        let s = &self.shapes[shape as usize];
+        if s.blocked {
+            return;
+        }
+        let new_head = s.queue.first().copied();
+        if old_head == new_head {
+            return;
+        }
+        if let Some(old) = old_head {
+            self.ready.remove(&(old, shape));
+        }
+        if let Some(new) = new_head {
+            self.ready.insert((new, shape));
+        }
+    }
+
+    /// The worker at `slot` just gained room: move the blocked shapes that
+    /// now fit there back to `ready`.
+    fn unblock_for(&mut self, slot: usize) {
+        let w = &self.workers[slot];
+        let (free, idle) = (w.free, w.is_idle());
+        let mut i = 0;
+        while i < self.blocked.len() {
+            let id = self.blocked[i];
+            let shape = &mut self.shapes[id as usize];
+            let fits = match shape.request {
+                Request::Fixed(r) => r.fits_in(&free),
+                Request::WholeWorker => idle,
+            };
+            if !fits {
+                i += 1;
+                continue;
+            }
+            shape.blocked = false;
+            if let Some(&head) = shape.queue.first() {
+                self.ready.insert((head, id));
+            }
+            self.blocked.swap_remove(i);
+        }
+    }
+
+    fn find_worker(&self, request: &Request, file: FileKey) -> Option<usize> {
+        let preferred = |slot: &&usize| {
+            let w = &self.workers[**slot];
+            match request {
+                Request::Fixed(r) => r.fits_in(&w.free),
+                Request::WholeWorker => w.is_idle(),
+            }
+        };
+        if file != NO_FILE {
+            if let Some(holders) = self.holders.get(&file) {
+                if let Some(&slot) = holders.iter().take(AFFINITY_SCAN).find(preferred) {
+                    return Some(slot);
+                }
+            }
+        }
+        match request {
+            Request::Fixed(r) => self.best_fit(r),
+            Request::WholeWorker => self.idle.first().copied(),
+        }
+    }
+
+    /// The worker with the fewest free gpus, then fewest free cores, on
+    /// which `r` fits.
+    fn best_fit(&self, r: &Resources) -> Option<usize> {
+        let mut gpus = r.gpus;
+        loop {
+            let level = (gpus, r.cores, 0)..=(gpus, u32::MAX, usize::MAX);
+            for &(_, _, slot) in self.by_free.range(level) {
+                if r.fits_in(&self.workers[slot].free) {
+                    return Some(slot);
+                }
+            }
+            let next = gpus.checked_add(1)?;
+            gpus = self.by_free.range((next, 0, 0)..).next()?.0;
+        }
+    }
+
+    fn reserve(&mut self, slot: usize, request: &Request) -> Resources {
+        let w = &mut self.workers[slot];
+        let allocation = match request {
+            Request::Fixed(r) => *r,
+            Request::WholeWorker => w.total,
+        };
+        if w.is_idle() {
+            self.idle.remove(&slot);
+        }
+        self.by_free.remove(&w.index_key(slot));
+        w.free = w.free.saturating_sub(&allocation);
+        w.running = w.running.saturating_add(1);
+        self.by_free.insert(w.index_key(slot));
+        allocation
+    }
+}
+
+fn min_each(a: &Resources, b: &Resources) -> Resources {
+    Resources {
+        cores: a.cores.min(b.cores),
+        memory_mb: a.memory_mb.min(b.memory_mb),
+        disk_mb: a.disk_mb.min(b.disk_mb),
+        gpus: a.gpus.min(b.gpus),
+    }
+}
+
+/// How many copies of `r` fit in `room` (`usize::MAX` if `r` is zero).
+fn fit_count(r: &Resources, room: &Resources) -> usize {
+    fn dim(need: u64, have: u64) -> u64 {
+        // Needing none of a resource never limits the count.
+        have.checked_div(need).unwrap_or(u64::MAX)
+    }
+    let n = dim(r.cores.into(), room.cores.into())
+        .min(dim(r.memory_mb, room.memory_mb))
+        .min(dim(r.disk_mb, room.disk_mb))
+        .min(dim(r.gpus.into(), room.gpus.into()));
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// `k` copies of `r`; only called with `k` no larger than what fits in some
+/// bin, so it cannot overflow in practice, and saturates if it would.
+fn scale(r: &Resources, k: usize) -> Resources {
+    let k64 = u64::try_from(k).unwrap_or(u64::MAX);
+    let k32 = u32::try_from(k).unwrap_or(u32::MAX);
+    Resources {
+        cores: r.cores.saturating_mul(k32),
+        memory_mb: r.memory_mb.saturating_mul(k64),
+        disk_mb: r.disk_mb.saturating_mul(k64),
+        gpus: r.gpus.saturating_mul(k32),
+    }
+}
+
+/// The share of a bin `r` takes in its most constrained dimension: the
+/// "decreasing" in first-fit-decreasing for several dimensions at once.
+fn size_in(r: &Resources, bin: &Resources) -> f64 {
+    fn share(need: u64, have: u64) -> f64 {
+        if need == 0 || have == 0 {
+            0.0
+        } else {
+            need as f64 / have as f64
+        }
+    }
+    share(r.cores.into(), bin.cores.into())
+        .max(share(r.memory_mb, bin.memory_mb))
+        .max(share(r.disk_mb, bin.disk_mb))
+        .max(share(r.gpus.into(), bin.gpus.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(cores: u32, memory_mb: u64) -> Resources {
+        Resources {
+            cores,
+            memory_mb,
+            ..Default::default()
+        }
+    }
+
+    fn fixed(cores: u32) -> Request {
+        Request::Fixed(res(cores, 0))
+    }
+
+    fn run(s: &mut Scheduler) -> Vec<Placement> {
+        let mut out = Vec::new();
+        s.schedule(&mut out);
+        out
+    }
+
+    fn tasks(placements: &[Placement]) -> Vec<TaskKey> {
+        placements.iter().map(|p| p.task).collect()
+    }
+
+    #[test]
+    fn orders_by_priority_then_seq() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(100, 0));
+        s.enqueue(10, fixed(1), 0, 3, &[]);
+        s.enqueue(11, fixed(2), 0, 1, &[]);
+        s.enqueue(12, fixed(1), 5, 4, &[]);
+        s.enqueue(13, fixed(2), 5, 2, &[]);
+        s.enqueue(14, fixed(1), -1, 0, &[]);
+        s.enqueue(15, fixed(1), 0, 2, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![13, 12, 11, 15, 10, 14]);
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[test]
+    fn schedule_up_to_respects_max_and_order() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(100, 0));
+        for t in 0..10 {
+            s.enqueue(t, fixed(1 + (t as u32 % 3)), 0, t, &[]);
+        }
+        let mut out = Vec::new();
+        s.schedule_up_to(&mut out, 4);
+        assert_eq!(tasks(&out), vec![0, 1, 2, 3]);
+        s.schedule_up_to(&mut out, 0);
+        assert_eq!(out.len(), 4);
+        s.schedule(&mut out);
+        assert_eq!(tasks(&out), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn requeued_task_keeps_its_place() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(1, 0));
+        for t in 1..=3 {
+            s.enqueue(t, fixed(1), 0, t, &[]);
+        }
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        // The worker dies; the master requeues task 1 with its seq.
+        s.remove_worker(1);
+        s.enqueue(1, fixed(1), 0, 1, &[]);
+        s.add_worker(2, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        s.release(2, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![2]);
+    }
+
+    #[test]
+    fn backfills_across_shapes_but_keeps_order_within_a_shape() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(4, 0));
+        s.enqueue(1, fixed(2), 0, 0, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        // 2 cores free: the 3-core tasks wait, the 1-core tasks backfill.
+        s.enqueue(10, fixed(3), 9, 1, &[]);
+        s.enqueue(11, fixed(1), 0, 2, &[]);
+        s.enqueue(12, fixed(3), 9, 3, &[]);
+        s.enqueue(13, fixed(1), 0, 4, &[]);
+        s.enqueue(14, fixed(1), 0, 5, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![11, 13]);
+        assert_eq!(s.waiting(), 3);
+        s.release(1, res(2, 0));
+        s.release(1, res(1, 0));
+        // 3 cores free: the older 3-core task goes first, in its shape order.
+        assert_eq!(tasks(&run(&mut s)), vec![10]);
+        s.release(1, res(3, 0));
+        s.release(1, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![12, 14]);
+    }
+
+    #[test]
+    fn whole_worker_only_on_idle_worker_and_gets_the_total() {
+        let mut s = Scheduler::new();
+        let big = Resources {
+            cores: 8,
+            memory_mb: 16_000,
+            disk_mb: 1000,
+            gpus: 1,
+        };
+        s.add_worker(1, res(4, 8000));
+        s.add_worker(2, big);
+        s.enqueue(1, fixed(1), 0, 0, &[]);
+        assert_eq!(run(&mut s)[0].worker, 1);
+        s.enqueue(2, Request::WholeWorker, 0, 1, &[]);
+        s.enqueue(3, Request::WholeWorker, 0, 2, &[]);
+        let out = run(&mut s);
+        assert_eq!(
+            out,
+            vec![Placement {
+                task: 2,
+                worker: 2,
+                allocation: big
+            }]
+        );
+        assert_eq!(s.free(2), Some(Resources::default()));
+        s.release(1, res(1, 0));
+        let out = run(&mut s);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].task, out[0].worker), (3, 1));
+        assert_eq!(out[0].allocation, res(4, 8000));
+    }
+
+    #[test]
+    fn a_task_that_reserves_nothing_still_makes_its_worker_busy() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(2, 0));
+        s.enqueue(1, Request::Fixed(Resources::default()), 1, 0, &[]);
+        s.enqueue(2, Request::WholeWorker, 0, 1, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        s.release(1, Resources::default());
+        assert_eq!(tasks(&run(&mut s)), vec![2]);
+    }
+
+    #[test]
+    fn never_overcommits_any_resource() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(4, 1000));
+        s.add_worker(
+            2,
+            Resources {
+                cores: 4,
+                memory_mb: 1000,
+                disk_mb: 100,
+                gpus: 1,
+            },
+        );
+        for t in 0..4 {
+            s.enqueue(t, Request::Fixed(res(1, 400)), 0, t, &[]);
+        }
+        let gpu = Resources {
+            cores: 1,
+            gpus: 1,
+            ..Default::default()
+        };
+        s.enqueue(10, Request::Fixed(gpu), 0, 10, &[]);
+        s.enqueue(11, Request::Fixed(gpu), 0, 11, &[]);
+        let disk = Resources {
+            cores: 1,
+            disk_mb: 101,
+            ..Default::default()
+        };
+        s.enqueue(12, Request::Fixed(disk), 0, 12, &[]);
+        let out = run(&mut s);
+        // Memory allows two per worker; one gpu; disk never fits.
+        assert_eq!(tasks(&out), vec![0, 1, 2, 3, 10]);
+        for w in [1, 2] {
+            let mem: u64 = out
+                .iter()
+                .filter(|p| p.worker == w)
+                .map(|p| p.allocation.memory_mb)
+                .sum();
+            assert!(mem <= 1000);
+        }
+        assert_eq!(out[4].worker, 2);
+        assert_eq!(s.waiting(), 2);
+    }
+
+    #[test]
+    fn release_lets_waiting_tasks_in() {
+        let mut s = Scheduler::new();
+        s.add_worker(7, res(2, 0));
+        for t in 0..4 {
+            s.enqueue(t, fixed(1), 0, t, &[]);
+        }
+        assert_eq!(tasks(&run(&mut s)), vec![0, 1]);
+        assert!(run(&mut s).is_empty());
+        s.release(7, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![2]);
+        assert_eq!(s.free(7), Some(res(0, 0)));
+        s.release(7, res(1, 0));
+        s.release(7, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![3]);
+        assert_eq!(s.free(7), Some(res(1, 0)));
+    }
+
+    #[test]
+    fn blocked_shape_is_unblocked_by_a_new_worker() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(2, 0));
+        s.enqueue(1, fixed(4), 0, 0, &[]);
+        s.enqueue(2, Request::WholeWorker, 0, 1, &[]);
+        s.enqueue(3, fixed(1), 1, 2, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![3]);
+        s.add_worker(2, res(4, 0));
+        s.add_worker(3, res(1, 0));
+        let out = run(&mut s);
+        assert_eq!(tasks(&out), vec![1, 2]);
+        assert_eq!((out[0].worker, out[1].worker), (2, 3));
+    }
+
+    #[test]
+    fn cache_affinity_prefers_holder_that_fits() {
+        let mut s = Scheduler::new();
+        // Best fit alone would pick worker 1 (fewer free cores).
+        s.add_worker(1, res(2, 0));
+        s.add_worker(2, res(4, 0));
+        s.note_cached(2, 7);
+        s.note_cached(2, 7);
+        s.enqueue(1, fixed(1), 0, 0, &[7, 8]);
+        s.enqueue(2, fixed(1), 0, 1, &[]);
+        s.enqueue(3, fixed(3), 0, 2, &[7]);
+        s.enqueue(4, fixed(2), 0, 3, &[7]);
+        let out = run(&mut s);
+        let on: Vec<_> = out.iter().map(|p| (p.task, p.worker)).collect();
+        // Task 4's holder is full by then and worker 1 has only 1 core
+        // left, so it waits until worker 1 has room.
+        assert_eq!(on, vec![(1, 2), (2, 1), (3, 2)]);
+        s.release(1, res(1, 0));
+        assert_eq!(
+            run(&mut s),
+            vec![Placement {
+                task: 4,
+                worker: 1,
+                allocation: res(2, 0)
+            }]
+        );
+    }
+
+    #[test]
+    fn remove_worker_forgets_it_and_its_cache() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(4, 0));
+        s.add_worker(2, res(4, 0));
+        s.note_cached(1, 5);
+        s.remove_worker(1);
+        s.remove_worker(1);
+        assert_eq!(s.free(1), None);
+        s.release(1, res(1, 0));
+        s.enqueue(1, fixed(1), 0, 0, &[5]);
+        assert_eq!(run(&mut s)[0].worker, 2);
+        // The freed slot is reused without inheriting the old cache.
+        s.add_worker(3, res(8, 0));
+        s.add_worker(4, res(8, 0));
+        s.note_cached(4, 5);
+        s.enqueue(2, fixed(1), 0, 1, &[5]);
+        assert_eq!(run(&mut s)[0].worker, 4);
+        s.remove_worker(2);
+        s.remove_worker(3);
+        s.remove_worker(4);
+        s.enqueue(3, fixed(1), 0, 2, &[5]);
+        assert!(run(&mut s).is_empty());
+    }
+
+    #[test]
+    fn remove_waiting_cancels() {
+        let mut s = Scheduler::new();
+        for t in 0..4 {
+            s.enqueue(t, fixed(1), 0, t, &[]);
+        }
+        assert!(s.remove_waiting(0));
+        assert!(!s.remove_waiting(0));
+        assert!(s.remove_waiting(2));
+        assert!(!s.remove_waiting(99));
+        assert_eq!(s.waiting(), 2);
+        assert!(!s.is_waiting(2) && s.is_waiting(3));
+        s.add_worker(1, res(8, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![1, 3]);
+        assert!(!s.remove_waiting(1));
+        assert!(s.demand().is_empty());
+    }
+
+    #[test]
+    fn enqueue_twice_replaces() {
+        let mut s = Scheduler::new();
+        s.enqueue(1, fixed(1), 0, 5, &[]);
+        s.enqueue(2, fixed(1), 0, 6, &[]);
+        s.enqueue(1, fixed(2), 0, 7, &[]);
+        assert_eq!(s.waiting(), 2);
+        s.add_worker(1, res(8, 0));
+        let out = run(&mut s);
+        assert_eq!(tasks(&out), vec![2, 1]);
+        assert_eq!(out[1].allocation, res(2, 0));
+    }
+
+    #[test]
+    fn demand_groups_by_request() {
+        let mut s = Scheduler::new();
+        for t in 0..5 {
+            s.enqueue(t, fixed(4), 0, t, &[]);
+        }
+        for t in 5..7 {
+            s.enqueue(t, Request::WholeWorker, 0, t, &[]);
+        }
+        s.enqueue(7, fixed(1), 0, 7, &[]);
+        let mut d = s.demand();
+        d.sort_by_key(|(r, _)| match r {
+            Request::Fixed(r) => r.cores,
+            Request::WholeWorker => 0,
+        });
+        assert_eq!(
+            d,
+            vec![(Request::WholeWorker, 2), (fixed(1), 1), (fixed(4), 5)]
+        );
+    }
+
+    #[test]
+    fn workers_needed_packs_first_fit_decreasing() {
+        let eight = res(8, 16_000);
+        let mut s = Scheduler::new();
+        assert_eq!(s.workers_needed(eight, 100), 0);
+        for t in 0..10 {
+            s.enqueue(t, fixed(4), 0, t, &[]);
+        }
+        assert_eq!(s.workers_needed(eight, 100), 5);
+        assert_eq!(s.workers_needed(eight, 3), 3);
+        assert_eq!(s.workers_needed(eight, 0), 0);
+
+        // 5 + 3x4 cores: 5 | 4+4 | 4, and the 3 1-core tasks fill the gaps.
+        let mut s = Scheduler::new();
+        s.enqueue(0, fixed(5), 0, 0, &[]);
+        for t in 1..4 {
+            s.enqueue(t, fixed(4), 0, t, &[]);
+        }
+        assert_eq!(s.workers_needed(eight, 100), 3);
+        for t in 4..11 {
+            s.enqueue(t, fixed(1), 0, t, &[]);
+        }
+        assert_eq!(s.workers_needed(eight, 100), 3);
+        s.enqueue(11, fixed(1), 0, 11, &[]);
+        assert_eq!(s.workers_needed(eight, 100), 4);
+
+        // Memory is the limit here, and too-big or whole-worker requests.
+        let mut s = Scheduler::new();
+        for t in 0..4 {
+            s.enqueue(t, Request::Fixed(res(1, 6000)), 0, t, &[]);
+        }
+        s.enqueue(4, fixed(9), 0, 4, &[]);
+        assert_eq!(s.workers_needed(eight, 100), 2);
+        s.enqueue(5, Request::WholeWorker, 0, 5, &[]);
+        s.enqueue(6, Request::WholeWorker, 0, 6, &[]);
+        assert_eq!(s.workers_needed(eight, 100), 4);
+        assert_eq!(s.workers_needed(eight, 2), 2);
+
+        // Many tasks, one run of bins: 100,001 1-core tasks on 8 cores.
+        let mut s = Scheduler::new();
+        for t in 0..100_001 {
+            s.enqueue(t, fixed(1), 0, t, &[]);
+        }
+        assert_eq!(s.workers_needed(eight, usize::MAX), 12_501);
+    }
+
+    #[test]
+    fn workers_needed_splits_runs_in_first_fit_order() {
+        let eight = res(8, 0);
+        let mut s = Scheduler::new();
+        // Six 5-core tasks leave six bins with 3 cores free; five 2-core
+        // tasks take one each of the first five.
+        for t in 0..6 {
+            s.enqueue(t, fixed(5), 0, t, &[]);
+        }
+        for t in 6..11 {
+            s.enqueue(t, fixed(2), 0, t, &[]);
+        }
+        assert_eq!(s.workers_needed(eight, 100), 6);
+        for t in 11..13 {
+            s.enqueue(t, fixed(3), 0, t, &[]);
+        }
+        // 3-core tasks sort before 2-core ones: they fill two of the six
+        // gaps, the 2-core tasks the other four plus one new bin.
+        assert_eq!(s.workers_needed(eight, 100), 7);
+        s.enqueue(13, Request::Fixed(Resources::default()), 0, 13, &[]);
+        assert_eq!(s.workers_needed(eight, 100), 7);
+        let mut z = Scheduler::new();
+        z.enqueue(1, Request::Fixed(Resources::default()), 0, 1, &[]);
+        assert_eq!(z.workers_needed(eight, 100), 1);
+    }
+}

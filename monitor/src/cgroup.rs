@@ -1,0 +1,358 @@
+//! cgroup v2 groups: one parent per [`crate::Monitor`], one child per task.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The monitor's own group, under which each task gets a child.
+#[derive(Debug)]
+pub(crate) struct CgroupBase {
+    dir: PathBuf,
+    memory: bool,
+}
+
+/// One task's group.
+#[derive(Debug)]
+pub(crate) struct TaskGroup {
+    pub dir: PathBuf,
+    /// Path of `cgroup.procs`, prepared before fork because the child may
+    /// not allocate between fork and exec.
+    pub procs_path: CString,
+    pub memory: bool,
+}
+
+/// The mount point of a cgroup2 hierarchy and the path of this process's
+/// group inside it, both from the kernel's own tables rather than a guessed
+/// `/sys/fs/cgroup`, because hybrid hosts mount it elsewhere.
+fn own_cgroup_dir() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (root, mount_point) = mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        Some((unescape(fields.get(3)?), unescape(fields.get(4)?)))
+    })?;
+    let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    // The mount may expose only a subtree (containers); our path is then
+    // relative to that subtree's root.
+    let rel = own.strip_prefix(root.as_str()).unwrap_or(own);
+    let mut dir = PathBuf::from(mount_point);
+    dir.push(rel.trim_start_matches('/'));
+    Some(dir)
+}
+
+/// Removes the groups of monitors that died without cleaning up (their
+/// tasks are gone too: a task group is removed only once empty, and
+/// non-empty leftovers are kept for inspection).
+fn remove_stale(parent: &Path) {
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("drover-monitor-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks existence.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if alive {
+            continue;
+        }
+        if let Ok(tasks) = fs::read_dir(e.path()) {
+            for t in tasks.flatten() {
+                if t.path().is_dir() {
+                    let _ = fs::remove_dir(t.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(e.path());
+    }
+}
+
+/// Undoes the octal escapes (`\040` for space) mountinfo uses.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Moves the calling process into the group whose `cgroup.procs` is `procs`.
+/// Only async-signal-safe calls: this runs between fork and exec.
+pub(crate) fn join_raw(procs: &CString) -> io::Result<()> {
+    // SAFETY: plain syscalls on a valid NUL-terminated path and a static buffer.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // "0" means the writing process itself, so nothing is formatted here.
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n != 1 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, s: &str) -> io::Result<()> {
+    fs::write(path, s)
+}
+
+impl CgroupBase {
+    /// Creates the monitor's group and checks that a forked child can join a
+    /// task group in it. Returns `None` (so the caller uses /proc sampling)
+    /// when there is no cgroup2 mount, no write access, or joining fails.
+    pub fn create() -> Option<CgroupBase> {
+        let parent = own_cgroup_dir()?;
+        remove_stale(&parent);
+        let dir = parent.join(format!("drover-monitor-{}", std::process::id()));
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                tracing::debug!("cannot create cgroup {}: {e}", dir.display());
+                return None;
+            }
+        }
+        // Controllers can only be delegated to children of a group that has no
+        // processes of its own (or the root); failure just means no memory.*
+        // files, which the per-task check notices.
+        for c in ["+memory", "+cpu"] {
+            let _ = write_file(&parent.join("cgroup.subtree_control"), c);
+            let _ = write_file(&dir.join("cgroup.subtree_control"), c);
+        }
+        let memory = fs::read_to_string(dir.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "memory"));
+        let base = CgroupBase { dir, memory };
+        if base.probe() {
+            Some(base)
+        } else {
+            let _ = fs::remove_dir(&base.dir);
+            None
+        }
+    }
+
+    /// Forks a child that joins a fresh group, because mkdir permission does
+    /// not imply permission to move processes (delegation rules).
+    fn probe(&self) -> bool {
+        let group = match self.task_group("probe") {
+            Ok(g) => g,
+            Err(_) => return false,
+        };
+        // SAFETY: the child only runs async-signal-safe code and _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = if join_raw(&group.procs_path).is_ok() {
+                0
+            } else {
+                1
+            };
+            // SAFETY: terminating the forked child without running destructors.
+            unsafe { libc::_exit(code) };
+        }
+        if pid < 0 {
+            group.remove();
+            return false;
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child we just forked.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        group.remove();
+        r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+
+    /// Whether task groups get the memory controller (`memory.peak`).
+    pub fn has_memory(&self) -> bool {
+        self.memory
+    }
+
+    /// Creates the group for one task.
+    pub fn task_group(&self, name: &str) -> io::Result<TaskGroup> {
+        let dir = self.dir.join(name);
+        fs::create_dir(&dir)?;
+        let procs = dir.join("cgroup.procs");
+        let procs_path = CString::new(procs.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let memory = dir.join("memory.current").exists();
+        Ok(TaskGroup {
+            dir,
+            procs_path,
+            memory,
+        })
+    }
+}
+
+impl Drop for CgroupBase {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+fn read_small(path: &Path, buf: &mut String) -> io::Result<()> {
+    buf.clear();
+    fs::File::open(path)?.read_to_string(buf)?;
+    Ok(())
+}
+
+impl TaskGroup {
+    /// Throttles the group to `cores` when the cpu controller is enabled.
+    pub fn set_cores(&self, cores: f64) {
+        let path = self.dir.join("cpu.max");
+        if path.exists() {
+            let period = 100_000u64;
+            let quota = ((cores * period as f64).ceil() as u64).max(1000);
+            if let Err(e) = write_file(&path, &format!("{quota} {period}")) {
+                tracing::debug!("cannot set {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Pids of the processes in the group now.
+    pub fn pids(&self, buf: &mut String, out: &mut Vec<i32>) -> io::Result<()> {
+        read_small(&self.dir.join("cgroup.procs"), buf)?;
+        out.extend(buf.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        Ok(())
+    }
+
+    /// CPU time of everything that ever ran in the group, microseconds.
+    pub fn cpu_usec(&self, buf: &mut String) -> Option<u64> {
+        read_small(&self.dir.join("cpu.stat"), buf).ok()?;
+        buf.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Peak memory charged to the group, bytes (`memory.peak`, or the
+    /// current usage on kernels before 5.19 that lack it).
+    pub fn memory_peak(&self, buf: &mut String) -> Option<u64> {
+        if !self.memory {
+            return None;
+        }
+        let peak = read_small(&self.dir.join("memory.peak"), buf)
+            .ok()
+            .and_then(|_| buf.trim().parse().ok());
+        let current = read_small(&self.dir.join("memory.current"), buf)
+            .ok()
+            .and_then(|_| buf.trim().parse().ok());
+        match (peak, current) {
+            (Some(p), Some(c)) => Some(u64::max(p, c)),
+            (p, c) => p.or(c),
+        }
+    }
+
+    /// Peak swap of the group, bytes, when the memory controller exposes it.
+    pub fn swap_peak(&self, buf: &mut String) -> Option<u64> {
+        if !self.memory {
+            return None;
+        }
+        for f in ["memory.swap.peak", "memory.swap.current"] {
+            if read_small(&self.dir.join(f), buf).is_ok() {
+                if let Ok(v) = buf.trim().parse() {
+                    return Some(v);
+                }
+            }
+        }
+        None
+    }
+
+    fn populated(&self, buf: &mut String) -> bool {
+        match read_small(&self.dir.join("cgroup.events"), buf) {
+            Ok(()) => buf
+                .lines()
+                .find_map(|l| l.strip_prefix("populated "))
+                .is_some_and(|v| v.trim() != "0"),
+            Err(_) => false,
+        }
+    }
+
+    /// Kills every process in the group. `cgroup.kill` (5.14+) does it
+    /// atomically, so a forking process cannot outrun it; otherwise every
+    /// member gets SIGKILL, repeatedly, until the group is empty.
+    pub fn kill(&self) {
+        if write_file(&self.dir.join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        let mut buf = String::new();
+        let mut pids = Vec::new();
+        for _ in 0..50 {
+            pids.clear();
+            if self.pids(&mut buf, &mut pids).is_err() || pids.is_empty() {
+                return;
+            }
+            for &p in &pids {
+                // SAFETY: sending a signal; pids in our group cannot be
+                // recycled into processes outside it.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Kills what is left, waits for the group to empty, and removes it.
+    pub fn remove(&self) {
+        self.kill();
+        self.wait_empty();
+        self.rmdir();
+    }
+
+    /// Waits (at most a few seconds) until no live process is left in the group.
+    pub fn wait_empty(&self) {
+        let mut buf = String::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.populated(&mut buf) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Removes the (empty) group directory, retrying briefly because the
+    /// kernel may still be tearing down the last exited member.
+    pub fn rmdir(&self) {
+        let mut delay = Duration::from_millis(1);
+        for _ in 0..10 {
+            match fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(_) => {
+                    thread::sleep(delay);
+                    delay *= 2;
+                }
+            }
+        }
+        tracing::warn!("could not remove cgroup {}", self.dir.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape;
+
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape("/sys/fs/cgroup"), "/sys/fs/cgroup");
+        assert_eq!(unescape(r"\04"), r"\04");
+    }
+}

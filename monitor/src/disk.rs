@@ -1,0 +1,48 @@
+//! Size of a task's sandbox directory.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Apparent size in bytes of everything under `root` (not following
+/// symlinks, hard links counted once) and the number of entries (files,
+/// directories, links; `root` itself excluded). Entries that vanish during
+/// the walk are skipped: the task is still running.
+pub(crate) fn usage(root: &Path) -> (u64, u64) {
+    let mut bytes = 0u64;
+    let mut files = 0u64;
+    let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
+    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for entry in rd.flatten() {
+            let Ok(md) = entry.metadata() else { continue };
+            files += 1;
+            if md.is_dir() {
+                stack.push(entry.path());
+            } else if md.is_file() {
+                if md.nlink() > 1 && !seen_links.insert((md.dev(), md.ino())) {
+                    continue;
+                }
+                bytes += md.len();
+            }
+        }
+    }
+    (bytes, files)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_files_and_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), vec![0u8; 1000]).unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/b"), vec![0u8; 24]).unwrap();
+        std::fs::hard_link(d.path().join("a"), d.path().join("sub/a2")).unwrap();
+        let (bytes, files) = super::usage(d.path());
+        assert_eq!(bytes, 1024);
+        assert_eq!(files, 4);
+    }
+}

@@ -1,0 +1,103 @@
+//! Resource measurement and limits for process trees: the lightweight
+//! function monitor of drover.
+//!
+//! A [`Monitor`] runs one sampler thread for every task it watches. Each task
+//! is spawned in its own session and process group, and, when the host
+//! allows it, in its own cgroup v2 group, joined between fork and exec so
+//! that no descendant (double-forked or not) escapes it. The summary's
+//! `monitor_method` says how the task was measured:
+//!
+//! | method          | membership                     | memory                          | cpu_time           |
+//! |-----------------|--------------------------------|---------------------------------|--------------------|
+//! | `cgroup2`       | `cgroup.procs`                 | `memory.peak` of the group      | `cpu.stat`         |
+//! | `cgroup2+proc`  | `cgroup.procs`                 | summed RSS from /proc (below)   | `cpu.stat`         |
+//! | `proc`          | session, process group, ppid   | summed RSS from /proc (below)   | /proc + rusage     |
+//!
+//! `cgroup2+proc` is a group without the memory controller (hybrid hosts,
+//! where memory is bound to the v1 hierarchy). `proc` is used when no
+//! cgroup2 group can be created (no mount, not root and not delegated): it
+//! finds the tree by walking /proc for the task's session id and process
+//! group, plus every descendant (by ppid) of a process already seen, and
+//! remembers each process it saw (by pid and start time). A descendant that
+//! both calls `setsid` and double-forks between two samples is missed.
+//!
+//! # How shared pages count in `memory`
+//!
+//! * `cgroup2`: each page is charged once, to the group that first touched
+//!   it. The value includes page cache the task caused (files it read or
+//!   wrote) and kernel memory such as page tables, because that is what the
+//!   kernel reclaims or OOM-kills against.
+//! * `cgroup2+proc` and `proc`: the sum over the tree's live processes of
+//!   their resident set (`/proc/PID/stat` rss = anonymous + file-backed +
+//!   shmem pages). A page mapped by k processes of the tree counts k times:
+//!   shared libraries (about 1 MB per small process) and copy-on-write pages
+//!   a fork has not yet copied. This never underestimates, and costs one
+//!   small file read per process. Because it can overestimate a tree that
+//!   forks a large parent, a memory limit breach is confirmed with PSS
+//!   (`/proc/PID/smaps_rollup`, each shared page divided among its mappers,
+//!   so every page counts once in total) before the tree is killed; the
+//!   `limits_exceeded.value` is then that PSS.
+//!
+//! The peak is the largest value seen at a sample, raised to the root's
+//! `ru_maxrss` (largest single process among the root and its reaped
+//! descendants) so a task that ends before the first sample still reports
+//! its memory.
+//!
+//! # Summary schema
+//!
+//! Field names follow CCTools `resource_monitor`. "MB" is 2^20 bytes.
+//!
+//! | field | unit | meaning |
+//! |---|---|---|
+//! | `command` | | the command line |
+//! | `exit_type` | | `normal`, `signal` or `limits` |
+//! | `exit_status` / `signal` | | exit code, or terminating signal |
+//! | `start`, `end` | s | since the Unix epoch |
+//! | `wall_time` | s | from spawn to the root's exit |
+//! | `cpu_time` | s | user + system of the whole tree |
+//! | `cores` | cores | peak of cpu/wall over sliding windows of ≥ 1 s (≥ `cores_avg`) |
+//! | `cores_avg` | cores | `cpu_time / wall_time` |
+//! | `memory` | MB | peak memory, see above |
+//! | `virtual_memory` | MB | peak of summed VSZ |
+//! | `swap_memory` | MB | peak swap (`memory.swap.peak`, else summed VmSwap; 0 without swap) |
+//! | `max_concurrent_processes` | procs | most live processes in one sample |
+//! | `total_processes` | procs | distinct processes seen (those living < 1 interval may be missed) |
+//! | `bytes_read`, `bytes_written` | MB | `rchar`/`wchar`: bytes through read/write syscalls, incl. pipes and cached I/O |
+//! | `disk` | MB | peak apparent size of the sandbox's files (hard links once) |
+//! | `total_files` | files | peak number of entries in the sandbox |
+//! | `monitor_method` | | see above |
+//! | `limits_exceeded` | | `{resource, limit, value}` in the units above, or null |
+//! | `samples` | | samples taken, including the final one |
+//!
+//! Cumulative counters (cpu, bytes) survive process exits: a parent's
+//! /proc counters include the children it reaped, and the last seen values
+//! of an orphan (reaped by init) are kept. `cpu_time` is at least the
+//! root's rusage.
+//!
+//! # Limits
+//!
+//! Memory, disk and wall time are checked at every sample; the first breach
+//! kills the whole tree (`cgroup.kill`, the process group, and every seen
+//! escapee), and the summary's `limits_exceeded` names it. Cores are
+//! throttled with `cpu.max` when the group has the cpu controller and are
+//! otherwise advisory.
+//!
+//! # Sample series
+//!
+//! With [`SpawnOptions::series`] (`drover monitor --series FILE`), each
+//! sample is one JSON object per line with `wall_time`, `cpu_time`, `cores`
+//! (since the previous sample), `memory`, `virtual_memory`, `swap_memory`,
+//! `processes` (live now), `total_processes`, `bytes_read`, `bytes_written`,
+//! `disk` and `total_files`, in the units above.
+
+mod cgroup;
+pub mod cli;
+mod disk;
+mod poller;
+mod procscan;
+mod summary;
+
+pub use poller::{Method, Monitor, MonitorOptions, SpawnOptions, Watched, DEFAULT_INTERVAL};
+pub use summary::{
+    Exit, LimitExceeded, LimitParseError, Limits, Report, Summary, LIMIT_EXIT_STATUS, MB, UNITS,
+};

@@ -1,0 +1,460 @@
+//! Real-process tests of the monitor, on both measurement paths (`Method::Auto`
+//! is cgroup2 when the host allows, /proc otherwise; `Method::Proc` forces
+//! /proc). Assertions allow for a loaded 2-core machine: no tight timing.
+
+use drover_monitor::{Exit, Limits, Method, Monitor, MonitorOptions, Report};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const METHODS: [Method; 2] = [Method::Auto, Method::Proc];
+
+/// The C workload (tests/helpers/tree.c), compiled once per test run.
+fn helper() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helpers/tree.c");
+        let out =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tree-{}", std::process::id()));
+        let st = Command::new("cc")
+            .args(["-O2", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("cc must be installed to build the test helper");
+        assert!(st.success(), "compiling {}", src.display());
+        out
+    })
+}
+
+fn monitor(method: Method) -> Monitor {
+    Monitor::with_options(MonitorOptions {
+        interval: Duration::from_millis(100),
+        method,
+    })
+}
+
+fn tree_cmd(
+    nprocs: u32,
+    mem_mb: u64,
+    disk: Option<&Path>,
+    disk_mb: i64,
+    hold_ms: i64,
+    pidfile: &Path,
+) -> Command {
+    let mut c = Command::new(helper());
+    c.arg(nprocs.to_string())
+        .arg(mem_mb.to_string())
+        .arg(disk.map_or_else(|| "-".into(), |d| d.display().to_string()))
+        .arg(disk_mb.to_string())
+        .arg(hold_ms.to_string())
+        .arg(pidfile);
+    c
+}
+
+fn pids(pidfile: &Path) -> Vec<i32> {
+    std::fs::read_to_string(pidfile)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Whether `pid` is still a live (non-zombie) instance of the helper.
+fn helper_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
+    if matches!(state, Some("Z") | Some("X")) {
+        return false;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let helper = helper().as_os_str().as_encoded_bytes();
+    cmdline.windows(helper.len()).any(|w| w == helper)
+}
+
+fn assert_all_dead(pidfile: &Path, expected: usize, what: &str) {
+    let p = pids(pidfile);
+    assert!(
+        p.len() >= expected,
+        "{what}: only {} of {expected} pids recorded",
+        p.len()
+    );
+    let alive: Vec<i32> = p.iter().copied().filter(|&p| helper_alive(p)).collect();
+    assert!(alive.is_empty(), "{what}: survivors {alive:?}");
+}
+
+/// Waits until `pidfile` lists `n` pids, so a test does not kill the tree
+/// before it has been built.
+fn wait_for_pids(pidfile: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids(pidfile).len() < n {
+        assert!(Instant::now() < deadline, "helper never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn peak_memory_of_forked_and_double_forked_tree_within_5_percent() {
+    const N: f64 = 256.0;
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pids");
+        let m = monitor(method);
+        let w = m
+            .spawn(
+                tree_cmd(4, N as u64, None, 0, 2000, &pidfile),
+                None,
+                Limits::default(),
+            )
+            .unwrap();
+        let r = w.wait().unwrap();
+        let s = &r.summary;
+        eprintln!("{method:?}: {s:?}");
+        assert_eq!(r.exit, Exit::Code(0));
+        assert!(
+            (s.memory - N).abs() / N < 0.05,
+            "{method:?}: memory {} vs {N}",
+            s.memory
+        );
+        assert!(s.virtual_memory >= s.memory);
+        // The root, four workers (one orphaned by its double-forking parent).
+        assert!(s.max_concurrent_processes >= 5, "{s:?}");
+        assert!(s.total_processes >= 5, "{s:?}");
+        assert!(s.wall_time >= 2.0 && s.cpu_time > 0.0, "{s:?}");
+        assert!(s.samples >= 2);
+        if method == Method::Proc {
+            assert_eq!(s.monitor_method, "proc");
+        } else {
+            assert!(s.monitor_method.starts_with("cgroup2") || s.monitor_method == "proc");
+        }
+        assert_all_dead(&pidfile, 5, "finished tree");
+    }
+}
+
+#[test]
+fn two_busy_threads_use_two_cores() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let m = monitor(method);
+        let mut cmd = Command::new(helper());
+        cmd.args(["busy", "2", "3"]).stdout(Stdio::null());
+        let t0 = Instant::now();
+        let r = m
+            .spawn(cmd, Some(dir.path()), Limits::default())
+            .unwrap()
+            .wait()
+            .unwrap();
+        let wall = t0.elapsed().as_secs_f64();
+        let s = &r.summary;
+        eprintln!("{method:?}: {s:?}");
+        assert_eq!(r.exit, Exit::Code(0));
+        // What the machine actually gave the threads, as the test saw it.
+        let got = s.cpu_time / wall;
+        assert!(s.cpu_time > 1.0, "{s:?}");
+        assert!(
+            (s.cores_avg - got).abs() < 0.25,
+            "{method:?}: cores_avg {} vs {got}",
+            s.cores_avg
+        );
+        assert!(
+            s.cores >= s.cores_avg && s.cores <= 2.3,
+            "{method:?}: cores {}",
+            s.cores
+        );
+        if got > 1.8 {
+            assert!(
+                s.cores > 1.7,
+                "{method:?}: an idle machine gives 2 cores, measured {}",
+                s.cores
+            );
+        }
+    }
+}
+
+#[test]
+fn disk_writer_reports_disk_files_and_bytes_written() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sandbox");
+        std::fs::create_dir(&sandbox).unwrap();
+        let pidfile = dir.path().join("pids");
+        let m = monitor(method);
+        // Two workers write 10 MB each.
+        let cmd = tree_cmd(2, 0, Some(&sandbox), 10, 300, &pidfile);
+        let r = m
+            .spawn(cmd, Some(&sandbox), Limits::default())
+            .unwrap()
+            .wait()
+            .unwrap();
+        let s = &r.summary;
+        eprintln!("{method:?}: {s:?}");
+        assert_eq!(r.exit, Exit::Code(0));
+        assert!((s.disk - 20.0).abs() < 0.01, "{method:?}: disk {}", s.disk);
+        assert_eq!(s.total_files, 2);
+        assert!(
+            s.bytes_written >= 20.0 && s.bytes_written < 21.0,
+            "{method:?}: written {}",
+            s.bytes_written
+        );
+    }
+}
+
+fn check_limit_kill(
+    r: &Report,
+    resource: &str,
+    limit: f64,
+    pidfile: &Path,
+    expected_pids: usize,
+    method: Method,
+) {
+    let s = &r.summary;
+    eprintln!("{method:?}: {s:?}");
+    assert_eq!(r.exit, Exit::Signal(libc::SIGKILL), "{method:?}");
+    assert_eq!(s.exit_type, "limits");
+    let ex = s.limits_exceeded.as_ref().expect("limits_exceeded");
+    assert_eq!(ex.resource, resource);
+    assert_eq!(ex.limit, limit);
+    assert!(ex.value > limit, "{ex:?}");
+    assert_all_dead(pidfile, expected_pids, resource);
+}
+
+#[test]
+fn memory_limit_kills_whole_tree() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pids");
+        let m = monitor(method);
+        // 4 × 100 MB held forever against a 200 MB limit.
+        let limits = Limits {
+            memory_mb: Some(200),
+            ..Limits::default()
+        };
+        let r = m
+            .spawn(tree_cmd(4, 400, None, 0, -1, &pidfile), None, limits)
+            .unwrap()
+            .wait()
+            .unwrap();
+        check_limit_kill(&r, "memory", 200.0, &pidfile, 5, method);
+        assert!(r.summary.memory > 200.0);
+    }
+}
+
+#[test]
+fn disk_limit_kills_whole_tree() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pids");
+        let m = monitor(method);
+        let limits = Limits {
+            disk_mb: Some(10),
+            ..Limits::default()
+        };
+        // Three workers writing without end.
+        let cmd = tree_cmd(3, 0, Some(dir.path()), -1, -1, &pidfile);
+        let r = m
+            .spawn(cmd, Some(dir.path()), limits)
+            .unwrap()
+            .wait()
+            .unwrap();
+        check_limit_kill(&r, "disk", 10.0, &pidfile, 4, method);
+    }
+}
+
+#[test]
+fn wall_time_limit_kills_whole_tree() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pids");
+        let m = monitor(method);
+        let limits = Limits {
+            wall_time: Some(Duration::from_millis(1500)),
+            ..Limits::default()
+        };
+        let r = m
+            .spawn(tree_cmd(3, 8, None, 0, -1, &pidfile), None, limits)
+            .unwrap()
+            .wait()
+            .unwrap();
+        check_limit_kill(&r, "wall_time", 1.5, &pidfile, 4, method);
+        assert!(r.summary.wall_time >= 1.5);
+    }
+}
+
+#[test]
+fn kill_cancels_tree_and_drop_cleans_up() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let m = monitor(method);
+        let pidfile = dir.path().join("pids");
+        let w = m
+            .spawn(
+                tree_cmd(3, 4, None, 0, -1, &pidfile),
+                None,
+                Limits::default(),
+            )
+            .unwrap();
+        wait_for_pids(&pidfile, 4);
+        w.kill();
+        w.kill();
+        let r = w.wait().unwrap();
+        assert_eq!(r.exit, Exit::Signal(libc::SIGKILL));
+        assert_eq!(r.summary.exit_type, "signal");
+        assert!(r.summary.limits_exceeded.is_none());
+        assert_all_dead(&pidfile, 4, "cancelled");
+
+        let pidfile = dir.path().join("pids2");
+        let w = m
+            .spawn(
+                tree_cmd(3, 4, None, 0, -1, &pidfile),
+                None,
+                Limits::default(),
+            )
+            .unwrap();
+        wait_for_pids(&pidfile, 4);
+        drop(w);
+        assert_all_dead(&pidfile, 4, "dropped");
+    }
+}
+
+#[test]
+fn missing_command_is_an_error() {
+    for method in METHODS {
+        let m = monitor(method);
+        let e = m
+            .spawn(
+                Command::new("/nonexistent/drover-test-cmd"),
+                None,
+                Limits::default(),
+            )
+            .err()
+            .expect("spawn must fail");
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+}
+
+#[test]
+fn millisecond_task_gets_wall_cpu_and_rss() {
+    for method in METHODS {
+        // A long interval: the task is over long before the first periodic
+        // sample, so everything comes from the final sample and rusage.
+        let m = Monitor::with_options(MonitorOptions {
+            interval: Duration::from_secs(30),
+            method,
+        });
+        let mut w = m
+            .spawn(Command::new("true"), None, Limits::default())
+            .unwrap();
+        let t0 = Instant::now();
+        let r = loop {
+            if let Some(r) = w.try_finish().unwrap() {
+                break r;
+            }
+            let mut p = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&w.pidfd()),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, 10_000) };
+        };
+        let s = &r.summary;
+        eprintln!("{method:?}: {s:?}");
+        assert_eq!(r.exit, Exit::Code(0));
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "exit must be event-driven"
+        );
+        assert!(s.wall_time > 0.0 && s.wall_time < 5.0);
+        assert!(s.cpu_time >= 0.0);
+        assert!(s.memory > 0.1, "rss from rusage: {}", s.memory);
+        assert!(w.try_finish().is_err(), "second finish is an error");
+    }
+}
+
+#[test]
+fn many_short_tasks_are_reaped_without_waiting_for_samples() {
+    let m = Monitor::new(Duration::from_secs(5));
+    let t0 = Instant::now();
+    let watched: Vec<_> = (0..50)
+        .map(|i| {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!("exit {}", i % 7));
+            m.spawn(c, None, Limits::default()).unwrap()
+        })
+        .collect();
+    for (i, w) in watched.into_iter().enumerate() {
+        let r = w.wait().unwrap();
+        assert_eq!(r.exit, Exit::Code((i % 7) as i32));
+    }
+    // 50 tasks bound to a 5 s interval would take minutes.
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_drover-monitor"))
+}
+
+#[test]
+fn cli_exit_status_summary_and_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let series = dir.path().join("series.jsonl");
+    let st = bin()
+        .args(["--interval", "50", "--summary"])
+        .arg(&summary)
+        .arg("--series")
+        .arg(&series)
+        .args(["--", "sh", "-c", "sleep 0.5; exit 7"])
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(7));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(v["exit_status"], 7);
+    assert_eq!(v["exit_type"], "normal");
+    assert_eq!(v["units"]["memory"], "MB");
+    let s: drover_monitor::Summary = serde_json::from_value(v).unwrap();
+    assert!(s.wall_time >= 0.5);
+    let lines = std::fs::read_to_string(&series).unwrap();
+    let n = lines.lines().count();
+    assert!(n >= 2, "series has {n} lines");
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["memory"].is_number() && v["wall_time"].is_number());
+    }
+
+    let out = bin()
+        .args([
+            "--limit",
+            "wall_time=0.5",
+            "--interval",
+            "50",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(drover_monitor::LIMIT_EXIT_STATUS));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["limits_exceeded"]["resource"], "wall_time");
+
+    let st = bin()
+        .args(["--", "/nonexistent/cmd"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(127));
+
+    let st = bin()
+        .args(["--limit", "bogus=1", "--", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(2), "clap usage error");
+}

@@ -1,0 +1,258 @@
+// Headless Chromium test of the drover catalog status page.
+//
+// It starts the real catalog binary, feeds it reports from a stand-in for a
+// master (plain UDP datagrams and HTTP POSTs sent from this file, with the
+// same JSON a drover master sends), and checks what a person would see.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createSocket } from 'node:dgram';
+import { mkdirSync, mkdtempSync, existsSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repo = path.resolve(here, '..', '..');
+const artifacts = path.join(here, 'artifacts');
+const HOSTILE = '<script>alert(1)</script>';
+
+// Which binary to run: the stand-alone catalog bin, or the main drover
+// binary once it has the `catalog` subcommand.
+function catalogCommand() {
+  if (process.env.DROVER_CATALOG_BIN) return [process.env.DROVER_CATALOG_BIN, 'serve'];
+  if (process.env.DROVER_BIN) return [process.env.DROVER_BIN, 'catalog'];
+  const targets = [process.env.CARGO_TARGET_DIR, path.join(repo, 'target')].filter(Boolean);
+  for (const t of targets) {
+    for (const profile of ['debug', 'release']) {
+      const p = path.join(t, profile, 'drover-catalog');
+      if (existsSync(p)) return [p, 'serve'];
+    }
+  }
+  throw new Error('set DROVER_CATALOG_BIN (or DROVER_BIN) to the binary to test; see README.md');
+}
+
+let catalog, port, browser, stateDir;
+const dialogs = [];
+
+function startCatalog() {
+  const [bin, sub] = catalogCommand();
+  stateDir = mkdtempSync(path.join(tmpdir(), 'drover-catalog-browser-'));
+  const child = spawn(bin, [sub, '--port', '0', '--bind', '127.0.0.1',
+    '--state-file', path.join(stateDir, 'state.json')], { stdio: ['ignore', 'pipe', 'inherit'] });
+  return new Promise((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error('catalog did not start: ' + out)), 15000);
+    child.on('exit', code => reject(new Error('catalog exited early with ' + code + ': ' + out)));
+    child.stdout.on('data', d => {
+      out += d;
+      const m = out.match(/listening on [^\s]*:(\d+)/);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ child, port: Number(m[1]) });
+      }
+    });
+  });
+}
+
+// ---- the stand-in for a master ----
+
+function report(project, counts, extra = {}) {
+  return {
+    kind: 'drover-master', project, host: '127.0.0.1', port: 9123, owner: 'alice',
+    version: '0.1.0', start_time: Math.floor(Date.now() / 1000) - 3725,
+    tasks_waiting: 0, tasks_running: 0, tasks_done: 0, tasks_failed: 0,
+    workers_connected: 0, workers_busy: 0, cores_inuse: 0, cores_total: 0,
+    memory_inuse_mb: 0, memory_total_mb: 0, gpus_inuse: 0, gpus_total: 0,
+    categories: [], workers: [], ...counts, ...extra,
+  };
+}
+
+function sendUdp(r) {
+  return new Promise((resolve, reject) => {
+    const s = createSocket('udp4');
+    s.send(Buffer.from(JSON.stringify(r)), port, '127.0.0.1', err => {
+      s.close();
+      if (err) reject(err); else resolve();
+    });
+  });
+}
+
+async function post(r) {
+  const res = await fetch(`http://127.0.0.1:${port}/update`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(r),
+  });
+  assert.equal(res.status, 200, await res.text());
+}
+
+async function waitForEntry(project, pred = () => true) {
+  for (let i = 0; i < 100; i++) {
+    const list = await (await fetch(`http://127.0.0.1:${port}/query.json`)).json();
+    const e = list.find(m => m.project === project);
+    if (e && pred(e)) return e;
+    await new Promise(r => setTimeout(r, 50));
+  }
+  throw new Error('catalog never showed ' + project);
+}
+
+const genome = (done, running, waiting) => report('genome-assembly', {
+  tasks_waiting: waiting, tasks_running: running, tasks_done: done, tasks_failed: 3,
+  workers_connected: 12, workers_busy: 11, cores_inuse: 44, cores_total: 48,
+  memory_inuse_mb: 150000, memory_total_mb: 196608, gpus_inuse: 2, gpus_total: 4,
+  categories: [
+    { name: 'align', waiting: Math.floor(waiting / 2), running: 30, done: Math.floor(done / 2), failed: 2, allocation: 'bucketing: 3 buckets' },
+    { name: 'assemble', waiting: waiting - Math.floor(waiting / 2), running: running - 30, done: done - Math.floor(done / 2), failed: 1, allocation: null },
+  ],
+  workers: Array.from({ length: 12 }, (_, i) => ({
+    host: `node${String(i + 1).padStart(2, '0')}.cluster.example.org`, cores: 4, memory_mb: 16384, running: i < 11 ? 4 : 0,
+  })),
+});
+
+before(async () => {
+  mkdirSync(artifacts, { recursive: true });
+  ({ child: catalog, port } = await startCatalog());
+  await sendUdp(genome(120, 44, 300));
+  await sendUdp(report('climate-ensemble', {
+    tasks_waiting: 12, tasks_running: 8, tasks_done: 960, tasks_failed: 20,
+    workers_connected: 4, workers_busy: 4, cores_inuse: 8, cores_total: 16,
+    memory_inuse_mb: 8000, memory_total_mb: 65536,
+  }, { owner: 'bob', port: 9200 }));
+  await sendUdp(report('protein-fold-sweep', {
+    tasks_waiting: 900, tasks_running: 0, tasks_done: 0, workers_connected: 0,
+  }, { owner: 'carol', port: 9300 }));
+  // The hostile name goes through HTTP, the other way in.
+  await post(report(HOSTILE, {
+    tasks_waiting: 1, tasks_running: 1, tasks_done: 1, workers_connected: 1, workers_busy: 1,
+    categories: [{ name: '<img src=x onerror=alert(2)>', waiting: 1, running: 1, done: 1, failed: 0, allocation: '<b>bold</b>' }],
+    workers: [{ host: '"><svg onload=alert(3)>', cores: 1, memory_mb: 1, running: 1 }],
+  }, { owner: '<i>mallory</i>', port: 9666 }));
+  await waitForEntry(HOSTILE);
+  await waitForEntry('genome-assembly');
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  if (catalog && catalog.exitCode === null) {
+    const exited = new Promise(r => catalog.once('exit', r));
+    catalog.kill('SIGTERM');
+    await exited;
+  }
+  if (stateDir) rmSync(stateDir, { recursive: true, force: true });
+});
+
+async function openPage(viewport) {
+  const context = await browser.newContext({ viewport, colorScheme: 'dark' });
+  const page = await context.newPage();
+  page.on('dialog', d => { dialogs.push(d.message()); d.dismiss().catch(() => {}); });
+  const errors = [];
+  page.on('pageerror', e => errors.push(String(e)));
+  await page.goto(`http://127.0.0.1:${port}/`);
+  return { page, context, errors };
+}
+
+const row = (page, project) => page.locator('#masters-body tr', {
+  has: page.locator('.project-name', { hasText: project }),
+});
+
+test('the status page shows the masters and their counts, and follows new reports live', async () => {
+  const { page, context, errors } = await openPage({ width: 1360, height: 900 });
+  const r = row(page, 'genome-assembly');
+  await r.waitFor();
+  assert.equal(await r.locator('td[data-col="tasks_waiting"]').textContent(), '300');
+  assert.equal(await r.locator('td[data-col="tasks_running"]').textContent(), '44');
+  assert.equal(await r.locator('td[data-col="tasks_done"]').textContent(), '120');
+  assert.equal(await r.locator('td[data-col="tasks_failed"]').textContent(), '3');
+  assert.equal(await r.locator('td[data-col="workers"]').textContent(), '11 / 12');
+  assert.equal(await r.locator('td[data-col="cores"]').textContent(), '44 / 48');
+  assert.equal(await r.locator('.pct').textContent(), '26%'); // 120 / 467
+  assert.equal(await page.locator('#t-masters').textContent(), '4');
+
+  // Tasks finish: the same page (no reload) must show the new numbers.
+  await page.evaluate(() => { window.__notReloaded = true; });
+  await sendUdp(genome(400, 44, 20));
+  await page.waitForFunction(() => {
+    const tr = [...document.querySelectorAll('#masters-body tr')]
+      .find(t => t.querySelector('.project-name')?.textContent === 'genome-assembly');
+    return tr?.querySelector('td[data-col="tasks_done"]')?.textContent === '400';
+  }, null, { timeout: 10000 });
+  assert.equal(await r.locator('td[data-col="tasks_waiting"]').textContent(), '20');
+  assert.equal(await r.locator('.pct').textContent(), '86%'); // 400 / 467
+  assert.equal(await page.evaluate(() => window.__notReloaded), true);
+
+  // Let the "changed" highlight fade before the picture is taken.
+  await page.waitForTimeout(1800);
+  await page.screenshot({ path: path.join(artifacts, 'status-page.png'), fullPage: true });
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('a hostile project name renders as text and runs nothing', async () => {
+  const { page, context, errors } = await openPage({ width: 1360, height: 900 });
+  const r = row(page, HOSTILE);
+  await r.waitFor();
+  assert.equal(await r.locator('.project-name').textContent(), HOSTILE);
+  assert.equal(await r.locator('.owner').textContent(), '<i>mallory</i>');
+  // The only script on the page is the app itself.
+  assert.equal(await page.locator('script').count(), 1);
+  assert.equal(await page.locator('#masters-body i, #masters-body img, #masters-body svg').count(), 0);
+
+  // Its detail view puts categories and workers on the page as text too.
+  await r.click();
+  await page.locator('.detail-title').waitFor();
+  assert.equal(await page.locator('.detail-title').textContent(), HOSTILE);
+  const detail = page.locator('#detail');
+  assert.ok((await detail.textContent()).includes('<img src=x onerror=alert(2)>'));
+  assert.ok((await detail.textContent()).includes('"><svg onload=alert(3)>'));
+  assert.equal(await detail.locator('img, svg, b, script').count(), 0);
+  await page.waitForTimeout(500);
+  assert.deepEqual(dialogs, []);
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('filter, sort and the detail view', async () => {
+  const { page, context } = await openPage({ width: 1360, height: 900 });
+  await row(page, 'genome-assembly').waitFor();
+  await page.fill('#filter', '^clim');
+  await page.waitForFunction(() => document.querySelectorAll('#masters-body tr').length === 1);
+  assert.equal(await page.locator('#masters-body .project-name').textContent(), 'climate-ensemble');
+  await page.fill('#filter', '');
+  await page.waitForFunction(() => document.querySelectorAll('#masters-body tr').length === 4);
+
+  // Sort by done, most first, then least first.
+  await page.click('th[data-sort="tasks_done"] button');
+  const order = () => page.locator('#masters-body .project-name').allTextContents();
+  assert.deepEqual((await order())[0], 'climate-ensemble');
+  await page.click('th[data-sort="tasks_done"] button');
+  assert.deepEqual((await order())[0], 'protein-fold-sweep');
+  assert.equal(await page.getAttribute('th[data-sort="tasks_done"]', 'aria-sort'), 'ascending');
+
+  await row(page, 'genome-assembly').click();
+  await page.locator('.detail-title').waitFor();
+  const detail = page.locator('#detail');
+  assert.equal(await page.locator('.detail-title').textContent(), 'genome-assembly');
+  assert.equal(await detail.locator('table.sub').nth(1).locator('tbody tr').count(), 12);
+  assert.ok((await detail.textContent()).includes('node01.cluster.example.org'));
+  assert.ok((await detail.textContent()).includes('bucketing: 3 buckets'));
+  await page.waitForTimeout(300);
+  await page.screenshot({ path: path.join(artifacts, 'status-page-detail.png'), fullPage: true });
+  await page.click('a.back');
+  await row(page, 'genome-assembly').waitFor();
+  await context.close();
+});
+
+test('the page reads on a phone', async () => {
+  const { page, context } = await openPage({ width: 390, height: 844 });
+  await row(page, 'genome-assembly').waitFor();
+  // No sideways scrolling: the table turned into cards that fit the screen.
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `page is ${overflow}px wider than the phone`);
+  await page.screenshot({ path: path.join(artifacts, 'status-page-phone.png'), fullPage: true });
+  await context.close();
+});
