@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use drover_worker::{detect_resources, run_worker, WorkerConfig};
+use drover_worker::{detect_resources, run_worker, MasterSource, WorkerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -39,12 +39,22 @@ enum Commands {
     Catalog(drover_catalog::server::CatalogArgs),
     /// Show the masters a catalog knows, like work_queue_status.
     Status(drover_catalog::status::StatusArgs),
+    /// Keep worker jobs in Slurm, HTCondor or local processes as a master's demand rises and falls.
+    Factory(drover_factory::FactoryArgs),
 }
 
 #[derive(clap::Args)]
 struct WorkerArgs {
-    /// The master, as HOST:PORT.
-    master: String,
+    /// The master, as HOST:PORT (or find it with --project).
+    #[arg(required_unless_present = "project", conflicts_with = "project")]
+    master: Option<String>,
+    /// Find the master through the catalog: the newest running master whose
+    /// project matches this regex (asked again at every reconnect).
+    #[arg(long, value_name = "REGEX")]
+    project: Option<String>,
+    /// Catalog to look the project up in, HOST:PORT [default: $DROVER_CATALOG, else localhost:9097].
+    #[arg(long, value_name = "HOST:PORT", requires = "project")]
+    catalog: Option<String>,
     /// Cores to offer (default: all of this machine's).
     #[arg(long)]
     cores: Option<u32>,
@@ -108,8 +118,24 @@ fn worker_main(args: WorkerArgs) -> anyhow::Result<i32> {
         Some(p) => Some(drover_worker::protocol::read_password_file(p)?),
         None => None,
     };
+    let master = match (args.master, args.project) {
+        // clap lets this through when the master's address is given.
+        (Some(_), None) if args.catalog.is_some() => {
+            anyhow::bail!("--catalog is for finding the master by --project; give one or the other")
+        }
+        (Some(addr), None) => MasterSource::Address(addr),
+        (None, Some(project)) => {
+            regex_check(&project)?;
+            MasterSource::Catalog {
+                catalog: drover_catalog::status::catalog_address(args.catalog.as_deref()),
+                project,
+            }
+        }
+        // clap enforces exactly one of them.
+        _ => anyhow::bail!("give exactly one of the master's HOST:PORT and --project"),
+    };
     let config = WorkerConfig {
-        master: args.master,
+        master,
         resources,
         password,
         idle_timeout: Duration::from_secs(args.idle_timeout),
@@ -128,6 +154,15 @@ fn worker_main(args: WorkerArgs) -> anyhow::Result<i32> {
     })?;
     tracing::info!("worker stopped: {reason:?}");
     Ok(0)
+}
+
+/// A project regex the catalog would refuse fails here, at start, rather
+/// than at every reconnect.
+fn regex_check(project: &str) -> anyhow::Result<()> {
+    if project.is_empty() {
+        anyhow::bail!("--project must not be empty");
+    }
+    drover_catalog::client::check_project_regex(project)
 }
 
 async fn shutdown_signal() {
@@ -170,6 +205,10 @@ fn main() -> ExitCode {
         Commands::Status(args) => {
             init_logging(cli.verbose, "warn");
             drover_catalog::status::run(args)
+        }
+        Commands::Factory(args) => {
+            init_logging(cli.verbose, "info");
+            drover_factory::run(args)
         }
     };
     match result {

@@ -26,6 +26,13 @@ pub struct RunArgs {
     /// Project name (for the catalog).
     #[arg(long)]
     project: Option<String>,
+    /// Report to this catalog, HOST:PORT, so that `drover status` shows the
+    /// run and workers started with `--project` find it (needs --project).
+    #[arg(long, value_name = "HOST:PORT", requires = "project")]
+    catalog: Option<String>,
+    /// Seconds between reports to the catalog.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15.0, value_parser = positive_seconds)]
+    catalog_interval: f64,
     /// Password file that workers must prove they know.
     #[arg(long)]
     password_file: Option<PathBuf>,
@@ -79,6 +86,13 @@ enum FileLine {
         #[serde(default = "yes")]
         cache: bool,
     },
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
 }
 
 fn yes() -> bool {
@@ -288,6 +302,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     if let Some(p) = &args.project {
         builder = builder.project(p);
+    }
+    if let Some(c) = &args.catalog {
+        builder = builder
+            .catalog(c)
+            .catalog_interval(Duration::from_secs_f64(args.catalog_interval));
     }
     if let Some(p) = &args.password_file {
         builder = builder.password_file(p);

@@ -119,6 +119,26 @@ fn post_json(catalog: &str, path: &str, body: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Longest project regex the catalog accepts, to bound compile time.
+pub const MAX_PROJECT_REGEX_LEN: usize = 1024;
+
+/// Compiles a project regex with the limits the catalog applies, so a
+/// client can reject a pattern up front instead of at every query.
+pub fn project_regex(pattern: &str) -> anyhow::Result<regex::Regex> {
+    if pattern.len() > MAX_PROJECT_REGEX_LEN {
+        bail!("project regex longer than {MAX_PROJECT_REGEX_LEN} bytes");
+    }
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .with_context(|| format!("bad project regex {pattern:?}"))
+}
+
+/// Checks that the catalog would accept `pattern` as a project regex.
+pub fn check_project_regex(pattern: &str) -> anyhow::Result<()> {
+    project_regex(pattern).map(|_| ())
+}
+
 /// Masters whose project matches `project_regex` (all masters if `None`),
 /// most recently updated first. The regex is matched anywhere in the project
 /// name, so anchor it (`^name$`) for an exact match.
@@ -303,6 +323,14 @@ mod tests {
         assert!(parse_catalog("h:notaport").is_err());
         assert!(parse_catalog("").is_err());
         assert!(parse_catalog("[::1").is_err());
+    }
+
+    #[test]
+    fn project_regexes() {
+        assert!(check_project_regex("^e2e-[0-9]+$").is_ok());
+        let e = format!("{:#}", check_project_regex("(unclosed").unwrap_err());
+        assert!(e.contains("bad project regex"), "{e}");
+        assert!(check_project_regex(&"a".repeat(MAX_PROJECT_REGEX_LEN + 1)).is_err());
     }
 
     #[test]

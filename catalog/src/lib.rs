@@ -13,4 +13,4 @@ pub mod server;
 pub mod status;
 pub mod store;
 
-pub use report::{CategorySummary, MasterReport, WorkerSummary};
+pub use report::{CategorySummary, MasterReport, ShapeCount, WorkerSummary};

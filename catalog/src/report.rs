@@ -19,6 +19,9 @@ pub const MAX_CATEGORIES: usize = 200;
 /// Longest string field (in bytes) the catalog keeps; longer ones are cut.
 pub const MAX_FIELD_LEN: usize = 256;
 
+/// Most waiting-task shapes a report keeps.
+pub const MAX_SHAPES: usize = 200;
+
 /// One master's status.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(default)]
@@ -45,6 +48,13 @@ pub struct MasterReport {
     pub source_addr: String,
     /// True in the last report a master sends as it shuts down.
     pub stopped: bool,
+    /// Random number naming one run of a master (a restart gets a new one,
+    /// even on the same port in the same second). 0: unknown.
+    pub run_id: u64,
+    /// Number of this report within its run, from 1; lets the catalog drop
+    /// a datagram that arrives after a newer report of the same run (a late
+    /// periodic report must not undo the final "stopped" one). 0: unknown.
+    pub seq: u64,
     /// Tasks submitted and not yet dispatched.
     pub tasks_waiting: u64,
     /// Tasks dispatched to workers and not yet finished.
@@ -73,22 +83,52 @@ pub struct MasterReport {
     pub categories: Vec<CategorySummary>,
     /// Connected workers, at most [`MAX_WORKERS`].
     pub workers: Vec<WorkerSummary>,
+    /// Waiting tasks grouped by the resources they ask for, at most
+    /// [`MAX_SHAPES`]: what a factory needs to decide which workers to start.
+    pub waiting_shapes: Vec<ShapeCount>,
 }
 
-/// Task counts of one category of a master.
+/// How many waiting tasks ask for one shape of resources.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct ShapeCount {
+    /// Cores each task asks for.
+    pub cores: u64,
+    /// Memory each task asks for, in MB (0: none reserved).
+    pub memory_mb: u64,
+    /// Disk each task asks for, in MB (0: none reserved).
+    pub disk_mb: u64,
+    /// GPUs each task asks for.
+    pub gpus: u64,
+    /// True for tasks that take a whole worker, whatever its size; the
+    /// resource fields are then 0.
+    pub whole_worker: bool,
+    /// Waiting tasks of this shape.
+    pub count: u64,
+}
+
+/// Task counts and sizing of one category of a master.
+///
+/// A count is `None` when the master does not track it per category (it
+/// then reports only the name and allocation); the page shows a dash rather
+/// than a zero that would read as "no tasks".
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(default)]
 pub struct CategorySummary {
     /// Category name.
     pub name: String,
     /// Tasks waiting.
-    pub waiting: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<u64>,
     /// Tasks running.
-    pub running: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<u64>,
     /// Tasks done.
-    pub done: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub done: Option<u64>,
     /// Tasks failed.
-    pub failed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<u64>,
     /// How the master sizes this category's tasks, as text for people
     /// (for example `"bucketing: 3 buckets"`).
     pub allocation: Option<String>,
@@ -206,6 +246,7 @@ impl MasterReport {
             }
         }
         self.workers.truncate(MAX_WORKERS);
+        self.waiting_shapes.truncate(MAX_SHAPES);
         for w in &mut self.workers {
             truncate_utf8(&mut w.host, MAX_FIELD_LEN);
         }
@@ -255,6 +296,10 @@ mod tests {
         assert!(r.categories.is_empty());
         let c: CategorySummary = serde_json::from_str(r#"{"name":"c"}"#).unwrap();
         assert_eq!(c.allocation, None);
+        assert_eq!(c.done, None);
+        let c: CategorySummary =
+            serde_json::from_str(r#"{"name":"c","done":3,"waiting":null}"#).unwrap();
+        assert_eq!((c.done, c.waiting), (Some(3), None));
     }
 
     #[test]
@@ -271,6 +316,12 @@ mod tests {
             memory_mb: 100,
             running: 1,
         });
+        r.waiting_shapes.push(ShapeCount {
+            cores: 2,
+            memory_mb: 1000,
+            count: 7,
+            ..Default::default()
+        });
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<MasterReport>(&s).unwrap(), r);
     }
@@ -280,11 +331,13 @@ mod tests {
         let mut r = MasterReport::new_master(&"é".repeat(1000), "h", 1);
         r.workers = vec![WorkerSummary::default(); 1000];
         r.categories = vec![CategorySummary::default(); 1000];
+        r.waiting_shapes = vec![ShapeCount::default(); 1000];
         r.clamp();
         assert!(r.project.len() <= MAX_FIELD_LEN);
         assert!(r.project.chars().all(|c| c == 'é'));
         assert_eq!(r.workers.len(), MAX_WORKERS);
         assert_eq!(r.categories.len(), MAX_CATEGORIES);
+        assert_eq!(r.waiting_shapes.len(), MAX_SHAPES);
     }
 
     #[test]

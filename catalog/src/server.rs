@@ -93,6 +93,9 @@ pub struct CatalogStats {
     pub evicted: u64,
     /// Entries dropped by expiry.
     pub expired: u64,
+    /// Reports dropped because they arrived after a newer one of the same
+    /// master run (UDP reordering).
+    pub dropped_stale: u64,
     /// Failed state file writes.
     pub save_errors: u64,
 }
@@ -117,9 +120,6 @@ struct Shared {
 }
 
 const QUERY_CACHE_MAX_AGE: Duration = Duration::from_millis(500);
-
-/// Longest `project` regex accepted, to bound compile time.
-const MAX_REGEX_LEN: usize = 1024;
 
 impl Shared {
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -146,6 +146,8 @@ impl Shared {
             report.host = from.clone();
         }
         report.source_addr = from;
+        // A stale report is well-formed; the store counts it and keeps the
+        // newer entry.
         self.store().insert(report, now_unix());
         Ok(())
     }
@@ -159,9 +161,9 @@ impl Shared {
     }
 
     fn stats(&self) -> CatalogStats {
-        let (entries, evicted, expired) = {
+        let (entries, evicted, expired, dropped_stale) = {
             let s = self.store();
-            (s.len() as u64, s.evicted, s.expired)
+            (s.len() as u64, s.evicted, s.expired, s.stale)
         };
         let c = &self.counters;
         CatalogStats {
@@ -177,6 +179,7 @@ impl Shared {
             dropped_oversized: c.dropped_oversized.load(Ordering::Relaxed),
             evicted,
             expired,
+            dropped_stale,
             save_errors: c.save_errors.load(Ordering::Relaxed),
         }
     }
@@ -526,12 +529,9 @@ async fn api_projects(
 ) -> Response {
     let re = match q.project.as_deref().filter(|p| !p.is_empty()) {
         None => None,
-        Some(p) if p.len() > MAX_REGEX_LEN => {
-            return error(StatusCode::BAD_REQUEST, "project regex too long")
-        }
-        Some(p) => match regex::RegexBuilder::new(p).size_limit(1 << 20).build() {
+        Some(p) => match crate::client::project_regex(p) {
             Ok(re) => Some(re),
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad project regex: {e}")),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
         },
     };
     let s = shared.store();

@@ -26,6 +26,9 @@ pub struct Store {
     pub evicted: u64,
     /// Entries dropped because they were older than the expiry.
     pub expired: u64,
+    /// Reports dropped because a newer one of the same master run was
+    /// already in.
+    pub stale: u64,
 }
 
 impl Store {
@@ -41,6 +44,7 @@ impl Store {
             generation: 0,
             evicted: 0,
             expired: 0,
+            stale: 0,
         }
     }
 
@@ -61,10 +65,20 @@ impl Store {
 
     /// Records a report received at `now`, replacing the entry with the same
     /// key and evicting the least recently updated entry if the table is full.
-    pub fn insert(&mut self, mut report: MasterReport, now: u64) {
+    /// Returns false, and keeps the entry, if the report is older than the
+    /// one held for the same master run (see [`MasterReport::seq`]).
+    pub fn insert(&mut self, mut report: MasterReport, now: u64) -> bool {
+        if let Some((_, held)) = self.entries.get(&report.key()) {
+            let same_run = report.run_id != 0 && held.run_id == report.run_id;
+            if same_run && held.seq > report.seq {
+                self.stale += 1;
+                return false;
+            }
+        }
         report.clamp();
         report.last_update = now;
         self.insert_as_is(report);
+        true
     }
 
     fn insert_as_is(&mut self, report: MasterReport) {
@@ -220,6 +234,30 @@ mod tests {
         assert_eq!(live[0].project, "b");
         assert_eq!(live[1].tasks_done, 2);
         assert_eq!(live[1].last_update, 11);
+    }
+
+    #[test]
+    fn a_late_report_does_not_undo_a_newer_one() {
+        let mut s = Store::new(10, 100);
+        let mut r = rep("a", 1);
+        r.run_id = 50;
+        r.seq = 7;
+        r.stopped = true;
+        assert!(s.insert(r.clone(), 10));
+        let mut late = r.clone();
+        late.seq = 6;
+        late.stopped = false;
+        assert!(!s.insert(late.clone(), 11));
+        assert_eq!(s.stale, 1);
+        assert!(s.live(11)[0].stopped);
+        // A new run of the master starts over at 1.
+        late.run_id = 60;
+        late.seq = 1;
+        assert!(s.insert(late, 12));
+        assert!(!s.live(12)[0].stopped);
+        // Senders that do not number their reports are always taken.
+        let plain = rep("a", 1);
+        assert!(s.insert(plain, 13));
     }
 
     #[test]

@@ -354,14 +354,18 @@
         .map((h, i) => el('th', { cls: i >= 1 && i <= 4 ? 'num' : '' }, h)))),
       el('tbody', null, ...cats.map(c => {
         const asMaster = { tasks_done: c.done, tasks_failed: c.failed, tasks_running: c.running, tasks_waiting: c.waiting };
+        // A master that does not count tasks per category leaves the counts
+        // out: show a dash, not a zero that would read as "no tasks".
+        const counted = ['waiting', 'running', 'done', 'failed'].some(k => c[k] != null);
+        const count = v => v == null ? '—' : fmtInt(v);
         return el('tr', null,
           el('td', { attrs: { 'data-label': 'Category' } }, String(c.name)),
-          el('td', { cls: 'num', attrs: { 'data-label': 'Waiting' } }, fmtInt(c.waiting)),
-          el('td', { cls: 'num', attrs: { 'data-label': 'Running' } }, fmtInt(c.running)),
-          el('td', { cls: 'num', attrs: { 'data-label': 'Done' } }, fmtInt(c.done)),
-          el('td', { cls: 'num', attrs: { 'data-label': 'Failed' } }, fmtInt(c.failed)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Waiting' } }, count(c.waiting)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Running' } }, count(c.running)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Done' } }, count(c.done)),
+          el('td', { cls: 'num', attrs: { 'data-label': 'Failed' } }, count(c.failed)),
           el('td', { cls: 'col-progress', attrs: { 'data-label': 'Progress' } },
-            el('div', { cls: 'progress-cell' }, progressBar(asMaster, false), el('span', { cls: 'pct' }, pct(progress(asMaster))))),
+            counted ? el('div', { cls: 'progress-cell' }, progressBar(asMaster, false), el('span', { cls: 'pct' }, pct(progress(asMaster)))) : '—'),
           el('td', { cls: 'muted', attrs: { 'data-label': 'Allocation' } }, c.allocation == null ? '—' : String(c.allocation)));
       }))) : el('p', { cls: 'muted' }, 'No categories reported.');
 
@@ -378,6 +382,20 @@
     const moreWorkers = num(m.workers_connected) > workers.length && workers.length
       ? el('p', { cls: 'muted' }, 'Showing ' + fmtInt(workers.length) + ' of ' + fmtInt(m.workers_connected) + ' workers.') : null;
 
+    // What the queue is waiting for, by task size: tells an operator which
+    // workers would help. Only shown when the master reports it.
+    const shapes = Array.isArray(m.waiting_shapes) ? m.waiting_shapes : [];
+    const shapeTable = shapes.length ? el('table', { cls: 'sub shapes' },
+      el('thead', null, el('tr', null, ...['Each task needs', 'Cores', 'Memory', 'Disk', 'GPUs', 'Tasks waiting']
+        .map((h, i) => el('th', { cls: i ? 'num' : '' }, h)))),
+      el('tbody', null, ...shapes.map(s => el('tr', null,
+        el('td', { attrs: { 'data-label': 'Each task needs' } }, s.whole_worker ? 'a whole worker' : 'resources'),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Cores' } }, s.whole_worker ? '—' : fmtInt(s.cores)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Memory' } }, s.whole_worker || !num(s.memory_mb) ? '—' : fmtMem(s.memory_mb)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Disk' } }, s.whole_worker || !num(s.disk_mb) ? '—' : fmtMem(s.disk_mb)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'GPUs' } }, s.whole_worker ? '—' : fmtInt(s.gpus)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Tasks waiting' } }, fmtInt(s.count)))))) : null;
+
     box.replaceChildren(
       head,
       progressBar(m, true),
@@ -389,7 +407,8 @@
         el('section', { cls: 'panel' }, el('h2', null, 'Resources'), meters),
         el('section', { cls: 'panel' }, el('h2', null, 'Master'), meta)),
       el('section', { cls: 'panel' }, el('h2', null, 'Categories'), catTable),
-      el('section', { cls: 'panel' }, el('h2', null, 'Workers'), workerTable, moreWorkers));
+      el('section', { cls: 'panel' }, el('h2', null, 'Workers'), workerTable, moreWorkers),
+      ...(shapeTable ? [el('section', { cls: 'panel' }, el('h2', null, 'Waiting tasks by size'), shapeTable)] : []));
     document.title = String(m.project) + ' · drover catalog';
   }
 

@@ -1,9 +1,10 @@
 //! End-to-end tests against the real `drover-catalog` binary.
 //!
-//! Until the master reports for itself, a test-only reporter stands in for
-//! it: a thread calling `client::send_report` with changing counts, exactly
-//! what a master does every 15 s. The full master → catalog → worker test
-//! belongs with the master.
+//! A test-only reporter stands in for a master here: a thread calling
+//! `client::send_report` with changing counts, exactly what a master does
+//! every 15 s, so the catalog is tested without building the master. The full
+//! test with a real master and real workers is the workspace's
+//! `tests/catalog.rs`.
 
 mod common;
 

@@ -25,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::alloc::{CategoryConfig, CategoryStats, Dim, RetryCause};
+use crate::category::{Categories, Sizing, MAX_RESOURCE_RETRIES};
 use crate::scheduler::{FileKey, Placement, Request, Scheduler, WorkerKey};
 use crate::task::{Attempt, Outcome, TaskId, TaskResult};
 
@@ -79,6 +81,9 @@ pub struct Stats {
     pub tasks_requeued: u64,
     /// Input file bodies sent to workers (a cached file counts once per worker).
     pub files_sent: u64,
+    /// Times a task went back to the queue with a bigger allocation after
+    /// going over its allocation (see [`crate::CategoryConfig`]).
+    pub tasks_resized: u64,
 }
 
 pub(crate) enum Command {
@@ -89,6 +94,12 @@ pub(crate) enum Command {
     Workers(oneshot::Sender<Vec<WorkerInfo>>),
     Shutdown(oneshot::Sender<()>),
     DismissWorkers(oneshot::Sender<()>),
+    /// Sets a category's config (already validated).
+    SetCategory(String, Box<CategoryConfig>, oneshot::Sender<()>),
+    /// Statistics of one category (`Some(name)`) or of all.
+    CategoryStats(Option<String>, oneshot::Sender<Vec<CategoryStats>>),
+    /// Waiting tasks by request, for the factory's share of a status report.
+    Demand(oneshot::Sender<Vec<(Request, usize)>>),
 }
 
 /// What the master knows of a connected worker.
@@ -116,6 +127,8 @@ enum Event {
         key: WorkerKey,
         reason: String,
     },
+    /// A status client (`drover factory`) passed the handshake and wants the report.
+    Status(oneshot::Sender<drover_catalog::MasterReport>),
 }
 
 /// Shared between the engine and one connection's reader: where each running
@@ -142,6 +155,8 @@ pub(crate) struct EngineConfig {
     pub password: Option<Vec<u8>>,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Everything in a status report but the counts, for status queries.
+    pub report_identity: Arc<drover_catalog::MasterReport>,
 }
 
 enum TaskState {
@@ -162,6 +177,15 @@ struct TaskEntry {
     cancelling: bool,
     /// Interned cached inputs, largest first would need sizes; submission order is kept.
     cached_keys: Vec<FileKey>,
+    /// How the allocation is decided (declared, or learned by the category).
+    sizing: Sizing,
+    /// Set once the task was killed for exceeding its allocation: the rung
+    /// of the retry ladder it waits on (it leaves its category's class).
+    rung: Option<Request>,
+    /// Attempts lost to infrastructure (worker lost, cached input gone):
+    /// the budget `max_retries` counts these only, not resource retries.
+    lost: u32,
+    resource_retries: u32,
 }
 
 struct WorkerEntry {
@@ -184,6 +208,8 @@ struct Engine {
     next_seq: u64,
     stats: Stats,
     placements: Vec<Placement>,
+    report_identity: Arc<drover_catalog::MasterReport>,
+    categories: Categories,
 }
 
 /// Starts the engine on `listener`; returns when told to shut down.
@@ -207,6 +233,8 @@ pub(crate) async fn run(
         next_seq: 0,
         stats: Stats::default(),
         placements: Vec::new(),
+        report_identity: config.report_identity.clone(),
+        categories: Categories::default(),
     };
     loop {
         tokio::select! {
@@ -277,23 +305,27 @@ impl Engine {
                 let _ = reply.send(self.stats());
             }
             Command::Workers(reply) => {
-                let list = self
-                    .workers
-                    .values()
-                    .map(|w| WorkerInfo {
-                        host: w.hello.hostname.clone(),
-                        addr: w.addr.to_string(),
-                        resources: w.hello.resources,
-                        running: w.running.len(),
-                    })
-                    .collect();
-                let _ = reply.send(list);
+                let _ = reply.send(self.worker_infos());
             }
             Command::DismissWorkers(done) => {
                 for w in self.workers.values() {
                     let _ = w.tx.send(Outgoing::Msg(MasterMsg::Shutdown));
                 }
                 let _ = done.send(());
+            }
+            Command::SetCategory(name, config, done) => {
+                self.categories.configure(&name, *config, &mut self.sched);
+                let _ = done.send(());
+            }
+            Command::CategoryStats(name, reply) => {
+                let stats = match name {
+                    Some(n) => self.categories.stats(&n).into_iter().collect(),
+                    None => self.categories.all_stats(),
+                };
+                let _ = reply.send(stats);
+            }
+            Command::Demand(reply) => {
+                let _ = reply.send(self.sched.demand());
             }
             Command::Shutdown(done) => return Some(done),
         }
@@ -310,14 +342,10 @@ impl Engine {
             }
         }
         let id = spec.id;
-        self.sched.enqueue(
-            id,
-            request_for(&spec.resources),
-            spec.priority,
-            seq,
-            &cached_keys,
-        );
-        self.stats.tasks_waiting += 1;
+        let sizing = self.categories.sizing(&spec.category, &spec.resources);
+        if let Sizing::Learned { cat, class } = sizing {
+            self.categories.prime(cat, class, &mut self.sched);
+        }
         self.tasks.insert(
             id,
             TaskEntry {
@@ -327,8 +355,46 @@ impl Engine {
                 attempts: Vec::new(),
                 cancelling: false,
                 cached_keys,
+                sizing,
+                rung: None,
+                lost: 0,
+                resource_retries: 0,
             },
         );
+        self.enqueue_task(id);
+        self.stats.tasks_waiting += 1;
+    }
+
+    /// Puts a task in the scheduler with its current request: its ladder
+    /// rung, else its category's class, else its declaration.
+    fn enqueue_task(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let (priority, seq) = (task.spec.priority, task.seq);
+        match (task.rung, task.sizing) {
+            (Some(r), _) | (None, Sizing::Plain(r)) => {
+                self.sched.enqueue(id, r, priority, seq, &task.cached_keys)
+            }
+            (None, Sizing::Learned { class, .. }) => {
+                self.sched
+                    .enqueue_class(id, class, priority, seq, &task.cached_keys)
+            }
+        }
+    }
+
+    /// Recomputes the component-wise largest worker for the categories.
+    fn refresh_largest(&mut self) {
+        let largest = self.workers.values().fold(Resources::default(), |a, w| {
+            let r = &w.hello.resources;
+            Resources {
+                cores: a.cores.max(r.cores),
+                memory_mb: a.memory_mb.max(r.memory_mb),
+                disk_mb: a.disk_mb.max(r.disk_mb),
+                gpus: a.gpus.max(r.gpus),
+            }
+        });
+        self.categories.set_largest(largest, &mut self.sched);
     }
 
     fn cancel(&mut self, id: TaskId) -> bool {
@@ -358,6 +424,28 @@ impl Engine {
                 true
             }
         }
+    }
+
+    fn worker_infos(&self) -> Vec<WorkerInfo> {
+        self.workers
+            .values()
+            .map(|w| WorkerInfo {
+                host: w.hello.hostname.clone(),
+                addr: w.addr.to_string(),
+                resources: w.hello.resources,
+                running: w.running.len(),
+            })
+            .collect()
+    }
+
+    /// The report a status query gets: the catalog's report plus the waiting
+    /// tasks by shape, built here in one step since the asker waits on the
+    /// network anyway. Costs O(workers + shapes), once per query.
+    fn status_report(&self) -> drover_catalog::MasterReport {
+        let mut r =
+            crate::report::build_report(&self.report_identity, &self.stats(), &self.worker_infos());
+        r.waiting_shapes = crate::report::waiting_shapes(&self.sched.demand());
+        r
     }
 
     fn stats(&self) -> Stats {
@@ -412,6 +500,7 @@ impl Engine {
                         in_use: Resources::default(),
                     },
                 );
+                self.refresh_largest();
             }
             Event::Msg { key, msg } => match msg {
                 WorkerMsg::TaskDone { report, .. } => self.task_done(key, *report),
@@ -424,9 +513,15 @@ impl Engine {
                     self.requeue(key, task_id, attempt, format!("rejected: {reason}"), false);
                 }
                 WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
-                WorkerMsg::Pong | WorkerMsg::Hello(_) | WorkerMsg::AuthProof { .. } => {}
+                WorkerMsg::Pong
+                | WorkerMsg::Hello(_)
+                | WorkerMsg::AuthProof { .. }
+                | WorkerMsg::StatusQuery { .. } => {}
             },
             Event::Gone { key, reason } => self.worker_gone(key, &reason),
+            Event::Status(reply) => {
+                let _ = reply.send(self.status_report());
+            }
         }
     }
 
@@ -436,6 +531,7 @@ impl Engine {
         };
         info!(worker = %worker.addr, "worker left: {reason}");
         self.sched.remove_worker(key);
+        self.refresh_largest();
         let mut lost: Vec<TaskId> = worker.running.into_iter().collect();
         lost.sort_unstable();
         for id in lost {
@@ -456,9 +552,13 @@ impl Engine {
                 ending: format!("worker lost ({reason})"),
             });
             self.stats.tasks_running -= 1;
+            task.lost += 1;
+            if let Sizing::Learned { cat, .. } = task.sizing {
+                self.categories.note_retry(cat, RetryCause::WorkerLost);
+            }
             if task.cancelling {
                 self.finish(id, Outcome::Cancelled, None, None);
-            } else if task.attempts.len() as u32 > task.spec.max_retries {
+            } else if task.lost > task.spec.max_retries {
                 let why = format!("worker lost {} times; last: {reason}", task.attempts.len());
                 self.finish(id, Outcome::WorkerLost, None, Some(why));
             } else {
@@ -474,13 +574,7 @@ impl Engine {
             return;
         };
         task.state = TaskState::Waiting;
-        self.sched.enqueue(
-            id,
-            request_for(&task.spec.resources),
-            task.spec.priority,
-            task.seq,
-            &task.cached_keys,
-        );
+        self.enqueue_task(id);
         self.stats.tasks_waiting += 1;
     }
 
@@ -567,10 +661,70 @@ impl Engine {
         };
         self.sched.release(key, allocation);
         self.stats.tasks_running -= 1;
+        let exhausted = match (&report.ending, &report.limit_exceeded) {
+            (Ending::LimitExceeded, Some(hit)) if hit.resource == "wall_time" => None,
+            (Ending::LimitExceeded, hit) => Some(Dim::parse(
+                hit.as_ref()
+                    .map(|h| h.resource.as_str())
+                    .unwrap_or("memory"),
+            )),
+            _ => None,
+        };
+        if let Sizing::Learned { cat, class } = task.sizing {
+            let success = report.ending == Ending::Exited && report.exit_code == Some(0);
+            self.categories.attempt_ended(
+                cat,
+                &allocation,
+                &report.measured,
+                exhausted.is_some(),
+                success,
+                &mut self.sched,
+            );
+            if let (Some(dim), false) = (exhausted, task.cancelling) {
+                let was_whole = task.rung == Some(Request::WholeWorker)
+                    || self
+                        .workers
+                        .get(&key)
+                        .is_some_and(|w| w.hello.resources == allocation);
+                let seen = report.limit_exceeded.as_ref().map_or(0.0, |h| h.value);
+                let next = if task.resource_retries < MAX_RESOURCE_RETRIES {
+                    self.categories
+                        .retry(cat, class, &allocation, was_whole, dim, seen)
+                } else {
+                    None
+                };
+                if let Some(next) = next {
+                    let what = report
+                        .limit_exceeded
+                        .as_ref()
+                        .map(|h| format!("{} over {} ({})", h.resource, h.limit, h.value))
+                        .unwrap_or_else(|| "over its allocation".into());
+                    task.attempts.push(Attempt {
+                        host,
+                        allocation,
+                        ending: format!("resource exhausted: {what}; retrying with {next:?}"),
+                    });
+                    task.rung = Some(next);
+                    task.resource_retries += 1;
+                    self.categories.note_retry(cat, RetryCause::Exhausted(dim));
+                    self.stats.tasks_resized += 1;
+                    self.enqueue_again(id);
+                    return;
+                }
+                self.categories.note_exhausted(cat);
+            }
+        }
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
         if report.ending == Ending::InputMissing
             && !task.cancelling
-            && (task.attempts.len() as u32) < task.spec.max_retries
+            && task.lost < task.spec.max_retries
         {
+            task.lost += 1;
+            if let Sizing::Learned { cat, .. } = task.sizing {
+                self.categories.note_retry(cat, RetryCause::Other);
+            }
             // The worker's cache lost a file we thought it had: forget that, and send it again elsewhere or here.
             if let Some(w) = self.workers.get_mut(&key) {
                 for k in &task.cached_keys {
@@ -692,19 +846,25 @@ impl Engine {
     }
 
     fn dispatch(&mut self, p: Placement) {
-        let Some(task) = self.tasks.get_mut(&p.task) else {
+        if !self.tasks.contains_key(&p.task) {
             self.sched.release(p.worker, p.allocation);
             return;
-        };
-        let Some(worker) = self.workers.get_mut(&p.worker) else {
-            self.sched.enqueue(
-                p.task,
-                request_for(&task.spec.resources),
-                task.spec.priority,
-                task.seq,
-                &task.cached_keys,
-            );
+        }
+        if !self.workers.contains_key(&p.worker) {
+            self.enqueue_task(p.task);
             return;
+        }
+        let (Some(task), Some(worker)) =
+            (self.tasks.get_mut(&p.task), self.workers.get_mut(&p.worker))
+        else {
+            return;
+        };
+        let learned = match task.sizing {
+            Sizing::Learned { cat, .. } => {
+                self.categories.note_allocation(cat);
+                true
+            }
+            Sizing::Plain(_) => false,
         };
         let attempt = task.attempts.len() as u32 + 1;
         let spec = &task.spec;
@@ -760,7 +920,9 @@ impl Engine {
                 .map(|(remote, _)| remote.clone())
                 .collect(),
             allocation: p.allocation,
-            enforce_limits: !spec.resources.is_zero(),
+            // A learned allocation is a limit too: going over it is how the
+            // category finds out the task needs a bigger bucket.
+            enforce_limits: learned || !spec.resources.is_zero(),
             wall_time_s: spec.wall_time_s,
             environment,
         };
@@ -785,18 +947,6 @@ impl Engine {
     fn shutdown(&mut self) {
         // Dropping the senders ends each writer, which closes its connection.
         self.workers.clear();
-    }
-}
-
-/// A task that declares nothing gets one core until categories learn better.
-fn request_for(resources: &Resources) -> Request {
-    if resources.is_zero() {
-        Request::Fixed(Resources {
-            cores: 1,
-            ..Default::default()
-        })
-    } else {
-        Request::Fixed(*resources)
     }
 }
 
@@ -845,7 +995,10 @@ async fn connection(
     )
     .await
     {
-        Ok(Ok(hello)) => hello,
+        Ok(Ok(Greeting::Worker(hello))) => hello,
+        Ok(Ok(Greeting::Status { proof })) => {
+            return answer_status(&mut writer, &events, proof).await;
+        }
         Ok(Err(e)) => anyhow::bail!("refused connection from {addr}: {e}"),
         Err(_) => anyhow::bail!("connection from {addr} did not complete the handshake in 30 s"),
     };
@@ -855,7 +1008,7 @@ async fn connection(
     if events
         .send(Event::Joined {
             key,
-            hello: Box::new(hello),
+            hello,
             addr,
             tx,
             conn: conn.clone(),
@@ -871,32 +1024,75 @@ async fn connection(
     Ok(())
 }
 
+/// Who passed the handshake: a worker, or a status client (which got no
+/// welcome; `proof` is the master's, owed in the status answer).
+enum Greeting {
+    Worker(Box<Hello>),
+    Status { proof: Option<String> },
+}
+
+/// Sends a status client the master's report and ends the connection.
+async fn answer_status(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    events: &mpsc::UnboundedSender<Event>,
+    proof: Option<String>,
+) -> anyhow::Result<()> {
+    let (tx, rx) = oneshot::channel();
+    if events.send(Event::Status(tx)).is_err() {
+        return Ok(());
+    }
+    let Ok(report) = rx.await else {
+        return Ok(());
+    };
+    protocol::write_frame(
+        writer,
+        &MasterMsg::Status {
+            proof,
+            report: Box::new(report),
+        },
+    )
+    .await?;
+    writer.flush().await?;
+    Ok(())
+}
+
 async fn handshake(
     reader: &mut BufReader<OwnedReadHalf>,
     writer: &mut BufWriter<OwnedWriteHalf>,
     password: Option<&[u8]>,
     keepalive: Duration,
-) -> anyhow::Result<Hello> {
+) -> anyhow::Result<Greeting> {
     let mut buf = Vec::new();
     let refuse = |reason: String| async move { reason };
     let msg: WorkerMsg = read_frame(reader, &mut buf)
         .await
         .map_err(|e| anyhow::anyhow!("bad hello: {e}"))?;
-    let WorkerMsg::Hello(hello) = msg else {
-        anyhow::bail!("expected a hello, got {msg:?}");
+    // A status client goes through the same checks as a worker; only the
+    // last step differs.
+    let (hello, protocol_version, has_password, who) = match msg {
+        WorkerMsg::Hello(hello) => {
+            let (v, p) = (hello.protocol, hello.password);
+            let who = format!(
+                "worker {} (drover {})",
+                hello.hostname, hello.drover_version
+            );
+            (Some(hello), v, p, who)
+        }
+        WorkerMsg::StatusQuery { protocol, password } => {
+            (None, protocol, password, "status client".to_string())
+        }
+        other => anyhow::bail!("expected a hello, got {other:?}"),
     };
     let mut refusal = None;
-    if hello.protocol != PROTOCOL_VERSION {
+    if protocol_version != PROTOCOL_VERSION {
         refusal = Some(format!(
-            "protocol version mismatch: this master speaks version {PROTOCOL_VERSION} (drover {}), the worker version {} (drover {})",
+            "protocol version mismatch: this master speaks version {PROTOCOL_VERSION} (drover {}), the {who} version {protocol_version}",
             env!("CARGO_PKG_VERSION"),
-            hello.protocol,
-            hello.drover_version
         ));
-    } else if password.is_some() && !hello.password {
+    } else if password.is_some() && !has_password {
         refusal =
             Some("this master requires a password; start the worker with --password-file".into());
-    } else if password.is_none() && hello.password {
+    } else if password.is_none() && has_password {
         refusal = Some("this master has no password but the worker was given one; refusing so that neither side is fooled".into());
     }
     if let Some(reason) = refusal {
@@ -941,10 +1137,13 @@ async fn handshake(
             )
             .await?;
             writer.flush().await?;
-            anyhow::bail!("worker {} gave a wrong password", hello.hostname);
+            anyhow::bail!("{who} gave a wrong password");
         }
         proof = Some(protocol::auth_proof(password, ROLE_MASTER, &nonce, &mine));
     }
+    let Some(hello) = hello else {
+        return Ok(Greeting::Status { proof });
+    };
     protocol::write_frame(
         writer,
         &MasterMsg::Welcome {
@@ -954,7 +1153,7 @@ async fn handshake(
     )
     .await?;
     writer.flush().await?;
-    Ok(*hello)
+    Ok(Greeting::Worker(hello))
 }
 
 async fn read_loop(

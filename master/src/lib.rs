@@ -16,12 +16,17 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+pub mod alloc;
+mod category;
 mod engine;
 mod files;
 mod manager;
+mod report;
 pub mod scheduler;
 mod task;
 
+pub use alloc::{AllocationMode, CategoryConfig, CategoryStats};
+pub use drover_catalog::MasterReport;
 pub use drover_worker::protocol::Measured;
 pub use drover_worker::Resources;
 pub use engine::{Stats, WorkerInfo};

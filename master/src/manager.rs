@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use drover_worker::protocol::check_sandbox_name;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::alloc::{CategoryConfig, CategoryStats};
 use crate::engine::{
     self, Command, EngineConfig, FileSource, Prepared, PreparedInput, Stats, WorkerInfo,
 };
@@ -38,6 +39,8 @@ pub enum StartError {
     Password(std::io::Error),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Configures a [`Manager`].
@@ -57,6 +60,9 @@ pub struct ManagerBuilder {
     password_file: Option<PathBuf>,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    catalog: Option<String>,
+    catalog_interval: Duration,
+    environment: Option<PathBuf>,
 }
 
 impl Default for ManagerBuilder {
@@ -68,6 +74,9 @@ impl Default for ManagerBuilder {
             password_file: None,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
+            catalog: None,
+            catalog_interval: crate::report::DEFAULT_CATALOG_INTERVAL,
+            environment: None,
         }
     }
 }
@@ -104,8 +113,40 @@ impl ManagerBuilder {
         self
     }
 
+    /// Report to the catalog at `HOST:PORT` (needs a [`project`](Self::project)):
+    /// every [`catalog_interval`](Self::catalog_interval) and once more when
+    /// the manager stops, from a thread of its own.
+    pub fn catalog(mut self, addr: impl Into<String>) -> Self {
+        self.catalog = Some(addr.into());
+        self
+    }
+
+    /// How often to report to the catalog (default 15 s).
+    pub fn catalog_interval(mut self, interval: Duration) -> Self {
+        self.catalog_interval = interval;
+        self
+    }
+
+    /// A packaged environment (from `drover pack create`) for every task
+    /// that names none with [`Task::environment`]. Each worker receives the
+    /// tarball once and unpacks it once.
+    pub fn environment(mut self, tarball: impl AsRef<Path>) -> Self {
+        self.environment = Some(tarball.as_ref().to_path_buf());
+        self
+    }
+
     /// Starts listening and returns the manager.
     pub fn build(self) -> Result<Manager, StartError> {
+        if let Some(c) = &self.catalog {
+            if !matches!(self.project.as_deref(), Some(p) if !p.trim().is_empty()) {
+                return Err(StartError::Config(
+                    "reporting to a catalog needs a project name, which workers find the master by"
+                        .into(),
+                ));
+            }
+            drover_catalog::client::parse_catalog(c)
+                .map_err(|e| StartError::Config(format!("{e:#}")))?;
+        }
         let password = match &self.password_file {
             Some(p) => {
                 Some(drover_worker::protocol::read_password_file(p).map_err(StartError::Password)?)
@@ -133,22 +174,45 @@ impl ManagerBuilder {
         })?;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (results_tx, results) = std::sync::mpsc::channel();
+        let started = SystemTime::now();
+        let report_identity = std::sync::Arc::new(crate::report::identity(
+            self.project.as_deref().unwrap_or(""),
+            &crate::report::advertised_host(&self.bind),
+            addr.port(),
+            started,
+        ));
         let config = EngineConfig {
             password,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
+            report_identity: report_identity.clone(),
         };
         runtime.spawn(engine::run(listener, config, commands_rx, results_tx));
+        let reporter = match &self.catalog {
+            Some(c) => Some(
+                crate::report::Reporter::start(
+                    c.clone(),
+                    self.catalog_interval,
+                    commands.clone(),
+                    report_identity.clone(),
+                )
+                .map_err(StartError::Runtime)?,
+            ),
+            None => None,
+        };
         Ok(Manager {
             runtime: Some(runtime),
             addr,
             project: self.project,
+            report_identity,
+            reporter,
             commands,
             results: Mutex::new(results),
             next_id: AtomicU64::new(1),
             outstanding: AtomicUsize::new(0),
             namer: FileNamer::default(),
-            started: SystemTime::now(),
+            started,
+            default_environment: self.environment,
         })
     }
 }
@@ -161,11 +225,16 @@ pub struct Manager {
     runtime: Option<tokio::runtime::Runtime>,
     addr: SocketAddr,
     project: Option<String>,
-    commands: mpsc::UnboundedSender<Command>,
+    /// Everything in a catalog report but the counts.
+    pub(crate) report_identity: std::sync::Arc<drover_catalog::MasterReport>,
+    reporter: Option<crate::report::Reporter>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
     results: Mutex<std::sync::mpsc::Receiver<TaskResult>>,
     next_id: AtomicU64,
     outstanding: AtomicUsize,
     namer: FileNamer,
+    /// Environment of tasks that name none.
+    default_environment: Option<PathBuf>,
     started: SystemTime,
 }
 
@@ -252,7 +321,10 @@ impl Manager {
         for (remote, _) in &task.outputs {
             check_sandbox_name(remote).map_err(SubmitError::InvalidName)?;
         }
-        let environment = match task.environment {
+        let environment = match task
+            .environment
+            .or_else(|| self.default_environment.clone())
+        {
             Some(path) => {
                 let cache_id = self
                     .namer
@@ -321,6 +393,53 @@ impl Manager {
         self.ask(Command::Stats).unwrap_or_default()
     }
 
+    /// Configures the category `name` (tasks join it with
+    /// [`Task::category`]); its waiting tasks follow the new settings at
+    /// once, and what it has learned is kept. Tasks of a category nobody
+    /// configured are sized by bucketing if they declare no resources.
+    ///
+    /// ```no_run
+    /// use drover_master::{CategoryConfig, Manager, Task};
+    /// let manager = Manager::builder().port(0).build()?;
+    /// // Learn the memory of "sim" tasks; never give one more than 16 GB.
+    /// manager.set_category("sim", CategoryConfig::bucketing().max_memory_mb(16_000))?;
+    /// for i in 0..100 {
+    ///     manager.submit(Task::new(format!("./sim --seed {i}")).category("sim"))?;
+    /// }
+    /// while !manager.is_empty() {
+    ///     if let Some(result) = manager.wait(None) {
+    ///         // Each try (with its allocation) is in result.attempts.
+    ///         println!("{} took {} attempts", result.id, result.attempts.len());
+    ///     }
+    /// }
+    /// let stats = manager.category_stats("sim").expect("the category exists");
+    /// for b in &stats.buckets {
+    ///     println!("{} MB: {} tasks", b.allocation.memory_mb, b.count);
+    /// }
+    /// println!("retries for memory: {}", stats.retries.memory);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_category(&self, name: &str, config: CategoryConfig) -> Result<(), SubmitError> {
+        config
+            .validate()
+            .map_err(|e| SubmitError::Invalid(format!("category {name:?}: {e}")))?;
+        self.ask(|tx| Command::SetCategory(name.to_string(), Box::new(config), tx))
+            .ok_or(SubmitError::ShutDown)
+    }
+
+    /// What the category `name` has learned and what it cost; `None` if no
+    /// task or config ever named it.
+    pub fn category_stats(&self, name: &str) -> Option<CategoryStats> {
+        self.ask(|tx| Command::CategoryStats(Some(name.to_string()), tx))
+            .and_then(|v| v.into_iter().next())
+    }
+
+    /// Statistics of every category, by name.
+    pub fn categories(&self) -> Vec<CategoryStats> {
+        self.ask(|tx| Command::CategoryStats(None, tx))
+            .unwrap_or_default()
+    }
+
     /// The connected workers.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.ask(Command::Workers).unwrap_or_default()
@@ -347,6 +466,10 @@ impl Manager {
     /// killed by their workers, which then look for a master again until their
     /// idle timeout (so pilot jobs outlive one run). Also done on drop.
     pub fn shutdown(&mut self) {
+        // While the engine still runs, so the last report has the final counts.
+        if let Some(reporter) = self.reporter.take() {
+            reporter.stop();
+        }
         if let Some(rt) = self.runtime.take() {
             let _ = self.ask(Command::Shutdown);
             rt.shutdown_timeout(Duration::from_secs(1));
@@ -367,5 +490,16 @@ impl Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod thread_safety {
+    /// Python and multi-threaded Rust users share one `Manager` across
+    /// threads; this fails to compile if a field makes it `!Sync`.
+    #[test]
+    fn manager_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::Manager>();
     }
 }

@@ -142,8 +142,22 @@ struct Loc {
     seq: u64,
 }
 
+/// What a shape is keyed by: its request, or (for tasks whose allocation
+/// is decided by a category) a class whose request the master can change
+/// while its tasks wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ShapeKey {
+    Request(Request),
+    Class(ClassKey),
+}
+
+/// A class of tasks that share one changeable request (see
+/// [`Scheduler::enqueue_class`]).
+pub type ClassKey = u32;
+
 #[derive(Debug)]
 struct Shape {
+    key: ShapeKey,
     request: Request,
     queue: BTreeSet<Waiting>,
     /// True while the shape is on the blocked list (and so not in `ready`).
@@ -176,7 +190,9 @@ impl WorkerState {
 #[derive(Debug, Default)]
 pub struct Scheduler {
     shapes: Vec<Shape>,
-    shape_ids: HashMap<Request, ShapeId>,
+    shape_ids: HashMap<ShapeKey, ShapeId>,
+    /// Current request of each class (see [`Scheduler::set_class_request`]).
+    class_requests: HashMap<ClassKey, Request>,
     free_shapes: Vec<ShapeId>,
     /// Heads of non-empty, unblocked shapes.
     ready: BTreeSet<(Waiting, ShapeId)>,
@@ -268,8 +284,75 @@ impl Scheduler {
         seq: u64,
         cached_inputs: &[FileKey],
     ) {
+        self.enqueue_keyed(
+            task,
+            ShapeKey::Request(request),
+            request,
+            priority,
+            seq,
+            cached_inputs,
+        );
+    }
+
+    /// Queue a task whose request is its class's current one (a whole
+    /// worker until [`Scheduler::set_class_request`] says otherwise). All
+    /// waiting tasks of a class form one shape, so changing the class's
+    /// request costs O(1) however many tasks wait: this is how a category's
+    /// learned allocation reaches tasks that were queued before it was
+    /// learned.
+    pub fn enqueue_class(
+        &mut self,
+        task: TaskKey,
+        class: ClassKey,
+        priority: i32,
+        seq: u64,
+        cached_inputs: &[FileKey],
+    ) {
+        let request = self
+            .class_requests
+            .get(&class)
+            .copied()
+            .unwrap_or(Request::WholeWorker);
+        self.enqueue_keyed(
+            task,
+            ShapeKey::Class(class),
+            request,
+            priority,
+            seq,
+            cached_inputs,
+        );
+    }
+
+    /// Sets what the waiting (and future) tasks of `class` ask for. A
+    /// blocked class goes back to the ready set, since the new request may
+    /// fit where the old one did not.
+    pub fn set_class_request(&mut self, class: ClassKey, request: Request) {
+        self.class_requests.insert(class, request);
+        let Some(&id) = self.shape_ids.get(&ShapeKey::Class(class)) else {
+            return;
+        };
+        let shape = &mut self.shapes[id as usize];
+        shape.request = request;
+        if shape.blocked {
+            shape.blocked = false;
+            if let Some(&head) = shape.queue.first() {
+                self.ready.insert((head, id));
+            }
+            self.blocked.retain(|&b| b != id);
+        }
+    }
+
+    fn enqueue_keyed(
+        &mut self,
+        task: TaskKey,
+        key: ShapeKey,
+        request: Request,
+        priority: i32,
+        seq: u64,
+        cached_inputs: &[FileKey],
+    ) {
         self.remove_waiting(task);
-        let shape = self.intern(request);
+        let shape = self.intern(key, request);
         let entry = Waiting {
             priority,
             file: cached_inputs.first().copied().unwrap_or(NO_FILE),
@@ -408,88 +491,11 @@ impl Scheduler {
     /// kept as one run, so the cost depends on the number of shapes, not on
     /// the number of tasks or bins.
     pub fn workers_needed(&self, worker: Resources, limit: usize) -> usize {
-        let mut bins: usize = 0;
-        let mut fixed: Vec<(Resources, usize)> = Vec::new();
-        for shape in self.live_shapes() {
-            match shape.request {
-                Request::WholeWorker => bins = bins.saturating_add(shape.queue.len()),
-                Request::Fixed(r) if r.fits_in(&worker) => fixed.push((r, shape.queue.len())),
-                Request::Fixed(_) => {}
-            }
-        }
-        if bins >= limit {
-            return limit;
-        }
-        fixed.sort_by(|a, b| {
-            size_in(&b.0, &worker)
-                .total_cmp(&size_in(&a.0, &worker))
-                .then_with(|| b.0.cmp(&a.0))
-        });
-        // Runs of identical bins, in first-fit order: (room left, how many).
-        let mut runs: Vec<(Resources, usize)> = Vec::new();
-        for (request, count) in fixed {
-            if request.is_zero() {
-                // Takes no room, but something has to run it.
-                if bins == 0 {
-                    bins = 1;
-                    runs.push((worker, 1));
-                }
-                continue;
-            }
-            let mut left = count;
-            let mut i = 0;
-            while left > 0 && i < runs.len() {
-                let (room, n) = runs[i];
-                let k = fit_count(&request, &room);
-                if k == 0 {
-                    i += 1;
-                    continue;
-                }
-                let after = room.saturating_sub(&scale(&request, k));
-                if left >= k.saturating_mul(n) {
-                    runs[i].0 = after;
-                    left -= k * n;
-                    i += 1;
-                    continue;
-                }
-                // The run splits: `full` bins take k each, one bin takes
-                // the rest, and the remaining bins are untouched.
-                let full = left / k;
-                let part = left % k;
-                let mut split = Vec::with_capacity(3);
-                if full > 0 {
-                    split.push((after, full));
-                }
-                let mut untouched = n - full;
-                if part > 0 {
-                    split.push((room.saturating_sub(&scale(&request, part)), 1));
-                    untouched -= 1;
-                }
-                if untouched > 0 {
-                    split.push((room, untouched));
-                }
-                runs.splice(i..=i, split);
-                left = 0;
-            }
-            if left == 0 {
-                continue;
-            }
-            let per_bin = fit_count(&request, &worker);
-            let new_bins = left.div_ceil(per_bin);
-            bins = bins.saturating_add(new_bins);
-            if bins >= limit {
-                return limit;
-            }
-            let full = left / per_bin;
-            let part = left % per_bin;
-            if full > 0 {
-                runs.push((worker.saturating_sub(&scale(&request, per_bin)), full));
-            }
-            if part > 0 {
-                runs.push((worker.saturating_sub(&scale(&request, part)), 1));
-            }
-        }
-        bins.min(limit)
+        workers_needed_for(
+            self.live_shapes().map(|s| (s.request, s.queue.len())),
+            worker,
+            limit,
+        )
     }
 
     /// Unreserved resources on `worker`, or `None` if it is not known.
@@ -501,11 +507,12 @@ impl Scheduler {
         self.shapes.iter().filter(|s| !s.queue.is_empty())
     }
 
-    fn intern(&mut self, request: Request) -> ShapeId {
-        if let Some(&id) = self.shape_ids.get(&request) {
+    fn intern(&mut self, key: ShapeKey, request: Request) -> ShapeId {
+        if let Some(&id) = self.shape_ids.get(&key) {
             return id;
         }
         let shape = Shape {
+            key,
             request,
             queue: BTreeSet::new(),
             blocked: false,
@@ -523,7 +530,7 @@ impl Scheduler {
                 id
             }
         };
-        self.shape_ids.insert(request, id);
+        self.shape_ids.insert(key, id);
         id
     }
 
@@ -538,7 +545,7 @@ impl Scheduler {
             s.blocked = false;
             self.blocked.retain(|&b| b != shape);
         }
-        self.shape_ids.remove(&s.request);
+        self.shape_ids.remove(&s.key);
         self.free_shapes.push(shape);
     }
 
@@ -637,6 +644,103 @@ impl Scheduler {
         self.by_free.insert(w.index_key(slot));
         allocation
     }
+}
+
+/// [`Scheduler::workers_needed`] for demand known only as counts per
+/// request, such as the waiting shapes in a master's status report: how many
+/// workers of size `worker` (at most `limit`) the tasks could keep busy,
+/// packed first-fit-decreasing exactly as the master's own queue would be.
+/// A factory uses it so that a 4-core task is not counted as four 1-core ones.
+pub fn workers_needed_for(
+    shapes: impl IntoIterator<Item = (Request, usize)>,
+    worker: Resources,
+    limit: usize,
+) -> usize {
+    let mut bins: usize = 0;
+    let mut fixed: Vec<(Resources, usize)> = Vec::new();
+    for (request, count) in shapes {
+        if count == 0 {
+            continue;
+        }
+        match request {
+            Request::WholeWorker => bins = bins.saturating_add(count),
+            Request::Fixed(r) if r.fits_in(&worker) => fixed.push((r, count)),
+            Request::Fixed(_) => {}
+        }
+    }
+    if bins >= limit {
+        return limit;
+    }
+    fixed.sort_by(|a, b| {
+        size_in(&b.0, &worker)
+            .total_cmp(&size_in(&a.0, &worker))
+            .then_with(|| b.0.cmp(&a.0))
+    });
+    // Runs of identical bins, in first-fit order: (room left, how many).
+    let mut runs: Vec<(Resources, usize)> = Vec::new();
+    for (request, count) in fixed {
+        if request.is_zero() {
+            // Takes no room, but something has to run it.
+            if bins == 0 {
+                bins = 1;
+                runs.push((worker, 1));
+            }
+            continue;
+        }
+        let mut left = count;
+        let mut i = 0;
+        while left > 0 && i < runs.len() {
+            let (room, n) = runs[i];
+            let k = fit_count(&request, &room);
+            if k == 0 {
+                i += 1;
+                continue;
+            }
+            let after = room.saturating_sub(&scale(&request, k));
+            if left >= k.saturating_mul(n) {
+                runs[i].0 = after;
+                left -= k * n;
+                i += 1;
+                continue;
+            }
+            // The run splits: `full` bins take k each, one bin takes
+            // the rest, and the remaining bins are untouched.
+            let full = left / k;
+            let part = left % k;
+            let mut split = Vec::with_capacity(3);
+            if full > 0 {
+                split.push((after, full));
+            }
+            let mut untouched = n - full;
+            if part > 0 {
+                split.push((room.saturating_sub(&scale(&request, part)), 1));
+                untouched -= 1;
+            }
+            if untouched > 0 {
+                split.push((room, untouched));
+            }
+            runs.splice(i..=i, split);
+            left = 0;
+        }
+        if left == 0 {
+            continue;
+        }
+        let per_bin = fit_count(&request, &worker);
+        let new_bins = left.div_ceil(per_bin);
+        bins = bins.saturating_add(new_bins);
+        if bins >= limit {
+            return limit;
+        }
+        let full = left / per_bin;
+        let part = left % per_bin;
+        if full > 0 {
+            runs.push((worker.saturating_sub(&scale(&request, per_bin)), full));
+        }
+        if part > 0 {
+            runs.push((worker.saturating_sub(&scale(&request, part)), 1));
+        }
+    }
+    bins.min(limit)
 }
 
 fn min_each(a: &Resources, b: &Resources) -> Resources {
@@ -1081,5 +1185,31 @@ mod tests {
         let mut z = Scheduler::new();
         z.enqueue(1, Request::Fixed(Resources::default()), 0, 1, &[]);
         assert_eq!(z.workers_needed(eight, 100), 1);
+    }
+
+    #[test]
+    fn workers_needed_for_counts_packs_like_the_queue() {
+        let eight = res(8, 16_000);
+        // Ten 4-core tasks need five 8-core workers, not ten (nor forty).
+        assert_eq!(workers_needed_for([(fixed(4), 10)], eight, 100), 5);
+        assert_eq!(workers_needed_for([(fixed(4), 10)], res(1, 0), 100), 0);
+        assert_eq!(workers_needed_for([(fixed(1), 40)], res(1, 0), 2), 2);
+        // The same counts split over repeated entries pack the same way.
+        let mut s = Scheduler::new();
+        for t in 0..6 {
+            s.enqueue(t, fixed(5), 0, t, &[]);
+        }
+        for t in 6..11 {
+            s.enqueue(t, fixed(2), 0, t, &[]);
+        }
+        let split = [(fixed(2), 3), (fixed(5), 6), (fixed(2), 2), (fixed(7), 0)];
+        assert_eq!(
+            workers_needed_for(split, eight, 100),
+            s.workers_needed(eight, 100)
+        );
+        assert_eq!(
+            workers_needed_for([(Request::WholeWorker, 3)], eight, 100),
+            3
+        );
     }
 }

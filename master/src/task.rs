@@ -141,7 +141,9 @@ impl Task {
         self
     }
 
-    /// The category this task's resource measurements are pooled in.
+    /// The category this task's resource measurements are pooled in
+    /// (default "default"). A task that declares no resources is sized by
+    /// its category (see [`crate::Manager::set_category`]).
     pub fn category(mut self, category: impl Into<String>) -> Task {
         self.category = Some(category.into());
         self
@@ -159,7 +161,11 @@ impl Task {
         self
     }
 
-    /// How many times the task is run again after its worker is lost (default 5).
+    /// How many times the task is run again after its worker is lost or a
+    /// cached input vanished from it (default 5). Retries in a bigger
+    /// allocation after going over a learned one (see
+    /// [`crate::CategoryConfig`]) do not count against this budget: the
+    /// category's retry ladder bounds those.
     pub fn max_retries(mut self, retries: u32) -> Task {
         self.max_retries = Some(retries);
         self

@@ -142,7 +142,7 @@ fn kill_sessions(sids: &[i32]) {
                 let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
                 let sid = stat
                     .rsplit_once(')')
-                    .and_then(|(_, r)| r.split_whitespace().nth(4))
+                    .and_then(|(_, r)| r.split_whitespace().nth(3))
                     .and_then(|s| s.parse::<i32>().ok());
                 if sid.is_some_and(|s| sids.contains(&s)) {
                     // SAFETY: killing a process of a session this bench created.

@@ -47,6 +47,12 @@ except ImportError:
     sys.stderr.write("analysis needs Python 3.8 or newer\n")
     sys.exit(3)
 
+# `-c` puts the current directory first on sys.path, where the script will
+# have its own directory instead (covered by local_module): distributions
+# lying in the current directory must not count as installed.
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+
 def top_imports(path):
     with open(path, "rb") as f:
         tree = ast.parse(f.read(), filename=path)

@@ -7,12 +7,14 @@
 //! other reader accept it. Each member's header carries its total length in
 //! an `FEXTRA` subfield (`DR`, like BGZF's `BC`), which lets our reader hand
 //! whole members to several inflating threads without scanning for
-//! boundaries. The chunking depends only on the tar bytes, so the output is
-//! still deterministic.
+//! boundaries (not used yet: inflating is not the bottleneck of unpacking,
+//! file creation is). The chunking depends only on the tar bytes, so the
+//! output is still deterministic.
 //!
 //! Unpacking: one thread reads and inflates, parses the tar stream, creates
-//! directories and symlinks in order, and hands file contents to a small
-//! pool of writer threads, so that decompression and file creation overlap.
+//! directories and symlinks in order, and hands file contents to a writer
+//! pool (`DROVER_UNPACK_THREADS` writers, default 4), so that decompression
+//! and file creation overlap.
 //! Paths are confined to the destination: absolute paths, `..`, links that
 //! point outside, and entries under a symlink are refused.
 
@@ -440,10 +442,14 @@ pub fn unpack(tarball: &Path, dest: &Path, expect_hash: Option<&str>) -> Result<
         hasher: blake3::Hasher::new(),
         read: 0,
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 4);
+    // Writers spend their time in the kernel creating inodes. On 2 cores,
+    // 1 and 4 writers were within the noise of each other on the 340 MB
+    // environment (benches/packager); 4 leaves room on bigger machines.
+    let threads = std::env::var("DROVER_UNPACK_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(4)
+        .clamp(1, 64);
     let failure = Failure::default();
     let mut stats = Stats::default();
 
@@ -659,4 +665,127 @@ pub fn make_writable(root: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &Path) {
+        std::fs::create_dir_all(root.join("b/c")).unwrap();
+        std::fs::write(root.join("a.txt"), "alpha").unwrap();
+        std::fs::write(
+            root.join("b/c/big.bin"),
+            vec![7u8; (POOL_MAX_FILE + 10) as usize],
+        )
+        .unwrap();
+        std::fs::write(root.join("b/run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            root.join("b/run.sh"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("../a.txt", root.join("b/link")).unwrap();
+    }
+
+    #[test]
+    fn same_tree_same_bytes_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        tree(&a);
+        tree(&b);
+        // Different times on the inputs must not matter.
+        std::fs::File::options()
+            .append(true)
+            .open(b.join("a.txt"))
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap();
+        let (ha, sa) = write_archive(&a, &dir.path().join("a.tgz"), 6, 3).unwrap();
+        let (hb, _) = write_archive(&b, &dir.path().join("b.tgz"), 6, 1).unwrap();
+        assert_eq!(ha, hb);
+        assert_eq!(sa.entries, 6);
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let stats = unpack(&dir.path().join("a.tgz"), &out, Some(&ha)).unwrap();
+        assert_eq!(stats.content_bytes, sa.content_bytes);
+        assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"alpha");
+        assert_eq!(
+            std::fs::read(out.join("b/c/big.bin")).unwrap(),
+            std::fs::read(a.join("b/c/big.bin")).unwrap()
+        );
+        let mode = std::fs::metadata(out.join("b/run.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(
+            std::fs::read_link(out.join("b/link")).unwrap(),
+            Path::new("../a.txt")
+        );
+
+        // A wrong expected hash is refused.
+        let again = dir.path().join("again");
+        std::fs::create_dir(&again).unwrap();
+        let err = unpack(&dir.path().join("a.tgz"), &again, Some(&"0".repeat(64))).unwrap_err();
+        assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    }
+
+    /// A tar.gz with one entry whose name and link are written raw, bypassing
+    /// the checks `tar::Builder` does.
+    fn evil(path: &Path, kind: tar::EntryType, name: &str, link: &str) {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        let data: &[u8] = if kind == tar::EntryType::Regular {
+            b"x"
+        } else {
+            b""
+        };
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        let gz = flate2::write::GzEncoder::new(File::create(path).unwrap(), Default::default());
+        let mut b = tar::Builder::new(gz);
+        b.append(&h, data).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+
+    #[test]
+    fn refuses_entries_that_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (tar::EntryType::Regular, "../escaped", ""),
+            (tar::EntryType::Regular, "/tmp/escaped", ""),
+            (tar::EntryType::Symlink, "up", "../../etc"),
+            (tar::EntryType::Symlink, "abs", "/etc"),
+            (tar::EntryType::Link, "hard", "../../etc/passwd"),
+        ];
+        for (i, (kind, name, link)) in cases.into_iter().enumerate() {
+            let tgz = dir.path().join(format!("{i}.tgz"));
+            evil(&tgz, kind, name, link);
+            let dest = dir.path().join(format!("dest{i}/inner"));
+            std::fs::create_dir_all(&dest).unwrap();
+            let err = unpack(&tgz, &dest, None).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains("escapes") || msg.contains("outside"),
+                "{name}: {msg}"
+            );
+            assert!(!dir.path().join(format!("dest{i}/escaped")).exists());
+        }
+    }
+
+    #[test]
+    fn garbage_is_not_a_tarball() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.tar.gz");
+        std::fs::write(&p, b"this is not gzip at all").unwrap();
+        let err = unpack(&p, dir.path(), None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a valid .tar.gz"),
+            "{err:#}"
+        );
+    }
 }

@@ -73,6 +73,9 @@ pub enum PackCommand {
         /// Where environments are unpacked (default: <cache>/unpacked).
         #[arg(long, value_name = "DIR")]
         unpack_dir: Option<PathBuf>,
+        /// Say on stderr whether the environment was unpacked or found.
+        #[arg(short, long)]
+        verbose: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -192,14 +195,33 @@ pub fn run(args: PackArgs) -> Result<i32> {
         PackCommand::Run {
             env,
             unpack_dir,
+            verbose,
             command,
         } => {
             let unpack_root = match unpack_dir {
                 Some(d) => d,
                 None => cache(&args.cache_dir)?.unpack_root(),
             };
-            let root = crate::ensure_unpacked(&env, &unpack_root)?;
-            let root = std::fs::canonicalize(&root)?;
+            let unpacked = crate::unpack_once(&env, &unpack_root)?;
+            if verbose {
+                match &unpacked.stats {
+                    Some(s) => eprintln!(
+                        "unpacked environment {} ({} entries, {:.1} MB) in {:.3} s: {}",
+                        unpacked.hash,
+                        s.entries,
+                        s.content_bytes as f64 / 1e6,
+                        unpacked.seconds,
+                        unpacked.dir.display()
+                    ),
+                    None => eprintln!(
+                        "environment {} already unpacked: {}",
+                        unpacked.hash,
+                        unpacked.dir.display()
+                    ),
+                }
+            }
+            let root = std::fs::canonicalize(&unpacked.dir)
+                .with_context(|| format!("cannot resolve {}", unpacked.dir.display()))?;
             let path = std::env::var("PATH").unwrap_or_default();
             let vars = crate::activation_env(&root, &path)?;
             let Some((program, rest)) = command.split_first() else {

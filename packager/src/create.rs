@@ -8,7 +8,7 @@
 //! bin/activate             `. bin/activate` from bash or zsh
 //! bin/drover-run           `bin/drover-run CMD ARGS...`
 //! bin/<console scripts>    shebangs rewritten to find the interpreter next to them
-//! lib/libpython3.11.so.1.0 when the interpreter links it dynamically
+//! lib/libpython3.11.so.1.0 when the interpreter links it dynamically (run path -> $ORIGIN)
 //! lib/python3.11/          the standard library (no test suites, no tkinter/idle)
 //! lib/python3.11/site-packages/   the requirements, installed by pip
 //! <files>                  the spec's extra files
@@ -326,7 +326,17 @@ fn build_tree(
         );
     }
 
-    let mut needs_ld_library_path = false;
+    let mut native = vec![bin.join(&exe_name)];
+    if let Ok(rd) = std::fs::read_dir(stdlib.join("lib-dynload")) {
+        let mut so: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "so"))
+            .collect();
+        so.sort();
+        native.extend(so);
+    }
+    let mut shared_lib = None;
     if host.shared {
         let (Some(libdir), Some(soname)) = (&host.libdir, &host.instsoname) else {
             bail!(
@@ -337,6 +347,12 @@ fn build_tree(
         let so = libdir.join(soname);
         copy_file(&so, &lib.join(soname), 0o755)
             .with_context(|| format!("cannot copy the interpreter's library {}", so.display()))?;
+        native.push(lib.join(soname));
+        shared_lib = Some((libdir, soname));
+    }
+    strip_debug(&native);
+    let mut needs_ld_library_path = false;
+    if let Some((libdir, soname)) = shared_lib {
         needs_ld_library_path = !relocate_elf(&bin.join(&exe_name), libdir, "$ORIGIN/../lib");
         relocate_elf(&lib.join(soname), libdir, "$ORIGIN");
     }
@@ -384,7 +400,7 @@ fn build_tree(
 
     let meta = EnvMeta {
         format: FORMAT_VERSION,
-        spec: spec.clone(),
+        spec: spec.portable()?,
         spec_key: key.to_string(),
         python_version: host.version.clone(),
         platform: host.platform.clone(),
@@ -396,6 +412,33 @@ fn build_tree(
     text.push('\n');
     std::fs::write(root.join(META_FILE), text)?;
     Ok(())
+}
+
+/// Drops the debug sections of the interpreter's own binaries (the copies),
+/// with binutils' `strip --strip-debug`. Source-built interpreters (pyenv's)
+/// carry DWARF that is 60% of `libpython` and of `lib-dynload`, about 25 MB
+/// that every worker would download and unpack for nothing; symbols stay, so
+/// backtraces still name functions. Packages installed by pip are left alone:
+/// wheels are already stripped, and some were patched by patchelf in ways
+/// `strip` is known to break. Without `strip` on the host the files are kept
+/// as they are.
+fn strip_debug(files: &[PathBuf]) {
+    if files.is_empty() {
+        return;
+    }
+    match Command::new("strip")
+        .arg("--strip-debug")
+        .args(files)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => tracing::warn!(
+            "strip failed, keeping debug information: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => tracing::debug!("no strip ({e}); keeping debug information"),
+    }
 }
 
 /// Points an ELF file's run path at `to` instead of the host's `libdir`.

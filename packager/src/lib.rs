@@ -20,4 +20,6 @@ pub mod python;
 pub mod spec;
 mod unpack;
 
-pub use unpack::{activation_env, ensure_unpacked, hash_file, hash_from_name};
+pub use unpack::{
+    activation_env, ensure_unpacked, hash_file, hash_from_name, unpack_once, Unpacked,
+};

@@ -16,7 +16,8 @@ pub const META_FILE: &str = "drover-env.json";
 pub struct EnvMeta {
     /// [`crate::spec::FORMAT_VERSION`] of the packager that built it.
     pub format: u32,
-    /// The normalized spec it was built from.
+    /// The normalized spec it was built from, with each file's `src` set to
+    /// its place in the environment ([`Spec::portable`]).
     pub spec: Spec,
     /// The spec's cache key.
     pub spec_key: String,

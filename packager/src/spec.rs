@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the layout or bytes of created environments change, so that
 /// cached builds from an older packager are not reused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A file or directory copied into the environment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -171,13 +171,25 @@ impl Spec {
         Ok(serde_json::to_string(self)?)
     }
 
+    /// The spec as the environment records it: each extra file's `src` is
+    /// replaced by where it is inside the environment, so nothing about the
+    /// build host's directories ends up in the environment or its key.
+    pub fn portable(&self) -> Result<Spec> {
+        let mut spec = self.clone();
+        for f in &mut spec.files {
+            f.src = PathBuf::from(f.dest_path()?);
+        }
+        Ok(spec)
+    }
+
     /// The cache key of this spec: a BLAKE3 hash over the packager format
-    /// version, the canonical spec and the contents of every extra file.
-    /// Two `create` runs with equal keys may share one build.
+    /// version, the canonical [`Spec::portable`] spec and the contents of
+    /// every extra file (not where they are). Two `create` runs with equal
+    /// keys may share one build.
     pub fn key(&self) -> Result<String> {
         let mut h = blake3::Hasher::new();
         h.update(format!("drover-packager format {FORMAT_VERSION}\0").as_bytes());
-        h.update(self.canonical_json()?.as_bytes());
+        h.update(self.portable()?.canonical_json()?.as_bytes());
         for f in &self.files {
             h.update(b"\0file\0");
             h.update(f.dest_path()?.as_bytes());
@@ -333,6 +345,34 @@ mod tests {
         assert!(check_relative("../x").is_err());
         assert!(check_relative("/etc/passwd").is_err());
         assert!(check_relative("files/a").is_ok());
+    }
+
+    #[test]
+    fn key_follows_file_contents_not_locations() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec_with = |src: &Path| {
+            let mut s = Spec {
+                python: "3.11".into(),
+                requirements: vec![],
+                files: vec![FileSpec {
+                    src: src.to_path_buf(),
+                    dest: Some("files/data".into()),
+                }],
+                env: BTreeMap::new(),
+            };
+            s.normalize().unwrap();
+            s
+        };
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "same").unwrap();
+        std::fs::write(&b, "same").unwrap();
+        assert_eq!(spec_with(&a).key().unwrap(), spec_with(&b).key().unwrap());
+        assert_eq!(
+            spec_with(&a).portable().unwrap().files[0].src,
+            Path::new("files/data")
+        );
+        std::fs::write(&b, "different").unwrap();
+        assert_ne!(spec_with(&a).key().unwrap(), spec_with(&b).key().unwrap());
     }
 
     #[test]

@@ -120,10 +120,35 @@ static UNIQUE: AtomicU64 = AtomicU64::new(0);
 /// mismatch or a full disk gives an error naming the cause, and leaves no
 /// partial directory behind.
 pub fn ensure_unpacked(tarball: &Path, cache_root: &Path) -> Result<PathBuf> {
+    unpack_once(tarball, cache_root).map(|u| u.dir)
+}
+
+/// What [`unpack_once`] did.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    /// The unpacked environment, `<cache_root>/<hash>`.
+    pub dir: PathBuf,
+    /// The environment's content hash.
+    pub hash: String,
+    /// Statistics of the unpack this call did, or `None` if the environment
+    /// was already there (possibly after waiting for another process that
+    /// was unpacking it).
+    pub stats: Option<archive::Stats>,
+    /// Seconds this call spent unpacking (0 if it found the environment).
+    pub seconds: f64,
+}
+
+/// [`ensure_unpacked`], also telling whether this call did the unpacking.
+pub fn unpack_once(tarball: &Path, cache_root: &Path) -> Result<Unpacked> {
     let (hash, verify) = tarball_hash(tarball, cache_root)?;
     let final_dir = cache_root.join(&hash);
     if final_dir.is_dir() {
-        return Ok(final_dir);
+        return Ok(Unpacked {
+            dir: final_dir,
+            hash,
+            stats: None,
+            seconds: 0.0,
+        });
     }
     if !tarball.is_file() {
         bail!("environment {} does not exist", tarball.display());
@@ -132,7 +157,12 @@ pub fn ensure_unpacked(tarball: &Path, cache_root: &Path) -> Result<PathBuf> {
         .with_context(|| format!("cannot create {}", cache_root.display()))?;
     let _lock = FileLock::acquire(&cache_root.join(".locks").join(&hash))?;
     if final_dir.is_dir() {
-        return Ok(final_dir);
+        return Ok(Unpacked {
+            dir: final_dir,
+            hash,
+            stats: None,
+            seconds: 0.0,
+        });
     }
     // Anything left under our prefix was abandoned by a process that died
     // mid-unpack: holding the lock, we are the only one who could be using it.
@@ -173,7 +203,12 @@ pub fn ensure_unpacked(tarball: &Path, cache_root: &Path) -> Result<PathBuf> {
         remove_tree(&tmp);
         // Someone not using our lock (an older packager) may have won.
         if final_dir.is_dir() {
-            return Ok(final_dir);
+            return Ok(Unpacked {
+                dir: final_dir,
+                hash,
+                stats: None,
+                seconds: 0.0,
+            });
         }
         return Err(anyhow!(
             "cannot move the unpacked environment into {}: {e}",
@@ -185,14 +220,20 @@ pub fn ensure_unpacked(tarball: &Path, cache_root: &Path) -> Result<PathBuf> {
     if let Ok(d) = std::fs::File::open(cache_root) {
         let _ = d.sync_all();
     }
+    let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         env = %hash,
         entries = stats.entries,
         bytes = stats.content_bytes,
-        ms = started.elapsed().as_millis() as u64,
+        ms = (seconds * 1e3) as u64,
         "unpacked environment"
     );
-    Ok(final_dir)
+    Ok(Unpacked {
+        dir: final_dir,
+        hash,
+        stats: Some(stats),
+        seconds,
+    })
 }
 
 /// Environment variables that run a command inside the unpacked environment

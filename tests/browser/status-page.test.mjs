@@ -7,7 +7,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createSocket } from 'node:dgram';
-import { mkdirSync, mkdtempSync, existsSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, existsSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -31,6 +31,19 @@ function catalogCommand() {
     }
   }
   throw new Error('set DROVER_CATALOG_BIN (or DROVER_BIN) to the binary to test; see README.md');
+}
+
+// The main drover binary, for the test that runs a real master.
+function droverBin() {
+  if (process.env.DROVER_BIN) return process.env.DROVER_BIN;
+  const targets = [process.env.CARGO_TARGET_DIR, path.join(repo, 'target')].filter(Boolean);
+  for (const t of targets) {
+    for (const profile of ['debug', 'release']) {
+      const p = path.join(t, profile, 'drover');
+      if (existsSync(p)) return p;
+    }
+  }
+  throw new Error('set DROVER_BIN to the drover binary: one test runs a real `drover run`');
 }
 
 let catalog, port, browser, stateDir;
@@ -107,6 +120,11 @@ const genome = (done, running, waiting) => report('genome-assembly', {
   workers: Array.from({ length: 12 }, (_, i) => ({
     host: `node${String(i + 1).padStart(2, '0')}.cluster.example.org`, cores: 4, memory_mb: 16384, running: i < 11 ? 4 : 0,
   })),
+  waiting_shapes: [
+    { cores: 1, memory_mb: 2048, disk_mb: 0, gpus: 0, whole_worker: false, count: waiting - 7 },
+    { cores: 4, memory_mb: 16000, disk_mb: 5000, gpus: 1, whole_worker: false, count: 5 },
+    { cores: 0, memory_mb: 0, disk_mb: 0, gpus: 0, whole_worker: true, count: 2 },
+  ],
 });
 
 before(async () => {
@@ -240,6 +258,12 @@ test('filter, sort and the detail view', async () => {
   assert.equal(await detail.locator('table.sub').nth(1).locator('tbody tr').count(), 12);
   assert.ok((await detail.textContent()).includes('node01.cluster.example.org'));
   assert.ok((await detail.textContent()).includes('bucketing: 3 buckets'));
+  // What the queue waits for, by task size.
+  const shapes = detail.locator('table.shapes tbody tr');
+  assert.equal(await shapes.count(), 3);
+  assert.deepEqual(await shapes.nth(0).locator('td').allTextContents(),
+    ['resources', '1', '2.0 GB', '—', '0', '13']); // 20 waiting (the first test's last report) - 7
+  assert.equal(await shapes.nth(2).locator('td').first().textContent(), 'a whole worker');
   await page.waitForTimeout(300);
   await page.screenshot({ path: path.join(artifacts, 'status-page-detail.png'), fullPage: true });
   await page.click('a.back');
@@ -255,4 +279,73 @@ test('the page reads on a phone', async () => {
   assert.ok(overflow <= 0, `page is ${overflow}px wider than the phone`);
   await page.screenshot({ path: path.join(artifacts, 'status-page-phone.png'), fullPage: true });
   await context.close();
+});
+
+// The row of `project` as the page shows it, read inside the page.
+function rowCells(page, project) {
+  return page.evaluate(p => {
+    const tr = [...document.querySelectorAll('#masters-body tr')]
+      .find(t => t.querySelector('.project-name')?.textContent === p);
+    if (!tr) return null;
+    const cells = {};
+    for (const td of tr.querySelectorAll('td[data-col]')) cells[td.dataset.col] = td.textContent;
+    cells.stopped = !!tr.querySelector('.badge-stopped');
+    return cells;
+  }, project);
+}
+
+async function waitForRow(page, project, what, pred) {
+  let last = null;
+  for (let i = 0; i < 600; i++) {
+    last = await rowCells(page, project);
+    if (last && pred(last)) return last;
+    await page.waitForTimeout(100);
+  }
+  throw new Error(`the page never showed ${what} for ${project}; last: ${JSON.stringify(last)}`);
+}
+
+test('a real drover run reports to the catalog and the page follows its tasks', async () => {
+  // A real master (drover run) with a real worker process. Four quick tasks,
+  // then six that wait for a gate file: with a 2-core worker the page must
+  // settle on 4 done, 2 running, 4 waiting until the gate opens.
+  const dir = mkdtempSync(path.join(tmpdir(), 'drover-browser-run-'));
+  const gate = path.join(dir, 'gate');
+  const lines = [];
+  for (let i = 0; i < 4; i++) lines.push('true');
+  for (let i = 0; i < 6; i++) lines.push(`while [ ! -e '${gate}' ]; do sleep 0.05; done`);
+  writeFileSync(path.join(dir, 'tasks.txt'), lines.join('\n') + '\n');
+  const project = `real-run-${process.pid}`;
+  const run = spawn(droverBin(), ['run', '--workers', '1', '--cores', '2',
+    '--catalog', `127.0.0.1:${port}`, '--project', project, '--catalog-interval', '0.2',
+    '--failed-dir', path.join(dir, 'failed'), path.join(dir, 'tasks.txt')],
+  { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+  let runErr = '';
+  run.stderr.on('data', d => { runErr += d; });
+  const exited = new Promise(resolve => run.once('exit', code => resolve(code)));
+  const { page, context, errors } = await openPage({ width: 1360, height: 900 });
+  try {
+    const held = await waitForRow(page, project, '4 done, 2 running, 4 waiting',
+      c => c.tasks_done === '4' && c.tasks_running === '2' && c.tasks_waiting === '4');
+    assert.equal(held.workers, '1 / 1');
+    assert.equal(held.cores, '2 / 2');
+    assert.equal(held.stopped, false);
+    await page.evaluate(() => { window.__notReloaded = true; });
+
+    writeFileSync(gate, '');
+    assert.equal(await exited, 0, runErr);
+    // Its last report says it stopped, with every task done.
+    const end = await waitForRow(page, project, 'the stopped run',
+      c => c.stopped && c.tasks_done === '10');
+    assert.equal(end.tasks_waiting, '0');
+    assert.equal(end.tasks_running, '0');
+    assert.equal(end.tasks_failed, '0');
+    assert.equal(await page.evaluate(() => window.__notReloaded), true);
+    await page.waitForTimeout(1800);
+    await page.screenshot({ path: path.join(artifacts, 'status-page-real-run.png'), fullPage: true });
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.close();
+    if (run.exitCode === null) run.kill();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

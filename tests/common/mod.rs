@@ -115,3 +115,130 @@ pub fn write_file(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
     std::fs::write(&p, content).expect("write file");
     p
 }
+
+impl Worker {
+    /// A worker started with `args` only (no master address), e.g. one that
+    /// finds its master through a catalog with `--catalog ... --project ...`.
+    pub fn start_without_master(args: &[&str]) -> Worker {
+        let workdir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(drover_bin())
+            .arg("worker")
+            .arg("--workdir")
+            .arg(workdir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start drover worker");
+        Worker { child, workdir }
+    }
+}
+
+/// A real `drover catalog` process on a free loopback port with no state
+/// file, killed when dropped.
+pub struct CatalogServer {
+    pub child: Child,
+    /// `127.0.0.1:PORT`, for `--catalog`.
+    pub addr: String,
+    /// Kept open so that a later line on stdout does not hit a closed pipe.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl CatalogServer {
+    /// Starts `drover catalog --port 0` with extra `args` and waits for the
+    /// line on stdout that names the port it got.
+    pub fn start(args: &[&str]) -> CatalogServer {
+        use std::io::BufRead;
+        let mut child = Command::new(drover_bin())
+            .args([
+                "catalog",
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--no-state-file",
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start drover catalog");
+        let stdout = child.stdout.take().expect("catalog stdout");
+        let mut stdout = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read catalog stdout");
+        // "drover catalog listening on 127.0.0.1:PORT (HTTP and UDP)"
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("catalog did not say where it listens: {line:?}"))
+            .to_string();
+        CatalogServer {
+            child,
+            addr,
+            _stdout: stdout,
+        }
+    }
+}
+
+impl Drop for CatalogServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Live (not zombie) processes whose command line contains `marker`, as
+/// `(pid, command line)`, read from /proc.
+pub fn live_processes_with(marker: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        // A zombie's cmdline is empty, so only live processes match.
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(marker) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// Panics unless every process whose command line contains `marker` is gone
+/// (polling, with a generous timeout that only guards against a hang).
+pub fn assert_none_left(marker: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = live_processes_with(marker);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes of a finished task are still running: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until at least `n` live processes have `marker` in their command line.
+pub fn wait_for_processes(marker: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while live_processes_with(marker).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} processes with {marker:?} ever ran"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

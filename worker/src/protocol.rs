@@ -17,6 +17,11 @@
 //! [`MasterMsg::Welcome`] with `HMAC-SHA256(password, "drover-master" ‖
 //! worker_nonce ‖ master_nonce)`. The password never crosses the wire and a
 //! recorded exchange cannot be replayed because both sides pick a nonce.
+//!
+//! A client that only wants the master's status (`drover factory`) sends
+//! [`WorkerMsg::StatusQuery`] instead of a hello and goes through the same
+//! refusal and challenge steps; the master then answers [`MasterMsg::Status`]
+//! (with its proof in place of the welcome's) and closes the connection.
 
 use std::io;
 
@@ -62,6 +67,13 @@ pub enum MasterMsg {
     Ping,
     /// The master is done with this worker; it should exit.
     Shutdown,
+    /// The answer to [`WorkerMsg::StatusQuery`], after which the master closes
+    /// the connection: the report it would send its catalog. `proof` is the
+    /// master's HMAC, as in [`MasterMsg::Welcome`], when a password is in use.
+    Status {
+        proof: Option<String>,
+        report: Box<drover_catalog::MasterReport>,
+    },
 }
 
 /// Messages from a worker to the master.
@@ -88,6 +100,13 @@ pub enum WorkerMsg {
     /// The worker is leaving (idle timeout, signal).
     Goodbye {
         reason: String,
+    },
+    /// Sent instead of a hello by a client that is not a worker (`drover
+    /// factory`): it wants the master's status report, not tasks. With a
+    /// password it must answer the same challenge a worker does.
+    StatusQuery {
+        protocol: u32,
+        password: bool,
     },
 }
 

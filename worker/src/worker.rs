@@ -5,16 +5,20 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use drover_monitor::{Limits, Monitor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::env::{EnvError, Environments};
 use crate::exec::Running;
+use crate::locate::MasterSource;
 use crate::protocol::{
     self, auth_proof, check_sandbox_name, read_frame, verify_proof, Ending, FrameError, Hello,
     LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
@@ -25,8 +29,9 @@ use crate::Resources;
 /// How a worker is set up.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    /// `HOST:PORT` of the master.
-    pub master: String,
+    /// The master's `HOST:PORT`, or the catalog and project to look it up by
+    /// (`"host:port".into()` for the former).
+    pub master: MasterSource,
     pub resources: Resources,
     pub password: Option<Vec<u8>>,
     /// Exit after this long without a task (connected or not).
@@ -89,20 +94,32 @@ fn free_disk_mb(path: &Path) -> Option<u64> {
 /// exponential backoff otherwise.
 pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
     let dirs = Dirs::create(&config.workdir)?;
+    let shared = Shared {
+        monitor: Monitor::new(drover_monitor::DEFAULT_INTERVAL),
+        envs: Arc::new(Environments::new(
+            config.workdir.join("envs"),
+            dirs.cache.clone(),
+        )),
+    };
+    info!(method = shared.monitor.method(), "tasks run monitored");
     let mut backoff = Duration::from_millis(250);
     let mut last_busy = Instant::now();
+    let mut last_error = String::new();
     loop {
-        match TcpStream::connect(&config.master).await {
-            Ok(stream) => {
+        // A catalog is asked again at every attempt: the master may have
+        // restarted elsewhere.
+        match config.master.connect().await {
+            Ok((stream, addr)) => {
                 backoff = Duration::from_millis(250);
+                last_error.clear();
                 let _ = stream.set_nodelay(true);
-                info!(master = %config.master, "connected");
-                let outcome = Session::new(&config, &dirs)
+                info!(master = %addr, "connected");
+                let outcome = Session::new(&config, &dirs, &shared)
                     .run(stream, &mut last_busy)
                     .await;
                 match outcome {
                     Ok(StopReason::Disconnected) => {
-                        warn!(master = %config.master, "connection to the master ended");
+                        warn!(master = %addr, "connection to the master ended");
                         if config.exit_on_disconnect {
                             return Ok(StopReason::Disconnected);
                         }
@@ -112,10 +129,17 @@ pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
                 }
             }
             Err(e) => {
-                debug!(master = %config.master, "cannot connect: {e}");
+                let e = format!("{e:#}");
                 if config.exit_on_disconnect {
-                    bail!("cannot connect to master {}: {e}", config.master);
+                    bail!("{e}");
                 }
+                // Why a catalog lookup fails is news once, not at every retry.
+                if matches!(config.master, MasterSource::Catalog { .. }) && e != last_error {
+                    warn!("{e}; retrying");
+                } else {
+                    debug!("{e}");
+                }
+                last_error = e;
             }
         }
         if last_busy.elapsed() >= config.idle_timeout {
@@ -185,14 +209,26 @@ enum Outgoing {
     Done(Box<Finished>),
 }
 
+/// What every task of this worker process shares, across reconnects.
+struct Shared {
+    /// The one poller that measures and limits every task.
+    monitor: Monitor,
+    envs: Arc<Environments>,
+}
+
 struct Session<'a> {
     config: &'a WorkerConfig,
     dirs: &'a Dirs,
+    shared: &'a Shared,
 }
 
 impl<'a> Session<'a> {
-    fn new(config: &'a WorkerConfig, dirs: &'a Dirs) -> Self {
-        Session { config, dirs }
+    fn new(config: &'a WorkerConfig, dirs: &'a Dirs, shared: &'a Shared) -> Self {
+        Session {
+            config,
+            dirs,
+            shared,
+        }
     }
 
     async fn run(&self, stream: TcpStream, last_busy: &mut Instant) -> anyhow::Result<StopReason> {
@@ -202,8 +238,12 @@ impl<'a> Session<'a> {
         let keepalive = self.handshake(&mut reader, &mut writer).await?;
 
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u32, Resources, Vec<u32>)>();
-        let writer_task = tokio::spawn(write_loop(writer, out_rx, done_tx));
+        // Finished tasks pass through this loop before the writer, so their
+        // resources are free before the master can read the report and send
+        // the next task: otherwise a prompt master races the bookkeeping and
+        // gets a spurious "refusing to overcommit".
+        let (fin_tx, mut fin_rx) = mpsc::unbounded_channel::<Box<Finished>>();
+        let writer_task = tokio::spawn(write_loop(writer, out_rx));
         let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<MasterMsg>();
         let transfer = self.dirs.transfer.clone();
         let cache = self.dirs.cache.clone();
@@ -247,11 +287,13 @@ impl<'a> Session<'a> {
                                 cache: self.dirs.cache.clone(),
                                 transfer: self.dirs.transfer.clone(),
                                 gpus,
+                                monitor: self.shared.monitor.clone(),
+                                envs: Arc::clone(&self.shared.envs),
                             };
-                            let out_tx = out_tx.clone();
+                            let fin_tx = fin_tx.clone();
                             tokio::spawn(async move {
                                 let finished = run_task(*task, ctx, kill_rx).await;
-                                let _ = out_tx.send(Outgoing::Done(Box::new(finished)));
+                                let _ = fin_tx.send(Box::new(finished));
                             });
                         }
                         MasterMsg::Kill { task_id, attempt } => {
@@ -266,13 +308,14 @@ impl<'a> Session<'a> {
                         other => warn!("unexpected message from master: {other:?}"),
                     }
                 }
-                done = done_rx.recv() => {
-                    // The report has been written: the task's resources are free again.
-                    let Some((task_id, attempt, allocation, gpus)) = done else { break StopReason::Disconnected };
-                    running.remove(&(task_id, attempt));
-                    free = free.saturating_add(&allocation);
-                    free_gpus.extend(gpus);
+                fin = fin_rx.recv() => {
+                    // This loop holds a sender, so the channel never closes here.
+                    let Some(mut finished) = fin else { continue };
+                    running.remove(&(finished.report.task_id, finished.report.attempt));
+                    free = free.saturating_add(&finished.allocation);
+                    free_gpus.append(&mut finished.gpus);
                     *last_busy = Instant::now();
+                    let _ = out_tx.send(Outgoing::Done(finished));
                 }
                 _ = tick.tick() => {
                     if last_heard.elapsed() > silence_limit {
@@ -461,9 +504,9 @@ async fn receive_file(
 async fn write_loop(
     mut writer: BufWriter<OwnedWriteHalf>,
     mut out: mpsc::UnboundedReceiver<Outgoing>,
-    done: mpsc::UnboundedSender<(u64, u32, Resources, Vec<u32>)>,
 ) -> anyhow::Result<()> {
     let mut frame = Vec::with_capacity(4096);
+    let mut sent_sandboxes = Vec::new();
     while let Some(first) = out.recv().await {
         let mut next = Some(first);
         // Drain whatever is ready before flushing: one syscall for a burst of reports.
@@ -479,10 +522,8 @@ async fn write_loop(
                         report,
                         outputs,
                         task_dir,
-                        allocation,
-                        gpus,
+                        ..
                     } = *finished;
-                    let (task_id, attempt) = (report.task_id, report.attempt);
                     let headers = outputs.iter().map(|(h, _)| h.clone()).collect();
                     frame.clear();
                     protocol::encode_frame(
@@ -496,13 +537,22 @@ async fn write_loop(
                     for (header, path) in &outputs {
                         stream_file(&mut writer, path, header.size).await?;
                     }
-                    let _ = tokio::fs::remove_dir_all(&task_dir).await;
-                    let _ = done.send((task_id, attempt, allocation, gpus));
+                    sent_sandboxes.push(task_dir);
                 }
             }
             next = out.try_recv().ok();
         }
         writer.flush().await?;
+        // Removing a sandbox costs several filesystem operations; the reports
+        // go out first and the removal happens off the writer's path.
+        if !sent_sandboxes.is_empty() {
+            let dirs = std::mem::take(&mut sent_sandboxes);
+            tokio::task::spawn_blocking(move || {
+                for dir in dirs {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            });
+        }
     }
     writer.flush().await?;
     Ok(())
@@ -538,6 +588,8 @@ struct TaskContext {
     cache: PathBuf,
     transfer: PathBuf,
     gpus: Vec<u32>,
+    monitor: Monitor,
+    envs: Arc<Environments>,
 }
 
 fn now_ms() -> u64 {
@@ -547,7 +599,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn run_task(task: RunTask, ctx: TaskContext, kill: oneshot::Receiver<()>) -> Finished {
+async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<()>) -> Finished {
     let started_ms = now_ms();
     let mut report = TaskReport {
         task_id: task.task_id,
@@ -587,8 +639,47 @@ async fn run_task(task: RunTask, ctx: TaskContext, kill: oneshot::Receiver<()>) 
             return finished(report, Vec::new());
         }
     }
+    // After the inputs, so that a task whose environment cannot be had
+    // costs no unpack when its inputs are missing anyway.
+    let activation = match &task.environment {
+        Some(file_id) => match tokio::select! {
+            r = activate(&ctx.envs, file_id, &task.env) => r,
+            // A cancel need not wait for a large unpack; one left running
+            // still completes for the next task that needs it.
+            _ = &mut kill => {
+                report.ending = Ending::Killed;
+                return finished(report, Vec::new());
+            }
+        } {
+            Ok(vars) => vars,
+            Err(EnvError::Missing(msg)) => {
+                report.ending = Ending::InputMissing;
+                report.error = Some(msg);
+                return finished(report, Vec::new());
+            }
+            Err(EnvError::Setup(msg)) => {
+                warn!("task {}: {msg}", task.task_id);
+                report.error = Some(msg);
+                return finished(report, Vec::new());
+            }
+        },
+        None => Vec::new(),
+    };
     let stdout_path = ctx.task_dir.join("stdout");
     let stderr_path = ctx.task_dir.join("stderr");
+    let wall_limit = task
+        .wall_time_s
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64);
+    let positive = |mb: u64| (task.enforce_limits && mb > 0).then_some(mb);
+    let limits = Limits {
+        memory_mb: positive(task.allocation.memory_mb),
+        disk_mb: positive(task.allocation.disk_mb),
+        wall_time: wall_limit,
+        // Cores stay advisory (CORES, OMP_NUM_THREADS): the scheduler
+        // already keeps the sum of allocations within the worker.
+        cores: None,
+    };
     let spawned = (|| -> std::io::Result<Running> {
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c").arg(&task.command).current_dir(&sandbox);
@@ -606,19 +697,20 @@ async fn run_task(task: RunTask, ctx: TaskContext, kill: oneshot::Receiver<()>) 
         for (k, v) in &task.env {
             cmd.env(k, v);
         }
-        Running::spawn(cmd)
+        // Last, so the environment's PATH (which already includes the
+        // task's own PATH after its bin) wins.
+        for (k, v) in &activation {
+            cmd.env(k, v);
+        }
+        Running::spawn(&ctx.monitor, cmd, &sandbox, limits)
     })();
-    let mut child = match spawned {
+    let child = match spawned {
         Ok(c) => c,
         Err(e) => {
             report.error = Some(format!("cannot start /bin/sh: {e}"));
             return finished(report, Vec::new());
         }
     };
-    let wall_limit = task
-        .wall_time_s
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64);
     let deadline = async {
         match wall_limit {
             Some(d) => tokio::time::sleep(d).await,
@@ -627,10 +719,9 @@ async fn run_task(task: RunTask, ctx: TaskContext, kill: oneshot::Receiver<()>) 
     };
     let mut ending = Ending::Exited;
     tokio::pin!(deadline);
-    tokio::pin!(kill);
-    let exit = loop {
+    let exited = loop {
         tokio::select! {
-            exit = child.wait() => break exit,
+            r = child.exited() => break r,
             _ = &mut deadline, if ending == Ending::Exited => {
                 ending = Ending::WallTime;
                 child.kill();
@@ -643,22 +734,63 @@ async fn run_task(task: RunTask, ctx: TaskContext, kill: oneshot::Receiver<()>) 
             }
         }
     };
-    match exit {
-        Ok(exit) => {
-            report.exit_code = exit.code;
-            report.signal = exit.signal;
-            report.measured.wall_time_s = exit.wall_time.as_secs_f64();
-            report.measured.cpu_time_s = exit.cpu_time_s;
-            report.measured.memory_mb = exit.max_rss_kb as f64 / 1024.0;
-            if report.measured.wall_time_s > 0.0 {
-                report.measured.cores = exit.cpu_time_s / report.measured.wall_time_s;
+    let finished_run = match exited {
+        Ok(()) => child.finish().await,
+        Err(e) => {
+            // Without the exit notification, end the tree rather than wait
+            // on it blind; finishing then reaps it.
+            child.kill();
+            warn!("task {}: waiting for its exit: {e}", task.task_id);
+            child.finish().await
+        }
+    };
+    match finished_run {
+        Ok(run) => {
+            let summary = &run.summary;
+            match run.exit {
+                drover_monitor::Exit::Code(c) => report.exit_code = Some(c),
+                drover_monitor::Exit::Signal(s) => report.signal = Some(s),
             }
-            if ending == Ending::WallTime {
-                report.limit_exceeded = Some(LimitHit {
-                    resource: "wall_time".into(),
-                    limit: wall_limit.map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                    value: report.measured.wall_time_s,
-                });
+            report.measured = Measured {
+                wall_time_s: summary.wall_time,
+                cpu_time_s: summary.cpu_time,
+                memory_mb: summary.memory,
+                disk_mb: summary.disk,
+                cores: summary.cores_avg,
+                summary: serde_json::to_value(summary).ok(),
+            };
+            match (&summary.limits_exceeded, ending) {
+                // A cancel stays a cancel even if a limit was hit meanwhile.
+                (_, Ending::Killed) => {}
+                (Some(hit), _) => {
+                    ending = if hit.resource == "wall_time" {
+                        Ending::WallTime
+                    } else {
+                        Ending::LimitExceeded
+                    };
+                    let unit = if hit.resource == "wall_time" {
+                        "s"
+                    } else {
+                        "MB"
+                    };
+                    report.error = Some(format!(
+                        "{} went over its limit: {:.1} {unit} used, {:.1} {unit} allowed",
+                        hit.resource, hit.value, hit.limit
+                    ));
+                    report.limit_exceeded = Some(LimitHit {
+                        resource: hit.resource.clone(),
+                        limit: hit.limit,
+                        value: hit.value,
+                    });
+                }
+                (None, Ending::WallTime) => {
+                    report.limit_exceeded = Some(LimitHit {
+                        resource: "wall_time".into(),
+                        limit: wall_limit.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                        value: summary.wall_time,
+                    });
+                }
+                (None, _) => {}
             }
         }
         Err(e) => report.error = Some(format!("waiting for the task: {e}")),
@@ -687,6 +819,23 @@ async fn run_task(task: RunTask, ctx: TaskContext, kill: oneshot::Receiver<()>) 
         }
     }
     finished(report, outputs)
+}
+
+/// Makes the task's environment ready and returns the variables that
+/// activate it, with the task's own `PATH` (or the worker's) after the
+/// environment's `bin`.
+async fn activate(
+    envs: &Environments,
+    file_id: &str,
+    task_env: &[(String, String)],
+) -> Result<Vec<(String, String)>, EnvError> {
+    let root = envs.ensure(file_id).await?;
+    let path = match task_env.iter().rev().find(|(k, _)| k == "PATH") {
+        Some((_, v)) => v.clone(),
+        None => std::env::var("PATH").unwrap_or_default(),
+    };
+    drover_packager::activation_env(&root, &path)
+        .map_err(|e| EnvError::Setup(format!("environment {file_id} cannot be activated: {e:#}")))
 }
 
 enum InputError {

@@ -93,7 +93,7 @@ pub fn master(project: &str, port: u16, done: u64) -> MasterReport {
     r.cores_total = 8;
     r.categories = vec![CategorySummary {
         name: "default".into(),
-        done,
+        done: Some(done),
         allocation: Some("bucketing: 3 buckets".into()),
         ..Default::default()
     }];

@@ -1,0 +1,204 @@
+"""Python function calls as drover tasks."""
+
+import itertools
+import os
+import pickle
+import shutil
+import sys
+import sysconfig
+import tempfile
+import threading
+
+import cloudpickle
+
+from ._drover import DroverError, Task
+
+#: The runner shipped to workers (pure Python, see remote.py).
+REMOTE_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote.py")
+
+_staging_lock = threading.Lock()
+_staging_dir = None
+_counter = itertools.count()
+
+
+def staging_dir():
+    """A per-process directory for call and result files, removed at exit."""
+    global _staging_dir
+    with _staging_lock:
+        if _staging_dir is None:
+            import atexit
+
+            _staging_dir = tempfile.mkdtemp(prefix="drover-py-")
+            atexit.register(shutil.rmtree, _staging_dir, True)
+        return _staging_dir
+
+
+class TaskFailed(DroverError):
+    """A Python task did not produce a result (it was killed, cancelled, or
+    its interpreter failed). ``result`` is the TaskResult."""
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+class RemoteError(DroverError):
+    """An exception raised remotely that could not be sent back as itself."""
+
+
+class RemoteTraceback(Exception):
+    """Set as ``__cause__`` of a re-raised remote exception; its message is the
+    remote traceback, so Python prints it above the local one."""
+
+    def __init__(self, tb):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return "\n\nRemote traceback:\n" + self.tb
+
+
+_system_dirs = None
+_by_value = set()
+
+
+def _system_paths():
+    global _system_dirs
+    if _system_dirs is None:
+        paths = sysconfig.get_paths()
+        dirs = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+        import site
+
+        for d in (site.getsitepackages() if hasattr(site, "getsitepackages") else []):
+            dirs.add(os.path.realpath(d))
+        user = getattr(site, "getusersitepackages", lambda: None)()
+        if user:
+            dirs.add(os.path.realpath(user))
+        _system_dirs = tuple(d + os.sep for d in dirs)
+    return _system_dirs
+
+
+def ship_by_value(fn):
+    """Makes cloudpickle send the module of `fn` by value when that module is
+    the user's own code (not installed), since a worker could not import it."""
+    modname = getattr(fn, "__module__", None)
+    if not modname or modname == "__main__":
+        return
+    top = modname.split(".")[0]
+    if top in _by_value:
+        return
+    mod = sys.modules.get(top)
+    path = getattr(mod, "__file__", None)
+    if mod is None or path is None:
+        return
+    if os.path.realpath(path).startswith(_system_paths()) or top == "drover":
+        return
+    cloudpickle.register_pickle_by_value(mod)
+    _by_value.add(top)
+
+
+def write_call(fn, args, kwargs, path):
+    """Serializes the call to `path`."""
+    ship_by_value(fn)
+    with open(path, "wb") as f:
+        cloudpickle.dump((fn, args, kwargs), f)
+
+
+def load_outcome(data):
+    """The function's value from a result file's bytes; raises its exception."""
+    payload = pickle.loads(data)
+    if payload[0] == "ok":
+        return payload[1]
+    _, exc, tb, name, message = payload
+    if exc is None:
+        raise RemoteError("%s: %s\n\nRemote traceback:\n%s" % (name, message, tb))
+    exc.__cause__ = RemoteTraceback(tb)
+    if hasattr(exc, "add_note"):
+        exc.add_note("(raised on a drover worker; remote traceback above)")
+    raise exc
+
+
+class PythonTask(Task):
+    """``fn(*args, **kwargs)`` as a task.
+
+    The call is serialized with cloudpickle into an input file; the worker
+    runs it with ``$DROVER_PYTHON`` (default ``python3``; local workers set
+    it to this interpreter), or with the ``python3`` of the task's packaged
+    environment. After ``Manager.wait`` returns the task's result, its
+    ``output`` is the return value, or raises the remote exception with the
+    remote traceback as its cause. The worker's Python needs ``cloudpickle``
+    and whatever ``fn`` imports, but not drover.
+
+    Resources and other options are set with the ``Task`` methods
+    (``set_cores``, ``set_memory``, ``set_tag``, ...).
+    """
+
+    #: Shell command the worker runs: through the local fork server when the
+    #: worker has one (see drover.forkserver), else in a new interpreter,
+    #: which the worker's DROVER_PYTHON can name.
+    COMMAND = (
+        'if [ -n "$DROVER_PY_FORKSERVER" ] && [ -p "$DROVER_PY_FORKSERVER" ]; then '
+        # The reply FIFO is opened (read-write, so without blocking) before
+        # the request goes out, so the server's reply cannot find no reader.
+        'mkfifo .drover-reply && exec 3<>.drover-reply && '
+        'printf "%s\\n" "$PWD" > "$DROVER_PY_FORKSERVER" && '
+        'read s <&3 && exit "${s:-1}"; exit 1; '
+        'else exec "${DROVER_PYTHON:-python3}" _drover_remote.py call.pkl result.pkl; fi'
+    )
+
+    def __new__(cls, fn, *args, **kwargs):
+        return super().__new__(cls, cls.COMMAND)
+
+    def __init__(self, fn, *args, **kwargs):
+        if not callable(fn):
+            raise TypeError("PythonTask needs a callable, got %r" % (fn,))
+        self.fn = fn
+        n = next(_counter)
+        d = staging_dir()
+        self._call_path = os.path.join(d, "call-%d.pkl" % n)
+        self._result_path = os.path.join(d, "result-%d.pkl" % n)
+        write_call(fn, args, kwargs, self._call_path)
+        self.add_input_file(REMOTE_RUNNER, "_drover_remote.py", True)
+        self.add_input_file(self._call_path, "call.pkl", False)
+        self.add_output_file(self._result_path, "result.pkl")
+        self._data = None
+        self._result = None
+
+    def set_environment(self, tarball):
+        """Runs the call with the python3 of a packaged environment (never
+        through a local fork server)."""
+        super().set_environment(tarball)
+        return self.set_env("DROVER_PY_FORKSERVER", "")
+
+    def _complete(self, result):
+        """Takes the result file in (called by Manager.wait) and removes the staging files."""
+        self._result = result
+        try:
+            with open(self._result_path, "rb") as f:
+                self._data = f.read()
+        except FileNotFoundError:
+            self._data = None
+        for p in (self._call_path, self._result_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    @property
+    def output(self):
+        """The function's return value; raises its exception, or TaskFailed
+        when there is no result (e.g. the task was killed or cancelled)."""
+        r = self._result
+        if r is None:
+            raise DroverError("the task has not finished")
+        if self._data is None:
+            detail = r.error or r.stderr.strip()[-2000:] or ""
+            raise TaskFailed(
+                "python task %d ended %s (exit code %s) without a result%s"
+                % (r.id, r.outcome, r.exit_code, (": " + detail) if detail else ""),
+                r,
+            )
+        return load_outcome(self._data)
+
+    def __repr__(self):
+        return "PythonTask(%s)" % getattr(self.fn, "__qualname__", repr(self.fn))

@@ -1,0 +1,62 @@
+"""A real Parsl DAG on real drover workers."""
+
+import pytest
+
+parsl = pytest.importorskip("parsl")
+from parsl.app.app import bash_app, python_app  # noqa: E402
+
+from drover.parsl import DroverExecutor  # noqa: E402
+
+
+@python_app
+def square(x, parsl_resource_specification={}):
+    return x * x
+
+
+@python_app
+def total(*parts):
+    return sum(parts)
+
+
+@bash_app
+def write(text, stdout=None, parsl_resource_specification={}):
+    return "echo %s" % text
+
+
+@pytest.fixture
+def dfk(tmp_path):
+    config = parsl.Config(
+        executors=[DroverExecutor(local_workers=1, worker_cores=2)],
+        run_dir=str(tmp_path / "runinfo"),
+        strategy="none",
+    )
+    d = parsl.load(config)
+    yield d
+    parsl.dfk().cleanup()
+
+
+def test_fan_out_fan_in_50_apps(dfk, tmp_path):
+    spec = {"cores": 1, "memory": 200, "disk": 100}
+    squares = [square(i, parsl_resource_specification=spec) for i in range(48)]
+    fan_in = total(*squares)  # depends on all 48
+    out = tmp_path / "echo.txt"
+    echoed = write("fan-in-done", stdout=str(out), parsl_resource_specification=spec)
+    assert fan_in.result(timeout=300) == sum(i * i for i in range(48))
+    assert echoed.result(timeout=300) == 0
+    assert out.read_text().strip() == "fan-in-done"
+    ex = dfk.executors["drover"]
+    assert ex.manager.stats.tasks_done == 50
+
+
+def test_remote_exception_reaches_the_future(dfk):
+    @python_app
+    def fails():
+        raise RuntimeError("from the worker")
+
+    with pytest.raises(RuntimeError, match="from the worker"):
+        fails().result(timeout=300)
+
+
+def test_unknown_resource_is_refused(dfk):
+    with pytest.raises(ValueError, match="does not know"):
+        square(2, parsl_resource_specification={"cpus": 1}).result(timeout=300)

@@ -1,0 +1,342 @@
+//! End to end with real processes: a real `drover catalog`, a master (the
+//! Manager in this test process) reporting to it over UDP and HTTP, real
+//! `drover worker` processes that find the master by project name through the
+//! catalog, and `drover status` reading it back.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{collect, drover_bin, wait_until, CatalogServer, Worker};
+use drover_catalog::MasterReport;
+use drover_master::{Manager, Outcome, StartError, Task};
+
+/// Short so that tests see changes quickly; the default is 15 s.
+const INTERVAL: Duration = Duration::from_millis(200);
+
+fn unique_project(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("e2e-{tag}-{}-{nanos}", std::process::id())
+}
+
+fn reporting_manager(catalog: &CatalogServer, project: &str) -> Manager {
+    Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .project(project)
+        .catalog(&catalog.addr)
+        .catalog_interval(INTERVAL)
+        .build()
+        .expect("start manager")
+}
+
+/// `drover status --catalog ... --json --project REGEX`, parsed.
+fn status_json(catalog: &CatalogServer, project_regex: &str) -> Vec<MasterReport> {
+    let out = Command::new(drover_bin())
+        .args(["status", "--catalog", &catalog.addr, "--json"])
+        .args(["--project", project_regex])
+        .output()
+        .expect("run drover status");
+    assert!(out.status.success(), "drover status failed: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("drover status --json prints JSON")
+}
+
+/// Polls `drover status` until `pred` holds for the list; a hang guard, not a
+/// timing assertion.
+fn wait_status(
+    catalog: &CatalogServer,
+    project_regex: &str,
+    what: &str,
+    pred: impl Fn(&[MasterReport]) -> bool,
+) -> Vec<MasterReport> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = status_json(catalog, project_regex);
+        if pred(&list) {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; drover status shows {list:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn anchored(project: &str) -> String {
+    format!("^{project}$")
+}
+
+#[test]
+fn worker_finds_master_by_project_status_shows_it_and_entry_expires() {
+    let catalog = CatalogServer::start(&["--expiry-secs", "3"]);
+    let project = unique_project("find");
+    let mut manager = reporting_manager(&catalog, &project);
+    // A second master whose project name contains the first one's: the
+    // worker's anchored regex must not pick it.
+    let decoy = reporting_manager(&catalog, &format!("{project}-decoy"));
+
+    for i in 0..6 {
+        manager
+            .submit(
+                Task::new(format!("echo task-{i}"))
+                    .cores(1)
+                    .category(if i % 2 == 0 { "even" } else { "odd" }),
+            )
+            .unwrap();
+    }
+
+    // Before any worker: the queue, by task size, is in the report.
+    let list = wait_status(&catalog, &anchored(&project), "the waiting tasks", |l| {
+        l.len() == 1 && l[0].tasks_waiting == 6
+    });
+    let shapes = &list[0].waiting_shapes;
+    assert_eq!(shapes.len(), 1, "{shapes:?}");
+    assert_eq!((shapes[0].cores, shapes[0].count), (1, 6), "{shapes:?}");
+    assert_eq!(list[0].workers_connected, 0);
+
+    let worker = Worker::start_without_master(&[
+        "--catalog",
+        &catalog.addr,
+        "--project",
+        &anchored(&project),
+        "--cores",
+        "2",
+        "--memory",
+        "2000",
+        "--disk",
+        "1000",
+    ]);
+    wait_until(&manager, "the worker to find the master", |s| {
+        s.workers_connected == 1
+    });
+
+    let results = collect(&manager, 6);
+    for r in &results {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        assert_eq!(r.stdout.trim(), format!("task-{}", r.id - 1));
+    }
+
+    // drover status shows the project with the counts the master has.
+    let list = wait_status(&catalog, &anchored(&project), "final counts", |l| {
+        l.len() == 1 && l[0].tasks_done == 6 && l[0].tasks_running == 0
+    });
+    let m = &list[0];
+    assert_eq!(m.project, project);
+    assert_eq!(m.port, manager.port());
+    assert_eq!(m.host, "127.0.0.1");
+    assert_eq!(m.version, env!("CARGO_PKG_VERSION"));
+    assert!(!m.owner.is_empty());
+    assert!(m.start_time > 0 && m.start_time <= m.last_update, "{m:?}");
+    assert!(!m.stopped);
+    assert!(m.run_id != 0 && m.seq > 1, "{m:?}");
+    assert_eq!((m.tasks_waiting, m.tasks_failed), (0, 0));
+    assert_eq!((m.workers_connected, m.workers_busy), (1, 0));
+    assert_eq!((m.cores_inuse, m.cores_total), (0, 2));
+    assert_eq!(m.memory_total_mb, 2000);
+    assert_eq!(m.workers.len(), 1);
+    assert_eq!(m.workers[0].cores, 2);
+    // Both categories, each saying how it sizes its tasks.
+    let mut cats: Vec<&str> = m.categories.iter().map(|c| c.name.as_str()).collect();
+    cats.sort_unstable();
+    assert_eq!(cats, ["even", "odd"], "{:?}", m.categories);
+    assert!(
+        m.categories.iter().all(|c| c.allocation.is_some()),
+        "{:?}",
+        m.categories
+    );
+    assert!(m.waiting_shapes.is_empty(), "{:?}", m.waiting_shapes);
+    // The same through the master's own API.
+    let own = manager.status_report();
+    assert_eq!(
+        (own.project.as_str(), own.tasks_done),
+        (project.as_str(), 6)
+    );
+
+    // The table view names it too; the broader regex also lists the decoy.
+    let table = Command::new(drover_bin())
+        .args(["status", "--catalog", &catalog.addr, "--project", &project])
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.starts_with("PROJECT"), "{table}");
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.contains(&format!("{project}-decoy")), "{table}");
+
+    // Stopping sends a last report that says so...
+    manager.shutdown();
+    let last_seq = m.seq;
+    let list = wait_status(&catalog, &anchored(&project), "the stopped flag", |l| {
+        l.len() == 1 && l[0].stopped
+    });
+    assert_eq!(list[0].tasks_done, 6);
+    assert!(list[0].seq > last_seq);
+    // ...and the entry expires once the master no longer reports.
+    wait_status(&catalog, &anchored(&project), "expiry", |l| l.is_empty());
+
+    // The worker did not go to the decoy, and said why it found nothing.
+    assert_eq!(decoy.stats().workers_connected, 0);
+    let mut worker = worker;
+    let _ = worker.child.kill();
+    let (_, stderr) = worker.wait_exit(Duration::from_secs(30));
+    assert!(
+        stderr.contains("knows no running master whose project matches"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn worker_finds_the_master_again_after_it_restarts_on_another_port() {
+    let catalog = CatalogServer::start(&[]);
+    let project = unique_project("restart");
+    let first = reporting_manager(&catalog, &project);
+    let _worker = Worker::start_without_master(&[
+        "--catalog",
+        &catalog.addr,
+        "--project",
+        &anchored(&project),
+        "--cores",
+        "1",
+        "--idle-timeout",
+        "300",
+    ]);
+    first.submit(Task::new("echo first")).unwrap();
+    let r = collect(&first, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    let first_port = first.port();
+    drop(first);
+
+    let second = reporting_manager(&catalog, &project);
+    assert_ne!(second.port(), first_port);
+    second.submit(Task::new("echo second")).unwrap();
+    let r = collect(&second, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(r.stdout.trim(), "second");
+    assert_eq!(second.stats().workers_connected, 1);
+
+    // The catalog holds both: the old one marked stopped, the new one live.
+    let list = status_json(&catalog, &anchored(&project));
+    assert_eq!(list.len(), 2, "{list:#?}");
+    let live: Vec<_> = list.iter().filter(|m| !m.stopped).collect();
+    assert_eq!(live.len(), 1, "{list:#?}");
+    assert_eq!(live[0].port, second.port());
+}
+
+#[test]
+fn worker_without_a_catalog_retries_and_keeps_its_idle_timeout() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let worker = Worker::start_without_master(&[
+        "--catalog",
+        &format!("127.0.0.1:{port}"),
+        "--project",
+        "anything",
+        "--idle-timeout",
+        "2",
+    ]);
+    let (code, stderr) = worker.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("asking catalog"), "{stderr}");
+    assert!(stderr.contains("idle timeout"), "{stderr}");
+}
+
+#[test]
+fn worker_needs_exactly_one_of_master_and_project() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(drover_bin())
+            .arg("worker")
+            .arg("--workdir")
+            .arg(dir.path())
+            .args(args)
+            .args(["--idle-timeout", "1"])
+            .output()
+            .unwrap()
+    };
+    let neither = run(&[]);
+    assert!(!neither.status.success());
+    let both = run(&["127.0.0.1:1", "--project", "p"]);
+    assert!(!both.status.success());
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("cannot be used with"),
+        "{both:?}"
+    );
+    let catalog_alone = run(&["127.0.0.1:1", "--catalog", "127.0.0.1:2"]);
+    assert!(!catalog_alone.status.success());
+    let bad_regex = run(&["--project", "(unclosed"]);
+    assert!(!bad_regex.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad_regex.stderr).contains("bad project regex"),
+        "{bad_regex:?}"
+    );
+}
+
+#[test]
+fn reporting_needs_a_project_and_a_valid_catalog_address() {
+    let no_project = Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .catalog("127.0.0.1:9097")
+        .build();
+    assert!(
+        matches!(&no_project, Err(StartError::Config(m)) if m.contains("project")),
+        "{:?}",
+        no_project.err()
+    );
+    let bad_addr = Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .project("p")
+        .catalog("host:notaport")
+        .build();
+    assert!(
+        matches!(&bad_addr, Err(StartError::Config(m)) if m.contains("notaport")),
+        "{:?}",
+        bad_addr.err()
+    );
+    // drover run says so too, before doing anything.
+    let out = Command::new(drover_bin())
+        .args(["run", "--catalog", "127.0.0.1:9097", "-"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--project"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn master_keeps_working_when_the_catalog_is_unreachable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut manager = Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .project(unique_project("nocatalog"))
+        .catalog(format!("127.0.0.1:{port}"))
+        .catalog_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let _worker = Worker::start(manager.port(), &["--cores", "1"]);
+    for i in 0..3 {
+        manager.submit(Task::new(format!("echo {i}"))).unwrap();
+    }
+    for r in collect(&manager, 3) {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    }
+    // The last report fails (nobody listens) and shutdown still returns.
+    manager.shutdown();
+}

@@ -1,0 +1,104 @@
+//! End-to-end tests of categories: a real master and a real `drover worker`
+//! whose monitor kills a task that goes over its learned allocation; the
+//! master retries it up the ladder.
+
+mod common;
+
+use common::*;
+use drover_master::{CategoryConfig, Outcome, Task};
+
+/// A command that writes `mb` MB (so they are resident) and holds them a
+/// moment so the monitor sees the peak.
+fn use_mb(mb: u64) -> String {
+    format!(
+        "python3 -c 'import time; b = b\"\\x01\" * ({mb} * 1024 * 1024); time.sleep(1.0); print(len(b))'"
+    )
+}
+
+#[test]
+fn a_task_over_its_learned_allocation_climbs_the_ladder_and_succeeds() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "4", "--memory", "4000"]);
+    // The first task of a category is measured on a whole worker.
+    m.submit(Task::new(use_mb(30)).category("learn")).unwrap();
+    let first = collect(&m, 1).remove(0);
+    assert_eq!(first.outcome, Outcome::Success, "{first:?}");
+    assert_eq!(first.allocated.memory_mb, 4000, "a whole worker");
+    let stats = m.category_stats("learn").unwrap();
+    assert_eq!(stats.samples, 1);
+    let learned = stats.next_allocation.expect("a learned allocation");
+    assert!(learned.memory_mb < 1000, "{learned:?}");
+
+    let small: Vec<_> = (0..3)
+        .map(|_| m.submit(Task::new(use_mb(30)).category("learn")).unwrap())
+        .collect();
+    let big = m.submit(Task::new(use_mb(600)).category("learn")).unwrap();
+    let results = collect(&m, 4);
+    for r in &results {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    }
+    for r in results.iter().filter(|r| small.contains(&r.id)) {
+        assert_eq!(r.attempts.len(), 1, "{:?}", r.attempts);
+        assert!(r.allocated.memory_mb < 1000);
+    }
+    let b = results.iter().find(|r| r.id == big).unwrap();
+    assert!(b.attempts.len() >= 2, "{:?}", b.attempts);
+    for pair in b.attempts.windows(2) {
+        assert!(
+            pair[1].allocation.memory_mb > pair[0].allocation.memory_mb,
+            "each retry is bigger: {:?}",
+            b.attempts
+        );
+    }
+    assert!(b.attempts[0].ending.contains("resource exhausted"));
+    assert!(b.measured.memory_mb >= 600.0);
+    let stats = m.category_stats("learn").unwrap();
+    assert_eq!(stats.samples, 5);
+    assert_eq!(stats.retries.memory as usize, b.attempts.len() - 1);
+    assert_eq!(stats.retries.worker_lost, 0);
+    assert!(stats.waste_memory_mb_s > 0.0);
+    assert_eq!(m.stats().tasks_resized as usize, b.attempts.len() - 1);
+}
+
+#[test]
+fn past_the_category_maximum_a_task_fails_as_resource_exhausted() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "4000"]);
+    m.set_category("capped", CategoryConfig::bucketing().max_memory_mb(300))
+        .unwrap();
+    // No sample yet: the maximum is the first allocation.
+    let id = m.submit(Task::new(use_mb(30)).category("capped")).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!((r.id, r.outcome.clone()), (id, Outcome::Success));
+    assert_eq!(r.allocated.memory_mb, 300);
+    m.submit(Task::new(use_mb(500)).category("capped")).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(
+        r.outcome,
+        Outcome::ResourceExhausted {
+            resource: "memory".into()
+        },
+        "{r:?}"
+    );
+    // The ladder stops at the category maximum. When the monitor already saw
+    // the first attempt use more than the maximum (it samples, so how far
+    // past its 64 MB limit the task got depends on timing), trying the
+    // maximum is pointless and the task fails after one attempt.
+    let last = r.attempts.last().unwrap();
+    if r.attempts.len() > 1 {
+        assert_eq!(last.allocation.memory_mb, 300, "{:?}", r.attempts);
+    }
+    assert!(r.attempts.iter().all(|a| a.allocation.memory_mb <= 300));
+    let stats = m.category_stats("capped").unwrap();
+    assert_eq!(stats.exhausted, 1);
+}
+
+#[test]
+fn a_bad_category_config_is_refused_with_a_reason() {
+    let m = manager();
+    let e = m
+        .set_category("x", CategoryConfig::bucketing().margin(-0.5))
+        .unwrap_err();
+    assert!(e.to_string().contains("margin"), "{e}");
+    assert!(m.category_stats("x").is_none());
+}

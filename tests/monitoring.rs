@@ -1,0 +1,236 @@
+//! End-to-end tests of monitored tasks: a real master, real `drover worker`
+//! processes, and real process trees measured and limited by the worker's
+//! monitor. Whether the monitor uses a cgroup or /proc depends on the host;
+//! every assertion here holds for both.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::*;
+use drover_master::{Outcome, Task, TaskResult};
+
+/// A string that appears only in the command lines of one test's processes.
+fn marker() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    // Digits only, so it can be a `sleep` argument.
+    format!(
+        "7{:03}{}",
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        std::process::id()
+    )
+}
+
+/// A shell command that leaves two sleepers behind, one of them
+/// double-forked so that its parent is gone, then runs `main`.
+fn with_sleepers(mark: &str, main: &str) -> String {
+    format!("sleep {mark}1 & (sleep {mark}2 &) ; {main}")
+}
+
+fn summary_field(r: &TaskResult, field: &str) -> f64 {
+    r.measured
+        .summary
+        .as_ref()
+        .and_then(|s| s.get(field))
+        .and_then(|v| v.as_f64())
+        .unwrap_or_else(|| panic!("no numeric {field:?} in the summary: {r:?}"))
+}
+
+#[test]
+fn a_task_over_its_memory_allocation_is_killed_with_its_whole_tree() {
+    let mark = marker();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "2000"]);
+    let python =
+        format!("python3 -c 'import time; b = b\"x\" * (300 << 20); time.sleep(300)' {mark}3");
+    m.submit(Task::new(with_sleepers(&mark, &python)).memory_mb(100))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(
+        r.outcome,
+        Outcome::ResourceExhausted {
+            resource: "memory".into()
+        },
+        "{r:?}"
+    );
+    assert!(r.measured.memory_mb > 100.0, "{:?}", r.measured);
+    let error = r.error.as_deref().unwrap_or_default();
+    assert!(error.contains("memory"), "error: {error:?}");
+    let hit = r.measured.summary.as_ref().unwrap()["limits_exceeded"].clone();
+    assert_eq!(hit["resource"], "memory", "{hit}");
+    assert_eq!(hit["limit"], 100.0, "{hit}");
+    assert_none_left(&mark);
+}
+
+#[test]
+fn measured_memory_is_what_the_task_touched() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "2000"]);
+    // The same interpreter with and without 200 MB: the difference is what
+    // the task itself touched, whatever the interpreter's own footprint.
+    let hold = "import time; b = b\"x\" * (N << 20); time.sleep(3)";
+    let base = m
+        .submit(Task::new(format!("python3 -c '{}'", hold.replace('N', "0"))).memory_mb(500))
+        .unwrap();
+    let big = m
+        .submit(Task::new(format!("python3 -c '{}'", hold.replace('N', "200"))).memory_mb(500))
+        .unwrap();
+    let results = collect(&m, 2);
+    let get = |id| results.iter().find(|r| r.id == id).unwrap();
+    let (base, big) = (get(base), get(big));
+    for r in [base, big] {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        // The master keeps the measurement with the result, and it is the
+        // monitor's own number.
+        assert_eq!(r.measured.memory_mb, summary_field(r, "memory"));
+        assert!(r.measured.wall_time_s >= 3.0, "{:?}", r.measured);
+        assert!(r.measured.cores >= 0.0 && r.measured.cores <= 2.5);
+    }
+    let touched = big.measured.memory_mb - base.measured.memory_mb;
+    assert!(
+        (touched - 200.0).abs() <= 10.0,
+        "measured {touched:.1} MB for 200 MB touched (with {:.1}, without {:.1})",
+        big.measured.memory_mb,
+        base.measured.memory_mb
+    );
+}
+
+#[test]
+fn a_task_over_its_disk_allocation_is_killed() {
+    let mark = marker();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1", "--disk", "1000"]);
+    let writer = format!("head -c 60000000 /dev/zero > big && sleep {mark}3 && echo never");
+    m.submit(Task::new(with_sleepers(&mark, &writer)).disk_mb(20))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(
+        r.outcome,
+        Outcome::ResourceExhausted {
+            resource: "disk".into()
+        },
+        "{r:?}"
+    );
+    assert!(r.measured.disk_mb > 20.0, "{:?}", r.measured);
+    assert!(!r.stdout.contains("never"));
+    assert_none_left(&mark);
+}
+
+#[test]
+fn a_task_within_its_allocation_runs_to_the_end_and_reports_its_disk() {
+    let m = manager();
+    let _w = Worker::start(
+        m.port(),
+        &["--cores", "1", "--memory", "1000", "--disk", "1000"],
+    );
+    m.submit(
+        Task::new("head -c 30000000 /dev/zero > f && sleep 2 && echo done")
+            .memory_mb(200)
+            .disk_mb(100),
+    )
+    .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(r.stdout, "done\n");
+    // 30,000,000 bytes is 28.6 MB.
+    assert!(
+        (r.measured.disk_mb - 28.6).abs() < 1.0,
+        "disk {:?}",
+        r.measured
+    );
+}
+
+#[test]
+fn a_one_millisecond_task_still_gets_wall_cpu_and_memory() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new("exec /bin/true")).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    let ms = &r.measured;
+    assert!(ms.wall_time_s > 0.0, "{ms:?}");
+    assert!(ms.memory_mb > 0.0, "peak RSS from rusage: {ms:?}");
+    assert!(ms.cpu_time_s >= 0.0 && ms.cpu_time_s < ms.wall_time_s + 1.0);
+    assert_eq!(ms.cpu_time_s, summary_field(&r, "cpu_time"));
+    assert_eq!(ms.wall_time_s, summary_field(&r, "wall_time"));
+}
+
+#[test]
+fn a_command_that_does_not_exist_exits_127_and_is_measured() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new("no-such-command-anywhere-on-path --flag"))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(r.exit_code, Some(127));
+    assert!(r.stderr.contains("not found"), "stderr: {}", r.stderr);
+    assert!(r.measured.wall_time_s > 0.0 && r.measured.memory_mb > 0.0);
+    let summary = r.measured.summary.as_ref().expect("summary");
+    assert_eq!(summary["exit_status"], 127);
+    assert_eq!(summary["exit_type"], "normal");
+}
+
+#[test]
+fn cancel_kills_the_whole_tree_including_double_forked_children() {
+    let mark = marker();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    let id = m
+        .submit(Task::new(with_sleepers(&mark, &format!("sleep {mark}3"))))
+        .unwrap();
+    // Three sleepers and the shell.
+    wait_for_processes(&mark, 4);
+    assert!(m.cancel(id));
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    assert!(r.measured.wall_time_s > 0.0);
+    assert_none_left(&mark);
+}
+
+#[test]
+fn a_task_past_its_wall_time_is_killed_with_its_tree() {
+    let mark = marker();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(
+        Task::new(with_sleepers(&mark, &format!("sleep {mark}3")))
+            .wall_time(Duration::from_millis(500)),
+    )
+    .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::WallTimeExceeded, "{r:?}");
+    assert_none_left(&mark);
+}
+
+#[test]
+fn one_poller_watches_all_of_a_workers_tasks() {
+    let mark = marker();
+    let m = manager();
+    let w = Worker::start(m.port(), &["--cores", "4"]);
+    let ids: Vec<_> = (0..4)
+        .map(|_| {
+            m.submit(Task::new(format!("sleep {mark}")).cores(1))
+                .unwrap()
+        })
+        .collect();
+    // Each task is its shell and its sleep.
+    wait_for_processes(&mark, 8);
+    let threads = std::fs::read_dir(format!("/proc/{}/task", w.pid()))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .map(|c| c.trim() == "drover-monitor")
+                .unwrap_or(false)
+        })
+        .count();
+    assert_eq!(threads, 1, "sampler threads while 4 tasks run");
+    for id in ids {
+        assert!(m.cancel(id));
+    }
+    let results = collect(&m, 4);
+    assert!(results.iter().all(|r| r.outcome == Outcome::Cancelled));
+    assert_none_left(&mark);
+}
