@@ -542,7 +542,11 @@ fn bad_factory_options_are_refused_with_a_reason() {
 /// The PyPI `htcondor` bindings, or why they are missing.
 fn htcondor_python() -> Option<String> {
     let ok = Command::new("python3")
-        .args(["-c", "import htcondor"])
+        // htcondor >= 24 on PyPI ships the `htcondor2` module; older ones `htcondor`.
+        .args([
+            "-c",
+            "try:\n    import htcondor2\nexcept ImportError:\n    import htcondor",
+        ])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
