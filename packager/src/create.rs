@@ -85,6 +85,18 @@ pub struct Created {
     pub timings: Vec<(&'static str, f64)>,
 }
 
+impl Created {
+    fn cached(hash: String, path: PathBuf) -> Created {
+        Created {
+            hash,
+            path,
+            cache_hit: true,
+            stats: None,
+            timings: Vec::new(),
+        }
+    }
+}
+
 /// Removes a directory when dropped, so failed builds leave nothing behind.
 struct TempTree(PathBuf);
 
@@ -102,26 +114,14 @@ pub fn create(spec: &Spec, opts: &CreateOptions) -> Result<Created> {
     let key = spec.key()?;
     if opts.use_cache {
         if let Some((hash, path)) = opts.cache.lookup(&key) {
-            return Ok(Created {
-                hash,
-                path,
-                cache_hit: true,
-                stats: None,
-                timings: Vec::new(),
-            });
+            return Ok(Created::cached(hash, path));
         }
     }
     let _lock = opts.cache.lock_spec(&key)?;
     if opts.use_cache {
         // Another process may have built it while we waited for the lock.
         if let Some((hash, path)) = opts.cache.lookup(&key) {
-            return Ok(Created {
-                hash,
-                path,
-                cache_hit: true,
-                stats: None,
-                timings: Vec::new(),
-            });
+            return Ok(Created::cached(hash, path));
         }
     }
 

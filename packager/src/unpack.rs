@@ -138,17 +138,23 @@ pub struct Unpacked {
     pub seconds: f64,
 }
 
+impl Unpacked {
+    fn found(dir: PathBuf, hash: String) -> Unpacked {
+        Unpacked {
+            dir,
+            hash,
+            stats: None,
+            seconds: 0.0,
+        }
+    }
+}
+
 /// [`ensure_unpacked`], also telling whether this call did the unpacking.
 pub fn unpack_once(tarball: &Path, cache_root: &Path) -> Result<Unpacked> {
     let (hash, verify) = tarball_hash(tarball, cache_root)?;
     let final_dir = cache_root.join(&hash);
     if final_dir.is_dir() {
-        return Ok(Unpacked {
-            dir: final_dir,
-            hash,
-            stats: None,
-            seconds: 0.0,
-        });
+        return Ok(Unpacked::found(final_dir, hash));
     }
     if !tarball.is_file() {
         bail!("environment {} does not exist", tarball.display());
@@ -157,12 +163,7 @@ pub fn unpack_once(tarball: &Path, cache_root: &Path) -> Result<Unpacked> {
         .with_context(|| format!("cannot create {}", cache_root.display()))?;
     let _lock = FileLock::acquire(&cache_root.join(".locks").join(&hash))?;
     if final_dir.is_dir() {
-        return Ok(Unpacked {
-            dir: final_dir,
-            hash,
-            stats: None,
-            seconds: 0.0,
-        });
+        return Ok(Unpacked::found(final_dir, hash));
     }
     // Anything left under our prefix was abandoned by a process that died
     // mid-unpack: holding the lock, we are the only one who could be using it.

@@ -24,9 +24,14 @@ impl Worker {
     }
 
     pub fn start_in(port: u16, args: &[&str], workdir: tempfile::TempDir) -> Worker {
+        let master = format!("127.0.0.1:{port}");
+        Worker::spawn(Some(&master), args, workdir)
+    }
+
+    fn spawn(master: Option<&str>, args: &[&str], workdir: tempfile::TempDir) -> Worker {
         let child = Command::new(drover_bin())
             .arg("worker")
-            .arg(format!("127.0.0.1:{port}"))
+            .args(master)
             .arg("--workdir")
             .arg(workdir.path())
             .args(args)
@@ -120,17 +125,7 @@ impl Worker {
     /// A worker started with `args` only (no master address), e.g. one that
     /// finds its master through a catalog with `--catalog ... --project ...`.
     pub fn start_without_master(args: &[&str]) -> Worker {
-        let workdir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new(drover_bin())
-            .arg("worker")
-            .arg("--workdir")
-            .arg(workdir.path())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start drover worker");
-        Worker { child, workdir }
+        Worker::spawn(None, args, tempfile::tempdir().expect("tempdir"))
     }
 }
 
