@@ -5,6 +5,9 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::procscan::pread_all;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +26,43 @@ pub(crate) struct TaskGroup {
     /// not allocate between fork and exec.
     pub procs_path: CString,
     pub memory: bool,
+    procs: KeptFile,
+    cpu_stat: KeptFile,
+    memory_peak: KeptFile,
+    memory_current: KeptFile,
+}
+
+/// A group file read every sample: opened once and re-read with `pread`,
+/// because opening a cgroup file costs more than producing its content.
+#[derive(Debug)]
+struct KeptFile {
+    path: PathBuf,
+    open: Mutex<(Option<fs::File>, Vec<u8>)>,
+}
+
+impl KeptFile {
+    fn new(path: PathBuf) -> KeptFile {
+        KeptFile {
+            path,
+            open: Mutex::new((None, Vec::new())),
+        }
+    }
+
+    /// Parses the file's current content with `parse`.
+    fn read<R>(&self, parse: impl FnOnce(&str) -> Option<R>) -> Option<R> {
+        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, buf) = &mut *guard;
+        if file.is_none() {
+            *file = fs::File::open(&self.path).ok();
+        }
+        pread_all(file.as_ref()?, buf).ok()?;
+        parse(std::str::from_utf8(buf).ok()?)
+    }
+
+    /// Closes the descriptor, before the group directory is removed.
+    fn close(&self) {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
+    }
 }
 
 /// The mount point of a cgroup2 hierarchy and the path of this process's
@@ -198,6 +238,10 @@ impl CgroupBase {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let memory = dir.join("memory.current").exists();
         Ok(TaskGroup {
+            procs: KeptFile::new(procs),
+            cpu_stat: KeptFile::new(dir.join("cpu.stat")),
+            memory_peak: KeptFile::new(dir.join("memory.peak")),
+            memory_current: KeptFile::new(dir.join("memory.current")),
             dir,
             procs_path,
             memory,
@@ -231,32 +275,33 @@ impl TaskGroup {
     }
 
     /// Pids of the processes in the group now.
-    pub fn pids(&self, buf: &mut String, out: &mut Vec<i32>) -> io::Result<()> {
-        read_small(&self.dir.join("cgroup.procs"), buf)?;
-        out.extend(buf.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-        Ok(())
+    pub fn pids(&self, out: &mut Vec<i32>) -> io::Result<()> {
+        self.procs
+            .read(|text| {
+                out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+                Some(())
+            })
+            .ok_or_else(|| io::Error::other(format!("cannot read {}", self.procs.path.display())))
     }
 
     /// CPU time of everything that ever ran in the group, microseconds.
-    pub fn cpu_usec(&self, buf: &mut String) -> Option<u64> {
-        read_small(&self.dir.join("cpu.stat"), buf).ok()?;
-        buf.lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse().ok())
+    pub fn cpu_usec(&self) -> Option<u64> {
+        self.cpu_stat.read(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse().ok())
+        })
     }
 
     /// Peak memory charged to the group, bytes (`memory.peak`, or the
     /// current usage on kernels before 5.19 that lack it).
-    pub fn memory_peak(&self, buf: &mut String) -> Option<u64> {
+    pub fn memory_peak(&self) -> Option<u64> {
         if !self.memory {
             return None;
         }
-        let peak = read_small(&self.dir.join("memory.peak"), buf)
-            .ok()
-            .and_then(|_| buf.trim().parse().ok());
-        let current = read_small(&self.dir.join("memory.current"), buf)
-            .ok()
-            .and_then(|_| buf.trim().parse().ok());
+        let number = |text: &str| text.trim().parse::<u64>().ok();
+        let peak = self.memory_peak.read(number);
+        let current = self.memory_current.read(number);
         match (peak, current) {
             (Some(p), Some(c)) => Some(u64::max(p, c)),
             (p, c) => p.or(c),
@@ -295,11 +340,10 @@ impl TaskGroup {
         if write_file(&self.dir.join("cgroup.kill"), "1").is_ok() {
             return;
         }
-        let mut buf = String::new();
         let mut pids = Vec::new();
         for _ in 0..50 {
             pids.clear();
-            if self.pids(&mut buf, &mut pids).is_err() || pids.is_empty() {
+            if self.pids(&mut pids).is_err() || pids.is_empty() {
                 return;
             }
             for &p in &pids {
@@ -330,6 +374,14 @@ impl TaskGroup {
     /// Removes the (empty) group directory, retrying briefly because the
     /// kernel may still be tearing down the last exited member.
     pub fn rmdir(&self) {
+        for f in [
+            &self.procs,
+            &self.cpu_stat,
+            &self.memory_peak,
+            &self.memory_current,
+        ] {
+            f.close();
+        }
         let mut delay = Duration::from_millis(1);
         for _ in 0..10 {
             match fs::remove_dir(&self.dir) {

@@ -95,6 +95,7 @@ pub mod cli;
 mod disk;
 mod poller;
 mod procscan;
+mod scan;
 mod summary;
 
 pub use poller::{Method, Monitor, MonitorOptions, SpawnOptions, Watched, DEFAULT_INTERVAL};

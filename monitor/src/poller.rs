@@ -2,7 +2,8 @@
 
 use crate::cgroup::{join_raw, CgroupBase, TaskGroup};
 use crate::disk;
-use crate::procscan::{all_pids, swap_enabled, ProcReader, ProcStat};
+use crate::procscan::{original_fd_limit, raise_fd_limit, swap_enabled, ProcReader, ProcStat};
+use crate::scan::{all_processes, Scanner, Wanted};
 use crate::summary::{Exit, LimitExceeded, Limits, Report, Summary, MB};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
@@ -26,6 +27,13 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// Peak cores are measured over windows at least this long, so that one
 /// short burst between two close samples does not read as many cores.
 const CORES_WINDOW: Duration = Duration::from_secs(1);
+
+/// I/O counters are read every this many samples (and at a process's
+/// first and the task's last sample). They are reported, never enforced,
+/// and are cumulative, so skipped samples lose nothing except the I/O of an
+/// orphan that dies unseen between two reads; reading them every time
+/// would cost a fifth of the sampler's CPU.
+const IO_EVERY: u64 = 4;
 
 /// How the monitor finds a task's processes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -292,9 +300,14 @@ impl Monitor {
             g.set_cores(cores);
         }
         let procs = group.as_ref().map(|g| g.procs_path.clone());
+        let fd_limit = original_fd_limit();
         // SAFETY: the closure only makes async-signal-safe syscalls.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(lim) = &fd_limit {
+                    // Best effort: the task gets the limit the user set.
+                    libc::setrlimit(libc::RLIMIT_NOFILE, lim);
+                }
                 // A session of its own gives the tree a process group to kill
                 // and a session id that survives double forks, for /proc mode.
                 if libc::setsid() < 0 {
@@ -387,25 +400,9 @@ impl Drop for Handle {
     }
 }
 
-/// All /proc/PID/stat entries of one pass, shared by every /proc-mode task.
-struct Scan {
-    procs: Vec<ProcStat>,
-    children: HashMap<i32, Vec<usize>>,
-}
-
-fn scan_system(reader: &mut ProcReader, pids: &mut Vec<i32>) -> Scan {
-    pids.clear();
-    all_pids(pids);
-    let procs: Vec<ProcStat> = pids.iter().filter_map(|&p| reader.stat(p)).collect();
-    let mut children: HashMap<i32, Vec<usize>> = HashMap::new();
-    for (i, p) in procs.iter().enumerate() {
-        children.entry(p.ppid).or_default().push(i);
-    }
-    Scan { procs, children }
-}
-
 fn sampler(core: Arc<Core>) {
-    let mut reader = ProcReader::new();
+    let mut reader = ProcReader::keeping(raise_fd_limit());
+    let mut scanner = Scanner::default();
     let mut pids = Vec::new();
     let mut buf = String::new();
     loop {
@@ -420,20 +417,31 @@ fn sampler(core: Arc<Core>) {
             s.tasks.clone()
         };
         let now = Instant::now();
-        let scan = if tasks.iter().any(|t| t.group.is_none()) {
-            Some(scan_system(&mut reader, &mut pids))
-        } else {
-            None
-        };
-        for t in &tasks {
+        let mut by_scan: Vec<Option<Vec<ProcStat>>> = vec![None; tasks.len()];
+        let mut scanned = Vec::new();
+        let mut wanted = Vec::new();
+        for (i, t) in tasks.iter().enumerate() {
+            let st = lock(&t.st);
+            if t.group.is_none() && !st.reaped {
+                let known = st.members.iter().map(|(&p, m)| (p, m.starttime)).collect();
+                wanted.push(Wanted { root: t.pid, known });
+                scanned.push(i);
+            }
+        }
+        if !wanted.is_empty() {
+            let found = scanner.pass(&mut reader, wanted);
+            for (i, members) in scanned.into_iter().zip(found) {
+                by_scan[i] = Some(members);
+            }
+        }
+        for (i, t) in tasks.iter().enumerate() {
             let mut st = lock(&t.st);
             if st.reaped {
                 continue;
             }
-            let members = match (&t.group, &scan) {
-                (Some(g), _) => t.group_members(g, &mut reader, &mut pids, &mut buf),
-                (None, Some(scan)) => t.scan_members(&st, scan),
-                (None, None) => Vec::new(),
+            let members = match &t.group {
+                Some(g) => t.group_members(g, &st, &mut reader, &mut pids),
+                None => by_scan[i].take().unwrap_or_default(),
             };
             t.sample(&core, &mut st, &members, &mut reader, &mut buf, now, false);
             if !t.is_pidfd && !st.exit_signalled && has_exited(t.pid, false).unwrap_or(false) {
@@ -444,6 +452,7 @@ fn sampler(core: Arc<Core>) {
             }
         }
         drop(tasks);
+        reader.end_pass();
         let deadline = now + core.interval;
         let mut s = lock(&core.state);
         loop {
@@ -461,18 +470,40 @@ fn sampler(core: Arc<Core>) {
 }
 
 impl Task {
+    /// The group's processes. A process already seen is re-read through
+    /// `statm` (its start time and parent are known, and the group's
+    /// `cpu.stat` gives CPU time), a new one through `stat`.
     fn group_members(
         &self,
         g: &TaskGroup,
+        st: &TaskState,
         reader: &mut ProcReader,
         pids: &mut Vec<i32>,
-        buf: &mut String,
     ) -> Vec<ProcStat> {
         pids.clear();
-        if g.pids(buf, pids).is_err() {
+        if g.pids(pids).is_err() {
             return Vec::new();
         }
-        let mut out: Vec<ProcStat> = pids.iter().filter_map(|&p| reader.stat(p)).collect();
+        let mut out: Vec<ProcStat> = Vec::with_capacity(pids.len() + 1);
+        for &pid in pids.iter() {
+            let known = st.members.get(&pid).and_then(|m| {
+                let (vsize, rss_bytes) = reader.statm(pid)?;
+                Some(ProcStat {
+                    pid,
+                    ppid: m.ppid,
+                    pgrp: 0,
+                    session: 0,
+                    starttime: m.starttime,
+                    zombie: vsize == 0,
+                    cpu_ticks: m.cpu_ticks,
+                    vsize,
+                    rss_bytes,
+                })
+            });
+            if let Some(s) = known.or_else(|| reader.stat(pid)) {
+                out.push(s);
+            }
+        }
         // A zombie leaves cgroup.procs before its parent reaps it; the root is
         // read anyway so the final sample still sees its counters.
         if !out.iter().any(|s| s.pid == self.pid) {
@@ -481,39 +512,6 @@ impl Task {
             }
         }
         out
-    }
-
-    /// The task's processes in a system scan: its session and process group
-    /// (which survive double forks), processes already known, and every
-    /// descendant of those (which catches children that called setsid).
-    fn scan_members(&self, st: &TaskState, scan: &Scan) -> Vec<ProcStat> {
-        let mut member = vec![false; scan.procs.len()];
-        let mut queue = Vec::new();
-        for (i, p) in scan.procs.iter().enumerate() {
-            let known = st
-                .members
-                .get(&p.pid)
-                .is_some_and(|m| m.starttime == p.starttime);
-            if p.pid == self.pid || p.session == self.pid || p.pgrp == self.pid || known {
-                member[i] = true;
-                queue.push(i);
-            }
-        }
-        while let Some(i) = queue.pop() {
-            if let Some(kids) = scan.children.get(&scan.procs[i].pid) {
-                for &k in kids {
-                    if !member[k] {
-                        member[k] = true;
-                        queue.push(k);
-                    }
-                }
-            }
-        }
-        scan.procs
-            .iter()
-            .zip(member)
-            .filter_map(|(p, m)| m.then_some(*p))
-            .collect()
     }
 
     /// Known processes only, for the final sample of a /proc-mode task,
@@ -554,10 +552,9 @@ impl Task {
             if prev.is_none() {
                 st.total_procs += 1;
             }
-            let (r, w) = reader
-                .io(s.pid)
-                .or(prev.map(|m| (m.rchar, m.wchar)))
-                .unwrap_or((0, 0));
+            let fresh_io = last || prev.is_none() || st.samples.is_multiple_of(IO_EVERY);
+            let io = if fresh_io { reader.io(s.pid) } else { None };
+            let (r, w) = io.or(prev.map(|m| (m.rchar, m.wchar))).unwrap_or((0, 0));
             if !s.zombie {
                 live += 1;
                 rss += s.rss_bytes;
@@ -600,12 +597,12 @@ impl Task {
         let cpu_cg = self
             .group
             .as_ref()
-            .and_then(|g| g.cpu_usec(buf))
+            .and_then(|g| g.cpu_usec())
             .map(|us| us as f64 / 1e6);
         st.cpu = st.cpu.max(cpu_cg.unwrap_or(cpu_proc));
         st.rchar = st.rchar.max(rchar + st.dead_rchar);
         st.wchar = st.wchar.max(wchar + st.dead_wchar);
-        let cg_mem = self.group.as_ref().and_then(|g| g.memory_peak(buf));
+        let cg_mem = self.group.as_ref().and_then(|g| g.memory_peak());
         let memory = cg_mem.unwrap_or(rss);
         st.memory = st.memory.max(memory);
         st.vm = st.vm.max(vm);
@@ -711,8 +708,7 @@ impl Task {
         if unsafe { libc::kill(-self.pid, 0) } != 0 {
             return;
         }
-        let scan = scan_system(reader, pids);
-        for p in &scan.procs {
+        for p in &all_processes(reader, pids) {
             if (p.session == self.pid || p.pgrp == self.pid) && !p.zombie {
                 // SAFETY: a process in the task's session or group, seen just now.
                 unsafe { libc::kill(p.pid, libc::SIGKILL) };
@@ -863,7 +859,7 @@ impl Watched {
         let mut buf = String::new();
         let mut pids = Vec::new();
         let members = match &task.group {
-            Some(g) => task.group_members(g, &mut reader, &mut pids, &mut buf),
+            Some(g) => task.group_members(g, &st, &mut reader, &mut pids),
             None => task.known_members(&st, &mut reader),
         };
         task.sample(core, &mut st, &members, &mut reader, &mut buf, end, true);
@@ -899,10 +895,10 @@ impl Watched {
             g.wait_empty();
             // Read after the group emptied, so the CPU of leftovers killed
             // just now is included.
-            if let Some(us) = g.cpu_usec(&mut buf) {
+            if let Some(us) = g.cpu_usec() {
                 cpu = cpu.max(us as f64 / 1e6);
             }
-            if let Some(m) = g.memory_peak(&mut buf) {
+            if let Some(m) = g.memory_peak() {
                 memory = memory.max(m);
             }
             g.rmdir();
