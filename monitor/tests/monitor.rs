@@ -458,3 +458,84 @@ fn cli_exit_status_summary_and_series() {
         .unwrap();
     assert_eq!(st.code(), Some(2), "clap usage error");
 }
+
+/// `Exec` starts the child without fork: its arguments, environment,
+/// working directory, descriptors, session and signal dispositions must be
+/// what a `Command` would have given it.
+#[test]
+fn exec_starts_what_a_command_would() {
+    for method in METHODS {
+        let m = monitor(method);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut e = drover_monitor::Exec::new("sh");
+        e.arg("-c")
+            .arg(
+                "echo \"$1 $DROVER_X $(pwd)\"; cut -d' ' -f6 /proc/$$/stat; \
+                 yes | head -n 1 >/dev/null; echo pipe=$?; echo err >&2; \
+                 cat; exit 3",
+            )
+            .arg("argv0")
+            .arg("first");
+        e.env("DROVER_X", "x-value").current_dir(dir.path());
+        e.stdin(std::fs::File::open("/dev/null").unwrap());
+        e.stdout(std::fs::File::create(&out).unwrap());
+        e.stderr(std::fs::File::create(dir.path().join("err")).unwrap());
+        let w = m
+            .spawn_exec(e, Some(dir.path()), Limits::default())
+            .unwrap();
+        let pid = w.pid();
+        let r = w.wait().unwrap();
+        assert_eq!(r.exit, Exit::Code(3), "{method:?}");
+        let text = std::fs::read_to_string(&out).unwrap();
+        let mut lines = text.lines();
+        let real = dir.path().canonicalize().unwrap();
+        assert_eq!(
+            lines.next().unwrap(),
+            format!("first x-value {}", real.display()),
+            "{method:?}"
+        );
+        // Its own session, led by itself.
+        assert_eq!(lines.next().unwrap().trim(), pid.to_string(), "{method:?}");
+        // SIGPIPE back to default: `yes` dies quietly and the pipeline succeeds.
+        assert_eq!(lines.next().unwrap(), "pipe=0", "{method:?}");
+        let err = std::fs::read_to_string(dir.path().join("err")).unwrap();
+        assert_eq!(err, "err\n");
+    }
+}
+
+#[test]
+fn exec_errors_are_clear_and_leave_nothing() {
+    let m = monitor(Method::Auto);
+    let e = drover_monitor::Exec::new("/nonexistent/program");
+    let err = m.spawn_exec(e, None, Limits::default()).err().unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    let e = drover_monitor::Exec::new("surely-not-a-command-drover");
+    let err = m.spawn_exec(e, None, Limits::default()).err().unwrap();
+    assert!(err.to_string().contains("not found in PATH"), "{err}");
+    let mut e = drover_monitor::Exec::new("/bin/true");
+    e.arg("a\0b");
+    let err = m.spawn_exec(e, None, Limits::default()).err().unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    let mut e = drover_monitor::Exec::new("/bin/true");
+    e.current_dir("/nonexistent/dir");
+    let err = m.spawn_exec(e, None, Limits::default()).err().unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    // Each failed start reaped its child: none is left as a zombie of ours.
+    // A child that never exec'd is named after this test's thread, which
+    // keeps other tests' short-lived zombies out of the count.
+    let me = std::process::id().to_string();
+    let zombies = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|s| {
+            let (head, rest) = s.rsplit_once(')').unwrap_or(("", ""));
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            head.contains("(exec_errors")
+                && f.first() == Some(&"Z")
+                && f.get(1) == Some(&me.as_str())
+        })
+        .count();
+    assert_eq!(zombies, 0);
+}

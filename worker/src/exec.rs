@@ -10,9 +10,8 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::process::Command;
 
-use drover_monitor::{Limits, Monitor, Report, Watched};
+use drover_monitor::{Exec, Limits, Monitor, Report, Watched};
 use tokio::io::unix::AsyncFd;
 
 /// A task's process tree being watched by the monitor.
@@ -28,11 +27,11 @@ impl Running {
     /// `monitor`, with `sandbox` as the directory whose size is its disk use.
     pub fn spawn(
         monitor: &Monitor,
-        cmd: Command,
+        cmd: Exec,
         sandbox: &Path,
         limits: Limits,
     ) -> io::Result<Running> {
-        let watched = monitor.spawn(cmd, Some(sandbox), limits)?;
+        let watched = monitor.spawn_exec(cmd, Some(sandbox), limits)?;
         // On failure `watched` is dropped here, which kills and reaps the tree.
         let fd = watched.pidfd().try_clone_to_owned()?;
         // SAFETY: `fd` is a descriptor we own and move into the AsyncFd,

@@ -4,12 +4,11 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use drover_monitor::{Limits, Monitor};
+use drover_monitor::{Exec, Limits, Monitor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -681,15 +680,16 @@ async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<(
         cores: None,
     };
     let spawned = (|| -> std::io::Result<Running> {
-        let mut cmd = Command::new("/bin/sh");
+        let mut cmd = Exec::new("/bin/sh");
         cmd.arg("-c").arg(&task.command).current_dir(&sandbox);
-        cmd.stdin(Stdio::null());
+        cmd.stdin(std::fs::File::open("/dev/null")?);
         cmd.stdout(std::fs::File::create(&stdout_path)?);
         cmd.stderr(std::fs::File::create(&stderr_path)?);
         cmd.env("DROVER_TASK_ID", task.task_id.to_string());
         cmd.env("DROVER_SANDBOX", &sandbox);
         let cores = task.allocation.cores.max(1).to_string();
-        cmd.env("CORES", &cores).env("OMP_NUM_THREADS", &cores);
+        cmd.env("CORES", &cores);
+        cmd.env("OMP_NUM_THREADS", &cores);
         if task.allocation.gpus > 0 {
             let ids: Vec<String> = ctx.gpus.iter().map(|g| g.to_string()).collect();
             cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
