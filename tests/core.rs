@@ -540,3 +540,29 @@ fn shutdown_workers_makes_them_exit() {
     let (code, _) = w.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(0));
 }
+
+/// Task directories are reused: nothing a task left in its sandbox or
+/// printed may reach the next task that gets the same directory.
+#[test]
+fn a_reused_task_directory_carries_nothing_over() {
+    let m = manager();
+    // One core: every task runs in the directory the previous one left.
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            m.submit(Task::new(format!(
+                "ls -A; echo task{i}; echo err{i} >&2; \
+                 mkdir -p sub/deep && echo x > sub/deep/f && echo y > left{i} && chmod 500 sub"
+            )))
+            .unwrap(),
+        );
+    }
+    let mut results = collect(&m, 6);
+    results.sort_by_key(|r| r.id);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        assert_eq!(r.stdout, format!("task{i}\n"), "an empty sandbox and fresh stdout");
+        assert_eq!(r.stderr, format!("err{i}\n"));
+    }
+}

@@ -8,6 +8,7 @@ mod exec;
 pub mod locate;
 pub mod protocol;
 mod resources;
+mod slots;
 mod worker;
 
 pub use locate::MasterSource;

@@ -23,6 +23,7 @@ use crate::protocol::{
     LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
     ROLE_MASTER, ROLE_WORKER,
 };
+use crate::slots::{self, Slots};
 use crate::Resources;
 
 /// How a worker is set up.
@@ -98,6 +99,11 @@ pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
         envs: Arc::new(Environments::new(
             config.workdir.join("envs"),
             dirs.cache.clone(),
+        )),
+        // Enough clean directories for every task that can run at once.
+        slots: Arc::new(Slots::new(
+            dirs.tasks.clone(),
+            (config.resources.cores as usize).clamp(1, 1024) * 2,
         )),
     };
     info!(method = shared.monitor.method(), "tasks run monitored");
@@ -213,6 +219,7 @@ struct Shared {
     /// The one poller that measures and limits every task.
     monitor: Monitor,
     envs: Arc<Environments>,
+    slots: Arc<Slots>,
 }
 
 struct Session<'a> {
@@ -242,7 +249,7 @@ impl<'a> Session<'a> {
         // the next task: otherwise a prompt master races the bookkeeping and
         // gets a spurious "refusing to overcommit".
         let (fin_tx, mut fin_rx) = mpsc::unbounded_channel::<Box<Finished>>();
-        let writer_task = tokio::spawn(write_loop(writer, out_rx));
+        let writer_task = tokio::spawn(write_loop(writer, out_rx, Arc::clone(&self.shared.slots)));
         let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<MasterMsg>();
         let transfer = self.dirs.transfer.clone();
         let cache = self.dirs.cache.clone();
@@ -282,7 +289,7 @@ impl<'a> Session<'a> {
                             let (kill_tx, kill_rx) = oneshot::channel();
                             running.insert(key, kill_tx);
                             let ctx = TaskContext {
-                                task_dir: self.dirs.tasks.join(format!("t{}.{}", task.task_id, task.attempt)),
+                                task_dir: self.shared.slots.take(),
                                 cache: self.dirs.cache.clone(),
                                 transfer: self.dirs.transfer.clone(),
                                 gpus,
@@ -503,6 +510,7 @@ async fn receive_file(
 async fn write_loop(
     mut writer: BufWriter<OwnedWriteHalf>,
     mut out: mpsc::UnboundedReceiver<Outgoing>,
+    slots: Arc<Slots>,
 ) -> anyhow::Result<()> {
     let mut frame = Vec::with_capacity(4096);
     let mut sent_sandboxes = Vec::new();
@@ -542,13 +550,14 @@ async fn write_loop(
             next = out.try_recv().ok();
         }
         writer.flush().await?;
-        // Removing a sandbox costs several filesystem operations; the reports
-        // go out first and the removal happens off the writer's path.
+        // Cleaning a task directory costs filesystem operations; the reports
+        // go out first and the cleaning happens off the writer's path.
         if !sent_sandboxes.is_empty() {
             let dirs = std::mem::take(&mut sent_sandboxes);
+            let slots = Arc::clone(&slots);
             tokio::task::spawn_blocking(move || {
                 for dir in dirs {
-                    let _ = std::fs::remove_dir_all(dir);
+                    slots.recycle(dir);
                 }
             });
         }
@@ -614,7 +623,7 @@ async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<(
         error: None,
         started_ms,
     };
-    let sandbox = ctx.task_dir.join("sandbox");
+    let sandbox = ctx.task_dir.join(slots::SANDBOX);
     let finished = |report: TaskReport, outputs| Finished {
         report,
         outputs,
@@ -664,8 +673,8 @@ async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<(
         },
         None => Vec::new(),
     };
-    let stdout_path = ctx.task_dir.join("stdout");
-    let stderr_path = ctx.task_dir.join("stderr");
+    let stdout_path = ctx.task_dir.join(slots::STDOUT);
+    let stderr_path = ctx.task_dir.join(slots::STDERR);
     let wall_limit = task
         .wall_time_s
         .filter(|s| s.is_finite() && *s > 0.0)
@@ -683,8 +692,17 @@ async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<(
         let mut cmd = Exec::new("/bin/sh");
         cmd.arg("-c").arg(&task.command).current_dir(&sandbox);
         cmd.stdin(std::fs::File::open("/dev/null")?);
-        cmd.stdout(std::fs::File::create(&stdout_path)?);
-        cmd.stderr(std::fs::File::create(&stderr_path)?);
+        // No O_TRUNC: a slot's output files are empty or absent (see
+        // `slots`), and truncating an existing file costs a journal entry.
+        let output = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+        };
+        cmd.stdout(output(&stdout_path)?);
+        cmd.stderr(output(&stderr_path)?);
         cmd.env("DROVER_TASK_ID", task.task_id.to_string());
         cmd.env("DROVER_SANDBOX", &sandbox);
         let cores = task.allocation.cores.max(1).to_string();
