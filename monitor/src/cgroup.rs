@@ -16,7 +16,12 @@ use std::time::{Duration, Instant};
 pub(crate) struct CgroupBase {
     dir: PathBuf,
     memory: bool,
+    /// Empty task groups kept for reuse (see [`CgroupBase::release`]).
+    idle: Mutex<Vec<PathBuf>>,
 }
+
+/// How many empty task groups are kept for reuse.
+const IDLE_GROUPS: usize = 64;
 
 /// One task's group.
 #[derive(Debug)]
@@ -26,6 +31,15 @@ pub(crate) struct TaskGroup {
     /// not allocate between fork and exec.
     pub procs_path: CString,
     pub memory: bool,
+    /// `usage_usec` of `cpu.stat` when the group was handed out: a reused
+    /// group's counter runs on from its earlier tasks.
+    cpu_base_usec: u64,
+    /// Whether `cpu.max` was set, so a reused group gets it back to "max".
+    throttled: std::sync::atomic::AtomicBool,
+    /// Whether `cgroup.kill` was used. Such a group is not reused: on some
+    /// kernels (6.18 here) a child cloned into a group with
+    /// `CLONE_INTO_CGROUP` is killed at birth if the group was ever killed.
+    killed: std::sync::atomic::AtomicBool,
     procs: KeptFile,
     cpu_stat: KeptFile,
     memory_peak: KeptFile,
@@ -186,7 +200,11 @@ impl CgroupBase {
         }
         let memory = fs::read_to_string(dir.join("cgroup.subtree_control"))
             .is_ok_and(|c| c.split_whitespace().any(|w| w == "memory"));
-        let base = CgroupBase { dir, memory };
+        let base = CgroupBase {
+            dir,
+            memory,
+            idle: Mutex::new(Vec::new()),
+        };
         if base.probe() {
             Some(base)
         } else {
@@ -229,28 +247,71 @@ impl CgroupBase {
         self.memory
     }
 
-    /// Creates the group for one task.
+    /// The group for one task: an idle one when there is one, else a new
+    /// directory named `name`.
     pub fn task_group(&self, name: &str) -> io::Result<TaskGroup> {
-        let dir = self.dir.join(name);
-        fs::create_dir(&dir)?;
+        let reused = self.lock_idle().pop();
+        let dir = match reused {
+            Some(dir) => dir,
+            None => {
+                let dir = self.dir.join(name);
+                fs::create_dir(&dir)?;
+                dir
+            }
+        };
         let procs = dir.join("cgroup.procs");
         let procs_path = CString::new(procs.as_os_str().as_bytes())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let memory = dir.join("memory.current").exists();
-        Ok(TaskGroup {
+        let mut group = TaskGroup {
             procs: KeptFile::new(procs),
             cpu_stat: KeptFile::new(dir.join("cpu.stat")),
             memory_peak: KeptFile::new(dir.join("memory.peak")),
             memory_current: KeptFile::new(dir.join("memory.current")),
+            cpu_base_usec: 0,
+            throttled: std::sync::atomic::AtomicBool::new(false),
+            killed: std::sync::atomic::AtomicBool::new(false),
             dir,
             procs_path,
             memory,
-        })
+        };
+        group.cpu_base_usec = group.cpu_usec().unwrap_or(0);
+        Ok(group)
+    }
+
+    /// Done with a task's group: kept for the next task when it is empty
+    /// and its counters can be rebased (CPU can, by its value at hand-out;
+    /// `memory.peak` cannot be reset on every kernel, so groups with the
+    /// memory controller are removed), else removed. Reuse saves a mkdir
+    /// and rmdir in cgroupfs per task, which cost more than the whole
+    /// sampling of a short task.
+    pub fn release(&self, group: &TaskGroup) {
+        group.close_files();
+        let mut buf = String::new();
+        let reusable = !group.memory
+            && !group.killed.load(std::sync::atomic::Ordering::Relaxed)
+            && !group.populated(&mut buf);
+        if reusable && self.lock_idle().len() < IDLE_GROUPS {
+            let unthrottled = !group.throttled.load(std::sync::atomic::Ordering::Relaxed)
+                || write_file(&group.dir.join("cpu.max"), "max").is_ok();
+            if unthrottled {
+                self.lock_idle().push(group.dir.clone());
+                return;
+            }
+        }
+        group.rmdir();
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for CgroupBase {
     fn drop(&mut self) {
+        for dir in self.lock_idle().drain(..) {
+            let _ = fs::remove_dir(dir);
+        }
         let _ = fs::remove_dir(&self.dir);
     }
 }
@@ -268,8 +329,11 @@ impl TaskGroup {
         if path.exists() {
             let period = 100_000u64;
             let quota = ((cores * period as f64).ceil() as u64).max(1000);
-            if let Err(e) = write_file(&path, &format!("{quota} {period}")) {
-                tracing::debug!("cannot set {}: {e}", path.display());
+            match write_file(&path, &format!("{quota} {period}")) {
+                Ok(()) => self
+                    .throttled
+                    .store(true, std::sync::atomic::Ordering::Relaxed),
+                Err(e) => tracing::debug!("cannot set {}: {e}", path.display()),
             }
         }
     }
@@ -284,13 +348,15 @@ impl TaskGroup {
             .ok_or_else(|| io::Error::other(format!("cannot read {}", self.procs.path.display())))
     }
 
-    /// CPU time of everything that ever ran in the group, microseconds.
+    /// CPU time of everything that ran in the group since it was handed
+    /// to this task, microseconds.
     pub fn cpu_usec(&self) -> Option<u64> {
-        self.cpu_stat.read(|text| {
+        let total: u64 = self.cpu_stat.read(|text| {
             text.lines()
                 .find_map(|l| l.strip_prefix("usage_usec "))
                 .and_then(|v| v.trim().parse().ok())
-        })
+        })?;
+        Some(total.saturating_sub(self.cpu_base_usec))
     }
 
     /// Peak memory charged to the group, bytes (`memory.peak`, or the
@@ -333,10 +399,30 @@ impl TaskGroup {
         }
     }
 
+    fn close_files(&self) {
+        for f in [
+            &self.procs,
+            &self.cpu_stat,
+            &self.memory_peak,
+            &self.memory_current,
+        ] {
+            f.close();
+        }
+    }
+
     /// Kills every process in the group. `cgroup.kill` (5.14+) does it
     /// atomically, so a forking process cannot outrun it; otherwise every
     /// member gets SIGKILL, repeatedly, until the group is empty.
+    ///
+    /// An empty group is left alone: besides saving the write, a group that
+    /// was never killed can be reused (see [`CgroupBase::release`]).
     pub fn kill(&self) {
+        let mut buf = String::new();
+        if !self.populated(&mut buf) {
+            return;
+        }
+        self.killed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if write_file(&self.dir.join("cgroup.kill"), "1").is_ok() {
             return;
         }
@@ -374,14 +460,7 @@ impl TaskGroup {
     /// Removes the (empty) group directory, retrying briefly because the
     /// kernel may still be tearing down the last exited member.
     pub fn rmdir(&self) {
-        for f in [
-            &self.procs,
-            &self.cpu_stat,
-            &self.memory_peak,
-            &self.memory_current,
-        ] {
-            f.close();
-        }
+        self.close_files();
         let mut delay = Duration::from_millis(1);
         for _ in 0..10 {
             match fs::remove_dir(&self.dir) {

@@ -326,13 +326,11 @@ impl Monitor {
         }
         let fd_limit = original_fd_limit();
         let procs = group.as_ref().map(|g| g.procs_path.clone());
+        let cgroup = group.as_ref().map(|g| (g.dir.as_path(), &g.procs_path));
         let start = Instant::now();
         let start_epoch = epoch_now();
         let (command, spawned) = match how {
-            Launch::Exec(exec) => (
-                exec.command_line(),
-                spawn::spawn(exec, procs.as_ref(), fd_limit),
-            ),
+            Launch::Exec(exec) => (exec.command_line(), spawn::spawn(exec, cgroup, fd_limit)),
             Launch::Command(cmd) => {
                 let mut command = cmd.get_program().to_string_lossy().into_owned();
                 for a in cmd.get_args() {
@@ -950,7 +948,10 @@ impl Watched {
             if let Some(m) = g.memory_peak() {
                 memory = memory.max(m);
             }
-            g.rmdir();
+            match &core.cgroup {
+                Some(base) => base.release(g),
+                None => g.rmdir(),
+            }
         }
         {
             let mut s = lock(&core.state);

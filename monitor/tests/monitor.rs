@@ -539,3 +539,47 @@ fn exec_errors_are_clear_and_leave_nothing() {
         .count();
     assert_eq!(zombies, 0);
 }
+
+/// Task groups are reused: a task's CPU time and limits must not carry
+/// over from the tasks that had its group before.
+#[test]
+fn a_reused_group_starts_from_zero() {
+    let m = monitor(Method::Auto);
+    let burn = || {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done");
+        c
+    };
+    let first = m
+        .spawn(burn(), None, Limits::default())
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(first.summary.cpu_time > 0.05, "{:?}", first.summary);
+    // A group that was killed (cancel, limit) must not make later tasks die
+    // at birth.
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("30");
+    let cancelled = m.spawn(sleeper, None, Limits::default()).unwrap();
+    cancelled.kill();
+    assert_eq!(cancelled.wait().unwrap().exit, Exit::Signal(libc::SIGKILL));
+    for i in 0..6 {
+        let r = if i % 2 == 0 {
+            m.spawn(Command::new("true"), None, Limits::default())
+        } else {
+            m.spawn_exec(drover_monitor::Exec::new("true"), None, Limits::default())
+        }
+        .unwrap()
+        .wait()
+        .unwrap();
+        assert_eq!(r.exit, Exit::Code(0), "{:?}", r.summary);
+        assert!(
+            r.summary.cpu_time < first.summary.cpu_time / 2.0,
+            "a short task after a busy one: {} s of CPU against {} s ({})",
+            r.summary.cpu_time,
+            first.summary.cpu_time,
+            r.summary.monitor_method
+        );
+    }
+}
