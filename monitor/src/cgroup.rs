@@ -41,6 +41,7 @@ pub(crate) struct TaskGroup {
     /// `CLONE_INTO_CGROUP` is killed at birth if the group was ever killed.
     killed: std::sync::atomic::AtomicBool,
     procs: KeptFile,
+    events: KeptFile,
     cpu_stat: KeptFile,
     memory_peak: KeptFile,
     memory_current: KeptFile,
@@ -265,6 +266,7 @@ impl CgroupBase {
         let memory = dir.join("memory.current").exists();
         let mut group = TaskGroup {
             procs: KeptFile::new(procs),
+            events: KeptFile::new(dir.join("cgroup.events")),
             cpu_stat: KeptFile::new(dir.join("cpu.stat")),
             memory_peak: KeptFile::new(dir.join("memory.peak")),
             memory_current: KeptFile::new(dir.join("memory.current")),
@@ -286,11 +288,10 @@ impl CgroupBase {
     /// and rmdir in cgroupfs per task, which cost more than the whole
     /// sampling of a short task.
     pub fn release(&self, group: &TaskGroup) {
-        group.close_files();
-        let mut buf = String::new();
         let reusable = !group.memory
             && !group.killed.load(std::sync::atomic::Ordering::Relaxed)
-            && !group.populated(&mut buf);
+            && !group.populated();
+        group.close_files();
         if reusable && self.lock_idle().len() < IDLE_GROUPS {
             let unthrottled = !group.throttled.load(std::sync::atomic::Ordering::Relaxed)
                 || write_file(&group.dir.join("cpu.max"), "max").is_ok();
@@ -389,19 +390,20 @@ impl TaskGroup {
         None
     }
 
-    fn populated(&self, buf: &mut String) -> bool {
-        match read_small(&self.dir.join("cgroup.events"), buf) {
-            Ok(()) => buf
-                .lines()
-                .find_map(|l| l.strip_prefix("populated "))
-                .is_some_and(|v| v.trim() != "0"),
-            Err(_) => false,
-        }
+    fn populated(&self) -> bool {
+        self.events
+            .read(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("populated "))
+                    .map(|v| v.trim() != "0")
+            })
+            .unwrap_or(false)
     }
 
     fn close_files(&self) {
         for f in [
             &self.procs,
+            &self.events,
             &self.cpu_stat,
             &self.memory_peak,
             &self.memory_current,
@@ -417,8 +419,7 @@ impl TaskGroup {
     /// An empty group is left alone: besides saving the write, a group that
     /// was never killed can be reused (see [`CgroupBase::release`]).
     pub fn kill(&self) {
-        let mut buf = String::new();
-        if !self.populated(&mut buf) {
+        if !self.populated() {
             return;
         }
         self.killed
@@ -450,9 +451,8 @@ impl TaskGroup {
 
     /// Waits (at most a few seconds) until no live process is left in the group.
     pub fn wait_empty(&self) {
-        let mut buf = String::new();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.populated(&mut buf) && Instant::now() < deadline {
+        while self.populated() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
     }

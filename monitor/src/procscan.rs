@@ -15,7 +15,7 @@ use procfs::{FromBufRead, FromRead};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 
 /// What one `/proc/PID/stat` read tells about a process.
@@ -136,9 +136,10 @@ impl ProcReader {
     }
 
     fn read(&mut self, pid: i32, file: &str) -> Option<&[u8]> {
-        let mut f = self.open(pid, file)?;
-        self.buf.clear();
-        f.read_to_end(&mut self.buf).ok()?;
+        let f = self.open(pid, file)?;
+        // Not read_to_end, which first stats the file for its size (0 for
+        // every /proc file anyway).
+        pread_all(&f, &mut self.buf).ok()?;
         Some(&self.buf)
     }
 
