@@ -390,7 +390,8 @@ impl TaskGroup {
         None
     }
 
-    fn populated(&self) -> bool {
+    /// Whether any process is in the group.
+    pub fn populated(&self) -> bool {
         self.events
             .read(|text| {
                 text.lines()

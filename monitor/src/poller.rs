@@ -144,6 +144,8 @@ struct TaskState {
     disk: u64,
     files: u64,
     next_disk: Option<Instant>,
+    /// How long the last walk of the sandbox took.
+    disk_walk: Duration,
     window: VecDeque<(Instant, f64)>,
     cores_peak: f64,
     last: Option<(Instant, f64)>,
@@ -679,7 +681,8 @@ impl Task {
                 let (bytes, files) = disk::usage(dir);
                 // Big sandboxes are walked less often, so that the walk
                 // costs at most ~2% of the time between walks.
-                let cost = t0.elapsed() * 50;
+                st.disk_walk = t0.elapsed();
+                let cost = st.disk_walk * 50;
                 st.next_disk = Some(now + cost.max(core.interval));
                 st.disk = st.disk.max(bytes);
                 st.files = st.files.max(files);
@@ -1002,6 +1005,19 @@ impl Watched {
         };
         st.series = None;
         Ok(Some(Report { exit, summary }))
+    }
+
+    /// Whether finishing can block: `false` once the root has exited if the
+    /// task's cgroup is already empty and its sandbox is quick to walk, so
+    /// [`Watched::wait`] only reaps and reads counters (a few system calls)
+    /// and may run on an async thread. Without a cgroup, finishing may wait
+    /// for escaped processes to die.
+    pub fn finish_may_block(&self) -> bool {
+        let slow_walk = lock(&self.task.st).disk_walk > Duration::from_millis(1);
+        match &self.task.group {
+            Some(g) => slow_walk || g.populated(),
+            None => true,
+        }
     }
 
     /// Blocks until the root exits, then finishes as [`Watched::try_finish`].

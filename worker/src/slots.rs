@@ -90,7 +90,10 @@ fn clean(dir: &Path) -> io::Result<()> {
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() && m.len() == 0 => {}
             Ok(m) if m.is_file() => {
-                fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
+                fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(&path)?;
             }
             Ok(_) => return Err(io::Error::other("an output file was replaced")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -127,7 +130,10 @@ mod tests {
         assert_eq!(again, dir, "the clean slot is handed out again");
         let sb = again.join(SANDBOX);
         assert_eq!(fs::read_dir(&sb).unwrap().count(), 0);
-        assert_eq!(fs::metadata(&sb).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&sb).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
         assert_eq!(fs::metadata(again.join(STDOUT)).unwrap().len(), 0);
         assert_ne!(slots.take(), dir, "a slot is handed out once");
     }
