@@ -562,7 +562,69 @@ fn a_reused_task_directory_carries_nothing_over() {
     results.sort_by_key(|r| r.id);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.outcome, Outcome::Success, "{r:?}");
-        assert_eq!(r.stdout, format!("task{i}\n"), "an empty sandbox and fresh stdout");
+        assert_eq!(
+            r.stdout,
+            format!("task{i}\n"),
+            "an empty sandbox and fresh stdout"
+        );
         assert_eq!(r.stderr, format!("err{i}\n"));
     }
+}
+
+/// A worker killed with SIGKILL must not leave its tasks running: the
+/// master runs them again elsewhere, and two copies at once would be a
+/// duplicate run. (Needs the cgroup path: the worker's guard kills its
+/// group; without cgroups there is nothing to assert, and the test says so.)
+#[test]
+fn a_killed_workers_tasks_do_not_outlive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager();
+    let w = Worker::start(m.port(), &["--cores", "2"]);
+    let pids_dir = dir.path().display().to_string();
+    for _ in 0..2 {
+        // A child of the shell, so the tree (not just the root) is checked.
+        m.submit(
+            Task::new(format!(
+                "sleep 300 & echo $! > {pids_dir}/$DROVER_TASK_ID.pid; wait"
+            ))
+            .cores(1),
+        )
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pids = loop {
+        let pids: Vec<i32> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        if pids.len() == 2 {
+            break pids;
+        }
+        assert!(std::time::Instant::now() < deadline, "tasks did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let in_cgroup = pids.iter().all(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/cgroup"))
+            .is_ok_and(|c| c.contains("drover-monitor-"))
+    });
+    if !in_cgroup {
+        eprintln!("no cgroup delegation on this host: the guard is not in use; skipping");
+        return;
+    }
+    unsafe { libc::kill(w.pid(), libc::SIGKILL) };
+    let alive = |p: &i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pids.iter().any(alive) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a task of the killed worker is still running: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(w);
 }

@@ -18,6 +18,109 @@ pub(crate) struct CgroupBase {
     memory: bool,
     /// Empty task groups kept for reuse (see [`CgroupBase::release`]).
     idle: Mutex<Vec<PathBuf>>,
+    /// Kills every task of this monitor if its process dies.
+    _guard: Option<Guard>,
+}
+
+/// A small process, forked when the monitor starts, that kills every task
+/// group under the monitor's group (`cgroup.kill` of the parent reaches all
+/// of them) as soon as the monitor's process is gone, however it went:
+/// a worker killed with SIGKILL must not leave its tasks running, or a
+/// task requeued elsewhere would run twice at once. It waits for the end
+/// of a pipe whose only writer is the monitor's process.
+#[derive(Debug)]
+struct Guard {
+    pid: i32,
+    writer: Option<std::os::fd::OwnedFd>,
+}
+
+impl Guard {
+    fn start(kill_path: &Path) -> io::Result<Guard> {
+        use std::os::fd::FromRawFd;
+        let kill_path = CString::new(kill_path.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let devnull = c"/dev/null";
+        let name = c"drover-guard";
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors; close-on-exec so that no
+        // task inherits the writing end and keeps the guard waiting.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (mut reader, writer) = (fds[0], fds[1]);
+        if reader < 3 {
+            // The child points 0-2 at /dev/null; keep the pipe clear of them.
+            // SAFETY: duplicating a descriptor we own, then closing the old one.
+            unsafe {
+                let moved = libc::fcntl(reader, libc::F_DUPFD_CLOEXEC, 3);
+                libc::close(reader);
+                reader = moved;
+            }
+        }
+        // SAFETY: the child makes only async-signal-safe system calls on
+        // data prepared above, then exits; it never returns from this block.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe {
+                libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+                // The guard outlives nothing but the pipe: the terminal's
+                // ^C or a TERM to the process group is for the monitor.
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                    libc::signal(sig, libc::SIG_IGN);
+                }
+                // Hold nothing of the monitor's process: no socket or pipe
+                // may stay open because the guard still has it.
+                let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
+                for std_fd in 0..3 {
+                    libc::dup2(null, std_fd);
+                }
+                let keep = reader as libc::c_uint;
+                libc::syscall(libc::SYS_close_range, 3u32, keep - 1, 0u32);
+                libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, 0u32);
+                let mut byte = 0u8;
+                loop {
+                    let n = libc::read(reader, (&mut byte as *mut u8).cast(), 1);
+                    if n == 1 {
+                        // The monitor finished in order: its tasks are its own
+                        // business (and other monitors may share the group).
+                        libc::_exit(0);
+                    }
+                    if n == 0 || *libc::__errno_location() != libc::EINTR {
+                        break;
+                    }
+                }
+                let fd = libc::open(kill_path.as_ptr(), libc::O_WRONLY);
+                if fd >= 0 {
+                    libc::write(fd, b"1".as_ptr().cast(), 1);
+                }
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: closing our copy of the reading end; adopting the writer.
+        unsafe { libc::close(reader) };
+        let writer = unsafe { std::os::fd::OwnedFd::from_raw_fd(writer) };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Guard {
+            pid,
+            writer: Some(writer),
+        })
+    }
+}
+
+impl Drop for Guard {
+    /// A byte tells the guard the monitor ended in order (only the pipe's
+    /// end without one means the process died); it is reaped here so that
+    /// a long-lived program that makes many monitors keeps no zombies.
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            // SAFETY: writing one byte to our own pipe.
+            unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), b"q".as_ptr().cast(), 1) };
+        }
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
+    }
 }
 
 /// How many empty task groups are kept for reuse.
@@ -201,17 +304,21 @@ impl CgroupBase {
         }
         let memory = fs::read_to_string(dir.join("cgroup.subtree_control"))
             .is_ok_and(|c| c.split_whitespace().any(|w| w == "memory"));
-        let base = CgroupBase {
+        let mut base = CgroupBase {
             dir,
             memory,
             idle: Mutex::new(Vec::new()),
+            _guard: None,
         };
-        if base.probe() {
-            Some(base)
-        } else {
+        if !base.probe() {
             let _ = fs::remove_dir(&base.dir);
-            None
+            return None;
         }
+        match Guard::start(&base.dir.join("cgroup.kill")) {
+            Ok(g) => base._guard = Some(g),
+            Err(e) => tracing::warn!("no guard for the tasks if this process dies: {e}"),
+        }
+        Some(base)
     }
 
     /// Forks a child that joins a fresh group, because mkdir permission does
