@@ -146,6 +146,8 @@ struct TaskState {
     next_disk: Option<Instant>,
     /// How long the last walk of the sandbox took.
     disk_walk: Duration,
+    /// Past half its memory limit at the last sample: sampled more often.
+    near_limit: bool,
     window: VecDeque<(Instant, f64)>,
     cores_peak: f64,
     last: Option<(Instant, f64)>,
@@ -454,6 +456,9 @@ fn sampler(core: Arc<Core>) {
     let mut scanner = Scanner::default();
     let mut pids = Vec::new();
     let mut buf = String::new();
+    let fast =
+        (core.interval / 10).clamp(Duration::from_millis(50).min(core.interval), core.interval);
+    let mut next_full = Instant::now();
     loop {
         let tasks = {
             let mut s = lock(&core.state);
@@ -466,43 +471,40 @@ fn sampler(core: Arc<Core>) {
             s.tasks.clone()
         };
         let now = Instant::now();
-        let mut by_scan: Vec<Option<Vec<ProcStat>>> = vec![None; tasks.len()];
-        let mut scanned = Vec::new();
-        let mut wanted = Vec::new();
-        for (i, t) in tasks.iter().enumerate() {
-            let st = lock(&t.st);
-            if t.group.is_none() && !st.reaped {
-                let known = st.members.iter().map(|(&p, m)| (p, m.starttime)).collect();
-                wanted.push(Wanted { root: t.pid, known });
-                scanned.push(i);
+        if now >= next_full {
+            full_pass(
+                &core,
+                &tasks,
+                &mut scanner,
+                &mut reader,
+                &mut pids,
+                &mut buf,
+                now,
+            );
+            reader.end_pass();
+            next_full = now + core.interval;
+        } else {
+            // Between full passes, only the tasks close to their memory
+            // limit, through the processes already known.
+            for t in &tasks {
+                let mut st = lock(&t.st);
+                if st.reaped || !st.near_limit {
+                    continue;
+                }
+                let members = match &t.group {
+                    Some(g) => t.group_members(g, &st, &mut reader, &mut pids),
+                    None => t.known_members(&st, &mut reader),
+                };
+                t.sample(&core, &mut st, &members, &mut reader, &mut buf, now, false);
             }
         }
-        if !wanted.is_empty() {
-            let found = scanner.pass(&mut reader, wanted);
-            for (i, members) in scanned.into_iter().zip(found) {
-                by_scan[i] = Some(members);
-            }
-        }
-        for (i, t) in tasks.iter().enumerate() {
-            let mut st = lock(&t.st);
-            if st.reaped {
-                continue;
-            }
-            let members = match &t.group {
-                Some(g) => t.group_members(g, &st, &mut reader, &mut pids),
-                None => by_scan[i].take().unwrap_or_default(),
-            };
-            t.sample(&core, &mut st, &members, &mut reader, &mut buf, now, false);
-            if !t.is_pidfd && !st.exit_signalled && has_exited(t.pid, false).unwrap_or(false) {
-                st.exit_signalled = true;
-                let one = 1u64.to_ne_bytes();
-                // SAFETY: writing 8 bytes to our eventfd.
-                unsafe { libc::write(t.exit_fd.as_raw_fd(), one.as_ptr().cast(), 8) };
-            }
-        }
+        let near_limit = tasks.iter().any(|t| lock(&t.st).near_limit);
         drop(tasks);
-        reader.end_pass();
-        let deadline = now + core.interval;
+        let deadline = if near_limit {
+            (now + fast).min(next_full)
+        } else {
+            next_full
+        };
         let mut s = lock(&core.state);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -514,6 +516,52 @@ fn sampler(core: Arc<Core>) {
                 .wait_timeout(s, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+}
+
+/// One sample of every task: /proc-mode tasks through one scan of /proc.
+fn full_pass(
+    core: &Core,
+    tasks: &[Arc<Task>],
+    scanner: &mut Scanner,
+    reader: &mut ProcReader,
+    pids: &mut Vec<i32>,
+    buf: &mut String,
+    now: Instant,
+) {
+    let mut by_scan: Vec<Option<Vec<ProcStat>>> = vec![None; tasks.len()];
+    let mut scanned = Vec::new();
+    let mut wanted = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let st = lock(&t.st);
+        if t.group.is_none() && !st.reaped {
+            let known = st.members.iter().map(|(&p, m)| (p, m.starttime)).collect();
+            wanted.push(Wanted { root: t.pid, known });
+            scanned.push(i);
+        }
+    }
+    if !wanted.is_empty() {
+        let found = scanner.pass(reader, wanted);
+        for (i, members) in scanned.into_iter().zip(found) {
+            by_scan[i] = Some(members);
+        }
+    }
+    for (i, t) in tasks.iter().enumerate() {
+        let mut st = lock(&t.st);
+        if st.reaped {
+            continue;
+        }
+        let members = match &t.group {
+            Some(g) => t.group_members(g, &st, reader, pids),
+            None => by_scan[i].take().unwrap_or_default(),
+        };
+        t.sample(core, &mut st, &members, reader, buf, now, false);
+        if !t.is_pidfd && !st.exit_signalled && has_exited(t.pid, false).unwrap_or(false) {
+            st.exit_signalled = true;
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes to our eventfd.
+            unsafe { libc::write(t.exit_fd.as_raw_fd(), one.as_ptr().cast(), 8) };
         }
     }
 }
@@ -689,6 +737,15 @@ impl Task {
             }
         }
 
+        // A task past half its memory limit is sampled ten times as often
+        // (see `sampler`), so that one that keeps growing is stopped close
+        // to its limit rather than up to an interval's worth of growth past
+        // it: touching memory costs CPU, and a killed attempt's is lost.
+        st.near_limit = st.exceeded.is_none()
+            && self
+                .limits
+                .memory_mb
+                .is_some_and(|l| memory.saturating_mul(2) >= l.saturating_mul(MB as u64));
         if !last && st.exceeded.is_none() {
             st.exceeded = self.check_limits(st, memory, cg_mem.is_some(), reader, now);
             if st.exceeded.is_some() {

@@ -583,3 +583,36 @@ fn a_reused_group_starts_from_zero() {
         );
     }
 }
+
+/// A task that grows past half its memory limit is sampled more often, so
+/// it is stopped near the limit instead of up to an interval's growth past
+/// it. The program grows by 100 MB/s towards a 400 MB limit; at the 1 s
+/// default interval alone it would be seen anywhere up to 500 MB. The
+/// bound leaves 0.6 s for a sampler slowed by a loaded machine.
+#[test]
+fn a_growing_task_is_stopped_close_to_its_limit() {
+    let m = Monitor::new(drover_monitor::DEFAULT_INTERVAL);
+    let mut c = Command::new("python3");
+    c.arg("-c").arg(
+        "import time\n\
+         a = []\n\
+         for _ in range(300):\n    a.append(b'\\x01' * (10 << 20)); time.sleep(0.1)\n",
+    );
+    let limits = Limits {
+        memory_mb: Some(400),
+        ..Limits::default()
+    };
+    let r = m.spawn(c, None, limits).unwrap().wait().unwrap();
+    let hit = r
+        .summary
+        .limits_exceeded
+        .clone()
+        .expect("killed for memory");
+    assert_eq!(hit.resource, "memory");
+    assert!(
+        hit.value < 460.0,
+        "stopped at {:.0} MB for a 400 MB limit ({:?})",
+        hit.value,
+        r.summary
+    );
+}
