@@ -32,7 +32,7 @@ def run(mode, tasks, touch, bound):
         q.specify_category_mode(cat, MODES[mode])
     workdir = tempfile.mkdtemp(prefix="wq-w4-")
     worker = subprocess.Popen(
-        ["work_queue_worker", "--single-shot", "-t", "120", "--cores", "12",
+        ["work_queue_worker", "--single-shot", "-t", "3600", "--cores", "12",
          "--memory", "12000", "--disk", "20000", "-s", workdir, "localhost", str(q.port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -54,6 +54,10 @@ def run(mode, tasks, touch, bound):
         while not q.empty():
             task = q.wait(5)
             if task is None:
+                # Work Queue holds tasks while no worker is connected; a
+                # worker that exited would leave this loop waiting forever.
+                if worker.poll() is not None:
+                    sys.exit("work_queue_worker exited with %d tasks left" % q.stats.tasks_waiting)
                 continue
             if task.result != wq.WORK_QUEUE_RESULT_SUCCESS or task.return_status != 0:
                 lost += 1

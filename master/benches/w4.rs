@@ -116,9 +116,19 @@ fn run(mode: &str, tasks: &[(u64, f64)], a: &Args, bound: f64) -> String {
                     )
                 })
                 .collect();
+            // Seconds since the first submit: when the last attempt started
+            // and when the task finished, for a timeline of the run.
+            let since = |t: std::time::SystemTime| {
+                t.duration_since(r.submitted)
+                    .map_or(0.0, |d| d.as_secs_f64())
+            };
             eprintln!(
-                "{mode}: task {} {:?} peak {:.0} MB: {tries:?}",
-                r.id, r.outcome, r.measured.memory_mb
+                "{mode}: task {} {:?} peak {:.0} MB last start {:.1} s end {:.1} s: {tries:?}",
+                r.id,
+                r.outcome,
+                r.measured.memory_mb,
+                r.started.map_or(-1.0, since),
+                since(r.finished)
             );
         }
         if r.outcome != Outcome::Success {

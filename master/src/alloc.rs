@@ -16,7 +16,13 @@
 //!   plus the margin.
 //! * [`AllocationMode::Bucketing`] (the default): the peaks are clustered
 //!   with k-means (linfa-clustering) into at most `max_buckets` buckets; a
-//!   bucket's allocation is its largest member plus the margin.
+//!   bucket's allocation is an estimate of the largest member its
+//!   population can have, plus the margin: for a bucket of n ≥ 2 members
+//!   spread over [low, high], high + (high − low) / (n − 1) (the unbiased
+//!   estimate of the upper end of a uniform range), else its largest
+//!   member. A bucket known from few members, or from a wide spread, gets
+//!   more room: killing a task in a big bucket wastes everything it did up
+//!   to its limit, which is most of a big task's work.
 //!
 //! Before a category has any sample, a task gets the category's `first`
 //! allocation, else its `max`, else a whole worker: one task is measured
@@ -58,12 +64,34 @@
 //!
 //! # The retry ladder
 //!
-//! A task killed for exceeding `resource` goes to the smallest bucket
-//! strictly larger in that resource; then, when the category has a maximum,
-//! to that maximum; without a maximum, the exhausted resource doubles until
-//! it reaches the largest worker and then the task gets a whole worker.
-//! Past the top rung (the maximum, or a whole worker) it fails as resource
-//! exhausted. Declared resources are never raised: they are the user's limit.
+//! A task killed for exceeding `resource` goes to a bucket strictly larger
+//! in that resource than both its allocation and what the monitor saw it
+//! using when it was killed: of those, the one with the lowest expected
+//! cost (the model above) over the samples that needed more than that,
+//! since those are the tasks it is now known to be like. (With buckets of
+//! 2,000 and 5,000 MB, a task killed at 900 MB goes to 2,000 MB when most
+//! tasks above 900 MB fit there, and straight to 5,000 MB when most do not.)
+//! Then, when the category has a maximum, to that maximum; without a
+//! maximum, the exhausted resource doubles (or grows to what the task was
+//! seen using plus the margin, if that is more) until it reaches the
+//! largest worker and then the task gets a whole worker. Past the top rung
+//! (the maximum, or a whole worker) it fails as resource exhausted.
+//! Declared resources are never raised: they are the user's limit. The
+//! engine decides a waiting task's rung again whenever its category learns
+//! something (see `category.rs`), so a task killed early does not run on a
+//! rung chosen from what was known then.
+//!
+//! A killed attempt is a censored sample: the task needed more than what it
+//! was seen using. The category keeps what its last [`KILL_MEMORY`] killed
+//! attempts were seen using. When some of them are above the top bucket,
+//! the top bucket is known to be too small, and a task that climbs to it
+//! from a lower bucket gets at least the largest of them plus the margin
+//! (the bucket itself is unchanged; the next clustering sees the samples of
+//! those tasks once they succeed). Without this, while the top bucket is
+//! built from a few early members, every task bigger than them is killed
+//! twice, the second time after doing almost all of its work. A task killed
+//! in the top bucket itself goes on past it (doubling), so that a task just
+//! over the top bucket does not take the most any task was seen using.
 
 use std::collections::VecDeque;
 
@@ -361,6 +389,9 @@ pub struct CategoryState {
     /// Mean wall time of successful samples and of killed attempts, for `f`.
     ok_time: Mean,
     killed_time: Mean,
+    /// What the most recent killed attempts were seen using (lower bounds
+    /// of what those tasks need), at most [`KILL_MEMORY`] of them.
+    kills: VecDeque<Sample>,
     /// The largest worker the buckets were computed for.
     largest: Resources,
     stats: Counters,
@@ -423,6 +454,14 @@ impl Dim {
         }
     }
 
+    fn of_sample(self, s: &Sample) -> f64 {
+        match self {
+            Dim::Cores => s.cores,
+            Dim::Memory => s.memory_mb,
+            Dim::Disk => s.disk_mb,
+        }
+    }
+
     fn set(self, r: &mut Resources, v: u64) {
         match self {
             Dim::Cores => r.cores = u32::try_from(v).unwrap_or(u32::MAX),
@@ -431,6 +470,10 @@ impl Dim {
         }
     }
 }
+
+/// How many killed attempts' observations a category keeps for the
+/// retry ladder (see the module documentation).
+pub const KILL_MEMORY: usize = 64;
 
 /// Smallest memory ever allocated by learning, MB: peaks of tiny commands
 /// jitter by a few MB, and a retry for that is pure loss.
@@ -498,6 +541,7 @@ impl CategoryState {
             clustered: false,
             ok_time: Mean::default(),
             killed_time: Mean::default(),
+            kills: VecDeque::new(),
             largest: Resources::default(),
             stats: Counters::default(),
         }
@@ -515,6 +559,7 @@ impl CategoryState {
         self.stats = old.stats;
         self.ok_time = old.ok_time;
         self.killed_time = old.killed_time;
+        self.kills = old.kills;
         self.largest = old.largest;
         for s in old.window {
             self.push(s);
@@ -629,16 +674,44 @@ impl CategoryState {
             let r = clamp(overlay(max_each(&r, failed), declared), &cap);
             (dim.of(&r) > need).then_some(r)
         };
-        // The smallest bucket that is bigger where it mattered.
-        let mut best: Option<Resources> = None;
+        let grow = |x: f64| (x * (1.0 + self.config.margin)).ceil().min(u64::MAX as f64) as u64;
+        // The top bucket, and the most any recently killed attempt was seen
+        // using (a lower bound of what that task needs).
+        let top = self
+            .buckets
+            .iter()
+            .map(|b| dim.of(&b.allocation))
+            .max()
+            .unwrap_or(0);
+        let killed_max = self
+            .kills
+            .iter()
+            .map(|s| dim.of_sample(s))
+            .fold(seen as f64, f64::max);
+        // Tasks seen above the top bucket prove it too small: a task that
+        // goes up to it from a lower bucket gets at least what they were
+        // seen using. (One killed in the top bucket itself goes on past it,
+        // below.)
+        let raised_top = if have < top && killed_max > top as f64 {
+            grow(killed_max)
+        } else {
+            0
+        };
+        // The buckets that are bigger where it mattered; of those, the one
+        // with the lowest expected cost for tasks that big.
+        let mut rungs: Vec<Resources> = Vec::with_capacity(self.buckets.len());
         for b in &self.buckets {
-            if let Some(r) = candidate(b.allocation) {
-                if best.is_none_or(|x| dim.of(&r) < dim.of(&x)) {
-                    best = Some(r);
-                }
+            let mut a = b.allocation;
+            if dim.of(&a) == top && raised_top > top {
+                dim.set(&mut a, raised_top);
+            }
+            if let Some(r) = candidate(a) {
+                rungs.push(r);
             }
         }
-        if let Some(r) = best {
+        rungs.sort_by_key(|r| (dim.of(r), *r));
+        rungs.dedup();
+        if let Some(r) = self.cheapest_rung(&rungs, dim, need) {
             return Some(Request::Fixed(r));
         }
         if let Some(max) = self.max_allocation(largest) {
@@ -653,11 +726,7 @@ impl CategoryState {
             Dim::Memory => MIN_MEMORY_MB,
             _ => 1,
         };
-        let with_margin = (need as f64 * (1.0 + self.config.margin)).ceil();
-        let doubled = have
-            .saturating_mul(2)
-            .max(floor)
-            .max(with_margin.min(u64::MAX as f64) as u64);
+        let doubled = have.saturating_mul(2).max(floor).max(grow(need as f64));
         if doubled < limit {
             let mut r = *failed;
             dim.set(&mut r, doubled);
@@ -750,6 +819,10 @@ impl CategoryState {
         let t = used.wall_s;
         if killed {
             self.killed_time.add(t);
+            if self.kills.len() >= KILL_MEMORY {
+                self.kills.pop_front();
+            }
+            self.kills.push_back(used);
             self.stats.waste_memory += allocation.memory_mb as f64 * t;
             self.stats.waste_cores += f64::from(allocation.cores) * t;
             self.stats.waste_disk += allocation.disk_mb as f64 * t;
@@ -876,16 +949,33 @@ impl CategoryState {
                 v as u64
             }
         };
+        // A k-means bucket stands for a population of which `count` members
+        // were seen: its allocation aims at the largest member that
+        // population may have, not the largest seen. For n draws spread over
+        // [low, high], high + (high - low) / (n - 1) is the unbiased estimate
+        // of the upper end of a uniform range; few members, or a wide
+        // spread, get more room. (Max mode and the learning phase keep the
+        // plain largest peak: that is their definition.)
+        let estimate = self.config.mode == AllocationMode::Bucketing
+            && self.window.len() >= self.config.min_samples.max(1)
+            && count >= 2;
+        let top = |lo: f64, hi: f64| {
+            if estimate {
+                hi + (hi - lo).max(0.0) / (count - 1) as f64
+            } else {
+                hi
+            }
+        };
         // Cores are not a limit a task is killed for: round the measured
         // average to whole cores with a little slack instead of a margin.
         let cores = ((high.cores - 0.2).ceil().max(1.0)).min(f64::from(u32::MAX)) as u32;
         let memory = if high.memory_mb > 0.0 {
-            up(high.memory_mb).max(MIN_MEMORY_MB)
+            up(top(low.memory_mb, high.memory_mb)).max(MIN_MEMORY_MB)
         } else {
             MIN_MEMORY_MB
         };
         let disk = if high.disk_mb > 0.0 {
-            up(high.disk_mb)
+            up(top(low.disk_mb, high.disk_mb))
         } else {
             0
         };
@@ -1025,16 +1115,70 @@ impl CategoryState {
         buckets
     }
 
+    /// `f` of the cost model: how long a killed attempt lasts, as a fraction
+    /// of a successful run (1 until both have been seen).
+    fn kill_fraction(&self) -> f64 {
+        match (self.killed_time.get(), self.ok_time.get()) {
+            (Some(k), Some(ok)) if ok > 0.0 => (k / ok).clamp(0.01, 1.0),
+            _ => 1.0,
+        }
+    }
+
+    /// Of `rungs` (each larger than `need` in `dim`, smallest first), the
+    /// one to retry a killed task in: the lowest expected resource-time
+    /// (the model of [`best_start`](Self::best_start)) over the samples
+    /// that needed more than `need`, the tasks this one is now known to be
+    /// like. The smallest when no sample is that big.
+    fn cheapest_rung(&self, rungs: &[Resources], dim: Dim, need: u64) -> Option<Resources> {
+        let first = *rungs.first()?;
+        let f = self.kill_fraction();
+        let top = match self.max_allocation(&self.largest) {
+            Some(max) => self.share(&max),
+            None => 1.0_f64.max(self.share(&rungs[rungs.len() - 1])),
+        };
+        let shares: Vec<f64> = rungs.iter().map(|r| self.share(r)).collect();
+        let mut best = (first, f64::INFINITY);
+        let mut any = false;
+        for start in 0..rungs.len() {
+            let mut cost = 0.0;
+            for s in self
+                .window
+                .iter()
+                .filter(|s| dim.of_sample(s) > need as f64)
+            {
+                any = true;
+                let t = s.wall_s.max(1e-3);
+                let mut placed = false;
+                for (r, share) in rungs[start..].iter().zip(&shares[start..]) {
+                    if covers(r, s) {
+                        cost += share * t;
+                        placed = true;
+                        break;
+                    }
+                    cost += share * f * t;
+                }
+                if !placed {
+                    cost += top * t;
+                }
+            }
+            if !any {
+                return Some(first);
+            }
+            // A bigger rung must be cheaper, not just as cheap.
+            if cost < best.1 * 0.999 {
+                best = (rungs[start], cost);
+            }
+        }
+        Some(best.0)
+    }
+
     /// The start bucket with the lowest expected resource-time per task,
     /// and that cost. See the module documentation for the model.
     fn best_start(&self, buckets: &[Bucket]) -> (usize, f64) {
         if buckets.is_empty() {
             return (0, f64::INFINITY);
         }
-        let f = match (self.killed_time.get(), self.ok_time.get()) {
-            (Some(k), Some(ok)) if ok > 0.0 => (k / ok).clamp(0.01, 1.0),
-            _ => 1.0,
-        };
+        let f = self.kill_fraction();
         let top = match self.max_allocation(&self.largest) {
             Some(max) => self.share(&max),
             None => 1.0_f64.max(buckets.last().map_or(1.0, |b| b.share)),
@@ -1281,6 +1425,121 @@ mod tests {
         // Without the observation it goes to the next bucket up.
         let plain = fixed(c.retry(&start, false, Dim::Memory, &none, &w).unwrap());
         assert!(plain.memory_mb > start.memory_mb && plain.memory_mb <= next.memory_mb);
+    }
+
+    #[test]
+    fn bucket_allocation_estimates_the_upper_end_of_its_population() {
+        let w = worker();
+        let mut c = CategoryState::new("a", CategoryConfig::bucketing().min_samples(4));
+        for i in 0..30 {
+            c.record(mem(400.0 + i as f64), &w);
+        }
+        // Two big members, 3,000 and 3,500 MB: the next big task may well
+        // be bigger than 3,500, by about their spread.
+        c.record(mem(3000.0), &w);
+        c.record(mem(3500.0), &w);
+        c.rebuild();
+        let top = *c.bucket_allocations().last().unwrap();
+        assert_eq!(top.memory_mb, 4400, "(3,500 + 500) * 1.1");
+        // The small bucket: 429 + 29 / 29 = 430, plus 10%.
+        assert_eq!(c.bucket_allocations()[0].memory_mb, 473);
+        // Max mode keeps the largest peak plus the margin.
+        let mut m = CategoryState::new("m", CategoryConfig::max_seen());
+        m.record(mem(3000.0), &w);
+        m.record(mem(3500.0), &w);
+        assert_eq!(m.bucket_allocations()[0].memory_mb, 3850);
+    }
+
+    #[test]
+    fn tasks_killed_above_the_top_bucket_raise_it_for_those_climbing_to_it() {
+        let w = worker();
+        let none = Resources::default();
+        let mut c = CategoryState::new("a", CategoryConfig::bucketing().min_samples(4));
+        for i in 0..30 {
+            c.record(mem(400.0 + i as f64), &w);
+        }
+        c.record(mem(3000.0), &w);
+        c.rebuild();
+        let buckets = c.bucket_allocations();
+        let (small, top) = (buckets[0], *buckets.last().unwrap());
+        assert_eq!(top.memory_mb, 3300);
+        // Killed in the small bucket, nothing known above: the top bucket.
+        let r = fixed(
+            c.retry_seen(&small, false, Dim::Memory, 900.0, &none, &w)
+                .unwrap(),
+        );
+        assert_eq!(r.memory_mb, 3300);
+        // A task was killed in the top bucket, seen at 3,800 MB.
+        let killed = Sample {
+            memory_mb: 3800.0,
+            wall_s: 1.0,
+            ..mem(0.0)
+        };
+        c.record_attempt(&top, &killed, true);
+        // That task goes on past the top bucket (doubling)...
+        let r = fixed(
+            c.retry_seen(&top, false, Dim::Memory, 3800.0, &none, &w)
+                .unwrap(),
+        );
+        assert_eq!(r.memory_mb, 6600);
+        // ...and the next one climbing from the small bucket gets what it
+        // was seen using, plus the margin, not the known-too-small bucket.
+        let r = fixed(
+            c.retry_seen(&small, false, Dim::Memory, 900.0, &none, &w)
+                .unwrap(),
+        );
+        assert_eq!(r.memory_mb, 4180);
+        // The buckets themselves wait for real samples.
+        assert_eq!(c.bucket_allocations().last().unwrap().memory_mb, 3300);
+    }
+
+    #[test]
+    fn retry_goes_to_the_cheapest_bucket_for_tasks_that_big() {
+        let w = worker();
+        let none = Resources::default();
+        let three = |big_small: usize, big_big: usize| {
+            let mut c = CategoryState::new("a", CategoryConfig::bucketing().min_samples(4));
+            for i in 0..60 {
+                c.record(mem(400.0 + (i % 20) as f64), &w);
+            }
+            for i in 0..big_small {
+                c.record(mem(2000.0 + (i % 10) as f64), &w);
+            }
+            for i in 0..big_big {
+                c.record(mem(5000.0 + (i % 10) as f64), &w);
+            }
+            c.rebuild();
+            c
+        };
+        // Most big tasks are 2,000 MB: the 2,000 MB bucket first.
+        let c = three(30, 3);
+        let b: Vec<u64> = c.bucket_allocations().iter().map(|r| r.memory_mb).collect();
+        assert_eq!(b.len(), 3, "{b:?}");
+        let small = c.bucket_allocations()[0];
+        let r = fixed(
+            c.retry_seen(&small, false, Dim::Memory, 900.0, &none, &w)
+                .unwrap(),
+        );
+        assert_eq!(r.memory_mb, b[1], "{b:?}");
+        // Most are 5,000 MB: trying 2,000 first would mostly be killed.
+        let c = three(3, 30);
+        let b: Vec<u64> = c.bucket_allocations().iter().map(|r| r.memory_mb).collect();
+        assert_eq!(b.len(), 3, "{b:?}");
+        let small = c.bucket_allocations()[0];
+        let r = fixed(
+            c.retry_seen(&small, false, Dim::Memory, 900.0, &none, &w)
+                .unwrap(),
+        );
+        assert_eq!(r.memory_mb, b[2], "{b:?}");
+        // Seen past the middle bucket already: only the top one is left.
+        let c = three(30, 3);
+        let b: Vec<u64> = c.bucket_allocations().iter().map(|r| r.memory_mb).collect();
+        let small = c.bucket_allocations()[0];
+        let r = fixed(
+            c.retry_seen(&small, false, Dim::Memory, 2500.0, &none, &w)
+                .unwrap(),
+        );
+        assert_eq!(r.memory_mb, b[2], "{b:?}");
     }
 
     #[test]

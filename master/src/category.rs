@@ -1,6 +1,12 @@
 //! The engine's side of categories: which tasks learn their allocation,
 //! and keeping the scheduler's class requests in step with what each
 //! category has learned. The learning itself is in [`crate::alloc`].
+//!
+//! A task killed for going over its allocation waits for its next rung. The
+//! rung is re-decided from the kill (what the task held, what it was seen
+//! using) whenever its category learns something, not fixed at the kill:
+//! a task killed early in a workflow may wait long, and the buckets known at
+//! its kill may by then be known to be too small for tasks like it.
 
 use std::collections::HashMap;
 
@@ -11,6 +17,11 @@ use crate::alloc::{
     AllocationMode, CategoryConfig, CategoryState, CategoryStats, Dim, RetryCause, Sample,
 };
 use crate::scheduler::{ClassKey, Request, Scheduler};
+use crate::task::TaskId;
+
+/// How many waiting retried tasks are re-decided per change of a
+/// category's buckets (see [`Categories::retargets`]).
+pub(crate) const RETARGET_LIMIT: usize = 256;
 
 /// Index of a category in [`Categories`].
 pub(crate) type CatId = u32;
@@ -34,6 +45,20 @@ struct Class {
     declared: Resources,
 }
 
+/// A learned task's last kill for going over its allocation: enough to
+/// decide its next rung again.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kill {
+    pub class: ClassKey,
+    /// The allocation it was killed in.
+    pub failed: Resources,
+    /// That allocation was a whole worker.
+    pub was_whole: bool,
+    pub dim: Dim,
+    /// What the monitor saw it using in `dim` when it was killed.
+    pub seen: f64,
+}
+
 #[derive(Default)]
 pub(crate) struct Categories {
     ids: HashMap<String, CatId>,
@@ -41,6 +66,9 @@ pub(crate) struct Categories {
     /// Set by the user (as opposed to created on first use with defaults).
     configured: Vec<bool>,
     classes: Vec<Vec<Class>>,
+    /// Per category, tasks retried after a kill that may still be waiting
+    /// (the engine drops the ones that are not when it re-targets).
+    retrying: Vec<HashMap<TaskId, Kill>>,
     class_ids: HashMap<(CatId, Resources), ClassKey>,
     next_class: ClassKey,
     /// Component-wise largest connected worker.
@@ -57,6 +85,7 @@ impl Categories {
             .push(CategoryState::new(name, CategoryConfig::default()));
         self.configured.push(false);
         self.classes.push(Vec::new());
+        self.retrying.push(HashMap::new());
         self.ids.insert(name.to_string(), id);
         id
     }
@@ -135,7 +164,8 @@ impl Categories {
     }
 
     /// An attempt of a learned task ended with `measured` after holding
-    /// `allocation`; `success` records the peak as a sample.
+    /// `allocation`; `success` records the peak as a sample. True when the
+    /// category's answers may have changed (see [`Self::retargets`]).
     pub(crate) fn attempt_ended(
         &mut self,
         cat: CatId,
@@ -144,7 +174,7 @@ impl Categories {
         killed: bool,
         success: bool,
         sched: &mut Scheduler,
-    ) {
+    ) -> bool {
         let sample = Sample {
             cores: measured.cores,
             memory_mb: measured.memory_mb,
@@ -156,7 +186,40 @@ impl Categories {
         state.record_attempt(allocation, &sample, killed);
         if success && state.record(sample, &largest) {
             self.refresh(cat, sched);
+            return true;
         }
+        false
+    }
+
+    /// `task` was killed as `kill` says and waits for its next rung.
+    pub(crate) fn note_retrying(&mut self, cat: CatId, task: TaskId, kill: Kill) {
+        self.retrying[cat as usize].insert(task, kill);
+    }
+
+    /// `task` no longer waits for a rung (placed, finished or cancelled).
+    pub(crate) fn forget_retrying(&mut self, cat: CatId, task: TaskId) {
+        self.retrying[cat as usize].remove(&task);
+    }
+
+    /// The rung each task retried in `cat` would get now, by task id;
+    /// `None` where the ladder now says the task should fail (the engine
+    /// then keeps its current rung: a task is never failed while waiting).
+    ///
+    /// At most [`RETARGET_LIMIT`] tasks, the oldest first: a rung costs up to
+    /// O(buckets² × window) to decide, and this runs on the engine's thread
+    /// whenever the category's buckets change.
+    pub(crate) fn retargets(&self, cat: CatId) -> Vec<(TaskId, Option<Request>)> {
+        let retrying = &self.retrying[cat as usize];
+        let mut ids: Vec<TaskId> = retrying.keys().copied().collect();
+        ids.sort_unstable();
+        ids.truncate(RETARGET_LIMIT);
+        ids.into_iter()
+            .filter_map(|task| {
+                let k = retrying.get(&task)?;
+                let next = self.retry(cat, k.class, &k.failed, k.was_whole, k.dim, k.seen);
+                Some((task, next))
+            })
+            .collect()
     }
 
     /// The next rung for a task killed for exceeding `resource`.
@@ -208,5 +271,95 @@ pub(crate) fn plain_request(resources: &Resources) -> Request {
         })
     } else {
         Request::Fixed(*resources)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(memory_mb: f64) -> Measured {
+        Measured {
+            wall_time_s: 2.0,
+            memory_mb,
+            cores: 1.0,
+            ..Default::default()
+        }
+    }
+
+    fn fixed(r: Option<Request>) -> Resources {
+        match r {
+            Some(Request::Fixed(r)) => r,
+            other => panic!("expected a fixed rung, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_waiting_retry_takes_the_rung_the_category_chooses_now() {
+        let mut sched = Scheduler::new();
+        let mut cats = Categories::default();
+        let worker = Resources {
+            cores: 12,
+            memory_mb: 12_000,
+            disk_mb: 0,
+            gpus: 0,
+        };
+        cats.set_largest(worker, &mut sched);
+        let Sizing::Learned { cat, class } = cats.sizing("w", &Resources::default()) else {
+            panic!("a task declaring nothing learns");
+        };
+        let small = Resources {
+            cores: 1,
+            memory_mb: 500,
+            ..Default::default()
+        };
+        for i in 0..20 {
+            cats.attempt_ended(
+                cat,
+                &small,
+                &measured(400.0 + i as f64),
+                false,
+                true,
+                &mut sched,
+            );
+        }
+        let buckets = cats.states[cat as usize].bucket_allocations();
+        let start = buckets[0];
+        // Killed in the small bucket, seen at 900 MB: nothing is known
+        // above, so the ladder doubles past what was seen.
+        let kill = Kill {
+            class,
+            failed: start,
+            was_whole: false,
+            dim: Dim::Memory,
+            seen: 900.0,
+        };
+        let first = fixed(cats.retry(cat, class, &start, false, Dim::Memory, 900.0));
+        cats.note_retrying(cat, 7, kill);
+        assert_eq!(cats.retargets(cat), vec![(7, Some(Request::Fixed(first)))]);
+        // While it waits, big tasks succeed: the category now knows them,
+        // and the waiting task is re-targeted to the bucket that holds them.
+        let mut changed = false;
+        for i in 0..6 {
+            changed |= cats.attempt_ended(
+                cat,
+                &worker,
+                &measured(3000.0 + 100.0 * i as f64),
+                false,
+                true,
+                &mut sched,
+            );
+        }
+        assert!(changed);
+        let now = cats.retargets(cat);
+        let rung = fixed(now[0].1);
+        assert!(
+            rung.memory_mb >= 3500 && rung.memory_mb > first.memory_mb,
+            "{rung:?} from {first:?}, buckets {:?}",
+            cats.states[cat as usize].bucket_allocations()
+        );
+        // Placed, finished or cancelled: forgotten.
+        cats.forget_retrying(cat, 7);
+        assert!(cats.retargets(cat).is_empty());
     }
 }

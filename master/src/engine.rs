@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::alloc::{CategoryConfig, CategoryStats, Dim, RetryCause};
-use crate::category::{Categories, Sizing, MAX_RESOURCE_RETRIES};
+use crate::category::{CatId, Categories, Kill, Sizing, MAX_RESOURCE_RETRIES};
 use crate::scheduler::{FileKey, Placement, Request, Scheduler, WorkerKey};
 use crate::task::{Attempt, Outcome, TaskId, TaskResult};
 
@@ -569,6 +569,33 @@ impl Engine {
         }
     }
 
+    /// `cat` learned something: each of its tasks waiting to be retried
+    /// after a kill takes the rung the category would choose now (see
+    /// [`crate::category`]). Only tasks retried in `cat` are visited.
+    fn retarget(&mut self, cat: CatId) {
+        for (id, next) in self.categories.retargets(cat) {
+            let waiting = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| matches!(t.state, TaskState::Waiting));
+            if !waiting {
+                self.categories.forget_retrying(cat, id);
+                continue;
+            }
+            let Some(next) = next else {
+                continue;
+            };
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if task.rung == Some(next) || !self.sched.remove_waiting(id) {
+                continue;
+            }
+            task.rung = Some(next);
+            self.enqueue_task(id);
+        }
+    }
+
     fn enqueue_again(&mut self, id: TaskId) {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
@@ -670,9 +697,11 @@ impl Engine {
             )),
             _ => None,
         };
+        let mut learned = None;
         if let Sizing::Learned { cat, class } = task.sizing {
             let success = report.ending == Ending::Exited && report.exit_code == Some(0);
-            self.categories.attempt_ended(
+            self.categories.forget_retrying(cat, id);
+            let changed = self.categories.attempt_ended(
                 cat,
                 &allocation,
                 &report.measured,
@@ -680,6 +709,9 @@ impl Engine {
                 success,
                 &mut self.sched,
             );
+            if changed {
+                learned = Some(cat);
+            }
             if let (Some(dim), false) = (exhausted, task.cancelling) {
                 let was_whole = task.rung == Some(Request::WholeWorker)
                     || self
@@ -707,12 +739,29 @@ impl Engine {
                     task.rung = Some(next);
                     task.resource_retries += 1;
                     self.categories.note_retry(cat, RetryCause::Exhausted(dim));
+                    self.categories.note_retrying(
+                        cat,
+                        id,
+                        Kill {
+                            class,
+                            failed: allocation,
+                            was_whole,
+                            dim,
+                            seen,
+                        },
+                    );
                     self.stats.tasks_resized += 1;
                     self.enqueue_again(id);
+                    if let Some(cat) = learned {
+                        self.retarget(cat);
+                    }
                     return;
                 }
                 self.categories.note_exhausted(cat);
             }
+        }
+        if let Some(cat) = learned {
+            self.retarget(cat);
         }
         let Some(task) = self.tasks.get_mut(&id) else {
             return;

@@ -139,6 +139,46 @@ proptest! {
     }
 
     #[test]
+    fn retries_after_kills_grow_and_respect_the_cap(
+        config in config(),
+        largest in worker(),
+        samples in prop::collection::vec(sample(), 0..40),
+        kills in prop::collection::vec(sample(), 0..20),
+        seen in prop::collection::vec(0.0f64..20_000.0, 1..8),
+        d in dim(),
+    ) {
+        // Killed attempts' observations (lower bounds, possibly far above
+        // every bucket) and what the monitor saw at each kill change which
+        // rung comes next, never the ladder's guarantees.
+        let none = Resources::default();
+        let mut c = CategoryState::new("p", config.clone());
+        for s in samples {
+            c.record(s, &largest);
+        }
+        let mut rung = c.first(&none, &largest);
+        for (i, k) in kills.iter().enumerate() {
+            if let Request::Fixed(r) = rung {
+                c.record_attempt(&r, k, true);
+            }
+            let Request::Fixed(r) = rung else { break };
+            let v = seen[i % seen.len()];
+            match c.retry_seen(&r, false, d, v, &none, &largest) {
+                None => break,
+                Some(Request::Fixed(n)) => {
+                    prop_assert!(within(&n, &largest, &config), "{n:?} over {largest:?} / {:?}", config.max);
+                    prop_assert!(get(d, &n) > get(d, &r), "retry {n:?} not larger than {r:?} in {d:?}");
+                    prop_assert!(get(d, &n) as f64 > v.ceil(), "retry {n:?} not above what was seen ({v}) in {d:?}");
+                    rung = Request::Fixed(n);
+                }
+                Some(Request::WholeWorker) => {
+                    prop_assert!(!has_max(&config));
+                    rung = Request::WholeWorker;
+                }
+            }
+        }
+    }
+
+    #[test]
     fn buckets_cover_every_sample_in_the_window(
         config in config(),
         largest in worker(),
