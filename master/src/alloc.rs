@@ -1511,35 +1511,28 @@ mod tests {
             c.rebuild();
             c
         };
+        // The buckets, and the retry of a task killed in the smallest one
+        // after being seen at `seen` MB.
+        let retry_from_small = |c: &CategoryState, seen: f64| {
+            let b: Vec<u64> = c.bucket_allocations().iter().map(|r| r.memory_mb).collect();
+            let small = c.bucket_allocations()[0];
+            let r = fixed(
+                c.retry_seen(&small, false, Dim::Memory, seen, &none, &w)
+                    .unwrap(),
+            );
+            (b, r.memory_mb)
+        };
         // Most big tasks are 2,000 MB: the 2,000 MB bucket first.
-        let c = three(30, 3);
-        let b: Vec<u64> = c.bucket_allocations().iter().map(|r| r.memory_mb).collect();
+        let (b, r) = retry_from_small(&three(30, 3), 900.0);
         assert_eq!(b.len(), 3, "{b:?}");
-        let small = c.bucket_allocations()[0];
-        let r = fixed(
-            c.retry_seen(&small, false, Dim::Memory, 900.0, &none, &w)
-                .unwrap(),
-        );
-        assert_eq!(r.memory_mb, b[1], "{b:?}");
+        assert_eq!(r, b[1], "{b:?}");
         // Most are 5,000 MB: trying 2,000 first would mostly be killed.
-        let c = three(3, 30);
-        let b: Vec<u64> = c.bucket_allocations().iter().map(|r| r.memory_mb).collect();
+        let (b, r) = retry_from_small(&three(3, 30), 900.0);
         assert_eq!(b.len(), 3, "{b:?}");
-        let small = c.bucket_allocations()[0];
-        let r = fixed(
-            c.retry_seen(&small, false, Dim::Memory, 900.0, &none, &w)
-                .unwrap(),
-        );
-        assert_eq!(r.memory_mb, b[2], "{b:?}");
+        assert_eq!(r, b[2], "{b:?}");
         // Seen past the middle bucket already: only the top one is left.
-        let c = three(30, 3);
-        let b: Vec<u64> = c.bucket_allocations().iter().map(|r| r.memory_mb).collect();
-        let small = c.bucket_allocations()[0];
-        let r = fixed(
-            c.retry_seen(&small, false, Dim::Memory, 2500.0, &none, &w)
-                .unwrap(),
-        );
-        assert_eq!(r.memory_mb, b[2], "{b:?}");
+        let (b, r) = retry_from_small(&three(30, 3), 2500.0);
+        assert_eq!(r, b[2], "{b:?}");
     }
 
     #[test]
