@@ -214,6 +214,23 @@ fn collect_watching(
     out
 }
 
+/// Worker sizing shared by the factory tests: `max` workers of `cores`
+/// cores, 100 MB memory and disk, idle timeout `timeout` seconds.
+fn small_workers<'a>(max: &'a str, cores: &'a str, timeout: &'a str) -> Vec<&'a str> {
+    vec![
+        "--max-workers",
+        max,
+        "--cores",
+        cores,
+        "--memory",
+        "100",
+        "--disk",
+        "100",
+        "--worker-timeout",
+        timeout,
+    ]
+}
+
 #[test]
 fn slurm_factory_runs_a_burst_within_max_workers_and_leaves_no_jobs() {
     let _serial = SLURM.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,18 +243,7 @@ fn slurm_factory_runs_a_burst_within_max_workers_and_leaves_no_jobs() {
     let factory = Factory::start(
         "slurm",
         &["--master", &master],
-        &[
-            "--max-workers",
-            "2",
-            "--cores",
-            "1",
-            "--memory",
-            "100",
-            "--disk",
-            "100",
-            "--worker-timeout",
-            "3",
-        ],
+        &small_workers("2", "1", "3"),
     );
     let name = factory.name.clone();
     let mut most_jobs = 0;
@@ -299,18 +305,7 @@ fn slurm_factory_killed_with_sigterm_removes_its_pending_and_running_jobs() {
     let factory = Factory::start(
         "slurm",
         &["--master", &master],
-        &[
-            "--max-workers",
-            "3",
-            "--cores",
-            "1",
-            "--memory",
-            "100",
-            "--disk",
-            "100",
-            "--worker-timeout",
-            "60",
-        ],
+        &small_workers("3", "1", "60"),
     );
     let name = factory.name.clone();
     wait_for("jobs to be running", Duration::from_secs(120), || {
@@ -356,19 +351,10 @@ fn local_factory_packs_multi_core_tasks_and_honours_the_password() {
         "local",
         &["--master", &master],
         &[
-            "--max-workers",
-            "10",
-            "--cores",
-            "4",
-            "--memory",
-            "100",
-            "--disk",
-            "100",
-            "--worker-timeout",
-            "2",
-            "--password-file",
-            pw_arg,
-        ],
+            small_workers("10", "4", "2"),
+            vec!["--password-file", pw_arg],
+        ]
+        .concat(),
     );
     let mut most_workers = 0;
     let results = collect_watching(&m, 6, || {
@@ -457,18 +443,7 @@ fn local_factory_finds_its_master_through_the_catalog() {
             "--project",
             &format!("^{project}$"),
         ],
-        &[
-            "--max-workers",
-            "1",
-            "--cores",
-            "2",
-            "--memory",
-            "100",
-            "--disk",
-            "100",
-            "--worker-timeout",
-            "2",
-        ],
+        &small_workers("1", "2", "2"),
     );
     let results = collect_watching(&m, 4, || {});
     assert!(results.iter().all(|r| r.outcome == Outcome::Success));
