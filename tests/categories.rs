@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use drover_master::{CategoryConfig, Outcome, Task};
+use drover_master::{CategoryConfig, Outcome, Resources, Task, TaskResult};
 
 /// A command that writes `mb` MB (so they are resident) and holds them a
 /// moment so the monitor sees the peak.
@@ -19,6 +19,9 @@ fn use_mb(mb: u64) -> String {
 fn a_task_over_its_learned_allocation_climbs_the_ladder_and_succeeds() {
     let m = manager();
     let _w = Worker::start(m.port(), &["--cores", "4", "--memory", "4000"]);
+    // The kill-and-retry ladder; growing in place has its own tests below.
+    m.set_category("learn", CategoryConfig::bucketing().grow_in_place(false))
+        .unwrap();
     // The first task of a category is measured on a whole worker.
     m.submit(Task::new(use_mb(30)).category("learn")).unwrap();
     let first = collect(&m, 1).remove(0);
@@ -101,4 +104,94 @@ fn a_bad_category_config_is_refused_with_a_reason() {
         .unwrap_err();
     assert!(e.to_string().contains("margin"), "{e}");
     assert!(m.category_stats("x").is_none());
+}
+
+/// Whether the task's monitor could freeze it (a cgroup per task): growing
+/// in place needs that; without it a task is killed and retried instead.
+fn freezable(r: &TaskResult) -> bool {
+    let method = r
+        .measured
+        .summary
+        .as_ref()
+        .and_then(|s| s.get("monitor_method"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("");
+    if !method.starts_with("cgroup2") {
+        eprintln!("monitor method {method:?}: no growing in place on this host");
+        return false;
+    }
+    true
+}
+
+/// A category whose tasks start in 100 MB and may get up to `max_mb`.
+fn small_first(max_mb: u64) -> CategoryConfig {
+    CategoryConfig::bucketing()
+        .first(Resources {
+            cores: 1,
+            memory_mb: 100,
+            ..Default::default()
+        })
+        .max_memory_mb(max_mb)
+}
+
+/// Over its allocation, on a worker with room, a task is frozen and given
+/// its next rung where it runs: one attempt, nothing run twice.
+#[test]
+fn a_task_over_its_allocation_grows_in_place_when_its_worker_has_room() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "4000"]);
+    m.set_category("grow", small_first(1000)).unwrap();
+    m.submit(Task::new(use_mb(300)).category("grow")).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    if !freezable(&r) {
+        return;
+    }
+    assert_eq!(r.attempts.len(), 1, "{:?}", r.attempts);
+    assert_eq!(r.allocated.memory_mb, 1000, "grown to the category maximum");
+    assert!(r.measured.memory_mb >= 300.0);
+    let stats = m.category_stats("grow").unwrap();
+    assert_eq!((stats.grown, stats.retries.memory), (1, 0));
+    let s = m.stats();
+    assert_eq!((s.tasks_grown, s.tasks_resized), (1, 0));
+    // What the task held is all given back.
+    assert_eq!(s.resources_in_use, Resources::default());
+}
+
+/// Two tasks frozen on a full worker would wait on each other forever: the
+/// newest is killed and retried on its next rung, which frees the room the
+/// oldest needs. Both succeed; no task is lost or run twice.
+#[test]
+fn when_frozen_tasks_fill_their_worker_the_newest_is_retried() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "300"]);
+    m.set_category("full", small_first(250)).unwrap();
+    let ids: Vec<_> = (0..2)
+        .map(|_| m.submit(Task::new(use_mb(200)).category("full")).unwrap())
+        .collect();
+    let results = collect(&m, 2);
+    let mut seen: Vec<_> = results.iter().map(|r| r.id).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, ids, "each task reported once");
+    for r in &results {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    }
+    if !results.iter().all(freezable) {
+        return;
+    }
+    let mut attempts: Vec<_> = results.iter().map(|r| r.attempts.len()).collect();
+    attempts.sort_unstable();
+    assert_eq!(attempts, [1, 2], "one grew, one was retried");
+    let retried = results.iter().find(|r| r.attempts.len() == 2).unwrap();
+    assert!(
+        retried.attempts[0].ending.contains("resource exhausted"),
+        "{:?}",
+        retried.attempts
+    );
+    // Its rung: the maximum, or by then what the grown task was seen using.
+    let rung = retried.allocated.memory_mb;
+    assert!((200..=250).contains(&rung), "{:?}", retried.attempts);
+    let s = m.stats();
+    assert_eq!((s.tasks_grown, s.tasks_resized), (1, 1));
+    assert_eq!(s.resources_in_use, Resources::default());
 }

@@ -6,7 +6,10 @@
 //!   the shell and the program itself) and 1 core;
 //! * `fixed4000`: each task declares 4,000 MB and 1 core;
 //! * `max`: a category in max-seen mode, tasks declare nothing;
-//! * `bucketing`: the default category, tasks declare nothing.
+//! * `bucketing`: the default category, tasks declare nothing (a task over
+//!   its allocation grows in place where there is room, else is retried);
+//! * `bucketing-kill`: the same with growing in place off, so that every
+//!   task over its allocation is killed and retried.
 //!
 //! Prints one JSON line per mode. Run through `benches/w4/run.sh`, which
 //! builds the task program and runs Work Queue on the same tasks.
@@ -84,10 +87,13 @@ fn run(mode: &str, tasks: &[(u64, f64)], a: &Args, bound: f64) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
     let category = format!("w4-{mode}");
-    if mode == "max" {
-        manager
-            .set_category(&category, CategoryConfig::max_seen())
-            .expect("category");
+    let config = match mode {
+        "max" => Some(CategoryConfig::max_seen()),
+        "bucketing-kill" => Some(CategoryConfig::bucketing().grow_in_place(false)),
+        _ => None,
+    };
+    if let Some(config) = config {
+        manager.set_category(&category, config).expect("category");
     }
     let start = Instant::now();
     for (x, t) in tasks {
@@ -144,9 +150,10 @@ fn run(mode: &str, tasks: &[(u64, f64)], a: &Args, bound: f64) -> String {
         .map(|s| s.buckets.iter().map(|b| b.allocation.memory_mb).collect())
         .unwrap_or_default();
     let waste = stats.as_ref().map(|s| s.waste_memory_mb_s).unwrap_or(0.0);
+    let grown = manager.stats().tasks_grown;
     let _ = std::fs::remove_dir_all(&workdir);
     format!(
-        "{{\"system\":\"drover\",\"workload\":\"W4\",\"mode\":\"{mode}\",\"n\":{},\"wall_s\":{:.3},\"tasks_per_s\":{:.3},\"ratio_to_bound\":{:.3},\"retries\":{retries},\"lost\":{lost},\"largest_task_peak_mb\":{:.0},\"buckets_mb\":{:?},\"waste_memory_mb_s\":{:.0}}}",
+        "{{\"system\":\"drover\",\"workload\":\"W4\",\"mode\":\"{mode}\",\"n\":{},\"wall_s\":{:.3},\"tasks_per_s\":{:.3},\"ratio_to_bound\":{:.3},\"retries\":{retries},\"grown\":{grown},\"lost\":{lost},\"largest_task_peak_mb\":{:.0},\"buckets_mb\":{:?},\"waste_memory_mb_s\":{:.0}}}",
         tasks.len(),
         wall,
         tasks.len() as f64 / wall,

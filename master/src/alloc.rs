@@ -152,6 +152,12 @@ pub struct CategoryConfig {
     pub max_buckets: usize,
     /// Seed of the k-means initialisation.
     pub seed: u64,
+    /// A task that goes over its memory allocation is frozen where it runs
+    /// and given the allocation of its next rung there, if its worker has
+    /// (or soon frees) the room, instead of being killed and run again from
+    /// the start (default true). Only where the worker can freeze a task
+    /// (a cgroup v2 per task); elsewhere the task is killed and retried.
+    pub grow_in_place: bool,
 }
 
 impl Default for CategoryConfig {
@@ -165,6 +171,7 @@ impl Default for CategoryConfig {
             window: 2048,
             max_buckets: 8,
             seed: 0,
+            grow_in_place: true,
         }
     }
 }
@@ -230,6 +237,13 @@ impl CategoryConfig {
     /// Sets the most buckets k-means may make.
     pub fn max_buckets(mut self, n: usize) -> Self {
         self.max_buckets = n;
+        self
+    }
+
+    /// Sets whether a task over its memory allocation may grow in place
+    /// (see [`CategoryConfig::grow_in_place`]).
+    pub fn grow_in_place(mut self, grow: bool) -> Self {
+        self.grow_in_place = grow;
         self
     }
 
@@ -350,6 +364,10 @@ pub struct CategoryStats {
     pub retries: Retries,
     /// Tasks that failed for good as resource-exhausted.
     pub exhausted: u64,
+    /// Times a running task went over its memory allocation and was given
+    /// more where it ran, instead of being killed and retried.
+    #[serde(default)]
+    pub grown: u64,
     /// How many times k-means ran.
     pub clusterings: u64,
     /// Allocated minus used memory, integrated over attempts' run time (MB·s).
@@ -402,6 +420,7 @@ struct Counters {
     allocations: u64,
     retries: Retries,
     exhausted: u64,
+    grown: u64,
     clusterings: u64,
     waste_memory: f64,
     waste_cores: f64,
@@ -505,15 +524,6 @@ fn overlay(r: Resources, declared: &Resources) -> Resources {
         memory_mb: o(r.memory_mb, declared.memory_mb),
         disk_mb: o(r.disk_mb, declared.disk_mb),
         gpus: o(r.gpus.into(), declared.gpus.into()) as u32,
-    }
-}
-
-fn max_each(a: &Resources, b: &Resources) -> Resources {
-    Resources {
-        cores: a.cores.max(b.cores),
-        memory_mb: a.memory_mb.max(b.memory_mb),
-        disk_mb: a.disk_mb.max(b.disk_mb),
-        gpus: a.gpus.max(b.gpus),
     }
 }
 
@@ -671,7 +681,7 @@ impl CategoryState {
         // task was already seen using.
         let need = have.max(seen);
         let candidate = |r: Resources| -> Option<Resources> {
-            let r = clamp(overlay(max_each(&r, failed), declared), &cap);
+            let r = clamp(overlay(Resources::max_each(&r, failed), declared), &cap);
             (dim.of(&r) > need).then_some(r)
         };
         let grow = |x: f64| (x * (1.0 + self.config.margin)).ceil().min(u64::MAX as f64) as u64;
@@ -850,6 +860,11 @@ impl CategoryState {
         }
     }
 
+    /// A running task was given a bigger allocation where it ran.
+    pub fn note_grown(&mut self) {
+        self.stats.grown += 1;
+    }
+
     /// A task failed for good as resource-exhausted.
     pub fn note_exhausted(&mut self) {
         self.stats.exhausted += 1;
@@ -881,6 +896,7 @@ impl CategoryState {
             allocations: self.stats.allocations,
             retries: self.stats.retries.clone(),
             exhausted: self.stats.exhausted,
+            grown: self.stats.grown,
             clusterings: self.stats.clusterings,
             waste_memory_mb_s: self.stats.waste_memory,
             waste_cores_s: self.stats.waste_cores,

@@ -244,6 +244,15 @@ impl Categories {
         self.states[cat as usize].note_retry(cause);
     }
 
+    /// Whether `cat`'s tasks may grow in place over their memory allocation.
+    pub(crate) fn grows(&self, cat: CatId) -> bool {
+        self.states[cat as usize].config().grow_in_place
+    }
+
+    pub(crate) fn note_grown(&mut self, cat: CatId) {
+        self.states[cat as usize].note_grown();
+    }
+
     pub(crate) fn note_exhausted(&mut self, cat: CatId) {
         self.states[cat as usize].note_exhausted();
     }

@@ -7,7 +7,7 @@
 //! unbounded channels, so a slow worker never blocks the engine and the user
 //! not calling `wait` for a while never stalls the runtime.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -84,6 +84,28 @@ pub struct Stats {
     /// Times a task went back to the queue with a bigger allocation after
     /// going over its allocation (see [`crate::CategoryConfig`]).
     pub tasks_resized: u64,
+    /// Times a running task went over its memory allocation and was given
+    /// more where it ran (see [`crate::CategoryConfig::grow_in_place`]).
+    pub tasks_grown: u64,
+}
+
+/// A frozen task waits at least this long for its worker to free the room
+/// it needs to grow, and longer if it had run longer when it asked (its
+/// run so far is what a kill would throw away).
+const GROW_WAIT_MIN: Duration = Duration::from_secs(10);
+
+/// A task frozen over its memory allocation, waiting on its worker for the
+/// room to grow to `target` (see [`Engine::grow_asked`]).
+struct GrowWait {
+    task: TaskId,
+    attempt: u32,
+    target: Resources,
+    /// Taken from the worker's free resources so far (see
+    /// [`Scheduler::take`]), towards `target - allocation`.
+    have: Resources,
+    asked: Instant,
+    /// How long it may wait before it is killed and retried instead.
+    patience: Duration,
 }
 
 pub(crate) enum Command {
@@ -196,6 +218,9 @@ struct WorkerEntry {
     files: HashSet<FileKey>,
     running: HashSet<TaskId>,
     in_use: Resources,
+    /// Tasks frozen over their memory, oldest first; only the first takes
+    /// the room that frees up, so that the oldest is served first.
+    growing: VecDeque<GrowWait>,
 }
 
 struct Engine {
@@ -210,6 +235,8 @@ struct Engine {
     placements: Vec<Placement>,
     report_identity: Arc<drover_catalog::MasterReport>,
     categories: Categories,
+    /// Workers with a non-empty `growing` queue.
+    growing_workers: HashSet<WorkerKey>,
 }
 
 /// Starts the engine on `listener`; returns when told to shut down.
@@ -235,7 +262,10 @@ pub(crate) async fn run(
         placements: Vec::new(),
         report_identity: config.report_identity.clone(),
         categories: Categories::default(),
+        growing_workers: HashSet::new(),
     };
+    let mut grow_tick = tokio::time::interval(Duration::from_secs(1));
+    grow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -267,6 +297,7 @@ pub(crate) async fn run(
                     }
                 }
             }
+            _ = grow_tick.tick(), if !engine.growing_workers.is_empty() => engine.grow_timeouts(),
         }
         engine.schedule();
     }
@@ -498,6 +529,7 @@ impl Engine {
                         files,
                         running: HashSet::new(),
                         in_use: Resources::default(),
+                        growing: VecDeque::new(),
                     },
                 );
                 self.refresh_largest();
@@ -512,6 +544,12 @@ impl Engine {
                     warn!(task_id, "worker rejected the task: {reason}");
                     self.requeue(key, task_id, attempt, format!("rejected: {reason}"), false);
                 }
+                WorkerMsg::Grow {
+                    task_id,
+                    attempt,
+                    used_mb,
+                    ..
+                } => self.grow_asked(key, task_id, attempt, used_mb),
                 WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
                 WorkerMsg::Pong
                 | WorkerMsg::Hello(_)
@@ -530,6 +568,7 @@ impl Engine {
             return;
         };
         info!(worker = %worker.addr, "worker left: {reason}");
+        self.growing_workers.remove(&key);
         self.sched.remove_worker(key);
         self.refresh_largest();
         let mut lost: Vec<TaskId> = worker.running.into_iter().collect();
@@ -614,7 +653,7 @@ impl Engine {
         why: String,
         count_attempt: bool,
     ) {
-        let Some(task) = self.tasks.get_mut(&id) else {
+        let Some(task) = self.tasks.get(&id) else {
             return;
         };
         let TaskState::Running {
@@ -629,6 +668,7 @@ impl Engine {
         if w != worker || a != attempt {
             return;
         }
+        self.drop_grow_wait(worker, id);
         if let Some(wk) = self.workers.get_mut(&worker) {
             wk.running.remove(&id);
             wk.in_use = wk.in_use.saturating_sub(&allocation);
@@ -639,7 +679,11 @@ impl Engine {
                 .ok();
         }
         self.sched.release(worker, allocation);
+        self.serve_growth(worker);
         self.stats.tasks_running -= 1;
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
         if count_attempt {
             let host = self
                 .workers
@@ -678,6 +722,7 @@ impl Engine {
             debug!(task = id, "ignoring a stale report");
             return;
         }
+        self.drop_grow_wait(key, id);
         let host = match self.workers.get_mut(&key) {
             Some(w) => {
                 w.running.remove(&id);
@@ -687,6 +732,10 @@ impl Engine {
             None => String::new(),
         };
         self.sched.release(key, allocation);
+        self.serve_growth(key);
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
         self.stats.tasks_running -= 1;
         let exhausted = match (&report.ending, &report.limit_exceeded) {
             (Ending::LimitExceeded, Some(hit)) if hit.resource == "wall_time" => None,
@@ -908,12 +957,15 @@ impl Engine {
         else {
             return;
         };
-        let learned = match task.sizing {
+        let (learned, growable) = match task.sizing {
             Sizing::Learned { cat, .. } => {
                 self.categories.note_allocation(cat);
-                true
+                let growable = self.categories.grows(cat)
+                    && task.resource_retries < MAX_RESOURCE_RETRIES
+                    && p.allocation.memory_mb > 0;
+                (true, growable)
             }
-            Sizing::Plain(_) => false,
+            Sizing::Plain(_) => (false, false),
         };
         let attempt = task.attempts.len() as u32 + 1;
         let spec = &task.spec;
@@ -974,6 +1026,7 @@ impl Engine {
             enforce_limits: learned || !spec.resources.is_zero(),
             wall_time_s: spec.wall_time_s,
             environment,
+            growable,
         };
         if !spec.outputs.is_empty() {
             if let Ok(mut m) = worker.conn.outputs.lock() {
@@ -991,6 +1044,199 @@ impl Engine {
         };
         self.stats.tasks_waiting -= 1;
         self.stats.tasks_running += 1;
+    }
+
+    /// A growable task is frozen over its memory allocation on `key`. It
+    /// gets the allocation of the rung it would be retried on, where it
+    /// runs, as soon as the worker has the room (which is reserved for it as
+    /// it frees up: see [`Engine::serve_growth`]); if it cannot get it, it
+    /// is refused, killed, and retried on that rung as before. Growing
+    /// keeps what the task did so far; a retry throws it away.
+    fn grow_asked(&mut self, key: WorkerKey, id: TaskId, attempt: u32, used_mb: f64) {
+        let target = self.grow_target(key, id, attempt, used_mb);
+        let Some(worker) = self.workers.get_mut(&key) else {
+            return;
+        };
+        let Some((target, started)) = target else {
+            let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
+                task_id: id,
+                attempt,
+                allocation: None,
+            }));
+            return;
+        };
+        let ran = SystemTime::now()
+            .duration_since(started)
+            .unwrap_or_default();
+        worker.growing.push_back(GrowWait {
+            task: id,
+            attempt,
+            target,
+            have: Resources::default(),
+            asked: Instant::now(),
+            patience: ran.max(GROW_WAIT_MIN),
+        });
+        self.growing_workers.insert(key);
+        self.serve_growth(key);
+    }
+
+    /// The allocation a task that asks to grow should get, and when its
+    /// attempt started; `None` if it should be killed instead.
+    fn grow_target(
+        &self,
+        key: WorkerKey,
+        id: TaskId,
+        attempt: u32,
+        used_mb: f64,
+    ) -> Option<(Resources, SystemTime)> {
+        let task = self.tasks.get(&id)?;
+        let TaskState::Running {
+            worker,
+            attempt: running,
+            allocation,
+            started,
+        } = task.state
+        else {
+            return None;
+        };
+        let Sizing::Learned { cat, class } = task.sizing else {
+            return None;
+        };
+        if worker != key
+            || running != attempt
+            || task.cancelling
+            || task.resource_retries >= MAX_RESOURCE_RETRIES
+            || !self.categories.grows(cat)
+        {
+            return None;
+        }
+        let total = self.workers.get(&key)?.hello.resources;
+        let was_whole = task.rung == Some(Request::WholeWorker) || allocation == total;
+        let target =
+            match self
+                .categories
+                .retry(cat, class, &allocation, was_whole, Dim::Memory, used_mb)?
+            {
+                Request::Fixed(r) => r.max_each(&allocation),
+                Request::WholeWorker => total,
+            };
+        let grows = target.memory_mb > allocation.memory_mb
+            && target.gpus == allocation.gpus
+            && target.fits_in(&total);
+        grows.then_some((target, started))
+    }
+
+    /// Hands what `key` has free to its frozen tasks, oldest first, and
+    /// lets each one that has all it needs go on. If every task on the
+    /// worker is frozen, none of them will free anything: the newest is
+    /// refused (killed and retried), so that the others can go on.
+    fn serve_growth(&mut self, key: WorkerKey) {
+        if !self.growing_workers.contains(&key) {
+            return;
+        }
+        loop {
+            let Some(worker) = self.workers.get_mut(&key) else {
+                self.growing_workers.remove(&key);
+                return;
+            };
+            let Some(head) = worker.growing.front_mut() else {
+                self.growing_workers.remove(&key);
+                return;
+            };
+            let allocation = match self.tasks.get(&head.task).map(|t| &t.state) {
+                Some(&TaskState::Running {
+                    worker: w,
+                    attempt,
+                    allocation,
+                    ..
+                }) if w == key && attempt == head.attempt => allocation,
+                _ => {
+                    let have = head.have;
+                    worker.growing.pop_front();
+                    self.sched.give(key, have);
+                    continue;
+                }
+            };
+            let extra = head.target.saturating_sub(&allocation);
+            let need = extra.saturating_sub(&head.have);
+            let got = self.sched.take(key, need);
+            head.have = head.have.saturating_add(&got);
+            if need.saturating_sub(&got).is_zero() {
+                let Some(wait) = worker.growing.pop_front() else {
+                    continue;
+                };
+                worker.in_use = worker.in_use.saturating_add(&extra);
+                let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
+                    task_id: wait.task,
+                    attempt: wait.attempt,
+                    allocation: Some(wait.target),
+                }));
+                if let Some(task) = self.tasks.get_mut(&wait.task) {
+                    if let TaskState::Running { allocation, .. } = &mut task.state {
+                        *allocation = wait.target;
+                    }
+                    task.resource_retries += 1;
+                    if let Sizing::Learned { cat, .. } = task.sizing {
+                        self.categories.note_grown(cat);
+                    }
+                }
+                self.stats.tasks_grown += 1;
+                continue;
+            }
+            if worker.running.len() > worker.growing.len() {
+                return;
+            }
+            if let Some(newest) = worker.growing.pop_back() {
+                self.sched.give(key, newest.have);
+                refuse_growth(&worker.tx, &newest);
+            }
+        }
+    }
+
+    /// Forgets `id`'s wait to grow on `key`, if any (it ended, or its
+    /// worker took it back), and returns what it had been given.
+    fn drop_grow_wait(&mut self, key: WorkerKey, id: TaskId) {
+        if !self.growing_workers.contains(&key) {
+            return;
+        }
+        let Some(worker) = self.workers.get_mut(&key) else {
+            return;
+        };
+        if let Some(pos) = worker.growing.iter().position(|w| w.task == id) {
+            if let Some(wait) = worker.growing.remove(pos) {
+                self.sched.give(key, wait.have);
+            }
+        }
+    }
+
+    /// Refuses the frozen tasks that have waited longer than their
+    /// patience: each is killed and retried on its next rung, as if it had
+    /// had nowhere to grow.
+    fn grow_timeouts(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<WorkerKey> = self.growing_workers.iter().copied().collect();
+        for key in keys {
+            let Some(worker) = self.workers.get_mut(&key) else {
+                continue;
+            };
+            let mut i = 0;
+            while i < worker.growing.len() {
+                let wait = &worker.growing[i];
+                if now.duration_since(wait.asked) < wait.patience {
+                    i += 1;
+                    continue;
+                }
+                if let Some(wait) = worker.growing.remove(i) {
+                    debug!(
+                        task = wait.task,
+                        "no room to grow after {:?}", wait.patience
+                    );
+                    self.sched.give(key, wait.have);
+                    refuse_growth(&worker.tx, &wait);
+                }
+            }
+            self.serve_growth(key);
+        }
     }
 
     fn shutdown(&mut self) {
@@ -1391,4 +1637,12 @@ async fn send_file(
         }
     }
     Ok(())
+}
+
+fn refuse_growth(tx: &mpsc::UnboundedSender<Outgoing>, wait: &GrowWait) {
+    let _ = tx.send(Outgoing::Msg(MasterMsg::Grow {
+        task_id: wait.task,
+        attempt: wait.attempt,
+        allocation: None,
+    }));
 }

@@ -396,14 +396,50 @@ impl Scheduler {
     /// resources back. Unknown workers are ignored (the worker may have been
     /// removed while the task ran).
     pub fn release(&mut self, worker: WorkerKey, allocation: Resources) {
+        self.give_back(worker, allocation, true);
+    }
+
+    /// Reserves up to `want` more of `worker`'s free resources for a task
+    /// running there that needs to grow, and returns what it got (in each
+    /// resource, at most what is free). The master adds it to the task's
+    /// allocation once it has all it needs, or returns it with
+    /// [`Scheduler::give`]. What is taken is no longer free, so no task is
+    /// placed in it: a growing task reserves the room it waits for.
+    pub fn take(&mut self, worker: WorkerKey, want: Resources) -> Resources {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return Resources::default();
+        };
+        let w = &mut self.workers[slot];
+        let got = Resources::min_each(&want, &w.free);
+        if got.is_zero() {
+            return got;
+        }
+        if w.is_idle() {
+            self.idle.remove(&slot);
+        }
+        self.by_free.remove(&w.index_key(slot));
+        w.free = w.free.saturating_sub(&got);
+        self.by_free.insert(w.index_key(slot));
+        got
+    }
+
+    /// Returns resources got from [`Scheduler::take`] that no task ended
+    /// up holding.
+    pub fn give(&mut self, worker: WorkerKey, resources: Resources) {
+        self.give_back(worker, resources, false);
+    }
+
+    fn give_back(&mut self, worker: WorkerKey, resources: Resources, task_ended: bool) {
         let Some(&slot) = self.slots.get(&worker) else {
             return;
         };
         let w = &mut self.workers[slot];
         self.by_free.remove(&w.index_key(slot));
         // Clamped so that a duplicate release cannot invent capacity.
-        w.free = min_each(&w.free.saturating_add(&allocation), &w.total);
-        w.running = w.running.saturating_sub(1);
+        w.free = Resources::min_each(&w.free.saturating_add(&resources), &w.total);
+        if task_ended {
+            w.running = w.running.saturating_sub(1);
+        }
         self.by_free.insert(w.index_key(slot));
         if w.is_idle() {
             self.idle.insert(slot);
@@ -743,15 +779,6 @@ pub fn workers_needed_for(
     bins.min(limit)
 }
 
-fn min_each(a: &Resources, b: &Resources) -> Resources {
-    Resources {
-        cores: a.cores.min(b.cores),
-        memory_mb: a.memory_mb.min(b.memory_mb),
-        disk_mb: a.disk_mb.min(b.disk_mb),
-        gpus: a.gpus.min(b.gpus),
-    }
-}
-
 /// How many copies of `r` fit in `room` (`usize::MAX` if `r` is zero).
 fn fit_count(r: &Resources, room: &Resources) -> usize {
     fn dim(need: u64, have: u64) -> u64 {
@@ -818,6 +845,35 @@ mod tests {
 
     fn tasks(placements: &[Placement]) -> Vec<TaskKey> {
         placements.iter().map(|p| p.task).collect()
+    }
+
+    /// Room taken for a growing task is reserved: nothing is placed in it,
+    /// and what is given back is placeable again. The worker is not idle
+    /// while any is taken, and taking more than is free gets what is free.
+    #[test]
+    fn taken_room_is_reserved_until_given_back() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(4, 1000));
+        let small = Request::Fixed(res(1, 300));
+        s.enqueue(1, small, 0, 1, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        // Task 1 grows by 500 MB; 200 MB stay free.
+        assert_eq!(s.take(1, res(0, 500)), res(0, 500));
+        s.enqueue(2, small, 0, 2, &[]);
+        assert!(run(&mut s).is_empty(), "300 MB do not fit in 200");
+        assert_eq!(s.take(1, res(0, 900)), res(0, 200), "only what is free");
+        assert_eq!(s.free(1), Some(res(3, 0)));
+        s.give(1, res(0, 200));
+        // Task 1 ends holding its grown 800 MB: all is free again.
+        s.release(1, res(1, 800));
+        assert_eq!(s.free(1), Some(res(4, 1000)));
+        assert_eq!(tasks(&run(&mut s)), vec![2]);
+        s.release(1, res(1, 300));
+        s.enqueue(3, Request::WholeWorker, 0, 3, &[]);
+        assert_eq!(s.take(1, res(1, 0)), res(1, 0));
+        assert!(run(&mut s).is_empty(), "not idle while room is taken");
+        s.give(1, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![3]);
     }
 
     #[test]

@@ -143,6 +143,9 @@ pub(crate) struct TaskGroup {
     /// kernels (6.18 here) a child cloned into a group with
     /// `CLONE_INTO_CGROUP` is killed at birth if the group was ever killed.
     killed: std::sync::atomic::AtomicBool,
+    /// Whether the group was ever frozen; such a group is not reused, so
+    /// that no later task can be born frozen.
+    froze: std::sync::atomic::AtomicBool,
     procs: KeptFile,
     events: KeptFile,
     cpu_stat: KeptFile,
@@ -380,6 +383,7 @@ impl CgroupBase {
             cpu_base_usec: 0,
             throttled: std::sync::atomic::AtomicBool::new(false),
             killed: std::sync::atomic::AtomicBool::new(false),
+            froze: std::sync::atomic::AtomicBool::new(false),
             dir,
             procs_path,
             memory,
@@ -397,6 +401,7 @@ impl CgroupBase {
     pub fn release(&self, group: &TaskGroup) {
         let reusable = !group.memory
             && !group.killed.load(std::sync::atomic::Ordering::Relaxed)
+            && !group.froze.load(std::sync::atomic::Ordering::Relaxed)
             && !group.populated();
         group.close_files();
         if reusable && self.lock_idle().len() < IDLE_GROUPS {
@@ -444,6 +449,20 @@ impl TaskGroup {
                 Err(e) => tracing::debug!("cannot set {}: {e}", path.display()),
             }
         }
+    }
+
+    /// Freezes (`true`) or thaws the group through `cgroup.freeze`: a
+    /// frozen task holds its memory but runs no instruction, so it can wait
+    /// for a decision without growing further. A fatal signal still kills
+    /// frozen processes, so a frozen group can be killed as usual.
+    pub fn freeze(&self, frozen: bool) -> io::Result<()> {
+        if frozen {
+            self.froze.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        write_file(
+            &self.dir.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )
     }
 
     /// Pids of the processes in the group now.

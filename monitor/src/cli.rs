@@ -151,21 +151,28 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<i32> {
         },
     });
     let signals = signal_pipe().context("installing signal handlers")?;
-    let mut watched =
-        match monitor.spawn_with(cmd, sandbox.as_deref(), limits, SpawnOptions { series }) {
-            Ok(w) => w,
-            Err(e) => {
-                eprintln!(
-                    "drover monitor: cannot run {}: {e}",
-                    program.to_string_lossy()
-                );
-                return Ok(match e.kind() {
-                    io::ErrorKind::NotFound => 127,
-                    io::ErrorKind::PermissionDenied => 126,
-                    _ => 1,
-                });
-            }
-        };
+    let mut watched = match monitor.spawn_with(
+        cmd,
+        sandbox.as_deref(),
+        limits,
+        SpawnOptions {
+            series,
+            ..Default::default()
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!(
+                "drover monitor: cannot run {}: {e}",
+                program.to_string_lossy()
+            );
+            return Ok(match e.kind() {
+                io::ErrorKind::NotFound => 127,
+                io::ErrorKind::PermissionDenied => 126,
+                _ => 1,
+            });
+        }
+    };
     let report = loop {
         if let Some(r) = watched.try_finish()? {
             break r;

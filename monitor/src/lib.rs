@@ -99,7 +99,9 @@ mod scan;
 mod spawn;
 mod summary;
 
-pub use poller::{Method, Monitor, MonitorOptions, SpawnOptions, Watched, DEFAULT_INTERVAL};
+pub use poller::{
+    MemoryLimitHook, Method, Monitor, MonitorOptions, SpawnOptions, Watched, DEFAULT_INTERVAL,
+};
 pub use spawn::Exec;
 pub use summary::{
     Exit, LimitExceeded, LimitParseError, Limits, Report, Summary, LIMIT_EXIT_STATUS, MB, UNITS,

@@ -65,11 +65,46 @@ impl Default for MonitorOptions {
     }
 }
 
+/// Called on the sampler thread when a task goes over its memory limit,
+/// instead of killing it (see [`SpawnOptions::on_memory_limit`]). It must
+/// not block: it runs with the task's state locked.
+pub type MemoryLimitHook = Box<dyn Fn(&LimitExceeded) + Send + Sync>;
+
 /// Per-task options beyond the command, sandbox and limits.
 #[derive(Default)]
 pub struct SpawnOptions {
     /// Receives one JSON object per line per sample (see the crate docs).
     pub series: Option<Box<dyn Write + Send>>,
+    /// When set, a task that goes over its memory limit is frozen (its
+    /// cgroup's `cgroup.freeze`) instead of killed, and the hook is told.
+    /// The caller then decides: [`Watched::grow_memory`] raises the limit
+    /// and thaws it, [`Watched::refuse_growth`] kills it as over its limit.
+    /// A killed attempt's work is lost; a grown one's is not, which is
+    /// what lets a scheduler start tasks in a small allocation cheaply.
+    /// Only tasks in a cgroup can be frozen; others are killed as usual.
+    ///
+    /// ```no_run
+    /// use drover_monitor::{Limits, Monitor, SpawnOptions};
+    /// use std::sync::mpsc;
+    /// let monitor = Monitor::new(std::time::Duration::from_secs(1));
+    /// let (tx, rx) = mpsc::channel();
+    /// let tx = std::sync::Mutex::new(tx);
+    /// let opts = SpawnOptions {
+    ///     on_memory_limit: Some(Box::new(move |hit| {
+    ///         let _ = tx.lock().map(|t| t.send(hit.value));
+    ///     })),
+    ///     ..Default::default()
+    /// };
+    /// let limits = Limits { memory_mb: Some(100), ..Default::default() };
+    /// let cmd = std::process::Command::new("my-task");
+    /// let watched = monitor.spawn_with(cmd, None, limits, opts).unwrap();
+    /// if let Ok(used_mb) = rx.recv() {
+    ///     // Room for it: let it go on with 2 GB.
+    ///     watched.grow_memory((used_mb as u64).max(2000));
+    /// }
+    /// let report = watched.wait().unwrap();
+    /// ```
+    pub on_memory_limit: Option<MemoryLimitHook>,
 }
 
 /// One shared poller. Clone is cheap (Arc inside). Creating it spawns exactly
@@ -113,6 +148,7 @@ struct Task {
     group: Option<TaskGroup>,
     sandbox: Option<PathBuf>,
     limits: Limits,
+    on_memory_limit: Option<MemoryLimitHook>,
     st: Mutex<TaskState>,
 }
 
@@ -153,6 +189,12 @@ struct TaskState {
     last: Option<(Instant, f64)>,
     samples: u64,
     exceeded: Option<LimitExceeded>,
+    /// The memory limit now: the spawn's, or what [`Watched::grow_memory`]
+    /// raised it to.
+    memory_limit_mb: Option<u64>,
+    /// Frozen over its memory limit, waiting for [`Watched::grow_memory`]
+    /// or [`Watched::refuse_growth`].
+    growing: Option<LimitExceeded>,
     killed: bool,
     exit_signalled: bool,
     reaped: bool,
@@ -311,6 +353,17 @@ impl Monitor {
         self.launch(Launch::Exec(exec), sandbox, limits, SpawnOptions::default())
     }
 
+    /// [`Monitor::spawn_exec`] with options.
+    pub fn spawn_exec_with(
+        &self,
+        exec: Exec,
+        sandbox: Option<&Path>,
+        limits: Limits,
+        opts: SpawnOptions,
+    ) -> io::Result<Watched> {
+        self.launch(Launch::Exec(exec), sandbox, limits, opts)
+    }
+
     fn launch(
         &self,
         how: Launch,
@@ -383,11 +436,13 @@ impl Monitor {
             is_pidfd,
             group,
             sandbox: sandbox.map(Path::to_path_buf),
-            limits,
             st: Mutex::new(TaskState {
                 series: opts.series,
+                memory_limit_mb: limits.memory_mb,
                 ..TaskState::default()
             }),
+            limits,
+            on_memory_limit: opts.on_memory_limit,
         });
         {
             let mut s = lock(&core.state);
@@ -742,14 +797,17 @@ impl Task {
         // to its limit rather than up to an interval's worth of growth past
         // it: touching memory costs CPU, and a killed attempt's is lost.
         st.near_limit = st.exceeded.is_none()
-            && self
-                .limits
-                .memory_mb
+            && st.growing.is_none()
+            && st
+                .memory_limit_mb
                 .is_some_and(|l| memory.saturating_mul(2) >= l.saturating_mul(MB as u64));
         if !last && st.exceeded.is_none() {
-            st.exceeded = self.check_limits(st, memory, cg_mem.is_some(), reader, now);
-            if st.exceeded.is_some() {
-                tracing::debug!(pid = self.pid, "limit exceeded: {:?}", st.exceeded);
+            let hit = self.check_limits(st, memory, cg_mem.is_some(), reader, now);
+            if let Some(hit) = hit {
+                tracing::debug!(pid = self.pid, "limit exceeded: {hit:?}");
+                if !self.freeze_for_growth(st, &hit) {
+                    st.exceeded = Some(hit);
+                }
             }
         }
         if !last && st.exceeded.is_some() {
@@ -839,7 +897,7 @@ impl Task {
                 value,
             })
         };
-        if let Some(limit) = self.limits.memory_mb {
+        if let (Some(limit), None) = (st.memory_limit_mb, &st.growing) {
             let limit_b = limit.saturating_mul(MB as u64);
             if memory > limit_b {
                 // Summed RSS counts a page shared by k processes k times, so
@@ -867,6 +925,25 @@ impl Task {
             }
         }
         None
+    }
+
+    /// A memory breach of a task with a growth hook: freezes its group and
+    /// tells the hook. False when the task must be killed instead (another
+    /// resource, no hook, no cgroup, or the freeze failed).
+    fn freeze_for_growth(&self, st: &mut TaskState, hit: &LimitExceeded) -> bool {
+        let (Some(hook), Some(group)) = (&self.on_memory_limit, &self.group) else {
+            return false;
+        };
+        if hit.resource != "memory" || st.reaped {
+            return false;
+        }
+        if let Err(e) = group.freeze(true) {
+            tracing::debug!(pid = self.pid, "cannot freeze the task's group: {e}");
+            return false;
+        }
+        st.growing = Some(hit.clone());
+        hook(hit);
+        true
     }
 
     /// SIGKILLs the group, the process group, every seen escapee still
@@ -935,6 +1012,47 @@ impl Watched {
     /// interval late.
     pub fn pidfd(&self) -> BorrowedFd<'_> {
         self.task.exit_fd.as_fd()
+    }
+
+    /// Lets a task frozen over its memory limit (see
+    /// [`SpawnOptions::on_memory_limit`]) go on with a limit of `memory_mb`.
+    /// Does nothing if the task is not waiting for growth (it ended, or was
+    /// killed meanwhile). A limit still below what it uses is breached again
+    /// at the next sample.
+    pub fn grow_memory(&self, memory_mb: u64) {
+        let mut st = lock(&self.task.st);
+        if st.growing.take().is_none() || st.exceeded.is_some() {
+            return;
+        }
+        st.memory_limit_mb = Some(memory_mb);
+        if let Some(group) = &self.task.group {
+            if let Err(e) = group.freeze(false) {
+                // A frozen task that cannot be thawed would hang until its
+                // wall time: end it as over its limit instead.
+                tracing::warn!(pid = self.task.pid, "cannot thaw the task's group: {e}");
+                st.exceeded = Some(LimitExceeded {
+                    resource: "memory".into(),
+                    limit: memory_mb as f64,
+                    value: st.memory as f64 / MB,
+                });
+                let mut reader = ProcReader::new();
+                self.task.kill_tree(&mut st, &mut reader);
+            }
+        }
+    }
+
+    /// Kills a task frozen over its memory limit, reported as over it (as
+    /// if it had had no growth hook). Does nothing if it is not waiting.
+    pub fn refuse_growth(&self) {
+        let mut st = lock(&self.task.st);
+        let Some(hit) = st.growing.take() else {
+            return;
+        };
+        if st.exceeded.is_none() {
+            st.exceeded = Some(hit);
+        }
+        let mut reader = ProcReader::new();
+        self.task.kill_tree(&mut st, &mut reader);
     }
 
     /// Kills the whole tree now (cancel). Idempotent; the report of a killed

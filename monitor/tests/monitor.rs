@@ -616,3 +616,137 @@ fn a_growing_task_is_stopped_close_to_its_limit() {
         r.summary
     );
 }
+
+/// A python program that touches `mb` MB in 10 MB steps 20 ms apart,
+/// holds them a second (so that even a slow sampler sees the peak), then
+/// exits 0.
+fn grower(mb: u64) -> Command {
+    let mut c = Command::new("python3");
+    c.arg("-c").arg(format!(
+        "import time\na = []\nfor _ in range({}):\n    a.append(b'\\x01' * (10 << 20)); time.sleep(0.02)\ntime.sleep(1)\n",
+        mb / 10
+    ));
+    c
+}
+
+/// Spawns `grower(200)` with a 60 MB limit and a growth hook; returns the
+/// watched task and the hook's channel, or `None` when this host gives
+/// the monitor no cgroup (only cgroup tasks can be frozen).
+fn spawn_grower(
+    m: &Monitor,
+) -> Option<(
+    drover_monitor::Watched,
+    std::sync::mpsc::Receiver<drover_monitor::LimitExceeded>,
+)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let opts = drover_monitor::SpawnOptions {
+        on_memory_limit: Some(Box::new(move |hit| {
+            let _ = tx.lock().map(|t| t.send(hit.clone()));
+        })),
+        ..Default::default()
+    };
+    let limits = Limits {
+        memory_mb: Some(60),
+        ..Limits::default()
+    };
+    let w = m.spawn_with(grower(200), None, limits, opts).unwrap();
+    if !w.method().starts_with("cgroup2") {
+        eprintln!("no cgroup here: growth in place cannot be tested");
+        return None;
+    }
+    Some((w, rx))
+}
+
+/// Over its limit with a growth hook, the task is frozen rather than
+/// killed, and once its limit is raised it finishes its work: nothing it
+/// did is lost.
+#[test]
+fn a_task_over_its_memory_limit_is_frozen_and_can_grow() {
+    let m = monitor(Method::Auto);
+    let Some((w, rx)) = spawn_grower(&m) else {
+        return;
+    };
+    let hit = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the hook is told of the breach");
+    assert_eq!(hit.resource, "memory");
+    assert_eq!(hit.limit, 60.0);
+    assert!(hit.value > 60.0, "{hit:?}");
+    // Frozen: its CPU time stands still while it waits.
+    let cpu = |pid: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let before = cpu(w.pid());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cpu(w.pid()), before, "a frozen task does not run");
+    w.grow_memory(1000);
+    let r = w.wait().unwrap();
+    assert_eq!(r.exit, Exit::Code(0), "{:?}", r.summary);
+    assert_eq!(r.summary.limits_exceeded, None);
+    assert!(r.summary.memory >= 190.0, "{:?}", r.summary);
+    assert!(rx.try_recv().is_err(), "one breach, one call");
+}
+
+/// Refusing growth ends the task as over its limit, as without a hook.
+#[test]
+fn a_refused_growth_ends_the_task_as_over_its_limit() {
+    let m = monitor(Method::Auto);
+    let Some((w, rx)) = spawn_grower(&m) else {
+        return;
+    };
+    let hit = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    w.refuse_growth();
+    let r = w.wait().unwrap();
+    let over = r.summary.limits_exceeded.clone().expect("over its limit");
+    assert_eq!(over.resource, "memory");
+    assert_eq!(over.value, hit.value);
+    assert_eq!(r.exit, Exit::Signal(libc::SIGKILL), "{:?}", r.summary);
+    // Frozen from the breach on: it grew by at most a step or two (while
+    // the freeze took effect) before it was killed, and never finished.
+    assert!(
+        r.summary.memory <= hit.value + 30.0 && r.summary.memory < 190.0,
+        "{} MB at the breach, {:?}",
+        hit.value,
+        r.summary
+    );
+}
+
+/// Without a cgroup nothing can be frozen: the hook is not called and the
+/// task is killed as usual.
+#[test]
+fn without_a_cgroup_a_task_over_its_memory_is_killed_not_frozen() {
+    let m = monitor(Method::Proc);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx = std::sync::Mutex::new(tx);
+    let opts = drover_monitor::SpawnOptions {
+        on_memory_limit: Some(Box::new(move |_| {
+            let _ = tx.lock().map(|t| t.send(()));
+        })),
+        ..Default::default()
+    };
+    let limits = Limits {
+        memory_mb: Some(60),
+        ..Limits::default()
+    };
+    let r = m
+        .spawn_with(grower(200), None, limits, opts)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(
+        r.summary.limits_exceeded.map(|l| l.resource).as_deref(),
+        Some("memory")
+    );
+    assert!(rx.try_recv().is_err());
+}

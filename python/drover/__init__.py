@@ -173,7 +173,9 @@ class Manager:
         "fixed" (what each task declares). `max` and `first` are dicts of
         cores, memory (MB), disk (MB), gpus: the most a task may get, and
         what it gets before anything has been measured. Other options:
-        margin, min_samples, window, max_buckets, seed."""
+        margin, min_samples, window, max_buckets, seed, grow_in_place (a task
+        over its memory allocation is frozen and given more where it runs
+        instead of being killed and retried; default True)."""
         config = dict(options, mode=mode)
         if max is not None:
             config["max"] = _resources(max)

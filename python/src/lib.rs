@@ -624,7 +624,8 @@ impl PyManager {
     }
 
     /// Configures a category from a dict of `drover_master::CategoryConfig`
-    /// fields (mode, max, first, margin, min_samples, window, max_buckets, seed).
+    /// fields (mode, max, first, margin, min_samples, window, max_buckets, seed,
+    /// grow_in_place).
     fn set_category(&self, py: Python<'_>, name: &str, config: &Bound<'_, PyDict>) -> PyResult<()> {
         let m = self.get()?;
         let config: CategoryConfig = pythonize::depythonize(config.as_any())

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use drover_monitor::{Exec, Limits, Monitor, Report, Watched};
+use drover_monitor::{Exec, Limits, Monitor, Report, SpawnOptions, Watched};
 use tokio::io::unix::AsyncFd;
 
 /// A task's process tree being watched by the monitor.
@@ -30,8 +30,9 @@ impl Running {
         cmd: Exec,
         sandbox: &Path,
         limits: Limits,
+        opts: SpawnOptions,
     ) -> io::Result<Running> {
-        let watched = monitor.spawn_exec(cmd, Some(sandbox), limits)?;
+        let watched = monitor.spawn_exec_with(cmd, Some(sandbox), limits, opts)?;
         // On failure `watched` is dropped here, which kills and reaps the tree.
         let fd = watched.pidfd().try_clone_to_owned()?;
         // SAFETY: `fd` is a descriptor we own and move into the AsyncFd,
@@ -49,6 +50,20 @@ impl Running {
     pub fn kill(&self) {
         if let Some(w) = &self.watched {
             w.kill();
+        }
+    }
+
+    /// Lets a task frozen over its memory limit go on with `memory_mb`.
+    pub fn grow_memory(&self, memory_mb: u64) {
+        if let Some(w) = &self.watched {
+            w.grow_memory(memory_mb);
+        }
+    }
+
+    /// Ends a task frozen over its memory limit as over it.
+    pub fn refuse_growth(&self) {
+        if let Some(w) = &self.watched {
+            w.refuse_growth();
         }
     }
 

@@ -18,6 +18,12 @@
 //! worker_nonce ‖ master_nonce)`. The password never crosses the wire and a
 //! recorded exchange cannot be replayed because both sides pick a nonce.
 //!
+//! Growth in place: a task sent with [`RunTask::growable`] that goes over its
+//! memory allocation is frozen by the worker, which asks
+//! [`WorkerMsg::Grow`]; the master answers [`MasterMsg::Grow`] with a bigger
+//! allocation (the task goes on) or none (it is killed as over its limit,
+//! and retried as before).
+//!
 //! A client that only wants the master's status (`drover factory`) sends
 //! [`WorkerMsg::StatusQuery`] instead of a hello and goes through the same
 //! refusal and challenge steps; the master then answers [`MasterMsg::Status`]
@@ -33,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::Resources;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts. Task descriptions and reports are far
 /// smaller; file bodies are streamed outside frames.
@@ -63,6 +69,13 @@ pub enum MasterMsg {
     Run(Box<RunTask>),
     /// Kill a running task (cancel); the worker still reports it.
     Kill { task_id: u64, attempt: u32 },
+    /// The answer to [`WorkerMsg::Grow`]: the task's new allocation (it
+    /// goes on), or `None` (it is killed as over its limit).
+    Grow {
+        task_id: u64,
+        attempt: u32,
+        allocation: Option<Resources>,
+    },
     /// Keepalive; the worker answers [`WorkerMsg::Pong`].
     Ping,
     /// The master is done with this worker; it should exit.
@@ -96,6 +109,16 @@ pub enum WorkerMsg {
         task_id: u64,
         attempt: u32,
         reason: String,
+    },
+    /// A growable task (see [`RunTask::growable`]) went over its memory
+    /// allocation and is frozen: may it have more? The master answers
+    /// [`MasterMsg::Grow`]. `used_mb` is what the monitor saw, `limit_mb`
+    /// the allocation it went over.
+    Grow {
+        task_id: u64,
+        attempt: u32,
+        limit_mb: f64,
+        used_mb: f64,
     },
     /// The worker is leaving (idle timeout, signal).
     Goodbye {
@@ -154,6 +177,11 @@ pub struct RunTask {
     /// File id of a packaged environment (a tarball sent as a cached input) to run the command in.
     #[serde(default)]
     pub environment: Option<String>,
+    /// Over its memory allocation, freeze the task and ask the master for
+    /// more ([`WorkerMsg::Grow`]) instead of killing it. Set for tasks whose
+    /// allocation is a category's guess.
+    #[serde(default)]
+    pub growable: bool,
 }
 
 /// Announces one output file whose body follows the [`WorkerMsg::TaskDone`] frame.

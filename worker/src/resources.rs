@@ -57,6 +57,28 @@ impl Resources {
         }
     }
 
+    /// Component-wise larger of the two.
+    #[inline]
+    pub fn max_each(&self, other: &Resources) -> Resources {
+        Resources {
+            cores: self.cores.max(other.cores),
+            memory_mb: self.memory_mb.max(other.memory_mb),
+            disk_mb: self.disk_mb.max(other.disk_mb),
+            gpus: self.gpus.max(other.gpus),
+        }
+    }
+
+    /// Component-wise smaller of the two.
+    #[inline]
+    pub fn min_each(&self, other: &Resources) -> Resources {
+        Resources {
+            cores: self.cores.min(other.cores),
+            memory_mb: self.memory_mb.min(other.memory_mb),
+            disk_mb: self.disk_mb.min(other.disk_mb),
+            gpus: self.gpus.min(other.gpus),
+        }
+    }
+
     /// True when nothing at all is requested.
     #[inline]
     pub fn is_zero(&self) -> bool {

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use drover_monitor::{Exec, Limits, Monitor};
+use drover_monitor::{Exec, Limits, Monitor, SpawnOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::env::{EnvError, Environments};
@@ -214,6 +214,23 @@ enum Outgoing {
     Done(Box<Finished>),
 }
 
+/// What the session tells a running task.
+enum Control {
+    /// Cancel (or the master is gone).
+    Kill,
+    /// Frozen over its memory allocation: go on with this allocation.
+    Grow(Resources),
+    /// Frozen over its memory allocation: end as over it.
+    Refuse,
+}
+
+/// The session's view of a task it started.
+struct TaskHandle {
+    control: mpsc::UnboundedSender<Control>,
+    /// What it holds of this worker now (its allocation, grown or not).
+    allocation: Resources,
+}
+
 /// What every task of this worker process shares, across reconnects.
 struct Shared {
     /// The one poller that measures and limits every task.
@@ -258,7 +275,7 @@ impl<'a> Session<'a> {
         let total = self.config.resources;
         let mut free = total;
         let mut free_gpus: Vec<u32> = (0..total.gpus).rev().collect();
-        let mut running: HashMap<(u64, u32), oneshot::Sender<()>> = HashMap::new();
+        let mut running: HashMap<(u64, u32), TaskHandle> = HashMap::new();
         // The master pings every `keepalive`; silence for several intervals means it is gone.
         let silence_limit = Duration::from_secs_f64((keepalive * 4.0).max(5.0));
         let mut last_heard = Instant::now();
@@ -286,8 +303,8 @@ impl<'a> Session<'a> {
                             free = free.saturating_sub(&task.allocation);
                             let at = free_gpus.len().saturating_sub(task.allocation.gpus as usize);
                             let gpus = free_gpus.split_off(at);
-                            let (kill_tx, kill_rx) = oneshot::channel();
-                            running.insert(key, kill_tx);
+                            let (control, control_rx) = mpsc::unbounded_channel();
+                            running.insert(key, TaskHandle { control, allocation: task.allocation });
                             let ctx = TaskContext {
                                 task_dir: self.shared.slots.take(),
                                 cache: self.dirs.cache.clone(),
@@ -295,16 +312,40 @@ impl<'a> Session<'a> {
                                 gpus,
                                 monitor: self.shared.monitor.clone(),
                                 envs: Arc::clone(&self.shared.envs),
+                                to_master: out_tx.clone(),
                             };
                             let fin_tx = fin_tx.clone();
                             tokio::spawn(async move {
-                                let finished = run_task(*task, ctx, kill_rx).await;
+                                let finished = run_task(*task, ctx, control_rx).await;
                                 let _ = fin_tx.send(Box::new(finished));
                             });
                         }
                         MasterMsg::Kill { task_id, attempt } => {
-                            if let Some(kill) = running.remove(&(task_id, attempt)) {
-                                let _ = kill.send(());
+                            if let Some(t) = running.get(&(task_id, attempt)) {
+                                let _ = t.control.send(Control::Kill);
+                            }
+                        }
+                        MasterMsg::Grow { task_id, attempt, allocation } => {
+                            // Gone meanwhile (it ended, or was killed): nothing to do.
+                            let Some(t) = running.get_mut(&(task_id, attempt)) else { continue };
+                            let grant = allocation.filter(|new| {
+                                // The master's books match ours, but a worker
+                                // never overcommits on anyone's word.
+                                let extra = new.saturating_sub(&t.allocation);
+                                t.allocation.fits_in(new) && new.gpus == t.allocation.gpus && extra.fits_in(&free)
+                            });
+                            match grant {
+                                Some(new) => {
+                                    free = free.saturating_sub(&new.saturating_sub(&t.allocation));
+                                    t.allocation = new;
+                                    let _ = t.control.send(Control::Grow(new));
+                                }
+                                None => {
+                                    if let Some(new) = allocation {
+                                        warn!("task {task_id}: refusing to grow to {new:?} with {free:?} free");
+                                    }
+                                    let _ = t.control.send(Control::Refuse);
+                                }
                             }
                         }
                         MasterMsg::Ping => {
@@ -317,8 +358,10 @@ impl<'a> Session<'a> {
                 fin = fin_rx.recv() => {
                     // This loop holds a sender, so the channel never closes here.
                     let Some(mut finished) = fin else { continue };
-                    running.remove(&(finished.report.task_id, finished.report.attempt));
-                    free = free.saturating_add(&finished.allocation);
+                    let held = running
+                        .remove(&(finished.report.task_id, finished.report.attempt))
+                        .map_or(finished.allocation, |t| t.allocation);
+                    free = free.saturating_add(&held);
                     free_gpus.append(&mut finished.gpus);
                     *last_busy = Instant::now();
                     let _ = out_tx.send(Outgoing::Done(finished));
@@ -337,8 +380,8 @@ impl<'a> Session<'a> {
             }
         };
         // Tasks of a lost master are killed: the master requeues them elsewhere.
-        for (_, kill) in running.drain() {
-            let _ = kill.send(());
+        for (_, t) in running.drain() {
+            let _ = t.control.send(Control::Kill);
         }
         drop(out_tx);
         reader_task.abort();
@@ -598,6 +641,8 @@ struct TaskContext {
     gpus: Vec<u32>,
     monitor: Monitor,
     envs: Arc<Environments>,
+    /// For a growable task's requests for more memory.
+    to_master: mpsc::UnboundedSender<Outgoing>,
 }
 
 fn now_ms() -> u64 {
@@ -607,7 +652,11 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<()>) -> Finished {
+async fn run_task(
+    task: RunTask,
+    ctx: TaskContext,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) -> Finished {
     let started_ms = now_ms();
     let mut report = TaskReport {
         task_id: task.task_id,
@@ -653,8 +702,9 @@ async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<(
         Some(file_id) => match tokio::select! {
             r = activate(&ctx.envs, file_id, &task.env) => r,
             // A cancel need not wait for a large unpack; one left running
-            // still completes for the next task that needs it.
-            _ = &mut kill => {
+            // still completes for the next task that needs it. Nothing
+            // but a kill can come before the task runs.
+            _ = control.recv() => {
                 report.ending = Ending::Killed;
                 return finished(report, Vec::new());
             }
@@ -720,7 +770,19 @@ async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<(
         for (k, v) in &activation {
             cmd.env(k, v);
         }
-        Running::spawn(&ctx.monitor, cmd, &sandbox, limits)
+        let mut opts = SpawnOptions::default();
+        if task.growable && limits.memory_mb.is_some() {
+            let (to_master, task_id, attempt) = (ctx.to_master.clone(), task.task_id, task.attempt);
+            opts.on_memory_limit = Some(Box::new(move |hit| {
+                let _ = to_master.send(Outgoing::Msg(WorkerMsg::Grow {
+                    task_id,
+                    attempt,
+                    limit_mb: hit.limit,
+                    used_mb: hit.value,
+                }));
+            }));
+        }
+        Running::spawn(&ctx.monitor, cmd, &sandbox, limits, opts)
     })();
     let child = match spawned {
         Ok(c) => c,
@@ -744,11 +806,14 @@ async fn run_task(task: RunTask, ctx: TaskContext, mut kill: oneshot::Receiver<(
                 ending = Ending::WallTime;
                 child.kill();
             }
-            r = &mut kill, if ending == Ending::Exited => {
+            c = control.recv(), if ending == Ending::Exited => match c {
                 // A dropped sender (lost connection) also means kill.
-                let _ = r;
-                ending = Ending::Killed;
-                child.kill();
+                None | Some(Control::Kill) => {
+                    ending = Ending::Killed;
+                    child.kill();
+                }
+                Some(Control::Grow(allocation)) => child.grow_memory(allocation.memory_mb),
+                Some(Control::Refuse) => child.refuse_growth(),
             }
         }
     };
