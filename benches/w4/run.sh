@@ -5,13 +5,14 @@
 # same 120 seeded tasks and one worker declaring 12 cores / 12,000 MB.
 # Needs: cc; apt-get install -y coop-computing-tools python3-workqueue
 # Usage: benches/w4/run.sh   Env: N (120), SEED (4), DROVER_MODES, WQ_MODES, OUT
+# (set a MODES variable empty to skip that system)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 N=${N:-120}
 SEED=${SEED:-4}
-DROVER_MODES=${DROVER_MODES:-oracle,fixed4000,max,bucketing}
-WQ_MODES=${WQ_MODES:-fixed4000,max_throughput,min_waste}
+DROVER_MODES=${DROVER_MODES-oracle,fixed4000,max,bucketing}
+WQ_MODES=${WQ_MODES-fixed4000,max_throughput,min_waste}
 OUT=${OUT:-$root/benches/w4/results-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

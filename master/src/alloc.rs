@@ -494,6 +494,11 @@ impl Dim {
 /// retry ladder (see the module documentation).
 pub const KILL_MEMORY: usize = 64;
 
+/// Margin over the sample a growing task's target is taken from (see
+/// [`CategoryState::grow_seen`]): small, because going over it again costs
+/// only another freeze, not a rerun.
+pub const GROW_MARGIN: f64 = 0.05;
+
 /// Smallest memory ever allocated by learning, MB: peaks of tiny commands
 /// jitter by a few MB, and a retry for that is pure loss.
 pub const MIN_MEMORY_MB: u64 = 64;
@@ -639,6 +644,53 @@ impl CategoryState {
             *largest
         };
         Request::Fixed(clamp(overlay(base, declared), &cap_with(declared, &cap)))
+    }
+
+    /// The memory a task running with `failed` grows to in place once it
+    /// was seen using `seen` MB (see [`CategoryConfig::grow_in_place`]).
+    ///
+    /// A retry holds its allocation for the whole rerun, so it goes to a
+    /// bucket that very likely holds the task ([`retry_seen`](Self::retry_seen)).
+    /// Growing again costs only a freeze and a message, so a growing task
+    /// gets the median of the peaks of this category's tasks that were
+    /// bigger than `seen`, plus [`GROW_MARGIN`]: about half such tasks end
+    /// there, the others grow again, from a higher start, and none holds a
+    /// whole bucket's worth more than it needs. With no bigger peak known
+    /// it is the retry rung. `None` when it cannot grow (fixed mode,
+    /// declared memory, or already at the cap).
+    pub fn grow_seen(
+        &self,
+        failed: &Resources,
+        seen: f64,
+        declared: &Resources,
+        largest: &Resources,
+    ) -> Option<Request> {
+        if self.config.mode == AllocationMode::Fixed || declared.memory_mb != 0 {
+            return None;
+        }
+        let need = if seen.is_finite() && seen > 0.0 {
+            failed
+                .memory_mb
+                .max(seen.ceil().min(u64::MAX as f64) as u64)
+        } else {
+            failed.memory_mb
+        };
+        let mut bigger: Vec<f64> = self
+            .window
+            .iter()
+            .map(|s| s.memory_mb)
+            .filter(|&m| m > need as f64)
+            .collect();
+        if bigger.is_empty() {
+            return self.retry_seen(failed, false, Dim::Memory, seen, declared, largest);
+        }
+        let mid = (bigger.len() - 1) / 2;
+        let (_, median, _) = bigger.select_nth_unstable_by(mid, f64::total_cmp);
+        let target = (*median * (1.0 + GROW_MARGIN)).ceil().min(u64::MAX as f64) as u64;
+        let mut r = *failed;
+        r.memory_mb = target;
+        let r = clamp(r, &cap_with(declared, &self.cap(largest)));
+        (r.memory_mb > need).then_some(Request::Fixed(r))
     }
 
     /// The next rung after an attempt with `failed` (a whole worker if
@@ -1378,6 +1430,43 @@ mod tests {
             top.memory_mb >= 3900 && top.memory_mb <= 12_000,
             "{buckets:?}"
         );
+    }
+
+    /// A growing task goes to the median of the bigger peaks (plus the
+    /// small margin), then on from there; past the biggest peak it takes
+    /// the retry rung; never past the cap; not at all in fixed mode.
+    #[test]
+    fn a_growing_task_goes_to_the_median_of_bigger_peaks() {
+        let w = worker();
+        let none = Resources::default();
+        let mut c = CategoryState::new("a", CategoryConfig::bucketing().max_memory_mb(6000));
+        for mb in [300.0, 400.0, 500.0, 2500.0, 3000.0, 3500.0, 4000.0] {
+            c.record(mem(mb), &w);
+        }
+        let small = Resources {
+            cores: 1,
+            memory_mb: 600,
+            ..Default::default()
+        };
+        let grow = |c: &CategoryState, from: &Resources, seen: f64| {
+            c.grow_seen(from, seen, &none, &w).map(fixed)
+        };
+        // Bigger than 650: 2500, 3000, 3500, 4000; the lower median is 3000.
+        let first = grow(&c, &small, 650.0).unwrap();
+        assert_eq!((first.memory_mb, first.cores), (3150, 1));
+        // Past it: bigger than 3200 are 3500 and 4000.
+        assert_eq!(grow(&c, &first, 3200.0).unwrap().memory_mb, 3675);
+        // Past every peak: the retry rung, strictly bigger, within the cap.
+        let past = grow(&c, &first, 4100.0).unwrap();
+        assert!(past.memory_mb > 4100 && past.memory_mb <= 6000, "{past:?}");
+        let at_cap = Resources {
+            memory_mb: 6000,
+            ..small
+        };
+        assert_eq!(grow(&c, &at_cap, 6100.0), None);
+        let mut f = CategoryState::new("f", CategoryConfig::fixed());
+        f.record(mem(5000.0), &w);
+        assert_eq!(f.grow_seen(&small, 650.0, &none, &w), None);
     }
 
     #[test]

@@ -232,16 +232,33 @@ impl Categories {
         dim: Dim,
         seen: f64,
     ) -> Option<Request> {
-        let declared = self.classes[cat as usize]
+        let declared = self.declared(cat, class);
+        self.states[cat as usize].retry_seen(failed, was_whole, dim, seen, &declared, &self.largest)
+    }
+
+    fn declared(&self, cat: CatId, class: ClassKey) -> Resources {
+        self.classes[cat as usize]
             .iter()
             .find(|c| c.key == class)
             .map(|c| c.declared)
-            .unwrap_or_default();
-        self.states[cat as usize].retry_seen(failed, was_whole, dim, seen, &declared, &self.largest)
+            .unwrap_or_default()
     }
 
     pub(crate) fn note_retry(&mut self, cat: CatId, cause: RetryCause) {
         self.states[cat as usize].note_retry(cause);
+    }
+
+    /// What a task of `class` running with `failed` grows to, in place,
+    /// once seen using `seen` MB (see [`CategoryState::grow_seen`]).
+    pub(crate) fn grow(
+        &self,
+        cat: CatId,
+        class: ClassKey,
+        failed: &Resources,
+        seen: f64,
+    ) -> Option<Request> {
+        let declared = self.declared(cat, class);
+        self.states[cat as usize].grow_seen(failed, seen, &declared, &self.largest)
     }
 
     /// Whether `cat`'s tasks may grow in place over their memory allocation.

@@ -1111,15 +1111,13 @@ impl Engine {
             return None;
         }
         let total = self.workers.get(&key)?.hello.resources;
-        let was_whole = task.rung == Some(Request::WholeWorker) || allocation == total;
-        let target =
-            match self
-                .categories
-                .retry(cat, class, &allocation, was_whole, Dim::Memory, used_mb)?
-            {
-                Request::Fixed(r) => r.max_each(&allocation),
-                Request::WholeWorker => total,
-            };
+        if task.rung == Some(Request::WholeWorker) || allocation == total {
+            return None;
+        }
+        let target = match self.categories.grow(cat, class, &allocation, used_mb)? {
+            Request::Fixed(r) => r.max_each(&allocation),
+            Request::WholeWorker => total,
+        };
         let grows = target.memory_mb > allocation.memory_mb
             && target.gpus == allocation.gpus
             && target.fits_in(&total);
