@@ -309,12 +309,13 @@ fn w3(n: usize, input: &Path, w1_per_task: Option<f64>) -> Value {
     let (m, w) = start(2);
     let tasks = (0..n)
         .map(|_| {
-            Task::new("wc -c < input")
+            // The command Work Queue's side runs (wq_workloads.py).
+            Task::new("wc -c input")
                 .cores(1)
                 .input_file(input, "input", true)
         })
         .collect();
-    let expect = size.to_string();
+    let expect = format!("{size} input");
     let ((wall, failed), cpu) = measure_cpu(&w, || run(&m, tasks, |out| out.trim() == expect));
     let sent = tcp_bytes_sent(m.port());
     let stats = m.stats();

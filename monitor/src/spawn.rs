@@ -53,6 +53,42 @@ pub struct Exec {
     env: Vec<(OsString, OsString)>,
     cwd: Option<PathBuf>,
     stdio: [Option<OwnedFd>; 3],
+    /// Program and arguments to exec first, looked up in `PATH`; `program`
+    /// runs only if that exec fails (see [`Exec::shell`]).
+    direct: Option<Vec<OsString>>,
+}
+
+/// Shell builtins and reserved words: a command that starts with one of
+/// them means something else to the shell than the program of that name
+/// (or there is none), so it always goes through the shell.
+const SHELL_WORDS: &[&str] = &[
+    "!", ".", ":", "[", "alias", "bg", "break", "case", "cd", "chdir", "command", "continue", "do",
+    "done", "echo", "elif", "else", "esac", "eval", "exec", "exit", "export", "false", "fc", "fg",
+    "fi", "for", "function", "getopts", "hash", "if", "in", "jobs", "kill", "local", "printf",
+    "pwd", "read", "readonly", "return", "select", "set", "shift", "test", "then", "times", "trap",
+    "true", "type", "ulimit", "umask", "unalias", "unset", "until", "wait", "while",
+];
+
+/// The words of `command` if the shell would run it as one program with
+/// literal arguments (no quoting, expansion, redirection, globbing,
+/// assignment, operator or builtin), so that exec'ing them directly is
+/// exactly what `sh -c command` would do.
+pub(crate) fn plain_words(command: &str) -> Option<Vec<&str>> {
+    let literal = |b: u8| b.is_ascii_alphanumeric() || b"_-./,:+@%=".contains(&b);
+    if !command.bytes().all(|b| b == b' ' || literal(b)) {
+        return None;
+    }
+    let words: Vec<&str> = command.split(' ').filter(|w| !w.is_empty()).collect();
+    let first = *words.first()?;
+    if first.contains('=') {
+        return None;
+    }
+    if SHELL_WORDS.contains(&first) {
+        // `true` and `false` alone do what the programs do; with
+        // arguments the programs may not (`true --help`).
+        return (words.len() == 1 && (first == "true" || first == "false")).then_some(words);
+    }
+    Some(words)
 }
 
 impl Exec {
@@ -65,7 +101,33 @@ impl Exec {
             env: std::env::vars_os().collect(),
             cwd: None,
             stdio: [None, None, None],
+            direct: None,
         }
+    }
+
+    /// `command` as `/bin/sh -c command` runs it. When the command is one
+    /// program with literal arguments (no quotes, `$`, globs, redirections,
+    /// operators, assignments or builtins), the program is exec'd directly,
+    /// looked up in `PATH` as the shell would: that saves starting the
+    /// shell, which for a short task is most of its cost. If that exec
+    /// fails for any reason (not found, a script without `#!`), the shell
+    /// runs the command as usual, with its own error messages and exit
+    /// codes. The direct exec exports `PWD` (the working directory), as the
+    /// shell does.
+    ///
+    /// ```no_run
+    /// use drover_monitor::{Exec, Limits, Monitor};
+    /// let monitor = Monitor::new(drover_monitor::DEFAULT_INTERVAL);
+    /// let mut exec = Exec::shell("wc -c input.dat");
+    /// exec.current_dir("/tmp");
+    /// let report = monitor.spawn_exec(exec, None, Limits::default())?.wait()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn shell(command: &str) -> Exec {
+        let mut exec = Exec::new("/bin/sh");
+        exec.arg("-c").arg(command);
+        exec.direct = plain_words(command).map(|w| w.iter().map(OsString::from).collect());
+        exec
     }
 
     /// Appends an argument.
@@ -88,6 +150,12 @@ impl Exec {
     pub fn current_dir(&mut self, dir: impl AsRef<Path>) -> &mut Exec {
         self.cwd = Some(dir.as_ref().to_owned());
         self
+    }
+
+    /// Whether [`Exec::shell`] found the command plain enough to exec
+    /// without the shell.
+    pub fn skips_shell(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// Standard input (inherited when unset).
@@ -118,18 +186,39 @@ impl Exec {
         s
     }
 
+    /// The `PATH` the child gets.
+    fn path_var(&self) -> OsString {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"))
+    }
+
+    /// Where the direct program may be, in the order `execvp` tries them.
+    fn direct_candidates(&self, program: &OsStr) -> io::Result<Vec<CString>> {
+        if program.as_bytes().contains(&b'/') {
+            return Ok(vec![cstring(program.as_bytes(), "program")?]);
+        }
+        std::env::split_paths(&self.path_var())
+            .map(|dir| {
+                // An empty PATH entry is the working directory.
+                let dir = if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir
+                };
+                cstring(dir.join(program).into_os_string().into_vec(), "program")
+            })
+            .collect()
+    }
+
     fn resolve_program(&self) -> io::Result<PathBuf> {
         let program = Path::new(&self.program);
         if self.program.as_bytes().contains(&b'/') {
             return Ok(program.to_owned());
         }
-        let path = self
-            .env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
-        std::env::split_paths(&path)
+        std::env::split_paths(&self.path_var())
             .map(|dir| dir.join(program))
             .find(|p| {
                 std::fs::metadata(p).is_ok_and(|m| {
@@ -157,6 +246,9 @@ fn cstring(s: impl Into<Vec<u8>>, what: &str) -> io::Result<CString> {
 
 /// What the child needs, all prepared before the clone.
 struct ChildPlan {
+    /// Tried first, in order, with `direct_argv`; see [`Exec::shell`].
+    direct: Vec<CString>,
+    direct_argv: Vec<*const libc::c_char>,
     program: CString,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
@@ -192,6 +284,27 @@ pub(crate) fn spawn(
     for a in &exec.args {
         args.push(cstring(a.as_bytes(), "command line")?);
     }
+    let mut direct_args = Vec::new();
+    let mut direct = Vec::new();
+    if let Some(words) = &exec.direct {
+        if let Some(program) = words.first() {
+            direct = exec.direct_candidates(program)?;
+        }
+        for w in words {
+            direct_args.push(cstring(w.as_bytes(), "command line")?);
+        }
+    }
+    let mut direct_argv: Vec<*const libc::c_char> =
+        direct_args.iter().map(|a| a.as_ptr()).collect();
+    direct_argv.push(std::ptr::null());
+    let mut exec = exec;
+    if exec.direct.is_some() {
+        // What the shell would export (dash always sets it to the
+        // working directory).
+        if let Some(cwd) = exec.cwd.clone() {
+            exec.env("PWD", cwd);
+        }
+    }
     let mut env = Vec::with_capacity(exec.env.len());
     for (k, v) in &exec.env {
         if k.is_empty() || k.as_bytes().contains(&b'=') {
@@ -213,6 +326,8 @@ pub(crate) fn spawn(
     let stdio = [0, 1, 2].map(|i| exec.stdio[i].as_ref().map_or(-1, |fd| fd.as_raw_fd()));
 
     let mut plan = ChildPlan {
+        direct,
+        direct_argv,
         program,
         argv,
         envp,
@@ -496,11 +611,71 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         libc::sigprocmask(libc::SIG_SETMASK, &plan.old_mask, std::ptr::null_mut());
+        // A failed exec changes nothing, so the shell can still take over.
+        for candidate in &plan.direct {
+            libc::execve(
+                candidate.as_ptr(),
+                plan.direct_argv.as_ptr(),
+                plan.envp.as_ptr(),
+            );
+        }
         libc::execve(
             plan.program.as_ptr(),
             plan.argv.as_ptr(),
             plan.envp.as_ptr(),
         );
         fail(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_words;
+
+    #[test]
+    fn only_plain_commands_skip_the_shell() {
+        assert_eq!(
+            plain_words("  wc -c input.dat "),
+            Some(vec!["wc", "-c", "input.dat"])
+        );
+        assert_eq!(
+            plain_words("./run --n=3 a,b x:y 50% u@h +1"),
+            Some(vec!["./run", "--n=3", "a,b", "x:y", "50%", "u@h", "+1"])
+        );
+        assert_eq!(plain_words("true"), Some(vec!["true"]));
+        assert_eq!(plain_words("false"), Some(vec!["false"]));
+        for shell in [
+            "",
+            "   ",
+            "true --help",
+            "echo hi",
+            "cd /tmp",
+            "exit 3",
+            "A=1 env",
+            "if",
+            "! false",
+            "echo $HOME",
+            "ls *.txt",
+            "cat 'a b'",
+            "cat \"a\"",
+            "wc < in",
+            "a > out",
+            "a | b",
+            "a; b",
+            "a && b",
+            "sleep 1 &",
+            "ls ~",
+            "a # comment",
+            "a\tb",
+            "a\nb",
+            "cat a\\ b",
+            "(a)",
+            "{ a; }",
+            "ls [ab]",
+            "echo `id`",
+            "x ?",
+        ] {
+            assert_eq!(plain_words(shell), None, "{shell:?} needs the shell");
+        }
     }
 }

@@ -750,3 +750,70 @@ fn without_a_cgroup_a_task_over_its_memory_is_killed_not_frozen() {
     );
     assert!(rx.try_recv().is_err());
 }
+
+/// Runs `Exec::shell(command)` in `dir`; returns exit, stdout, stderr.
+fn run_shell(command: &str, dir: &Path) -> (Exit, String, String) {
+    let m = monitor(Method::Auto);
+    let mut e = drover_monitor::Exec::shell(command);
+    e.current_dir(dir);
+    e.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    e.stdout(std::fs::File::create(dir.join("stdout")).unwrap());
+    e.stderr(std::fs::File::create(dir.join("stderr")).unwrap());
+    let r = m
+        .spawn_exec(e, None, Limits::default())
+        .unwrap()
+        .wait()
+        .unwrap();
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+    (r.exit, read("stdout"), read("stderr"))
+}
+
+/// `Exec::shell` behaves as `sh -c` whether or not it skips the shell: a
+/// plain command runs with its arguments and the shell's `PWD`; a missing
+/// program, an unexecutable file and a script without `#!` get exactly
+/// what the shell does with them; anything else goes through the shell.
+#[test]
+fn shell_commands_run_as_sh_would_run_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cwd = d.display().to_string();
+    let plain = "/usr/bin/printf %s: a b";
+    assert!(drover_monitor::Exec::shell(plain).skips_shell());
+    assert_eq!(
+        run_shell(plain, d),
+        (Exit::Code(0), "a:b:".into(), "".into())
+    );
+    assert!(drover_monitor::Exec::shell("printenv PWD").skips_shell());
+    assert_eq!(
+        run_shell("printenv PWD", d),
+        (Exit::Code(0), format!("{cwd}\n"), "".into())
+    );
+    assert_eq!(run_shell("false", d).0, Exit::Code(1));
+
+    let (exit, out, err) = run_shell("surely-not-a-command-drover x", d);
+    assert_eq!((exit, out.as_str()), (Exit::Code(127), ""));
+    assert!(
+        err.contains("surely-not-a-command-drover: not found"),
+        "{err}"
+    );
+
+    std::fs::write(d.join("data"), "not a program").unwrap();
+    let (exit, _, err) = run_shell("./data", d);
+    assert_eq!(exit, Exit::Code(126));
+    assert!(err.contains("Permission denied"), "{err}");
+
+    let script = d.join("script");
+    std::fs::write(&script, "echo from-script \"$1\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    assert_eq!(
+        run_shell("./script arg", d),
+        (Exit::Code(0), "from-script arg\n".into(), "".into())
+    );
+
+    let shelled = "echo \"$PWD\" $((1+2)) > o; cat o";
+    assert!(!drover_monitor::Exec::shell(shelled).skips_shell());
+    assert_eq!(
+        run_shell(shelled, d),
+        (Exit::Code(0), format!("{cwd} 3\n"), "".into())
+    );
+}

@@ -739,8 +739,9 @@ async fn run_task(
         cores: None,
     };
     let spawned = (|| -> std::io::Result<Running> {
-        let mut cmd = Exec::new("/bin/sh");
-        cmd.arg("-c").arg(&task.command).current_dir(&sandbox);
+        // `sh -c` semantics; a plain `prog args` skips starting the shell.
+        let mut cmd = Exec::shell(&task.command);
+        cmd.current_dir(&sandbox);
         cmd.stdin(std::fs::File::open("/dev/null")?);
         // No O_TRUNC: a slot's output files are empty or absent (see
         // `slots`), and truncating an existing file costs a journal entry.
