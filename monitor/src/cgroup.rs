@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::procscan::pread_all;
+use crate::procscan::{pread_all, pread_record};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -146,6 +146,9 @@ pub(crate) struct TaskGroup {
     /// Whether the group was ever frozen; such a group is not reused, so
     /// that no later task can be born frozen.
     froze: std::sync::atomic::AtomicBool,
+    /// Seen with no live process after its task started: it stays so,
+    /// since nothing outside it can add one (see [`TaskGroup::populated`]).
+    emptied: std::sync::atomic::AtomicBool,
     procs: KeptFile,
     events: KeptFile,
     cpu_stat: KeptFile,
@@ -158,13 +161,18 @@ pub(crate) struct TaskGroup {
 #[derive(Debug)]
 struct KeptFile {
     path: PathBuf,
+    /// Produced by the kernel as one record (see [`pread_record`]); not
+    /// `cgroup.procs`, one record per process.
+    one_record: bool,
     open: Mutex<(Option<fs::File>, Vec<u8>)>,
 }
 
 impl KeptFile {
     fn new(path: PathBuf) -> KeptFile {
+        let one_record = !path.ends_with("cgroup.procs");
         KeptFile {
             path,
+            one_record,
             open: Mutex::new((None, Vec::new())),
         }
     }
@@ -176,7 +184,12 @@ impl KeptFile {
         if file.is_none() {
             *file = fs::File::open(&self.path).ok();
         }
-        pread_all(file.as_ref()?, buf).ok()?;
+        let file = file.as_ref()?;
+        if self.one_record {
+            pread_record(file, buf).ok()?;
+        } else {
+            pread_all(file, buf).ok()?;
+        }
         parse(std::str::from_utf8(buf).ok()?)
     }
 
@@ -373,7 +386,9 @@ impl CgroupBase {
         let procs = dir.join("cgroup.procs");
         let procs_path = CString::new(procs.as_os_str().as_bytes())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let memory = dir.join("memory.current").exists();
+        // Every group under the base gets the controllers the base enables
+        // for its children, so this need not be looked up per task.
+        let memory = self.memory;
         let mut group = TaskGroup {
             procs: KeptFile::new(procs),
             events: KeptFile::new(dir.join("cgroup.events")),
@@ -384,6 +399,7 @@ impl CgroupBase {
             throttled: std::sync::atomic::AtomicBool::new(false),
             killed: std::sync::atomic::AtomicBool::new(false),
             froze: std::sync::atomic::AtomicBool::new(false),
+            emptied: std::sync::atomic::AtomicBool::new(false),
             dir,
             procs_path,
             memory,
@@ -516,15 +532,24 @@ impl TaskGroup {
         None
     }
 
-    /// Whether any process is in the group.
+    /// Whether any process is in the group. Only its processes' children
+    /// can join a group once its task started (the monitor writes to
+    /// `cgroup.procs` only to start a task), so once empty it stays empty,
+    /// and the answer is kept: finishing a task asks several times.
     pub fn populated(&self) -> bool {
-        self.events
-            .read(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("populated "))
-                    .map(|v| v.trim() != "0")
-            })
-            .unwrap_or(false)
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.emptied.load(Relaxed) {
+            return false;
+        }
+        let populated = self.events.read(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("populated "))
+                .map(|v| v.trim() != "0")
+        });
+        if populated == Some(false) {
+            self.emptied.store(true, Relaxed);
+        }
+        populated.unwrap_or(false)
     }
 
     fn close_files(&self) {

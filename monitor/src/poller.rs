@@ -444,11 +444,17 @@ impl Monitor {
             limits,
             on_memory_limit: opts.on_memory_limit,
         });
-        {
+        let was_idle = {
             let mut s = lock(&core.state);
             s.tasks.push(Arc::clone(&task));
+            s.tasks.len() == 1
+        };
+        // A sampler with tasks already sleeps only until its next pass,
+        // which will see this one; waking it for every start cost a thread
+        // switch per task.
+        if was_idle {
+            core.cv.notify_all();
         }
-        core.cv.notify_all();
         Ok(Watched {
             monitor: self.clone(),
             task,

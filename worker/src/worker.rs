@@ -2,7 +2,6 @@
 //! runs tasks in sandboxes within its declared resources, and reports back.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -738,22 +737,28 @@ async fn run_task(
         // already keeps the sum of allocations within the worker.
         cores: None,
     };
+    // Kept open (the task gets duplicates) and read back through these
+    // descriptors when it ends: no second open of each file.
+    let mut outputs_kept: Option<(std::fs::File, std::fs::File)> = None;
     let spawned = (|| -> std::io::Result<Running> {
         // `sh -c` semantics; a plain `prog args` skips starting the shell.
         let mut cmd = Exec::shell(&task.command);
         cmd.current_dir(&sandbox);
-        cmd.stdin(std::fs::File::open("/dev/null")?);
+        cmd.stdin(dev_null()?);
         // No O_TRUNC: a slot's output files are empty or absent (see
         // `slots`), and truncating an existing file costs a journal entry.
         let output = |path: &Path| {
             std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .open(path)
         };
-        cmd.stdout(output(&stdout_path)?);
-        cmd.stderr(output(&stderr_path)?);
+        let (stdout, stderr) = (output(&stdout_path)?, output(&stderr_path)?);
+        cmd.stdout(stdout.try_clone()?);
+        cmd.stderr(stderr.try_clone()?);
+        outputs_kept = Some((stdout, stderr));
         cmd.env("DROVER_TASK_ID", task.task_id.to_string());
         cmd.env("DROVER_SANDBOX", &sandbox);
         let cores = task.allocation.cores.max(1).to_string();
@@ -880,10 +885,16 @@ async fn run_task(
         Err(e) => report.error = Some(format!("waiting for the task: {e}")),
     }
     report.ending = ending;
-    report.stdout = read_capped(&stdout_path);
-    report.stderr = read_capped(&stderr_path);
+    if let Some((stdout, stderr)) = &outputs_kept {
+        report.stdout = read_capped(stdout);
+        report.stderr = read_capped(stderr);
+    }
     let mut outputs = Vec::with_capacity(task.outputs.len());
-    let canonical_sandbox = sandbox.canonicalize().unwrap_or_else(|_| sandbox.clone());
+    let canonical_sandbox = if task.outputs.is_empty() {
+        sandbox.clone()
+    } else {
+        sandbox.canonicalize().unwrap_or_else(|_| sandbox.clone())
+    };
     for name in &task.outputs {
         match check_output(&canonical_sandbox, name) {
             Ok((path, size)) => outputs.push((
@@ -988,22 +999,41 @@ fn check_output(sandbox: &Path, name: &str) -> Result<(PathBuf, u64), String> {
 }
 
 /// Reads a captured stream without loading more than the cap into memory.
-fn read_capped(path: &Path) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
+/// A duplicate of one `/dev/null` kept open for the worker's life: a dup
+/// is cheaper than an open, once per task.
+fn dev_null() -> std::io::Result<std::fs::File> {
+    static DEV_NULL: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    match DEV_NULL.get() {
+        Some(f) => f.try_clone(),
+        None => {
+            let f = std::fs::File::open("/dev/null")?;
+            let dup = f.try_clone()?;
+            let _ = DEV_NULL.set(f);
+            Ok(dup)
+        }
+    }
+}
+
+/// A task's output, from the worker's own descriptor of the file (read at
+/// explicit offsets: the task's duplicate shares the file position).
+fn read_capped(file: &std::fs::File) -> String {
+    use std::os::unix::fs::FileExt;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+    if len == 0 {
+        return String::new();
+    }
     if len <= protocol::OUTPUT_CAP_BYTES {
-        let mut bytes = Vec::with_capacity(len);
-        let _ = file.read_to_end(&mut bytes);
-        return protocol::cap_output(&bytes);
+        let mut bytes = vec![0u8; len];
+        return match file.read_exact_at(&mut bytes, 0) {
+            Ok(()) => protocol::cap_output(&bytes),
+            Err(_) => String::new(),
+        };
     }
     let half = protocol::OUTPUT_CAP_BYTES / 2;
     let mut head = vec![0u8; half];
     let mut tail = vec![0u8; half];
-    let ok = file.read_exact(&mut head).is_ok()
-        && file.seek(SeekFrom::End(-(half as i64))).is_ok()
-        && file.read_exact(&mut tail).is_ok();
+    let ok = file.read_exact_at(&mut head, 0).is_ok()
+        && file.read_exact_at(&mut tail, (len - half) as u64).is_ok();
     if !ok {
         return String::new();
     }
