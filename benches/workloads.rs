@@ -94,11 +94,15 @@ impl Drop for Worker {
 
 /// A manager on loopback with one connected worker of `cores` cores.
 fn start(cores: u32) -> (Manager, Worker) {
-    let manager = Manager::builder()
-        .port(0)
-        .bind("127.0.0.1")
-        .build()
-        .expect("manager");
+    let mut builder = Manager::builder().port(0).bind("127.0.0.1");
+    // For comparisons: DROVER_PREFETCH=0 turns sending tasks ahead off.
+    if let Some(n) = std::env::var("DROVER_PREFETCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.prefetch(n);
+    }
+    let manager = builder.build().expect("manager");
     let dir = tempfile::Builder::new()
         .prefix("drover-bench-")
         .tempdir_in(

@@ -204,6 +204,50 @@ fn cancel_by_id_and_by_tag() {
     assert_eq!(m.stats().tasks_cancelled, 3);
 }
 
+/// A task sent ahead waits on its full worker and starts there only when
+/// a task ends; cancelled while it waits, it ends at once without having
+/// run, and nothing else is disturbed.
+#[test]
+fn a_task_sent_ahead_waits_on_its_worker_and_can_be_cancelled_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    let mark = format!("{}.{}", std::process::id(), 4321);
+    let log = dir.path().join("started");
+    // Declared (not learned by a category), so they may be sent ahead.
+    let first = m.submit(Task::new("sleep 0.5").cores(1)).unwrap();
+    wait_until(&m, "the first task to start", |s| s.tasks_running == 1);
+    // Each writes its id before sleeping, so a start leaves a trace.
+    let sleepers: Vec<_> = (0..3)
+        .map(|i| {
+            let cmd = format!("echo {i} >> {}; sleep 60 {mark}", log.display());
+            m.submit(Task::new(cmd).cores(1)).unwrap()
+        })
+        .collect();
+    assert_eq!(collect(&m, 1)[0].id, first);
+    // Sleeper 0 now runs; sleeper 1 is sent ahead (two wait, one worker).
+    wait_until(&m, "a task sent ahead", |s| s.tasks_sent_ahead >= 1);
+    wait_for_processes(&mark, 1);
+    assert!(m.cancel(sleepers[1]));
+    let r = collect(&m, 1).remove(0);
+    assert_eq!((r.id, r.outcome), (sleepers[1], Outcome::Cancelled));
+    let started = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(started, "0\n", "only the running sleeper started");
+    // Sleeper 0's shell and its sleep.
+    assert_eq!(live_processes_with(&mark).len(), 2);
+    assert!(m.cancel(sleepers[0]));
+    // The last one runs once the worker is free, then is cancelled too.
+    wait_until(&m, "the last sleeper to start", |s| s.tasks_running == 1);
+    let results = collect(&m, 1);
+    assert_eq!(results[0].id, sleepers[0]);
+    wait_for_processes(&mark, 1);
+    assert!(m.cancel(sleepers[2]));
+    assert_eq!(collect(&m, 1)[0].outcome, Outcome::Cancelled);
+    assert_none_left(&mark);
+    let started = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(started, "0\n2\n");
+}
+
 #[test]
 fn a_worker_killed_mid_task_loses_nothing_and_duplicates_nothing() {
     let m = manager();

@@ -87,6 +87,9 @@ pub struct Stats {
     /// Times a running task went over its memory allocation and was given
     /// more where it ran (see [`crate::CategoryConfig::grow_in_place`]).
     pub tasks_grown: u64,
+    /// Tasks sent ahead to wait on a full worker (see
+    /// [`crate::ManagerBuilder::prefetch`]).
+    pub tasks_sent_ahead: u64,
 }
 
 /// A frozen task waits at least this long for its worker to free the room
@@ -179,6 +182,8 @@ pub(crate) struct EngineConfig {
     pub keepalive_timeout: Duration,
     /// Everything in a status report but the counts, for status queries.
     pub report_identity: Arc<drover_catalog::MasterReport>,
+    /// Tasks a full worker may hold waiting (see `ManagerBuilder::prefetch`).
+    pub prefetch: usize,
 }
 
 enum TaskState {
@@ -188,6 +193,8 @@ enum TaskState {
         attempt: u32,
         allocation: Resources,
         started: SystemTime,
+        /// Sent ahead and not started yet (it holds nothing there).
+        on_worker_queue: bool,
     },
 }
 
@@ -237,6 +244,10 @@ struct Engine {
     categories: Categories,
     /// Workers with a non-empty `growing` queue.
     growing_workers: HashSet<WorkerKey>,
+    prefetch: usize,
+    /// Workers that freed or filled up since the last scheduling pass:
+    /// where sending a task ahead may now be useful.
+    touched: Vec<WorkerKey>,
 }
 
 /// Starts the engine on `listener`; returns when told to shut down.
@@ -263,6 +274,8 @@ pub(crate) async fn run(
         report_identity: config.report_identity.clone(),
         categories: Categories::default(),
         growing_workers: HashSet::new(),
+        prefetch: config.prefetch,
+        touched: Vec::new(),
     };
     let mut grow_tick = tokio::time::interval(Duration::from_secs(1));
     grow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -550,6 +563,7 @@ impl Engine {
                     used_mb,
                     ..
                 } => self.grow_asked(key, task_id, attempt, used_mb),
+                WorkerMsg::Started { task_id, attempt } => self.started(key, task_id, attempt),
                 WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
                 WorkerMsg::Pong
                 | WorkerMsg::Hello(_)
@@ -660,6 +674,7 @@ impl Engine {
             worker: w,
             attempt: a,
             allocation,
+            on_worker_queue,
             ..
         } = task.state
         else {
@@ -671,14 +686,16 @@ impl Engine {
         self.drop_grow_wait(worker, id);
         if let Some(wk) = self.workers.get_mut(&worker) {
             wk.running.remove(&id);
-            wk.in_use = wk.in_use.saturating_sub(&allocation);
+            if !on_worker_queue {
+                wk.in_use = wk.in_use.saturating_sub(&allocation);
+            }
             wk.conn
                 .outputs
                 .lock()
                 .map(|mut m| m.remove(&(id, attempt)))
                 .ok();
         }
-        self.sched.release(worker, allocation);
+        self.sched.release_task(worker, id, allocation);
         self.serve_growth(worker);
         self.stats.tasks_running -= 1;
         let Some(task) = self.tasks.get_mut(&id) else {
@@ -714,6 +731,7 @@ impl Engine {
             attempt,
             allocation,
             started,
+            on_worker_queue,
         } = task.state
         else {
             return;
@@ -726,12 +744,15 @@ impl Engine {
         let host = match self.workers.get_mut(&key) {
             Some(w) => {
                 w.running.remove(&id);
-                w.in_use = w.in_use.saturating_sub(&allocation);
+                if !on_worker_queue {
+                    w.in_use = w.in_use.saturating_sub(&allocation);
+                }
                 w.hello.hostname.clone()
             }
             None => String::new(),
         };
-        self.sched.release(key, allocation);
+        self.sched.release_task(key, id, allocation);
+        self.touched.push(key);
         self.serve_growth(key);
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
@@ -938,14 +959,72 @@ impl Engine {
         placements.clear();
         self.sched.schedule(&mut placements);
         for p in placements.drain(..) {
-            self.dispatch(p);
+            self.touched.push(p.worker);
+            self.dispatch(p, false);
         }
         self.placements = placements;
+        self.send_ahead();
     }
 
-    fn dispatch(&mut self, p: Placement) {
+    /// Sends tasks ahead to the workers that freed or filled up in this
+    /// pass (see `ManagerBuilder::prefetch`), while more tasks wait than
+    /// there are workers, and not to a worker with a task waiting to grow.
+    fn send_ahead(&mut self) {
+        if self.prefetch == 0 || self.touched.is_empty() {
+            self.touched.clear();
+            return;
+        }
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        for &key in &touched {
+            while self.sched.waiting() > self.workers.len() {
+                let growing = self.workers.get(&key).is_none_or(|w| !w.growing.is_empty());
+                if growing {
+                    break;
+                }
+                match self.sched.prefetch(key, self.prefetch) {
+                    Some(p) => {
+                        self.stats.tasks_sent_ahead += 1;
+                        self.dispatch(p, true);
+                    }
+                    None => break,
+                }
+            }
+        }
+        touched.clear();
+        self.touched = touched;
+    }
+
+    /// A task sent ahead to `key` started there.
+    fn started(&mut self, key: WorkerKey, id: TaskId, attempt: u32) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let TaskState::Running {
+            worker,
+            attempt: a,
+            allocation,
+            ref mut on_worker_queue,
+            ..
+        } = task.state
+        else {
+            return;
+        };
+        if worker != key || a != attempt || !*on_worker_queue || !self.sched.started(key, id) {
+            return;
+        }
+        *on_worker_queue = false;
+        if let Some(w) = self.workers.get_mut(&key) {
+            w.in_use = w.in_use.saturating_add(&allocation);
+        }
+        self.touched.push(key);
+        self.serve_growth(key);
+    }
+
+    fn dispatch(&mut self, p: Placement, queued: bool) {
         if !self.tasks.contains_key(&p.task) {
-            self.sched.release(p.worker, p.allocation);
+            self.sched.release_task(p.worker, p.task, p.allocation);
             return;
         }
         if !self.workers.contains_key(&p.worker) {
@@ -1027,6 +1106,7 @@ impl Engine {
             wall_time_s: spec.wall_time_s,
             environment,
             growable,
+            queued,
         };
         if !spec.outputs.is_empty() {
             if let Ok(mut m) = worker.conn.outputs.lock() {
@@ -1035,12 +1115,15 @@ impl Engine {
         }
         let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Run(Box::new(run))));
         worker.running.insert(p.task);
-        worker.in_use = worker.in_use.saturating_add(&p.allocation);
+        if !queued {
+            worker.in_use = worker.in_use.saturating_add(&p.allocation);
+        }
         task.state = TaskState::Running {
             worker: p.worker,
             attempt,
             allocation: p.allocation,
             started: SystemTime::now(),
+            on_worker_queue: queued,
         };
         self.stats.tasks_waiting -= 1;
         self.stats.tasks_running += 1;
@@ -1095,6 +1178,7 @@ impl Engine {
             attempt: running,
             allocation,
             started,
+            on_worker_queue: false,
         } = task.state
         else {
             return None;
@@ -1129,7 +1213,10 @@ impl Engine {
     /// worker is frozen, none of them will free anything: the newest is
     /// refused (killed and retried), so that the others can go on.
     fn serve_growth(&mut self, key: WorkerKey) {
-        if !self.growing_workers.contains(&key) {
+        // Room on a worker with tasks sent ahead is theirs the moment it
+        // frees, and only the worker knows that moment: wait until they
+        // started (see `started`).
+        if !self.growing_workers.contains(&key) || self.sched.has_queue(key) {
             return;
         }
         loop {

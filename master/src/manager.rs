@@ -63,6 +63,7 @@ pub struct ManagerBuilder {
     catalog: Option<String>,
     catalog_interval: Duration,
     environment: Option<PathBuf>,
+    prefetch: usize,
 }
 
 impl Default for ManagerBuilder {
@@ -77,6 +78,7 @@ impl Default for ManagerBuilder {
             catalog: None,
             catalog_interval: crate::report::DEFAULT_CATALOG_INTERVAL,
             environment: None,
+            prefetch: 2,
         }
     }
 }
@@ -103,6 +105,18 @@ impl ManagerBuilder {
     /// Require workers to prove they know the password in this file.
     pub fn password_file(mut self, path: impl AsRef<Path>) -> Self {
         self.password_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// How many tasks a full worker may hold waiting (default 2), so that
+    /// it starts the next one the moment one ends instead of after a round
+    /// trip to the master; for short tasks that round trip is a good part
+    /// of the worker's time. Tasks are sent ahead only while more tasks
+    /// wait than there are workers (so none of them sits idle for want of
+    /// a task held elsewhere), and only tasks whose request is fixed (not
+    /// one a category is still learning). 0 turns it off.
+    pub fn prefetch(mut self, tasks: usize) -> Self {
+        self.prefetch = tasks;
         self
     }
 
@@ -186,6 +200,7 @@ impl ManagerBuilder {
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
             report_identity: report_identity.clone(),
+            prefetch: self.prefetch,
         };
         runtime.spawn(engine::run(listener, config, commands_rx, results_tx));
         let reporter = match &self.catalog {

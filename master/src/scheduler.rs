@@ -50,7 +50,7 @@
 //! so that hot paths index a `Vec` instead of hashing the master's key.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use drover_worker::Resources;
 
@@ -173,6 +173,10 @@ struct WorkerState {
     /// may reserve nothing at all.
     running: u32,
     files: HashSet<FileKey>,
+    /// Tasks sent ahead to wait on the worker (see [`Scheduler::prefetch`]),
+    /// in the order the worker starts them. While there are any, the
+    /// worker is out of the indexes: only the worker knows when they start.
+    queued: VecDeque<(TaskKey, Resources)>,
 }
 
 impl WorkerState {
@@ -226,6 +230,7 @@ impl Scheduler {
             free: total,
             running: 0,
             files: HashSet::new(),
+            queued: VecDeque::new(),
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -419,7 +424,9 @@ impl Scheduler {
         }
         self.by_free.remove(&w.index_key(slot));
         w.free = w.free.saturating_sub(&got);
-        self.by_free.insert(w.index_key(slot));
+        if w.queued.is_empty() {
+            self.by_free.insert(w.index_key(slot));
+        }
         got
     }
 
@@ -439,6 +446,111 @@ impl Scheduler {
         w.free = Resources::min_each(&w.free.saturating_add(&resources), &w.total);
         if task_ended {
             w.running = w.running.saturating_sub(1);
+        }
+        if !w.queued.is_empty() {
+            return;
+        }
+        self.by_free.insert(w.index_key(slot));
+        if w.is_idle() {
+            self.idle.insert(slot);
+        }
+        self.unblock_for(slot);
+    }
+
+    /// A task that was on `worker` with `allocation` is finished, whether
+    /// it ran or was still waiting there (see [`Scheduler::prefetch`]): only
+    /// a task that ran gives resources back.
+    pub fn release_task(&mut self, worker: WorkerKey, task: TaskKey, allocation: Resources) {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return;
+        };
+        let queued = &mut self.workers[slot].queued;
+        match queued.iter().position(|&(t, _)| t == task) {
+            Some(pos) => {
+                queued.remove(pos);
+                self.reindex_if_unqueued(slot);
+            }
+            None => self.release(worker, allocation),
+        }
+    }
+
+    /// Sends a waiting task ahead to `worker`, which is full for it now,
+    /// to wait there and start the moment the worker has room, without a
+    /// round trip to the master: at most `depth` such tasks per worker.
+    /// The candidates are the heads of the shapes that fit no worker now
+    /// (after [`Scheduler::schedule`]), best first, that fit in the
+    /// worker's total; shapes whose request the master may change while
+    /// they wait (categories) are not sent ahead. Until the worker says
+    /// it started them ([`Scheduler::started`]), nothing else is placed on
+    /// it. Costs O(blocked shapes).
+    pub fn prefetch(&mut self, worker: WorkerKey, depth: usize) -> Option<Placement> {
+        let &slot = self.slots.get(&worker)?;
+        let w = &self.workers[slot];
+        if w.queued.len() >= depth || w.running == 0 {
+            return None;
+        }
+        let total = w.total;
+        let (id, head, request) = self
+            .blocked
+            .iter()
+            .filter_map(|&id| {
+                let shape = &self.shapes[id as usize];
+                match (shape.key, shape.request) {
+                    (ShapeKey::Request(_), Request::Fixed(r)) if r.fits_in(&total) => {
+                        Some((id, *shape.queue.first()?, r))
+                    }
+                    _ => None,
+                }
+            })
+            .min_by_key(|&(_, head, _)| head.order())?;
+        let queue = &mut self.shapes[id as usize].queue;
+        queue.pop_first();
+        self.tasks.remove(&head.task);
+        self.retire_if_empty(id);
+        let w = &mut self.workers[slot];
+        if w.queued.is_empty() {
+            self.by_free.remove(&w.index_key(slot));
+            self.idle.remove(&slot);
+        }
+        w.queued.push_back((head.task, request));
+        Some(Placement {
+            task: head.task,
+            worker,
+            allocation: request,
+        })
+    }
+
+    /// `worker` started `task`, which it held queued: its allocation is now
+    /// in use there. False if the task was not queued on it.
+    pub fn started(&mut self, worker: WorkerKey, task: TaskKey) -> bool {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return false;
+        };
+        let w = &mut self.workers[slot];
+        let Some(pos) = w.queued.iter().position(|&(t, _)| t == task) else {
+            return false;
+        };
+        let Some((_, allocation)) = w.queued.remove(pos) else {
+            return false;
+        };
+        w.free = w.free.saturating_sub(&allocation);
+        w.running = w.running.saturating_add(1);
+        self.reindex_if_unqueued(slot);
+        true
+    }
+
+    /// Whether `worker` holds tasks sent ahead that have not started.
+    pub fn has_queue(&self, worker: WorkerKey) -> bool {
+        self.slots
+            .get(&worker)
+            .is_some_and(|&slot| !self.workers[slot].queued.is_empty())
+    }
+
+    /// Puts a worker whose queue just emptied back in the indexes.
+    fn reindex_if_unqueued(&mut self, slot: usize) {
+        let w = &self.workers[slot];
+        if !w.queued.is_empty() {
+            return;
         }
         self.by_free.insert(w.index_key(slot));
         if w.is_idle() {
@@ -631,6 +743,9 @@ impl Scheduler {
     fn find_worker(&self, request: &Request, file: FileKey) -> Option<usize> {
         let preferred = |slot: &&usize| {
             let w = &self.workers[**slot];
+            if !w.queued.is_empty() {
+                return false;
+            }
             match request {
                 Request::Fixed(r) => r.fits_in(&w.free),
                 Request::WholeWorker => w.is_idle(),
@@ -874,6 +989,46 @@ mod tests {
         assert!(run(&mut s).is_empty(), "not idle while room is taken");
         s.give(1, res(1, 0));
         assert_eq!(tasks(&run(&mut s)), vec![3]);
+    }
+
+    /// A task sent ahead waits on its worker: nothing else is placed there
+    /// until the worker says it started it; a sent-ahead task that ends
+    /// without starting (cancelled) frees nothing; tasks of a class are
+    /// never sent ahead.
+    #[test]
+    fn tasks_sent_ahead_hold_their_worker_until_started() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(2, 0));
+        for t in 1..=5 {
+            s.enqueue(t, fixed(1), 0, t, &[]);
+        }
+        assert_eq!(tasks(&run(&mut s)), vec![1, 2]);
+        assert_eq!(s.prefetch(1, 1).map(|p| p.task), Some(3));
+        assert_eq!(s.prefetch(1, 1), None, "depth 1");
+        assert!(s.has_queue(1));
+        // Task 1 ends: the worker starts 3 on its own; the master places
+        // nothing there before it hears so.
+        s.release_task(1, 1, res(1, 0));
+        assert!(run(&mut s).is_empty());
+        assert!(s.started(1, 3));
+        assert!(!s.has_queue(1));
+        assert!(run(&mut s).is_empty(), "full again: 2 and 3 run");
+        assert_eq!(s.prefetch(1, 1).map(|p| p.task), Some(4));
+        // Cancelled while waiting there: frees nothing.
+        s.release_task(1, 4, res(1, 0));
+        assert!(!s.has_queue(1));
+        assert_eq!(s.free(1), Some(res(0, 0)));
+        s.release_task(1, 2, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![5]);
+        assert!(!s.started(1, 5), "5 was placed, not sent ahead");
+
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(1, 0));
+        s.enqueue_class(1, 7, 0, 1, &[]);
+        s.set_class_request(7, fixed(1));
+        s.enqueue_class(2, 7, 0, 2, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        assert_eq!(s.prefetch(1, 1), None, "a class's request may change");
     }
 
     #[test]

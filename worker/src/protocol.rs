@@ -110,6 +110,11 @@ pub enum WorkerMsg {
         attempt: u32,
         reason: String,
     },
+    /// A task sent ahead ([`RunTask::queued`]) has started.
+    Started {
+        task_id: u64,
+        attempt: u32,
+    },
     /// A growable task (see [`RunTask::growable`]) went over its memory
     /// allocation and is frozen: may it have more? The master answers
     /// [`MasterMsg::Grow`]. `used_mb` is what the monitor saw, `limit_mb`
@@ -182,6 +187,12 @@ pub struct RunTask {
     /// allocation is a category's guess.
     #[serde(default)]
     pub growable: bool,
+    /// Sent ahead: wait on the worker, after the tasks sent ahead before
+    /// it, until it fits, then start and say so ([`WorkerMsg::Started`]),
+    /// instead of being refused for want of room. Saves the round trip to
+    /// the master between one task's end and the next one's start.
+    #[serde(default)]
+    pub queued: bool,
 }
 
 /// Announces one output file whose body follows the [`WorkerMsg::TaskDone`] frame.
@@ -249,6 +260,27 @@ pub struct TaskReport {
     pub error: Option<String>,
     /// Milliseconds since the Unix epoch when the command started.
     pub started_ms: u64,
+}
+
+impl TaskReport {
+    /// The report of an attempt that ended with `ending` before its command
+    /// started (set-up failed, cancelled while it waited on the worker).
+    pub fn never_started(task_id: u64, attempt: u32, ending: Ending, now_ms: u64) -> TaskReport {
+        TaskReport {
+            task_id,
+            attempt,
+            ending,
+            exit_code: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            measured: Measured::default(),
+            limit_exceeded: None,
+            missing_outputs: Vec::new(),
+            error: None,
+            started_ms: now_ms,
+        }
+    }
 }
 
 /// A limit that a task broke.

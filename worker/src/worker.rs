@@ -1,7 +1,7 @@
 //! The worker: connects to a master, keeps a content-addressed file cache,
 //! runs tasks in sandboxes within its declared resources, and reports back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -223,6 +223,13 @@ enum Control {
     Refuse,
 }
 
+/// What a session has handed out, for starting queued tasks.
+struct Book<'a> {
+    free: &'a mut Resources,
+    free_gpus: &'a mut Vec<u32>,
+    running: &'a mut HashMap<(u64, u32), TaskHandle>,
+}
+
 /// The session's view of a task it started.
 struct TaskHandle {
     control: mpsc::UnboundedSender<Control>,
@@ -275,6 +282,8 @@ impl<'a> Session<'a> {
         let mut free = total;
         let mut free_gpus: Vec<u32> = (0..total.gpus).rev().collect();
         let mut running: HashMap<(u64, u32), TaskHandle> = HashMap::new();
+        // Tasks sent ahead (`RunTask::queued`), not started yet.
+        let mut queue: VecDeque<Box<RunTask>> = VecDeque::new();
         // The master pings every `keepalive`; silence for several intervals means it is gone.
         let silence_limit = Duration::from_secs_f64((keepalive * 4.0).max(5.0));
         let mut last_heard = Instant::now();
@@ -290,38 +299,38 @@ impl<'a> Session<'a> {
                         MasterMsg::Run(task) => {
                             *last_busy = Instant::now();
                             let key = (task.task_id, task.attempt);
-                            if !task.allocation.fits_in(&free) || running.contains_key(&key) {
+                            let known = running.contains_key(&key) || queue.iter().any(|t| (t.task_id, t.attempt) == key);
+                            let room = if task.queued { total } else { free };
+                            if !task.allocation.fits_in(&room) || known {
                                 let reason = format!(
                                     "task {} needs {:?} but this worker has {:?} free; refusing to overcommit",
-                                    task.task_id, task.allocation, free
+                                    task.task_id, task.allocation, room
                                 );
                                 warn!("{reason}");
                                 let _ = out_tx.send(Outgoing::Msg(WorkerMsg::Rejected { task_id: task.task_id, attempt: task.attempt, reason }));
                                 continue;
                             }
-                            free = free.saturating_sub(&task.allocation);
-                            let at = free_gpus.len().saturating_sub(task.allocation.gpus as usize);
-                            let gpus = free_gpus.split_off(at);
-                            let (control, control_rx) = mpsc::unbounded_channel();
-                            running.insert(key, TaskHandle { control, allocation: task.allocation });
-                            let ctx = TaskContext {
-                                task_dir: self.shared.slots.take(),
-                                cache: self.dirs.cache.clone(),
-                                transfer: self.dirs.transfer.clone(),
-                                gpus,
-                                monitor: self.shared.monitor.clone(),
-                                envs: Arc::clone(&self.shared.envs),
-                                to_master: out_tx.clone(),
-                            };
-                            let fin_tx = fin_tx.clone();
-                            tokio::spawn(async move {
-                                let finished = run_task(*task, ctx, control_rx).await;
-                                let _ = fin_tx.send(Box::new(finished));
-                            });
+                            if task.queued {
+                                // It may fit already: a task may have ended
+                                // while the master sent it.
+                                queue.push_back(task);
+                                let mut book = Book { free: &mut free, free_gpus: &mut free_gpus, running: &mut running };
+                                self.start_queued(&mut queue, &mut book, &fin_tx, &out_tx);
+                            } else {
+                                let (control, control_rx) = mpsc::unbounded_channel();
+                                free = free.saturating_sub(&task.allocation);
+                                running.insert(key, TaskHandle { control, allocation: task.allocation });
+                                self.start(task, control_rx, &mut free_gpus, &fin_tx, &out_tx);
+                            }
                         }
                         MasterMsg::Kill { task_id, attempt } => {
                             if let Some(t) = running.get(&(task_id, attempt)) {
                                 let _ = t.control.send(Control::Kill);
+                            } else if let Some(pos) = queue.iter().position(|t| (t.task_id, t.attempt) == (task_id, attempt)) {
+                                // Never started: it ends here, holding nothing.
+                                queue.remove(pos);
+                                let report = TaskReport::never_started(task_id, attempt, Ending::Killed, now_ms());
+                                let _ = out_tx.send(Outgoing::Msg(WorkerMsg::TaskDone { report: Box::new(report), outputs: Vec::new() }));
                             }
                         }
                         MasterMsg::Grow { task_id, attempt, allocation } => {
@@ -364,13 +373,15 @@ impl<'a> Session<'a> {
                     free_gpus.append(&mut finished.gpus);
                     *last_busy = Instant::now();
                     let _ = out_tx.send(Outgoing::Done(finished));
+                    let mut book = Book { free: &mut free, free_gpus: &mut free_gpus, running: &mut running };
+                    self.start_queued(&mut queue, &mut book, &fin_tx, &out_tx);
                 }
                 _ = tick.tick() => {
                     if last_heard.elapsed() > silence_limit {
                         warn!("no word from the master for {:?}; dropping the connection", last_heard.elapsed());
                         break StopReason::Disconnected;
                     }
-                    if running.is_empty() && last_busy.elapsed() >= self.config.idle_timeout {
+                    if running.is_empty() && queue.is_empty() && last_busy.elapsed() >= self.config.idle_timeout {
                         info!("idle for {:?}; leaving", self.config.idle_timeout);
                         let _ = out_tx.send(Outgoing::Msg(WorkerMsg::Goodbye { reason: "idle timeout".into() }));
                         break StopReason::IdleTimeout;
@@ -390,6 +401,68 @@ impl<'a> Session<'a> {
             let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
         }
         Ok(reason)
+    }
+
+    /// Starts the tasks sent ahead, in order, while the first fits, and
+    /// tells the master of each.
+    fn start_queued(
+        &self,
+        queue: &mut VecDeque<Box<RunTask>>,
+        book: &mut Book<'_>,
+        fin_tx: &mpsc::UnboundedSender<Box<Finished>>,
+        out_tx: &mpsc::UnboundedSender<Outgoing>,
+    ) {
+        while queue
+            .front()
+            .is_some_and(|t| t.allocation.fits_in(book.free))
+        {
+            let Some(task) = queue.pop_front() else { break };
+            let key = (task.task_id, task.attempt);
+            let (control, control_rx) = mpsc::unbounded_channel();
+            *book.free = book.free.saturating_sub(&task.allocation);
+            book.running.insert(
+                key,
+                TaskHandle {
+                    control,
+                    allocation: task.allocation,
+                },
+            );
+            let _ = out_tx.send(Outgoing::Msg(WorkerMsg::Started {
+                task_id: key.0,
+                attempt: key.1,
+            }));
+            self.start(task, control_rx, book.free_gpus, fin_tx, out_tx);
+        }
+    }
+
+    /// Starts `task`, whose resources the caller has just taken from the
+    /// free ones (gpus are picked here).
+    fn start(
+        &self,
+        task: Box<RunTask>,
+        control: mpsc::UnboundedReceiver<Control>,
+        free_gpus: &mut Vec<u32>,
+        fin_tx: &mpsc::UnboundedSender<Box<Finished>>,
+        out_tx: &mpsc::UnboundedSender<Outgoing>,
+    ) {
+        let at = free_gpus
+            .len()
+            .saturating_sub(task.allocation.gpus as usize);
+        let gpus = free_gpus.split_off(at);
+        let ctx = TaskContext {
+            task_dir: self.shared.slots.take(),
+            cache: self.dirs.cache.clone(),
+            transfer: self.dirs.transfer.clone(),
+            gpus,
+            monitor: self.shared.monitor.clone(),
+            envs: Arc::clone(&self.shared.envs),
+            to_master: out_tx.clone(),
+        };
+        let fin_tx = fin_tx.clone();
+        tokio::spawn(async move {
+            let finished = run_task(*task, ctx, control).await;
+            let _ = fin_tx.send(Box::new(finished));
+        });
     }
 
     async fn handshake(
@@ -656,21 +729,8 @@ async fn run_task(
     ctx: TaskContext,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Finished {
-    let started_ms = now_ms();
-    let mut report = TaskReport {
-        task_id: task.task_id,
-        attempt: task.attempt,
-        ending: Ending::SetupFailed,
-        exit_code: None,
-        signal: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        measured: Measured::default(),
-        limit_exceeded: None,
-        missing_outputs: Vec::new(),
-        error: None,
-        started_ms,
-    };
+    let mut report =
+        TaskReport::never_started(task.task_id, task.attempt, Ending::SetupFailed, now_ms());
     let sandbox = ctx.task_dir.join(slots::SANDBOX);
     let finished = |report: TaskReport, outputs| Finished {
         report,
