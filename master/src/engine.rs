@@ -1213,10 +1213,24 @@ impl Engine {
     /// worker is frozen, none of them will free anything: the newest is
     /// refused (killed and retried), so that the others can go on.
     fn serve_growth(&mut self, key: WorkerKey) {
+        if !self.growing_workers.contains(&key) {
+            return;
+        }
         // Room on a worker with tasks sent ahead is theirs the moment it
         // frees, and only the worker knows that moment: wait until they
-        // started (see `started`).
-        if !self.growing_workers.contains(&key) || self.sched.has_queue(key) {
+        // started (see `started`). If every task running there is frozen,
+        // no room will free: refuse the newest, as below.
+        let queued = self.sched.queued_len(key);
+        if queued > 0 {
+            if let Some(worker) = self.workers.get_mut(&key) {
+                let started = worker.running.len().saturating_sub(queued);
+                if started <= worker.growing.len() {
+                    if let Some(newest) = worker.growing.pop_back() {
+                        self.sched.give(key, newest.have);
+                        refuse_growth(&worker.tx, &newest);
+                    }
+                }
+            }
             return;
         }
         loop {

@@ -541,9 +541,14 @@ impl Scheduler {
 
     /// Whether `worker` holds tasks sent ahead that have not started.
     pub fn has_queue(&self, worker: WorkerKey) -> bool {
+        self.queued_len(worker) > 0
+    }
+
+    /// How many tasks sent ahead `worker` holds, not started yet.
+    pub fn queued_len(&self, worker: WorkerKey) -> usize {
         self.slots
             .get(&worker)
-            .is_some_and(|&slot| !self.workers[slot].queued.is_empty())
+            .map_or(0, |&slot| self.workers[slot].queued.len())
     }
 
     /// Puts a worker whose queue just emptied back in the indexes.
