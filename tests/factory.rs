@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{drover_bin, manager, CatalogServer};
+use common::{drover_bin, manager, wait_until, CatalogServer};
 use drover_master::{Manager, Outcome, Task};
 
 /// Slurm tests share one 2-core node; run them one at a time so that one's
@@ -620,6 +620,9 @@ fn a_status_query_reports_waiting_shapes_and_is_not_a_worker() {
             .unwrap();
     }
     submit_sleeps(&m, 2, "0", 1);
+    // Submits travel on the user's command channel and the query on its
+    // own connection: without this, the query may overtake the last submit.
+    wait_until(&m, "five tasks queued", |s| s.tasks_waiting == 5);
     let addr = format!("127.0.0.1:{}", m.port());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -953,6 +953,8 @@ impl Engine {
 
     fn schedule(&mut self) {
         if self.sched.waiting() == 0 || self.workers.is_empty() {
+            // Nothing to send ahead either; what was touched is moot.
+            self.touched.clear();
             return;
         }
         let mut placements = std::mem::take(&mut self.placements);
