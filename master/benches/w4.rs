@@ -63,11 +63,15 @@ impl Drop for KillOnDrop {
 }
 
 fn run(mode: &str, tasks: &[(u64, f64)], a: &Args, bound: f64) -> String {
-    let manager = Manager::builder()
-        .port(0)
-        .bind("127.0.0.1")
-        .build()
-        .expect("start the manager");
+    let mut builder = Manager::builder().port(0).bind("127.0.0.1");
+    // For comparisons: DROVER_PREFETCH=0 turns sending tasks ahead off.
+    if let Some(n) = std::env::var("DROVER_PREFETCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.prefetch(n);
+    }
+    let manager = builder.build().expect("start the manager");
     let workdir = std::env::temp_dir().join(format!("drover-w4-{}-{mode}", std::process::id()));
     let _worker = KillOnDrop(
         Command::new(&a.drover)
