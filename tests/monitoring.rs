@@ -215,8 +215,15 @@ fn one_poller_watches_all_of_a_workers_tasks() {
                 .unwrap()
         })
         .collect();
-    // Each task is its sleep alone: a plain command is exec'd without a shell.
+    // Each task is its sleep alone: a plain command is exec'd without a
+    // shell (through `sh -c` there would be eight processes).
     wait_for_processes(&mark, 4);
+    assert_eq!(
+        live_processes_with(&mark).len(),
+        4,
+        "{:?}",
+        live_processes_with(&mark)
+    );
     let threads = std::fs::read_dir(format!("/proc/{}/task", w.pid()))
         .unwrap()
         .flatten()
