@@ -148,12 +148,18 @@ fn a_task_over_its_allocation_grows_in_place_when_its_worker_has_room() {
         return;
     }
     assert_eq!(r.attempts.len(), 1, "{:?}", r.attempts);
-    assert_eq!(r.allocated.memory_mb, 1000, "grown to the category maximum");
+    // With no bigger peak known, it grows in steps, within the maximum.
+    assert!(
+        (300..=1000).contains(&r.allocated.memory_mb),
+        "{:?}",
+        r.allocated
+    );
     assert!(r.measured.memory_mb >= 300.0);
     let stats = m.category_stats("grow").unwrap();
-    assert_eq!((stats.grown, stats.retries.memory), (1, 0));
+    assert!(stats.grown >= 1, "{stats:?}");
+    assert_eq!(stats.retries.memory, 0);
     let s = m.stats();
-    assert_eq!((s.tasks_grown, s.tasks_resized), (1, 0));
+    assert_eq!((s.tasks_grown, s.tasks_resized), (stats.grown, 0));
     // What the task held is all given back.
     assert_eq!(s.resources_in_use, Resources::default());
 }
@@ -194,4 +200,74 @@ fn when_frozen_tasks_fill_their_worker_the_newest_is_retried() {
     let s = m.stats();
     assert_eq!((s.tasks_grown, s.tasks_resized), (1, 1));
     assert_eq!(s.resources_in_use, Resources::default());
+}
+
+/// A task frozen early in its run (it had used little of what it asked
+/// for) waits for room no longer than it had run: it is killed and retried
+/// with what it asked for, rather than left holding a core and memory
+/// until a long task ends. Nothing is lost or run twice.
+#[test]
+fn a_task_frozen_early_with_no_room_is_retried_with_what_it_asked_for() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "1200"]);
+    m.set_category(
+        "early",
+        CategoryConfig::bucketing()
+            .min_samples(5)
+            .max_memory_mb(1000),
+    )
+    .unwrap();
+    // Four small peaks and one of about 800 MB, from tasks that declared
+    // their memory: undeclared tasks then start in the small bucket, and
+    // one frozen there asks for a bit more than the big peak.
+    let mut learn: Vec<Task> = (0..4)
+        .map(|_| Task::new(use_mb(10)).category("early").memory_mb(200))
+        .collect();
+    learn.push(Task::new(use_mb(800)).category("early").memory_mb(1000));
+    for t in learn {
+        m.submit(t).unwrap();
+    }
+    for r in collect(&m, 5) {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    }
+    let start = m
+        .category_stats("early")
+        .unwrap()
+        .next_allocation
+        .expect("a learned allocation");
+    assert!(start.memory_mb < 300, "{start:?}");
+    // Holds 700 MB for 8 s: less than a frozen task waits at least when it
+    // is far into its run, much longer than this one has run when frozen.
+    let blocker = m
+        .submit(Task::new("sleep 8").cores(1).memory_mb(700))
+        .unwrap();
+    wait_until(&m, "the blocker to start", |s| s.tasks_running == 1);
+    let early = m.submit(Task::new(use_mb(300)).category("early")).unwrap();
+    let results = collect(&m, 2);
+    let mut seen: Vec<_> = results.iter().map(|r| r.id).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, [blocker, early], "each task reported once");
+    for r in &results {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    }
+    let r = results.iter().find(|r| r.id == early).unwrap();
+    if !freezable(r) {
+        return;
+    }
+    assert_eq!(r.attempts.len(), 2, "{:?}", r.attempts);
+    assert!(
+        r.attempts[0].ending.contains("resource exhausted"),
+        "{:?}",
+        r.attempts
+    );
+    assert_eq!(r.attempts[0].allocation, start);
+    // What it asked for: the known peak and a small margin.
+    assert!(
+        (800..=1000).contains(&r.allocated.memory_mb),
+        "{:?}",
+        r.attempts
+    );
+    let stats = m.category_stats("early").unwrap();
+    assert_eq!((stats.grown, stats.retries.memory), (0, 1));
+    assert_eq!(m.stats().resources_in_use, Resources::default());
 }

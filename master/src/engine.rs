@@ -97,6 +97,11 @@ pub struct Stats {
 /// run so far is what a kill would throw away).
 const GROW_WAIT_MIN: Duration = Duration::from_secs(10);
 
+/// A frozen task that has used less than this share of what it asks to
+/// grow to waits for the room no longer than it had run (see
+/// [`Engine::grow_asked`]).
+const YOUNG_GROWTH_SHARE: f64 = 0.5;
+
 /// A task frozen over its memory allocation, waiting on its worker for the
 /// room to grow to `target` (see [`Engine::grow_asked`]).
 struct GrowWait {
@@ -215,6 +220,10 @@ struct TaskEntry {
     /// the budget `max_retries` counts these only, not resource retries.
     lost: u32,
     resource_retries: u32,
+    /// Set when the task was refused the room to grow to this (see
+    /// `refuse_growth`): it is retried with it, not the category's next
+    /// rung, since it was seen to need more than its allocation.
+    grow_refused: Option<Resources>,
 }
 
 struct WorkerEntry {
@@ -277,7 +286,7 @@ pub(crate) async fn run(
         prefetch: config.prefetch,
         touched: Vec::new(),
     };
-    let mut grow_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut grow_tick = tokio::time::interval(Duration::from_millis(200));
     grow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -401,6 +410,7 @@ impl Engine {
                 cached_keys,
                 sizing,
                 rung: None,
+                grow_refused: None,
                 lost: 0,
                 resource_retries: 0,
             },
@@ -789,11 +799,14 @@ impl Engine {
                         .get(&key)
                         .is_some_and(|w| w.hello.resources == allocation);
                 let seen = report.limit_exceeded.as_ref().map_or(0.0, |h| h.value);
-                let next = if task.resource_retries < MAX_RESOURCE_RETRIES {
+                let refused_to = task.grow_refused.take().filter(|_| dim == Dim::Memory);
+                let next = if task.resource_retries >= MAX_RESOURCE_RETRIES {
+                    None
+                } else if let Some(target) = refused_to {
+                    Some(Request::Fixed(target))
+                } else {
                     self.categories
                         .retry(cat, class, &allocation, was_whole, dim, seen)
-                } else {
-                    None
                 };
                 if let Some(next) = next {
                     let what = report
@@ -809,6 +822,16 @@ impl Engine {
                     task.rung = Some(next);
                     task.resource_retries += 1;
                     self.categories.note_retry(cat, RetryCause::Exhausted(dim));
+                    if refused_to.is_some() {
+                        // Its size is what it was seen to need, not a rung
+                        // to move as the category learns (see `retarget`).
+                        self.stats.tasks_resized += 1;
+                        self.enqueue_again(id);
+                        if let Some(cat) = learned {
+                            self.retarget(cat);
+                        }
+                        return;
+                    }
                     self.categories.note_retrying(
                         cat,
                         id,
@@ -1132,11 +1155,12 @@ impl Engine {
     }
 
     /// A growable task is frozen over its memory allocation on `key`. It
-    /// gets the allocation of the rung it would be retried on, where it
-    /// runs, as soon as the worker has the room (which is reserved for it as
-    /// it frees up: see [`Engine::serve_growth`]); if it cannot get it, it
-    /// is refused, killed, and retried on that rung as before. Growing
-    /// keeps what the task did so far; a retry throws it away.
+    /// gets its category's growth target (see `CategoryState::grow_seen`)
+    /// where it runs, as soon as the worker has the room (which is
+    /// reserved for it as it frees up: see [`Engine::serve_growth`]); if it
+    /// cannot get it in time, it is refused, killed, and retried with that
+    /// target. Growing keeps what the task did so far; a retry throws it
+    /// away.
     fn grow_asked(&mut self, key: WorkerKey, id: TaskId, attempt: u32, used_mb: f64) {
         let target = self.grow_target(key, id, attempt, used_mb);
         let Some(worker) = self.workers.get_mut(&key) else {
@@ -1153,13 +1177,20 @@ impl Engine {
         let ran = SystemTime::now()
             .duration_since(started)
             .unwrap_or_default();
+        // A task that has done little of what it will need waits only as
+        // long as it has run: past that, rerunning it later with the room
+        // it asked for costs less than keeping it frozen, holding a core
+        // and memory, while the worker idles (W4's big tasks, caught at a
+        // small bucket's limit). A task far into its run waits longer.
+        let young = used_mb < target.memory_mb as f64 * YOUNG_GROWTH_SHARE;
+        let patience = if young { ran } else { ran.max(GROW_WAIT_MIN) };
         worker.growing.push_back(GrowWait {
             task: id,
             attempt,
             target,
             have: Resources::default(),
             asked: Instant::now(),
-            patience: ran.max(GROW_WAIT_MIN),
+            patience,
         });
         self.growing_workers.insert(key);
         self.serve_growth(key);
@@ -1229,7 +1260,7 @@ impl Engine {
                 if started <= worker.growing.len() {
                     if let Some(newest) = worker.growing.pop_back() {
                         self.sched.give(key, newest.have);
-                        refuse_growth(&worker.tx, &newest);
+                        refuse_growth(&mut self.tasks, &worker.tx, &newest);
                     }
                 }
             }
@@ -1289,7 +1320,7 @@ impl Engine {
             }
             if let Some(newest) = worker.growing.pop_back() {
                 self.sched.give(key, newest.have);
-                refuse_growth(&worker.tx, &newest);
+                refuse_growth(&mut self.tasks, &worker.tx, &newest);
             }
         }
     }
@@ -1333,7 +1364,7 @@ impl Engine {
                         "no room to grow after {:?}", wait.patience
                     );
                     self.sched.give(key, wait.have);
-                    refuse_growth(&worker.tx, &wait);
+                    refuse_growth(&mut self.tasks, &worker.tx, &wait);
                 }
             }
             self.serve_growth(key);
@@ -1740,7 +1771,16 @@ async fn send_file(
     Ok(())
 }
 
-fn refuse_growth(tx: &mpsc::UnboundedSender<Outgoing>, wait: &GrowWait) {
+/// Refuses a frozen task the room to grow: its worker kills it, and it is
+/// retried with the allocation it asked for (see `grow_refused`).
+fn refuse_growth(
+    tasks: &mut HashMap<TaskId, TaskEntry>,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    wait: &GrowWait,
+) {
+    if let Some(task) = tasks.get_mut(&wait.task) {
+        task.grow_refused = Some(wait.target);
+    }
     let _ = tx.send(Outgoing::Msg(MasterMsg::Grow {
         task_id: wait.task,
         attempt: wait.attempt,
