@@ -1467,7 +1467,11 @@ mod tests {
         assert_eq!(grow(&c, &first, 3200.0).unwrap().memory_mb, 3675);
         // Past every peak: a step up from what it was seen using, within
         // the cap.
-        assert_eq!(grow(&c, &first, 4000.0).unwrap().memory_mb, 6000);
+        let mut roomy = CategoryState::new("r", CategoryConfig::bucketing().max_memory_mb(10_000));
+        for mb in [300.0, 4000.0] {
+            roomy.record(mem(mb), &w);
+        }
+        assert_eq!(grow(&roomy, &first, 4000.0).unwrap().memory_mb, 6000);
         let near_cap = Resources {
             memory_mb: 4500,
             ..small
