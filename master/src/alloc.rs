@@ -500,11 +500,12 @@ pub const KILL_MEMORY: usize = 64;
 pub const GROW_MARGIN: f64 = 0.05;
 
 /// Factor a growing task's memory grows by when no bigger peak is known
-/// (see [`CategoryState::grow_seen`]). A retry rung doubles, because a
-/// rerun is dear; this is gentler because growing again is cheap, and
-/// what a task asks for beyond its need is held from the others: W4's
-/// first big tasks, doubling, asked for 6.2 GB to use 3.6 GB, and waited
-/// for that much room.
+/// (see [`CategoryState::grow_seen`]). Past every known peak a retry
+/// rung is sized generously (it doubles while a category is young),
+/// because a rerun is dear; a growing task steps gentler, because growing
+/// again is cheap and what it asks for beyond its need is held from the
+/// others: W4's first big tasks, doubling, asked for 6.2 GB to use
+/// 3.6 GB, and waited for that much room.
 pub const GROW_STEP: f64 = 1.5;
 
 /// Smallest memory ever allocated by learning, MB: peaks of tiny commands
