@@ -29,7 +29,9 @@
 //! on a whole worker. From the first sample until `min_samples`, a
 //! bucketing category allocates the largest peak seen (as `Max` does), which
 //! keeps the learning phase short: the whole-worker phase lasts one task,
-//! not `min_samples` tasks in a row.
+//! not `min_samples` tasks in a row. It gives twice the cores seen, though:
+//! half as many unknown tasks start together, so fewer of them turn out big
+//! at once and wait on each other for the room to grow.
 //!
 //! # Choosing a bucket
 //!
@@ -507,6 +509,10 @@ pub const GROW_MARGIN: f64 = 0.05;
 /// others: W4's first big tasks, doubling, asked for 6.2 GB to use
 /// 3.6 GB, and waited for that much room.
 pub const GROW_STEP: f64 = 1.5;
+
+/// Factor on the cores a task of a bucketing category gets while the
+/// category has fewer than `min_samples` samples (see `make_bucket`).
+pub const LEARNING_CORES_FACTOR: u32 = 2;
 
 /// Smallest memory ever allocated by learning, MB: peaks of tiny commands
 /// jitter by a few MB, and a retry for that is pure loss.
@@ -1047,6 +1053,17 @@ impl CategoryState {
         // Cores are not a limit a task is killed for: round the measured
         // average to whole cores with a little slack instead of a margin.
         let cores = ((high.cores - 0.2).ceil().max(1.0)).min(f64::from(u32::MAX)) as u32;
+        // While bucketing learns, each task gets twice the cores seen: that
+        // many fewer unknown tasks start together, so fewer of them turn
+        // out big at once and wait frozen on each other for room (W4's
+        // first wave of 12 held 4-5 big tasks that could not all fit).
+        let learning = self.config.mode == AllocationMode::Bucketing
+            && self.window.len() < self.config.min_samples.max(1);
+        let cores = if learning {
+            cores.saturating_mul(LEARNING_CORES_FACTOR)
+        } else {
+            cores
+        };
         let memory = if high.memory_mb > 0.0 {
             up(top(low.memory_mb, high.memory_mb)).max(MIN_MEMORY_MB)
         } else {
@@ -1445,6 +1462,30 @@ mod tests {
     /// A growing task goes to the median of the bigger peaks (plus the
     /// small margin), then on from there; past the biggest peak it grows
     /// by a step; never past the cap; not at all in fixed mode.
+    /// While bucketing learns, a task gets twice the cores seen, so that
+    /// half as many unknown tasks start together; once it has its samples,
+    /// and in max mode, the cores seen.
+    #[test]
+    fn learning_tasks_get_twice_the_cores_seen() {
+        let w = worker();
+        let none = Resources::default();
+        let mut c = CategoryState::new("a", CategoryConfig::bucketing().min_samples(3));
+        let mut m = CategoryState::new("m", CategoryConfig::max_seen());
+        for (i, mb) in [300.0, 320.0, 340.0].into_iter().enumerate() {
+            c.record(mem(mb), &w);
+            m.record(mem(mb), &w);
+            let cores = fixed(c.first(&none, &w)).cores;
+            let learned = i + 1 >= 3;
+            assert_eq!(
+                cores,
+                if learned { 1 } else { 2 },
+                "after {} samples",
+                i + 1
+            );
+            assert_eq!(fixed(m.first(&none, &w)).cores, 1);
+        }
+    }
+
     #[test]
     fn a_growing_task_goes_to_the_median_of_bigger_peaks() {
         let w = worker();
