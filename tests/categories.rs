@@ -209,7 +209,8 @@ fn when_frozen_tasks_fill_their_worker_the_newest_is_retried() {
 #[test]
 fn a_task_frozen_early_with_no_room_is_retried_with_what_it_asked_for() {
     let m = manager();
-    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "1200"]);
+    // Cores to spare, so that memory decides which bucket tasks start in.
+    let _w = Worker::start(m.port(), &["--cores", "8", "--memory", "1200"]);
     m.set_category(
         "early",
         CategoryConfig::bucketing()
@@ -235,7 +236,11 @@ fn a_task_frozen_early_with_no_room_is_retried_with_what_it_asked_for() {
         .unwrap()
         .next_allocation
         .expect("a learned allocation");
-    assert!(start.memory_mb < 300, "{start:?}");
+    assert!(
+        start.memory_mb < 300,
+        "{start:?} {:?}",
+        m.category_stats("early")
+    );
     // Holds 700 MB for 8 s: less than a frozen task waits at least when it
     // is far into its run, much longer than this one has run when frozen.
     let blocker = m
