@@ -29,9 +29,10 @@
 //! on a whole worker. From the first sample until `min_samples`, a
 //! bucketing category allocates the largest peak seen (as `Max` does), which
 //! keeps the learning phase short: the whole-worker phase lasts one task,
-//! not `min_samples` tasks in a row. It gives twice the cores seen, though:
-//! half as many unknown tasks start together, so fewer of them turn out big
-//! at once and wait on each other for the room to grow.
+//! not `min_samples` tasks in a row. Where the largest worker would still
+//! run four such tasks at once, it gives twice the cores seen, though: half
+//! as many unknown tasks start together, so fewer of them turn out big at
+//! once and wait on each other for the room to grow.
 //!
 //! # Choosing a bucket
 //!
@@ -511,7 +512,8 @@ pub const GROW_MARGIN: f64 = 0.05;
 pub const GROW_STEP: f64 = 1.5;
 
 /// Factor on the cores a task of a bucketing category gets while the
-/// category has fewer than `min_samples` samples (see `make_bucket`).
+/// category has fewer than `min_samples` samples, where the largest worker
+/// still runs four such tasks at once (see `make_bucket`).
 pub const LEARNING_CORES_FACTOR: u32 = 2;
 
 /// Smallest memory ever allocated by learning, MB: peaks of tiny commands
@@ -1059,8 +1061,12 @@ impl CategoryState {
         // first wave of 12 held 4-5 big tasks that could not all fit).
         let learning = self.config.mode == AllocationMode::Bucketing
             && self.window.len() < self.config.min_samples.max(1);
+        // Not where that would leave fewer than four tasks running on the
+        // largest worker: a laptop's first tasks would run one at a time.
         let cores = if learning {
-            cores.saturating_mul(LEARNING_CORES_FACTOR)
+            cores
+                .saturating_mul(LEARNING_CORES_FACTOR)
+                .min(cores.max(self.largest.cores / 4))
         } else {
             cores
         };
@@ -1484,6 +1490,11 @@ mod tests {
             );
             assert_eq!(fixed(m.first(&none, &w)).cores, 1);
         }
+        // On a 2-core worker it would halve what runs at once: it stays 1.
+        let small = Resources { cores: 2, ..w };
+        let mut c = CategoryState::new("s", CategoryConfig::bucketing().min_samples(3));
+        c.record(mem(300.0), &small);
+        assert_eq!(fixed(c.first(&none, &small)).cores, 1);
     }
 
     #[test]
