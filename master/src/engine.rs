@@ -822,27 +822,22 @@ impl Engine {
                     task.rung = Some(next);
                     task.resource_retries += 1;
                     self.categories.note_retry(cat, RetryCause::Exhausted(dim));
-                    if refused_to.is_some() {
-                        // Its size is what it was seen to need, not a rung
-                        // to move as the category learns (see `retarget`).
-                        self.stats.tasks_resized += 1;
-                        self.enqueue_again(id);
-                        if let Some(cat) = learned {
-                            self.retarget(cat);
-                        }
-                        return;
+                    // A task refused growth is sized by what it was seen to
+                    // need, not by a rung to move as the category learns
+                    // (see `retarget`).
+                    if refused_to.is_none() {
+                        self.categories.note_retrying(
+                            cat,
+                            id,
+                            Kill {
+                                class,
+                                failed: allocation,
+                                was_whole,
+                                dim,
+                                seen,
+                            },
+                        );
                     }
-                    self.categories.note_retrying(
-                        cat,
-                        id,
-                        Kill {
-                            class,
-                            failed: allocation,
-                            was_whole,
-                            dim,
-                            seen,
-                        },
-                    );
                     self.stats.tasks_resized += 1;
                     self.enqueue_again(id);
                     if let Some(cat) = learned {

@@ -447,14 +447,7 @@ impl Scheduler {
         if task_ended {
             w.running = w.running.saturating_sub(1);
         }
-        if !w.queued.is_empty() {
-            return;
-        }
-        self.by_free.insert(w.index_key(slot));
-        if w.is_idle() {
-            self.idle.insert(slot);
-        }
-        self.unblock_for(slot);
+        self.reindex_if_unqueued(slot);
     }
 
     /// A task that was on `worker` with `allocation` is finished, whether
