@@ -3,9 +3,10 @@
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::procscan::{pread_all, pread_record};
 use std::thread;
@@ -17,7 +18,7 @@ pub(crate) struct CgroupBase {
     dir: PathBuf,
     memory: bool,
     /// Empty task groups kept for reuse (see [`CgroupBase::release`]).
-    idle: Mutex<Vec<PathBuf>>,
+    idle: Mutex<Vec<IdleGroup>>,
     /// Kills every task of this monitor if its process dies.
     _guard: Option<Guard>,
 }
@@ -126,10 +127,38 @@ impl Drop for Guard {
 /// How many empty task groups are kept for reuse.
 const IDLE_GROUPS: usize = 64;
 
+/// An empty task group kept for reuse, with what a task opens in it still
+/// open: each open walks the whole cgroupfs path, and a short task's
+/// bookkeeping opened four such files.
+#[derive(Debug)]
+struct IdleGroup {
+    dir: PathBuf,
+    dir_fd: Option<OwnedFd>,
+    procs: KeptFile,
+    events: KeptFile,
+    cpu_stat: KeptFile,
+}
+
+impl IdleGroup {
+    /// A new group's files, opened when first read.
+    fn new(dir: PathBuf) -> IdleGroup {
+        IdleGroup {
+            dir_fd: None,
+            procs: KeptFile::new(dir.join("cgroup.procs")),
+            events: KeptFile::new(dir.join("cgroup.events")),
+            cpu_stat: KeptFile::new(dir.join("cpu.stat")),
+            dir,
+        }
+    }
+}
+
 /// One task's group.
 #[derive(Debug)]
 pub(crate) struct TaskGroup {
     pub dir: PathBuf,
+    /// The directory itself, for `CLONE_INTO_CGROUP`; kept with the group
+    /// when it is reused.
+    dir_fd: Mutex<Option<OwnedFd>>,
     /// Path of `cgroup.procs`, prepared before fork because the child may
     /// not allocate between fork and exec.
     pub procs_path: CString,
@@ -196,6 +225,17 @@ impl KeptFile {
     /// Closes the descriptor, before the group directory is removed.
     fn close(&self) {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
+    }
+
+    /// The same file, with the descriptor (if open) moved over from this one.
+    fn take(&self) -> KeptFile {
+        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, buf) = &mut *guard;
+        KeptFile {
+            path: self.path.clone(),
+            one_record: self.one_record,
+            open: Mutex::new((file.take(), std::mem::take(buf))),
+        }
     }
 }
 
@@ -375,24 +415,32 @@ impl CgroupBase {
     /// directory named `name`.
     pub fn task_group(&self, name: &str) -> io::Result<TaskGroup> {
         let reused = self.lock_idle().pop();
-        let dir = match reused {
-            Some(dir) => dir,
+        let idle = match reused {
+            Some(idle) => idle,
             None => {
                 let dir = self.dir.join(name);
                 fs::create_dir(&dir)?;
-                dir
+                IdleGroup::new(dir)
             }
         };
-        let procs = dir.join("cgroup.procs");
-        let procs_path = CString::new(procs.as_os_str().as_bytes())
+        let IdleGroup {
+            dir,
+            dir_fd,
+            procs,
+            events,
+            cpu_stat,
+        } = idle;
+        let procs_path = CString::new(procs.path.as_os_str().as_bytes())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let dir_fd = dir_fd.or_else(|| crate::spawn::open_dir(&dir).ok());
         // Every group under the base gets the controllers the base enables
         // for its children, so this need not be looked up per task.
         let memory = self.memory;
         let mut group = TaskGroup {
-            procs: KeptFile::new(procs),
-            events: KeptFile::new(dir.join("cgroup.events")),
-            cpu_stat: KeptFile::new(dir.join("cpu.stat")),
+            dir_fd: Mutex::new(dir_fd),
+            procs,
+            events,
+            cpu_stat,
             memory_peak: KeptFile::new(dir.join("memory.peak")),
             memory_current: KeptFile::new(dir.join("memory.current")),
             cpu_base_usec: 0,
@@ -419,27 +467,35 @@ impl CgroupBase {
             && !group.killed.load(std::sync::atomic::Ordering::Relaxed)
             && !group.froze.load(std::sync::atomic::Ordering::Relaxed)
             && !group.populated();
-        group.close_files();
         if reusable && self.lock_idle().len() < IDLE_GROUPS {
             let unthrottled = !group.throttled.load(std::sync::atomic::Ordering::Relaxed)
                 || write_file(&group.dir.join("cpu.max"), "max").is_ok();
             if unthrottled {
-                self.lock_idle().push(group.dir.clone());
+                let idle = IdleGroup {
+                    dir: group.dir.clone(),
+                    dir_fd: group.dir_fd().take(),
+                    procs: group.procs.take(),
+                    events: group.events.take(),
+                    cpu_stat: group.cpu_stat.take(),
+                };
+                group.close_files();
+                self.lock_idle().push(idle);
                 return;
             }
         }
         group.rmdir();
     }
 
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+    fn lock_idle(&self) -> MutexGuard<'_, Vec<IdleGroup>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for CgroupBase {
     fn drop(&mut self) {
-        for dir in self.lock_idle().drain(..) {
-            let _ = fs::remove_dir(dir);
+        for idle in self.lock_idle().drain(..) {
+            drop(idle.dir_fd);
+            let _ = fs::remove_dir(idle.dir);
         }
         let _ = fs::remove_dir(&self.dir);
     }
@@ -552,7 +608,13 @@ impl TaskGroup {
         populated.unwrap_or(false)
     }
 
+    /// The group's directory, open, for starting a task in it.
+    pub fn dir_fd(&self) -> MutexGuard<'_, Option<OwnedFd>> {
+        self.dir_fd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn close_files(&self) {
+        *self.dir_fd() = None;
         for f in [
             &self.procs,
             &self.events,

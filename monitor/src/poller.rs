@@ -383,18 +383,27 @@ impl Monitor {
         }
         let fd_limit = original_fd_limit();
         let procs = group.as_ref().map(|g| g.procs_path.clone());
-        let cgroup = group.as_ref().map(|g| (g.dir.as_path(), &g.procs_path));
         let start = Instant::now();
         let start_epoch = epoch_now();
-        let (command, spawned) = match how {
-            Launch::Exec(exec) => (exec.command_line(), spawn::spawn(exec, cgroup, fd_limit)),
-            Launch::Command(cmd) => {
-                let mut command = cmd.get_program().to_string_lossy().into_owned();
-                for a in cmd.get_args() {
-                    command.push(' ');
-                    command.push_str(&a.to_string_lossy());
+        let (command, spawned) = {
+            let dir_fd = group.as_ref().map(|g| g.dir_fd());
+            let cgroup = group.as_ref().map(|g| spawn::CgroupTarget {
+                procs: &g.procs_path,
+                dir_fd: dir_fd
+                    .as_ref()
+                    .and_then(|fd| fd.as_ref())
+                    .map(|fd| fd.as_fd()),
+            });
+            match how {
+                Launch::Exec(exec) => (exec.command_line(), spawn::spawn(exec, cgroup, fd_limit)),
+                Launch::Command(cmd) => {
+                    let mut command = cmd.get_program().to_string_lossy().into_owned();
+                    for a in cmd.get_args() {
+                        command.push(' ');
+                        command.push_str(&a.to_string_lossy());
+                    }
+                    (command, spawn_command(cmd, procs, fd_limit))
                 }
-                (command, spawn_command(cmd, procs, fd_limit))
             }
         };
         let pid = match spawned {

@@ -27,7 +27,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -267,12 +267,22 @@ struct ChildPlan {
 /// Size of the child's stack: it only calls into libc and the kernel.
 const CHILD_STACK: usize = 64 * 1024;
 
+thread_local! {
+    /// The child's stack, one per spawning thread and reused: CLONE_VFORK
+    /// holds the thread until the child has exec'd, so the stack is free
+    /// again by the time the thread can spawn another. A fresh zeroed
+    /// buffer per task cost a page-zeroing and, in glibc's thread arenas,
+    /// an `mprotect` to grow the heap and another to trim it.
+    static CHILD_STACK_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; CHILD_STACK].into_boxed_slice());
+}
+
 /// Starts `exec` in a new session, and in the cgroup whose `cgroup.procs`
 /// is `cgroup_procs`, with the soft open-file limit `fd_limit`. Returns the
 /// child's pid; the caller reaps it.
 pub(crate) fn spawn(
     exec: Exec,
-    cgroup: Option<(&Path, &CString)>,
+    cgroup: Option<CgroupTarget<'_>>,
     fd_limit: Option<libc::rlimit>,
 ) -> io::Result<i32> {
     let program = cstring(
@@ -333,14 +343,23 @@ pub(crate) fn spawn(
         envp,
         cwd,
         stdio,
-        cgroup_procs: cgroup.map(|(_, procs)| procs.clone()),
+        cgroup_procs: cgroup.map(|c| c.procs.clone()),
         fd_limit,
         // SAFETY: sigset_t is plain data, filled by pthread_sigmask below.
         old_mask: unsafe { std::mem::zeroed() },
         handlers_cleared: false,
         error: AtomicI32::new(0),
     };
-    let mut stack = vec![0u8; CHILD_STACK];
+    CHILD_STACK_BUF.with_borrow_mut(|stack| clone_child(&mut plan, stack, cgroup))
+}
+
+/// Clones the child that execs `plan` on `stack`, in `cgroup`'s group
+/// when it is given; returns its pid once it has exec'd.
+fn clone_child(
+    plan: &mut ChildPlan,
+    stack: &mut [u8],
+    cgroup: Option<CgroupTarget<'_>>,
+) -> io::Result<i32> {
     // The stack grows down on every architecture Linux runs this on; the
     // top is aligned to 16 bytes as the ABIs require.
     let top = {
@@ -348,10 +367,9 @@ pub(crate) fn spawn(
         (end & !15) as *mut libc::c_void
     };
 
-    // Born in the cgroup when the kernel can do it; the directory is
-    // opened before the clone since the child must not allocate.
+    // Born in the cgroup when the kernel can do it.
     let cgroup_dir = match cgroup {
-        Some((dir, _)) if clone3::usable() => open_dir(dir).ok(),
+        Some(c) if clone3::usable() => c.dir_fd,
         _ => None,
     };
     if cgroup_dir.is_some() {
@@ -366,7 +384,7 @@ pub(crate) fn spawn(
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut plan.old_mask);
     }
-    let arg = (&plan as *const ChildPlan)
+    let arg = (&*plan as *const ChildPlan)
         .cast_mut()
         .cast::<libc::c_void>();
     let mut pid = -1;
@@ -384,7 +402,7 @@ pub(crate) fn spawn(
                 // cgroup.procs, now and from here on.
                 clone3::disable();
             }
-            plan.cgroup_procs = cgroup.map(|(_, procs)| procs.clone());
+            plan.cgroup_procs = cgroup.map(|c| c.procs.clone());
             plan.handlers_cleared = false;
         }
     }
@@ -403,10 +421,8 @@ pub(crate) fn spawn(
         };
     }
     let clone_error = io::Error::last_os_error();
-    drop(cgroup_dir);
     // SAFETY: restoring this thread's own mask.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &plan.old_mask, std::ptr::null_mut()) };
-    drop(stack);
     if pid < 0 {
         return Err(clone_error);
     }
@@ -419,7 +435,16 @@ pub(crate) fn spawn(
     Ok(pid)
 }
 
-fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+/// The cgroup a task is born in: its `cgroup.procs` (to join by writing
+/// it) and, opened before the clone since the child must not allocate,
+/// its directory (to be born in it with `CLONE_INTO_CGROUP`).
+#[derive(Clone, Copy)]
+pub(crate) struct CgroupTarget<'a> {
+    pub procs: &'a CString,
+    pub dir_fd: Option<BorrowedFd<'a>>,
+}
+
+pub(crate) fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
