@@ -6,14 +6,15 @@
 //! directory and file is an inode to allocate, journal, and later evict and
 //! discard. A finished task's directory is therefore emptied (usually
 //! nothing to remove: the sandbox held only what the task wrote, and its
-//! output files are truncated) and handed to the next task. Once the task's
-//! whole tree is dead (the monitor guarantees it before the report), nothing
-//! of it can write there any more.
+//! output files are truncated) and handed to the next task, with its output
+//! files still open, so that no task opens them by path again. Once the
+//! task's whole tree is dead (the monitor guarantees it before the report),
+//! nothing of it can write there any more.
 
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -22,9 +23,20 @@ pub(crate) const SANDBOX: &str = "sandbox";
 pub(crate) const STDOUT: &str = "stdout";
 pub(crate) const STDERR: &str = "stderr";
 
+/// A task directory, handed to one task at a time.
+pub(crate) struct Slot {
+    pub dir: PathBuf,
+    /// Its `stdout` and `stderr`, open and empty, once a task has used the
+    /// slot (before that, or if its task never got to open them, they are
+    /// opened by path). The task writes through duplicates of these and
+    /// its report reads through them, so a task that renames or replaces
+    /// the files in its directory changes nothing.
+    pub outputs: Option<(File, File)>,
+}
+
 pub(crate) struct Slots {
     root: PathBuf,
-    free: Mutex<Vec<PathBuf>>,
+    free: Mutex<Vec<Slot>>,
     next: AtomicU64,
     /// At most this many clean directories are kept; more are removed.
     keep: usize,
@@ -41,34 +53,38 @@ impl Slots {
     }
 
     /// A clean task directory: a reused one, or the path of a new one for
-    /// the caller to create.
-    pub fn take(&self) -> PathBuf {
-        if let Some(dir) = self.lock().pop() {
-            return dir;
+    /// the caller to create (with no `outputs`).
+    pub fn take(&self) -> Slot {
+        if let Some(slot) = self.lock().pop() {
+            return slot;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.root.join(format!("s{n}"))
+        Slot {
+            dir: self.root.join(format!("s{n}")),
+            outputs: None,
+        }
     }
 
     /// Blocking: empties a finished task's directory and keeps it for the
     /// next task, or removes it when it cannot be made clean or enough are
     /// kept already.
-    pub fn recycle(&self, dir: PathBuf) {
-        if self.lock().len() < self.keep && clean(&dir).is_ok() {
-            self.lock().push(dir);
+    pub fn recycle(&self, slot: Slot) {
+        if self.lock().len() < self.keep && clean(&slot).is_ok() {
+            self.lock().push(slot);
             return;
         }
-        let _ = fs::remove_dir_all(&dir);
+        let _ = fs::remove_dir_all(&slot.dir);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Leaves `dir` as a new slot would be: an empty sandbox (a real directory
-/// its owner can write) and empty or absent output files.
-fn clean(dir: &Path) -> io::Result<()> {
+/// Leaves `slot` as a new slot would be: an empty sandbox (a real directory
+/// its owner can write) and empty (or absent, when not open) output files.
+fn clean(slot: &Slot) -> io::Result<()> {
+    let dir = &slot.dir;
     let sandbox = dir.join(SANDBOX);
     let meta = fs::symlink_metadata(&sandbox)?;
     if !meta.is_dir() {
@@ -84,6 +100,17 @@ fn clean(dir: &Path) -> io::Result<()> {
         } else {
             fs::remove_file(entry.path())?;
         }
+    }
+    if let Some((stdout, stderr)) = &slot.outputs {
+        for mut file in [stdout, stderr] {
+            if file.metadata()?.len() > 0 {
+                file.set_len(0)?;
+                // The task's writes moved the offset it shares with this
+                // descriptor; the next task starts at the beginning.
+                file.seek(SeekFrom::Start(0))?;
+            }
+        }
+        return Ok(());
     }
     for name in [STDOUT, STDERR] {
         let path = dir.join(name);
@@ -106,9 +133,12 @@ fn clean(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
-    fn slot_with_leftovers(slots: &Slots) -> PathBuf {
-        let dir = slots.take();
+    fn slot_with_leftovers(slots: &Slots) -> Slot {
+        let slot = slots.take();
+        let dir = &slot.dir;
         let sb = dir.join(SANDBOX);
         fs::create_dir_all(sb.join("sub/deeper")).unwrap();
         fs::write(sb.join("sub/deeper/f"), b"x").unwrap();
@@ -117,25 +147,62 @@ mod tests {
         fs::write(dir.join(STDOUT), b"lots of output").unwrap();
         fs::write(dir.join(STDERR), b"").unwrap();
         fs::set_permissions(&sb, fs::Permissions::from_mode(0o500)).unwrap();
-        dir
+        slot
     }
 
     #[test]
     fn a_recycled_slot_is_empty_and_reused() {
         let root = tempfile::tempdir().unwrap();
         let slots = Slots::new(root.path().to_owned(), 4);
-        let dir = slot_with_leftovers(&slots);
-        slots.recycle(dir.clone());
+        let slot = slot_with_leftovers(&slots);
+        let dir = slot.dir.clone();
+        slots.recycle(slot);
         let again = slots.take();
-        assert_eq!(again, dir, "the clean slot is handed out again");
-        let sb = again.join(SANDBOX);
+        assert_eq!(again.dir, dir, "the clean slot is handed out again");
+        let sb = again.dir.join(SANDBOX);
         assert_eq!(fs::read_dir(&sb).unwrap().count(), 0);
         assert_eq!(
             fs::metadata(&sb).unwrap().permissions().mode() & 0o777,
             0o755
         );
-        assert_eq!(fs::metadata(again.join(STDOUT)).unwrap().len(), 0);
-        assert_ne!(slots.take(), dir, "a slot is handed out once");
+        assert_eq!(fs::metadata(again.dir.join(STDOUT)).unwrap().len(), 0);
+        assert_ne!(slots.take().dir, dir, "a slot is handed out once");
+    }
+
+    #[test]
+    fn a_slot_keeps_its_output_files_open_and_empty_from_the_start() {
+        let root = tempfile::tempdir().unwrap();
+        let slots = Slots::new(root.path().to_owned(), 4);
+        let mut slot = slot_with_leftovers(&slots);
+        let open = |name| {
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(slot.dir.join(name))
+                .unwrap()
+        };
+        let (mut stdout, stderr) = (open(STDOUT), open(STDERR));
+        // A task writes through a duplicate, which shares the offset.
+        stdout
+            .try_clone()
+            .unwrap()
+            .write_all(b"a long first task")
+            .unwrap();
+        // ...and replaces the file at the path: the slot's own is unaffected.
+        fs::remove_file(slot.dir.join(STDOUT)).unwrap();
+        stdout.flush().unwrap();
+        slot.outputs = Some((stdout, stderr));
+        let dir = slot.dir.clone();
+        slots.recycle(slot);
+
+        let again = slots.take();
+        assert_eq!(again.dir, dir);
+        let (stdout, _) = again.outputs.expect("the open files come back");
+        assert_eq!(stdout.metadata().unwrap().len(), 0);
+        stdout.try_clone().unwrap().write_all(b"ab").unwrap();
+        let mut back = vec![0u8; 8];
+        let n = stdout.read_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..n], b"ab", "the next task writes from the start");
     }
 
     #[test]
@@ -143,15 +210,20 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let slots = Slots::new(root.path().to_owned(), 1);
         let broken = slots.take();
-        fs::create_dir_all(&broken).unwrap();
+        fs::create_dir_all(&broken.dir).unwrap();
         // The task replaced its sandbox with a symlink: not reused.
-        std::os::unix::fs::symlink("/tmp", broken.join(SANDBOX)).unwrap();
-        slots.recycle(broken.clone());
-        assert!(!broken.exists());
+        std::os::unix::fs::symlink("/tmp", broken.dir.join(SANDBOX)).unwrap();
+        let broken_dir = broken.dir.clone();
+        slots.recycle(broken);
+        assert!(!broken_dir.exists());
         let a = slot_with_leftovers(&slots);
         let b = slot_with_leftovers(&slots);
-        slots.recycle(a.clone());
-        slots.recycle(b.clone());
-        assert!(a.exists() && !b.exists(), "only `keep` slots are kept");
+        let (a_dir, b_dir) = (a.dir.clone(), b.dir.clone());
+        slots.recycle(a);
+        slots.recycle(b);
+        assert!(
+            a_dir.exists() && !b_dir.exists(),
+            "only `keep` slots are kept"
+        );
     }
 }

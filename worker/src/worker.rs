@@ -22,7 +22,7 @@ use crate::protocol::{
     LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
     ROLE_MASTER, ROLE_WORKER,
 };
-use crate::slots::{self, Slots};
+use crate::slots::{self, Slot, Slots};
 use crate::Resources;
 
 /// How a worker is set up.
@@ -204,6 +204,8 @@ struct Finished {
     report: TaskReport,
     outputs: Vec<(OutputHeader, PathBuf)>,
     task_dir: PathBuf,
+    /// The task's stdout and stderr, open, for the slot's next task.
+    output_files: Option<(std::fs::File, std::fs::File)>,
     allocation: Resources,
     gpus: Vec<u32>,
 }
@@ -449,8 +451,10 @@ impl<'a> Session<'a> {
             .len()
             .saturating_sub(task.allocation.gpus as usize);
         let gpus = free_gpus.split_off(at);
+        let slot = self.shared.slots.take();
         let ctx = TaskContext {
-            task_dir: self.shared.slots.take(),
+            task_dir: slot.dir,
+            output_files: slot.outputs,
             cache: self.dirs.cache.clone(),
             transfer: self.dirs.transfer.clone(),
             gpus,
@@ -644,6 +648,7 @@ async fn write_loop(
                         report,
                         outputs,
                         task_dir,
+                        output_files,
                         ..
                     } = *finished;
                     let headers = outputs.iter().map(|(h, _)| h.clone()).collect();
@@ -659,7 +664,10 @@ async fn write_loop(
                     for (header, path) in &outputs {
                         stream_file(&mut writer, path, header.size).await?;
                     }
-                    sent_sandboxes.push(task_dir);
+                    sent_sandboxes.push(Slot {
+                        dir: task_dir,
+                        outputs: output_files,
+                    });
                 }
             }
             next = out.try_recv().ok();
@@ -708,6 +716,9 @@ async fn stream_file(
 
 struct TaskContext {
     task_dir: PathBuf,
+    /// A reused slot's open (and empty) stdout and stderr; the sandbox
+    /// exists then too.
+    output_files: Option<(std::fs::File, std::fs::File)>,
     cache: PathBuf,
     transfer: PathBuf,
     gpus: Vec<u32>,
@@ -726,7 +737,7 @@ fn now_ms() -> u64 {
 
 async fn run_task(
     task: RunTask,
-    ctx: TaskContext,
+    mut ctx: TaskContext,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Finished {
     let mut report =
@@ -736,12 +747,17 @@ async fn run_task(
         report,
         outputs,
         task_dir: ctx.task_dir.clone(),
+        output_files: None,
         allocation: task.allocation,
         gpus: ctx.gpus.clone(),
     };
-    if let Err(e) = std::fs::create_dir_all(&sandbox) {
-        report.error = Some(format!("cannot create sandbox {}: {e}", sandbox.display()));
-        return finished(report, Vec::new());
+    // A slot that comes with its output files open has its sandbox too.
+    let mut reused_outputs = ctx.output_files.take();
+    if reused_outputs.is_none() {
+        if let Err(e) = std::fs::create_dir_all(&sandbox) {
+            report.error = Some(format!("cannot create sandbox {}: {e}", sandbox.display()));
+            return finished(report, Vec::new());
+        }
     }
     match place_inputs(&task, &sandbox, &ctx) {
         Ok(()) => {}
@@ -815,7 +831,10 @@ async fn run_task(
                 .truncate(false)
                 .open(path)
         };
-        let (stdout, stderr) = (output(&stdout_path)?, output(&stderr_path)?);
+        let (stdout, stderr) = match reused_outputs.take() {
+            Some(files) => files,
+            None => (output(&stdout_path)?, output(&stderr_path)?),
+        };
         cmd.stdout(stdout.try_clone()?);
         cmd.stderr(stderr.try_clone()?);
         outputs_kept = Some((stdout, stderr));
@@ -973,7 +992,9 @@ async fn run_task(
             }
         }
     }
-    finished(report, outputs)
+    let mut done = finished(report, outputs);
+    done.output_files = outputs_kept;
+    done
 }
 
 /// Makes the task's environment ready and returns the variables that
