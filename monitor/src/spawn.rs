@@ -25,12 +25,15 @@
 //! on the child's borrowed memory. Everything it touches is prepared by the
 //! parent beforehand; it allocates nothing and cannot panic.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
+use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A command to start under a [`crate::Monitor`] with
 /// [`crate::Monitor::spawn_exec`]: program, arguments, environment,
@@ -187,20 +190,24 @@ impl Exec {
     }
 
     /// The `PATH` the child gets.
-    fn path_var(&self) -> OsString {
+    fn path_var(&self) -> &OsStr {
         self.env
             .iter()
             .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"))
+            .map_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"), |(_, v)| v)
     }
 
-    /// Where the direct program may be, in the order `execvp` tries them.
-    fn direct_candidates(&self, program: &OsStr) -> io::Result<Vec<CString>> {
+    /// Where the direct program may be, in the order `execvp` tries them,
+    /// or with the place it was found last time first (see [`Found`]).
+    fn direct_candidates(&self, program: &OsStr) -> io::Result<Arc<[CString]>> {
         if program.as_bytes().contains(&b'/') {
-            return Ok(vec![cstring(program.as_bytes(), "program")?]);
+            return Ok(Arc::from([cstring(program.as_bytes(), "program")?]));
         }
-        std::env::split_paths(&self.path_var())
+        let path = self.path_var();
+        if let Some(known) = FOUND.lookup(path, program) {
+            return Ok(known);
+        }
+        std::env::split_paths(path)
             .map(|dir| {
                 // An empty PATH entry is the working directory.
                 let dir = if dir.as_os_str().is_empty() {
@@ -235,6 +242,94 @@ impl Exec {
     }
 }
 
+/// Where plain commands' programs were found, by `PATH` and name, as a
+/// shell's command hash keeps them: the next direct exec of the same
+/// program tries that place first instead of failing through every
+/// earlier `PATH` entry (eight failed `execve` for `true` on this
+/// project's CI machines, each a path lookup while the spawning thread
+/// waits). The order after it is unchanged, so a program that moved is
+/// still found. Like the shell's hash, a program installed later in an
+/// earlier `PATH` directory is not noticed; places relative to the working
+/// directory (which differs per task) are never remembered.
+struct Found {
+    places: Mutex<HashMap<u64, FoundEntry, BuildHasherDefault<DefaultHasher>>>,
+}
+
+struct FoundEntry {
+    path: OsString,
+    program: OsString,
+    candidates: Arc<[CString]>,
+}
+
+/// Forgotten all at once past this many programs: a bound, not a cache policy.
+const FOUND_MAX: usize = 4096;
+
+static FOUND: Found = Found {
+    places: Mutex::new(HashMap::with_hasher(BuildHasherDefault::new())),
+};
+
+impl Found {
+    fn key(path: &OsStr, program: &OsStr) -> u64 {
+        use std::hash::Hasher;
+        let mut h = DefaultHasher::new();
+        h.write(path.as_bytes());
+        h.write_u8(0);
+        h.write(program.as_bytes());
+        h.finish()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, FoundEntry, BuildHasherDefault<DefaultHasher>>>
+    {
+        self.places.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lookup(&self, path: &OsStr, program: &OsStr) -> Option<Arc<[CString]>> {
+        let places = self.lock();
+        let e = places.get(&Self::key(path, program))?;
+        (e.path == path && e.program == program).then(|| Arc::clone(&e.candidates))
+    }
+
+    /// The child exec'd `candidates[index]`: remember it first in line,
+    /// if it and every place tried before it are absolute.
+    fn remember(&self, path: &OsStr, program: &OsStr, candidates: &Arc<[CString]>, index: usize) {
+        if index == 0 && self.lookup(path, program).is_some() {
+            return;
+        }
+        let Some(found) = candidates.get(index) else {
+            return;
+        };
+        if !candidates[..=index]
+            .iter()
+            .all(|c| c.as_bytes().starts_with(b"/"))
+        {
+            return;
+        }
+        let reordered: Arc<[CString]> = std::iter::once(found.clone())
+            .chain(
+                candidates
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != index)
+                    .map(|(_, c)| c.clone()),
+            )
+            .collect();
+        let mut places = self.lock();
+        if places.len() >= FOUND_MAX {
+            places.clear();
+        }
+        places.insert(
+            Self::key(path, program),
+            FoundEntry {
+                path: path.to_owned(),
+                program: program.to_owned(),
+                candidates: reordered,
+            },
+        );
+    }
+}
+
 fn cstring(s: impl Into<Vec<u8>>, what: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| {
         io::Error::new(
@@ -247,7 +342,11 @@ fn cstring(s: impl Into<Vec<u8>>, what: &str) -> io::Result<CString> {
 /// What the child needs, all prepared before the clone.
 struct ChildPlan {
     /// Tried first, in order, with `direct_argv`; see [`Exec::shell`].
-    direct: Vec<CString>,
+    direct: Arc<[CString]>,
+    /// Set by the child to the index in `direct` it is about to exec (or
+    /// past the end for the shell): after a successful clone, the one
+    /// that ran.
+    exec_index: AtomicUsize,
     direct_argv: Vec<*const libc::c_char>,
     program: CString,
     argv: Vec<*const libc::c_char>,
@@ -295,7 +394,7 @@ pub(crate) fn spawn(
         args.push(cstring(a.as_bytes(), "command line")?);
     }
     let mut direct_args = Vec::new();
-    let mut direct = Vec::new();
+    let mut direct: Arc<[CString]> = Arc::from([]);
     if let Some(words) = &exec.direct {
         if let Some(program) = words.first() {
             direct = exec.direct_candidates(program)?;
@@ -337,6 +436,7 @@ pub(crate) fn spawn(
 
     let mut plan = ChildPlan {
         direct,
+        exec_index: AtomicUsize::new(usize::MAX),
         direct_argv,
         program,
         argv,
@@ -350,7 +450,12 @@ pub(crate) fn spawn(
         handlers_cleared: false,
         error: AtomicI32::new(0),
     };
-    CHILD_STACK_BUF.with_borrow_mut(|stack| clone_child(&mut plan, stack, cgroup))
+    let pid = CHILD_STACK_BUF.with_borrow_mut(|stack| clone_child(&mut plan, stack, cgroup))?;
+    if let Some(program) = exec.direct.as_ref().and_then(|words| words.first()) {
+        let index = plan.exec_index.load(Ordering::Relaxed);
+        FOUND.remember(exec.path_var(), program, &plan.direct, index);
+    }
+    Ok(pid)
 }
 
 /// Clones the child that execs `plan` on `stack`, in `cgroup`'s group
@@ -637,13 +742,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         libc::sigprocmask(libc::SIG_SETMASK, &plan.old_mask, std::ptr::null_mut());
         // A failed exec changes nothing, so the shell can still take over.
-        for candidate in &plan.direct {
+        for (index, candidate) in plan.direct.iter().enumerate() {
+            plan.exec_index.store(index, Ordering::Relaxed);
             libc::execve(
                 candidate.as_ptr(),
                 plan.direct_argv.as_ptr(),
                 plan.envp.as_ptr(),
             );
         }
+        plan.exec_index.store(usize::MAX, Ordering::Relaxed);
         libc::execve(
             plan.program.as_ptr(),
             plan.argv.as_ptr(),
@@ -655,7 +762,69 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 
 #[cfg(test)]
 mod tests {
-    use super::plain_words;
+    use super::{plain_words, spawn, Exec, FOUND};
+    use std::ffi::OsStr;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    /// Runs the plain command `program` with `PATH` set to `path`; its exit code.
+    fn exit_code(path: &str, program: &str) -> i32 {
+        let mut e = Exec::shell(program);
+        assert!(e.skips_shell());
+        e.env("PATH", path);
+        let pid = spawn(e, None, None).unwrap();
+        let mut status = 0;
+        // SAFETY: reaping the child just spawned.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        libc::WEXITSTATUS(status)
+    }
+
+    fn script(dir: &Path, name: &str, code: i32) {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\nexit {code}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn first_known(path: &str, program: &str) -> Option<String> {
+        let known = FOUND.lookup(OsStr::new(path), OsStr::new(program))?;
+        Some(known.first()?.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn where_a_program_was_found_is_tried_first_and_a_moved_one_is_found_again() {
+        let root = tempfile::tempdir().unwrap();
+        let [missing, b, c] = ["missing", "b", "c"].map(|d| root.path().join(d));
+        std::fs::create_dir(&b).unwrap();
+        std::fs::create_dir(&c).unwrap();
+        let prog = "drover-found-test-prog";
+        let path = format!("{}:{}:{}", missing.display(), b.display(), c.display());
+        script(&b, prog, 3);
+        assert_eq!(exit_code(&path, prog), 3);
+        let in_b = b.join(prog).display().to_string();
+        assert_eq!(first_known(&path, prog), Some(in_b.clone()));
+        assert_eq!(exit_code(&path, prog), 3);
+
+        // Moved to a later directory: the remembered place fails, the
+        // search goes on in PATH order, and the new place is remembered.
+        std::fs::remove_file(b.join(prog)).unwrap();
+        script(&c, prog, 4);
+        assert_eq!(exit_code(&path, prog), 4);
+        assert_eq!(
+            first_known(&path, prog),
+            Some(c.join(prog).display().to_string())
+        );
+    }
+
+    #[test]
+    fn a_place_after_a_relative_path_entry_is_not_remembered() {
+        let root = tempfile::tempdir().unwrap();
+        let prog = "drover-found-test-relative";
+        script(root.path(), prog, 5);
+        // "." is each task's own working directory, which could shadow it.
+        let path = format!(".:{}", root.path().display());
+        assert_eq!(exit_code(&path, prog), 5);
+        assert_eq!(first_known(&path, prog), None);
+    }
 
     #[test]
     fn only_plain_commands_skip_the_shell() {
