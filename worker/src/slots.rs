@@ -69,11 +69,23 @@ impl Slots {
     /// next task, or removes it when it cannot be made clean or enough are
     /// kept already.
     pub fn recycle(&self, slot: Slot) {
-        if self.lock().len() < self.keep && clean(&slot).is_ok() {
+        if self.lock().len() < self.keep && matches!(clean(&slot, true), Ok(Cleaned::Yes)) {
             self.lock().push(slot);
             return;
         }
         let _ = fs::remove_dir_all(&slot.dir);
+    }
+
+    /// Recycles `slot` if that takes only a look (its task left nothing
+    /// in the sandbox), which is quick enough for an async task and spares
+    /// a hand-off to the blocking pool per report; else gives it back, for
+    /// [`Slots::recycle`] there.
+    pub fn recycle_if_quick(&self, slot: Slot) -> Option<Slot> {
+        if self.lock().len() < self.keep && matches!(clean(&slot, false), Ok(Cleaned::Yes)) {
+            self.lock().push(slot);
+            return None;
+        }
+        Some(slot)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
@@ -81,9 +93,20 @@ impl Slots {
     }
 }
 
+/// The largest output file [`Slots::recycle_if_quick`] truncates itself.
+const QUICK_TRUNCATE_BYTES: u64 = 1 << 20;
+
+/// Whether [`clean`] left the slot clean.
+enum Cleaned {
+    Yes,
+    /// The sandbox has entries, and removing them was not allowed.
+    NotEmpty,
+}
+
 /// Leaves `slot` as a new slot would be: an empty sandbox (a real directory
 /// its owner can write) and empty (or absent, when not open) output files.
-fn clean(slot: &Slot) -> io::Result<()> {
+/// Removes what the task left in the sandbox only if `may_remove`.
+fn clean(slot: &Slot, may_remove: bool) -> io::Result<Cleaned> {
     let dir = &slot.dir;
     let sandbox = dir.join(SANDBOX);
     let meta = fs::symlink_metadata(&sandbox)?;
@@ -95,27 +118,37 @@ fn clean(slot: &Slot) -> io::Result<()> {
     }
     for entry in fs::read_dir(&sandbox)? {
         let entry = entry?;
+        if !may_remove {
+            return Ok(Cleaned::NotEmpty);
+        }
         if entry.file_type()?.is_dir() {
             fs::remove_dir_all(entry.path())?;
         } else {
             fs::remove_file(entry.path())?;
         }
     }
+    // Freeing a large file's blocks can take a while: not for a quick look.
+    let too_big = |len: u64| !may_remove && len > QUICK_TRUNCATE_BYTES;
     if let Some((stdout, stderr)) = &slot.outputs {
         for mut file in [stdout, stderr] {
-            if file.metadata()?.len() > 0 {
+            let len = file.metadata()?.len();
+            if too_big(len) {
+                return Ok(Cleaned::NotEmpty);
+            }
+            if len > 0 {
                 file.set_len(0)?;
                 // The task's writes moved the offset it shares with this
                 // descriptor; the next task starts at the beginning.
                 file.seek(SeekFrom::Start(0))?;
             }
         }
-        return Ok(());
+        return Ok(Cleaned::Yes);
     }
     for name in [STDOUT, STDERR] {
         let path = dir.join(name);
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() && m.len() == 0 => {}
+            Ok(m) if m.is_file() && too_big(m.len()) => return Ok(Cleaned::NotEmpty),
             Ok(m) if m.is_file() => {
                 fs::OpenOptions::new()
                     .write(true)
@@ -127,7 +160,7 @@ fn clean(slot: &Slot) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(Cleaned::Yes)
 }
 
 #[cfg(test)]
@@ -203,6 +236,43 @@ mod tests {
         let mut back = vec![0u8; 8];
         let n = stdout.read_at(&mut back, 0).unwrap();
         assert_eq!(&back[..n], b"ab", "the next task writes from the start");
+    }
+
+    #[test]
+    fn only_a_slot_that_needs_no_removal_is_recycled_quickly() {
+        let root = tempfile::tempdir().unwrap();
+        let slots = Slots::new(root.path().to_owned(), 4);
+        let fresh = |slots: &Slots| {
+            let slot = slots.take();
+            fs::create_dir_all(slot.dir.join(SANDBOX)).unwrap();
+            slot
+        };
+
+        let quiet = fresh(&slots);
+        fs::write(quiet.dir.join(STDOUT), b"one line\n").unwrap();
+        let quiet_dir = quiet.dir.clone();
+        assert!(slots.recycle_if_quick(quiet).is_none());
+        assert_eq!(fs::metadata(quiet_dir.join(STDOUT)).unwrap().len(), 0);
+        assert_eq!(slots.take().dir, quiet_dir, "recycled");
+
+        let left_files = fresh(&slots);
+        fs::write(left_files.dir.join(SANDBOX).join("result"), b"x").unwrap();
+        let back = slots
+            .recycle_if_quick(left_files)
+            .expect("needs removing: not quick");
+        assert!(back.dir.join(SANDBOX).join("result").exists(), "untouched");
+        slots.recycle(back);
+
+        let loud = fresh(&slots);
+        let big = vec![b'x'; QUICK_TRUNCATE_BYTES as usize + 1];
+        fs::write(loud.dir.join(STDERR), &big).unwrap();
+        let back = slots
+            .recycle_if_quick(loud)
+            .expect("a large output: not quick");
+        assert_eq!(
+            fs::metadata(back.dir.join(STDERR)).unwrap().len(),
+            big.len() as u64
+        );
     }
 
     #[test]

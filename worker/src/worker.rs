@@ -673,14 +673,18 @@ async fn write_loop(
             next = out.try_recv().ok();
         }
         writer.flush().await?;
-        // Cleaning a task directory costs filesystem operations; the reports
-        // go out first and the cleaning happens off the writer's path.
-        if !sent_sandboxes.is_empty() {
-            let dirs = std::mem::take(&mut sent_sandboxes);
+        // The reports go out first. A task directory whose task left nothing
+        // takes a look to recycle, done here; one with files to remove is
+        // cleaned on the blocking pool, off the writer's path.
+        let slow: Vec<Slot> = sent_sandboxes
+            .drain(..)
+            .filter_map(|slot| slots.recycle_if_quick(slot))
+            .collect();
+        if !slow.is_empty() {
             let slots = Arc::clone(&slots);
             tokio::task::spawn_blocking(move || {
-                for dir in dirs {
-                    slots.recycle(dir);
+                for slot in slow {
+                    slots.recycle(slot);
                 }
             });
         }
