@@ -1632,7 +1632,7 @@ async fn receive_outputs(
                 ));
                 let written = async {
                     let mut file = tokio::fs::File::create(&tmp).await?;
-                    let n = tokio::io::copy(&mut body, &mut file).await?;
+                    let n = protocol::copy_body(&mut body, &mut file, header.size, |_| {}).await?;
                     file.flush().await?;
                     Ok::<u64, std::io::Error>(n)
                 }
@@ -1748,8 +1748,8 @@ async fn send_file(
             frame.clear();
             protocol::encode_frame(&MasterMsg::PutFile { id, size, cache }, frame)?;
             writer.write_all(frame).await?;
-            if let Some(f) = file {
-                let sent = tokio::io::copy(&mut f.take(size), writer).await?;
+            if let Some(mut f) = file {
+                let sent = protocol::copy_body(&mut f, writer, size, |_| {}).await?;
                 if sent < size {
                     // The file shrank while being sent; pad so the stream stays framed (the hash check catches it).
                     let zeros = vec![0u8; (size - sent).min(1 << 20) as usize];

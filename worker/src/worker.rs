@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use drover_monitor::{Exec, Limits, Monitor, SpawnOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -594,20 +594,18 @@ async fn receive_file(
         .await
         .with_context(|| format!("creating {}", tmp.display()))?;
     let mut hasher = id.starts_with("b3-").then(blake3::Hasher::new);
-    let mut remaining = size;
-    let mut chunk = vec![0u8; 256 * 1024];
-    while remaining > 0 {
-        let want = remaining.min(chunk.len() as u64) as usize;
-        let n = reader.read(&mut chunk[..want]).await?;
-        if n == 0 {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            bail!("connection closed with {remaining} bytes of the file still to come");
-        }
+    let got = protocol::copy_body(reader, &mut file, size, |chunk| {
         if let Some(h) = hasher.as_mut() {
-            h.update(&chunk[..n]);
+            h.update(chunk);
         }
-        file.write_all(&chunk[..n]).await?;
-        remaining -= n as u64;
+    })
+    .await?;
+    if got < size {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        bail!(
+            "connection closed with {} bytes of the file still to come",
+            size - got
+        );
     }
     file.flush().await?;
     drop(file);
@@ -701,9 +699,8 @@ async fn stream_file(
     size: u64,
 ) -> anyhow::Result<()> {
     let mut sent = 0u64;
-    if let Ok(file) = tokio::fs::File::open(path).await {
-        let mut limited = file.take(size);
-        sent = tokio::io::copy(&mut limited, writer).await?;
+    if let Ok(mut file) = tokio::fs::File::open(path).await {
+        sent = protocol::copy_body(&mut file, writer, size, |_| {}).await?;
     }
     if sent < size {
         warn!("{} shrank while being sent; padding", path.display());
