@@ -102,6 +102,12 @@ const GROW_WAIT_MIN: Duration = Duration::from_secs(10);
 /// [`Engine::grow_asked`]).
 const YOUNG_GROWTH_SHARE: f64 = 0.5;
 
+/// A frozen task that cannot have all the room it asked for yet goes on
+/// with what has freed for it so far, once that is at least this many MB
+/// (and a quarter of its allocation): it works instead of holding a core
+/// idle while the rest frees, and freezes again if it needs more.
+const GROW_PARTIAL_MIN_MB: u64 = 256;
+
 /// A task frozen over its memory allocation, waiting on its worker for the
 /// room to grow to `target` (see [`Engine::grow_asked`]).
 struct GrowWait {
@@ -1288,19 +1294,22 @@ impl Engine {
             let need = extra.saturating_sub(&head.have);
             let got = self.sched.take(key, need);
             head.have = head.have.saturating_add(&got);
-            if need.saturating_sub(&got).is_zero() {
+            let complete = need.saturating_sub(&got).is_zero();
+            let partial = head.have.memory_mb >= GROW_PARTIAL_MIN_MB.max(allocation.memory_mb / 4);
+            if complete || partial {
                 let Some(wait) = worker.growing.pop_front() else {
                     continue;
                 };
-                worker.in_use = worker.in_use.saturating_add(&extra);
+                let grown = allocation.saturating_add(&wait.have);
+                worker.in_use = worker.in_use.saturating_add(&wait.have);
                 let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
                     task_id: wait.task,
                     attempt: wait.attempt,
-                    allocation: Some(wait.target),
+                    allocation: Some(grown),
                 }));
                 if let Some(task) = self.tasks.get_mut(&wait.task) {
                     if let TaskState::Running { allocation, .. } = &mut task.state {
-                        *allocation = wait.target;
+                        *allocation = grown;
                     }
                     task.resource_retries += 1;
                     if let Sizing::Learned { cat, .. } = task.sizing {
