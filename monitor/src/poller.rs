@@ -134,6 +134,9 @@ struct Core {
 struct CoreState {
     tasks: Vec<Arc<Task>>,
     shutdown: bool,
+    /// A task needs a close look before the sampler's next deadline (it
+    /// started with a memory limit, or was let go on after a freeze).
+    watch_now: bool,
 }
 
 struct Task {
@@ -182,8 +185,11 @@ struct TaskState {
     next_disk: Option<Instant>,
     /// How long the last walk of the sandbox took.
     disk_walk: Duration,
-    /// Past half its memory limit at the last sample: sampled more often.
+    /// Past half its memory limit at the last sample, or on course to pass
+    /// it before the next full pass: sampled more often.
     near_limit: bool,
+    /// The memory in use at the last sample, and when: how fast it grows.
+    memory_seen: Option<(Instant, u64)>,
     window: VecDeque<(Instant, f64)>,
     cores_peak: f64,
     last: Option<(Instant, f64)>,
@@ -448,20 +454,24 @@ impl Monitor {
             st: Mutex::new(TaskState {
                 series: opts.series,
                 memory_limit_mb: limits.memory_mb,
+                // Nothing is known of how fast it grows (see `sample`).
+                near_limit: limits.memory_mb.is_some(),
                 ..TaskState::default()
             }),
             limits,
             on_memory_limit: opts.on_memory_limit,
         });
+        let watch_closely = task.limits.memory_mb.is_some();
         let was_idle = {
             let mut s = lock(&core.state);
             s.tasks.push(Arc::clone(&task));
+            s.watch_now |= watch_closely;
             s.tasks.len() == 1
         };
         // A sampler with tasks already sleeps only until its next pass,
         // which will see this one; waking it for every start cost a thread
-        // switch per task.
-        if was_idle {
+        // switch per task. A task with a memory limit cannot wait that long.
+        if was_idle || watch_closely {
             core.cv.notify_all();
         }
         Ok(Watched {
@@ -538,6 +548,7 @@ fn sampler(core: Arc<Core>) {
             if s.shutdown {
                 return;
             }
+            s.watch_now = false;
             s.tasks.clone()
         };
         let now = Instant::now();
@@ -578,7 +589,7 @@ fn sampler(core: Arc<Core>) {
         let mut s = lock(&core.state);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if s.shutdown || left.is_zero() {
+            if s.shutdown || s.watch_now || left.is_zero() {
                 break;
             }
             s = core
@@ -811,11 +822,25 @@ impl Task {
         // (see `sampler`), so that one that keeps growing is stopped close
         // to its limit rather than up to an interval's worth of growth past
         // it: touching memory costs CPU, and a killed attempt's is lost.
+        // One growing fast (W4's tasks touch about 800 MB a second here)
+        // can pass a limit it is far from within one interval: its course
+        // counts too.
+        // Its course is unknown until a second sample: watched closely.
+        let projected = match st.memory_seen {
+            Some((then, before)) if memory > before && now > then => {
+                let per_s = (memory - before) as f64 / now.duration_since(then).as_secs_f64();
+                memory.saturating_add((per_s * core.interval.as_secs_f64()) as u64)
+            }
+            Some(_) => memory,
+            None => u64::MAX,
+        };
+        st.memory_seen = Some((now, memory));
         st.near_limit = st.exceeded.is_none()
             && st.growing.is_none()
-            && st
-                .memory_limit_mb
-                .is_some_and(|l| memory.saturating_mul(2) >= l.saturating_mul(MB as u64));
+            && st.memory_limit_mb.is_some_and(|l| {
+                let limit = l.saturating_mul(MB as u64);
+                memory.saturating_mul(2) >= limit || projected >= limit
+            });
         if !last && st.exceeded.is_none() {
             let hit = self.check_limits(st, memory, cg_mem.is_some(), reader, now);
             if let Some(hit) = hit {
@@ -1040,6 +1065,13 @@ impl Watched {
             return;
         }
         st.memory_limit_mb = Some(memory_mb);
+        // It grows on from where it stopped, at or past its old limit, at a
+        // pace the frozen samples do not show.
+        st.near_limit = true;
+        st.memory_seen = None;
+        let core = &self.monitor.handle.core;
+        lock(&core.state).watch_now = true;
+        core.cv.notify_all();
         if let Some(group) = &self.task.group {
             if let Err(e) = group.freeze(false) {
                 // A frozen task that cannot be thawed would hang until its

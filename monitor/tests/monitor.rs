@@ -817,3 +817,90 @@ fn shell_commands_run_as_sh_would_run_them() {
         (Exit::Code(0), format!("{cwd} 3\n"), "".into())
     );
 }
+
+/// A monitor whose full passes are 10 s apart, already busy with a task (so
+/// that the next start does not find it idle and sampling at once).
+fn slow_busy_monitor() -> (Monitor, drover_monitor::Watched) {
+    let m = Monitor::with_options(MonitorOptions {
+        interval: Duration::from_secs(10),
+        method: Method::Auto,
+    });
+    let mut idle = Command::new("sleep");
+    idle.arg("60");
+    let w = m.spawn(idle, None, Limits::default()).unwrap();
+    // Its first full pass is done once the monitor has seen its process.
+    std::thread::sleep(Duration::from_millis(300));
+    (m, w)
+}
+
+/// Touches 100 MB at once, then sleeps 5 s and exits 0.
+fn quick_hundred_mb() -> Command {
+    let mut c = Command::new("python3");
+    c.arg("-c")
+        .arg("import time\na = b'\\x01' * (100 << 20)\ntime.sleep(5)\n");
+    c
+}
+
+/// A task with a memory limit is watched closely from its start, not only
+/// from the next full pass: here the passes are 10 s apart, and the task is
+/// over its limit for its 5 s of life only.
+#[test]
+fn a_task_over_its_limit_right_from_its_start_is_caught_between_full_passes() {
+    let (m, _busy) = slow_busy_monitor();
+    let limits = Limits {
+        memory_mb: Some(50),
+        ..Limits::default()
+    };
+    let r = m
+        .spawn(quick_hundred_mb(), None, limits)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let hit = r.summary.limits_exceeded.expect("caught over its limit");
+    assert_eq!(hit.resource, "memory");
+}
+
+/// A task let go on after a freeze is watched closely again at once: its
+/// new limit may already be behind it.
+#[test]
+fn a_grown_task_over_its_new_limit_is_caught_between_full_passes() {
+    let (m, _busy) = slow_busy_monitor();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let opts = drover_monitor::SpawnOptions {
+        on_memory_limit: Some(Box::new(move |hit| {
+            let _ = tx.lock().map(|t| t.send(hit.clone()));
+        })),
+        ..Default::default()
+    };
+    let limits = Limits {
+        memory_mb: Some(50),
+        ..Limits::default()
+    };
+    let w = m
+        .spawn_with(quick_hundred_mb(), None, limits, opts)
+        .unwrap();
+    if !w.method().starts_with("cgroup2") {
+        eprintln!("no cgroup here: growth in place cannot be tested");
+        return;
+    }
+    let first = rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the first breach, caught between full passes");
+    assert_eq!(first.limit, 50.0);
+    // Long enough for a sample of the frozen task: what the monitor knew
+    // of its course before the freeze no longer holds once it goes on.
+    std::thread::sleep(Duration::from_millis(1500));
+    // Still below what it uses: breached again as soon as it goes on.
+    w.grow_memory(80);
+    let second = rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the second breach, caught between full passes");
+    assert_eq!(second.limit, 80.0);
+    w.refuse_growth();
+    let r = w.wait().unwrap();
+    assert_eq!(
+        r.summary.limits_exceeded.map(|h| h.resource).as_deref(),
+        Some("memory")
+    );
+}
