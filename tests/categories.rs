@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use drover_master::{CategoryConfig, Outcome, Resources, Task, TaskResult};
+use drover_master::{CategoryConfig, Manager, Outcome, Resources, Task, TaskResult};
 
 /// A command that writes `mb` MB (so they are resident) and holds them a
 /// moment so the monitor sees the peak.
@@ -202,29 +202,25 @@ fn when_frozen_tasks_fill_their_worker_the_newest_is_retried() {
     assert_eq!(s.resources_in_use, Resources::default());
 }
 
-/// A task frozen early in its run (it had used little of what it asked
-/// for) waits for room no longer than it had run: it is killed and retried
-/// with what it asked for, rather than left holding a core and memory
-/// until a long task ends. Nothing is lost or run twice.
-#[test]
-fn a_task_frozen_early_with_no_room_is_retried_with_what_it_asked_for() {
+/// A manager with one worker of 8 cores and 1,200 MB, whose category
+/// `name` has learned four small peaks and one of about 800 MB (from tasks
+/// that declared their memory): an undeclared task then starts in the small
+/// bucket, returned here, and one frozen there asks for a bit more than the
+/// big peak. Cores to spare, so that memory decides the bucket.
+fn manager_with_learned_small_bucket(name: &str) -> (Manager, Worker, Resources) {
     let m = manager();
-    // Cores to spare, so that memory decides which bucket tasks start in.
-    let _w = Worker::start(m.port(), &["--cores", "8", "--memory", "1200"]);
+    let w = Worker::start(m.port(), &["--cores", "8", "--memory", "1200"]);
     m.set_category(
-        "early",
+        name,
         CategoryConfig::bucketing()
             .min_samples(5)
             .max_memory_mb(1000),
     )
     .unwrap();
-    // Four small peaks and one of about 800 MB, from tasks that declared
-    // their memory: undeclared tasks then start in the small bucket, and
-    // one frozen there asks for a bit more than the big peak.
     let mut learn: Vec<Task> = (0..4)
-        .map(|_| Task::new(use_mb(10)).category("early").memory_mb(200))
+        .map(|_| Task::new(use_mb(10)).category(name).memory_mb(200))
         .collect();
-    learn.push(Task::new(use_mb(800)).category("early").memory_mb(1000));
+    learn.push(Task::new(use_mb(800)).category(name).memory_mb(1000));
     for t in learn {
         m.submit(t).unwrap();
     }
@@ -232,15 +228,25 @@ fn a_task_frozen_early_with_no_room_is_retried_with_what_it_asked_for() {
         assert_eq!(r.outcome, Outcome::Success, "{r:?}");
     }
     let start = m
-        .category_stats("early")
+        .category_stats(name)
         .unwrap()
         .next_allocation
         .expect("a learned allocation");
     assert!(
         start.memory_mb < 250,
         "{start:?} {:?}",
-        m.category_stats("early")
+        m.category_stats(name)
     );
+    (m, w, start)
+}
+
+/// A task frozen early in its run (it had used little of what it asked
+/// for) waits for room no longer than it had run: it is killed and retried
+/// with what it asked for, rather than left holding a core and memory
+/// until a long task ends. Nothing is lost or run twice.
+#[test]
+fn a_task_frozen_early_with_no_room_is_retried_with_what_it_asked_for() {
+    let (m, _w, start) = manager_with_learned_small_bucket("early");
     // Holds 950 MB for 8 s: less than a frozen task waits at least when it
     // is far into its run, much longer than this one has run when frozen.
     // What is left free is too little to go on with (see the next test).
@@ -284,31 +290,7 @@ fn a_task_frozen_early_with_no_room_is_retried_with_what_it_asked_for() {
 /// all it needs, and it succeeds in its first attempt.
 #[test]
 fn a_frozen_task_goes_on_with_the_room_there_is() {
-    let m = manager();
-    let _w = Worker::start(m.port(), &["--cores", "8", "--memory", "1200"]);
-    m.set_category(
-        "partial",
-        CategoryConfig::bucketing()
-            .min_samples(5)
-            .max_memory_mb(1000),
-    )
-    .unwrap();
-    let mut learn: Vec<Task> = (0..4)
-        .map(|_| Task::new(use_mb(10)).category("partial").memory_mb(200))
-        .collect();
-    learn.push(Task::new(use_mb(800)).category("partial").memory_mb(1000));
-    for t in learn {
-        m.submit(t).unwrap();
-    }
-    for r in collect(&m, 5) {
-        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
-    }
-    let start = m
-        .category_stats("partial")
-        .unwrap()
-        .next_allocation
-        .expect("a learned allocation");
-    assert!(start.memory_mb < 250, "{start:?}");
+    let (m, _w, _) = manager_with_learned_small_bucket("partial");
     // Leaves 700 MB: less than the ~840 MB a frozen task asks for, more
     // than the 600 MB this one needs.
     let blocker = m

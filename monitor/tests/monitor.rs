@@ -629,11 +629,24 @@ fn grower(mb: u64) -> Command {
     c
 }
 
-/// Spawns `grower(200)` with a 60 MB limit and a growth hook; returns the
-/// watched task and the hook's channel, or `None` when this host gives
-/// the monitor no cgroup (only cgroup tasks can be frozen).
+/// Spawns `grower(200)` with a 60 MB limit and a growth hook (see
+/// [`spawn_growable`]).
 fn spawn_grower(
     m: &Monitor,
+) -> Option<(
+    drover_monitor::Watched,
+    std::sync::mpsc::Receiver<drover_monitor::LimitExceeded>,
+)> {
+    spawn_growable(m, grower(200), 60)
+}
+
+/// Spawns `cmd` with a `limit_mb` memory limit and a growth hook; returns
+/// the watched task and the hook's channel, or `None` when this host gives
+/// the monitor no cgroup (only cgroup tasks can be frozen).
+fn spawn_growable(
+    m: &Monitor,
+    cmd: Command,
+    limit_mb: u64,
 ) -> Option<(
     drover_monitor::Watched,
     std::sync::mpsc::Receiver<drover_monitor::LimitExceeded>,
@@ -647,10 +660,10 @@ fn spawn_grower(
         ..Default::default()
     };
     let limits = Limits {
-        memory_mb: Some(60),
+        memory_mb: Some(limit_mb),
         ..Limits::default()
     };
-    let w = m.spawn_with(grower(200), None, limits, opts).unwrap();
+    let w = m.spawn_with(cmd, None, limits, opts).unwrap();
     if !w.method().starts_with("cgroup2") {
         eprintln!("no cgroup here: growth in place cannot be tested");
         return None;
@@ -865,25 +878,9 @@ fn a_task_over_its_limit_right_from_its_start_is_caught_between_full_passes() {
 #[test]
 fn a_grown_task_over_its_new_limit_is_caught_between_full_passes() {
     let (m, _busy) = slow_busy_monitor();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let opts = drover_monitor::SpawnOptions {
-        on_memory_limit: Some(Box::new(move |hit| {
-            let _ = tx.lock().map(|t| t.send(hit.clone()));
-        })),
-        ..Default::default()
-    };
-    let limits = Limits {
-        memory_mb: Some(50),
-        ..Limits::default()
-    };
-    let w = m
-        .spawn_with(quick_hundred_mb(), None, limits, opts)
-        .unwrap();
-    if !w.method().starts_with("cgroup2") {
-        eprintln!("no cgroup here: growth in place cannot be tested");
+    let Some((w, rx)) = spawn_growable(&m, quick_hundred_mb(), 50) else {
         return;
-    }
+    };
     let first = rx
         .recv_timeout(Duration::from_secs(3))
         .expect("the first breach, caught between full passes");
