@@ -433,6 +433,10 @@ impl Engine {
         };
         let (priority, seq) = (task.spec.priority, task.seq);
         match (task.rung, task.sizing) {
+            (Some(r), Sizing::Learned { .. }) => {
+                self.sched
+                    .enqueue_provisional(id, r, priority, seq, &task.cached_keys)
+            }
             (Some(r), _) | (None, Sizing::Plain(r)) => {
                 self.sched.enqueue(id, r, priority, seq, &task.cached_keys)
             }

@@ -149,6 +149,9 @@ struct Loc {
 enum ShapeKey {
     Request(Request),
     Class(ClassKey),
+    /// A request the master may still change while its tasks wait (see
+    /// [`Scheduler::enqueue_provisional`]).
+    Provisional(Request),
 }
 
 /// A class of tasks that share one changeable request (see
@@ -292,6 +295,28 @@ impl Scheduler {
         self.enqueue_keyed(
             task,
             ShapeKey::Request(request),
+            request,
+            priority,
+            seq,
+            cached_inputs,
+        );
+    }
+
+    /// Queue a task with a request the master may still change while it
+    /// waits (a learned task's retry, whose rung its category re-decides as
+    /// it learns): like [`Scheduler::enqueue`], but never sent ahead, since
+    /// a task sent ahead holds its worker to the request it was sent with.
+    pub fn enqueue_provisional(
+        &mut self,
+        task: TaskKey,
+        request: Request,
+        priority: i32,
+        seq: u64,
+        cached_inputs: &[FileKey],
+    ) {
+        self.enqueue_keyed(
+            task,
+            ShapeKey::Provisional(request),
             request,
             priority,
             seq,
@@ -991,8 +1016,8 @@ mod tests {
 
     /// A task sent ahead waits on its worker: nothing else is placed there
     /// until the worker says it started it; a sent-ahead task that ends
-    /// without starting (cancelled) frees nothing; tasks of a class are
-    /// never sent ahead.
+    /// without starting (cancelled) frees nothing; tasks of a class, or
+    /// a learned task's retry, are never sent ahead.
     #[test]
     fn tasks_sent_ahead_hold_their_worker_until_started() {
         let mut s = Scheduler::new();
@@ -1027,6 +1052,16 @@ mod tests {
         s.enqueue_class(2, 7, 0, 2, &[]);
         assert_eq!(tasks(&run(&mut s)), vec![1]);
         assert_eq!(s.prefetch(1, 1), None, "a class's request may change");
+
+        // Nor is a learned task's retry, whose rung may change too.
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(1, 0));
+        s.enqueue_provisional(1, fixed(1), 0, 1, &[]);
+        s.enqueue_provisional(2, fixed(1), 0, 2, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        assert_eq!(s.prefetch(1, 1), None, "a rung may change");
+        s.release_task(1, 1, res(1, 0));
+        assert_eq!(tasks(&run(&mut s)), vec![2], "placed like any other");
     }
 
     #[test]
