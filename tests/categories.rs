@@ -317,3 +317,54 @@ fn a_frozen_task_goes_on_with_the_room_there_is() {
     assert_eq!((stats.grown, stats.retries.memory), (1, 0));
     assert_eq!(m.stats().resources_in_use, Resources::default());
 }
+
+/// A category whose tasks are now and then big holds room on the worker
+/// for their growth beside each task it starts small (its
+/// `growth_reserve_mb`): fewer start at once than the cores allow, and a
+/// task that turns out big grows into that room in place, while the
+/// others still run. All of the room comes back when they end: a task that
+/// needs the whole worker runs next.
+#[test]
+fn small_starts_leave_room_for_the_one_that_turns_out_big() {
+    let (m, _w, start) = manager_with_learned_small_bucket("room");
+    let reserve = m.category_stats("room").unwrap().growth_reserve_mb;
+    // The one big peak of five, over the small bucket, shared out.
+    assert!(reserve > 100, "{:?}", m.category_stats("room"));
+    let fit = (1200 / (start.memory_mb + reserve)).min(8);
+    assert!(fit < 8, "{start:?} + {reserve} MB");
+    let done = m.stats().tasks_done;
+    // The big one first, so that it is among those that start.
+    let big = m.submit(Task::new(use_mb(600)).category("room")).unwrap();
+    let sleepers: Vec<_> = (0..7)
+        .map(|_| m.submit(Task::new("sleep 20").category("room")).unwrap())
+        .collect();
+    wait_until(&m, "the first tasks to start", |s| {
+        s.tasks_running >= fit || s.tasks_done > done
+    });
+    let s = m.stats();
+    assert_eq!((s.tasks_running, s.tasks_waiting), (fit, 8 - fit), "{s:?}");
+    let r = collect(&m, 1).remove(0);
+    assert_eq!((r.id, &r.outcome), (big, &Outcome::Success), "{r:?}");
+    assert!(r.measured.memory_mb >= 600.0, "{r:?}");
+    if freezable(&r) {
+        // Free memory alone (what the others' charges left) was too little:
+        // it grew into the room they hold, in its first attempt.
+        assert_eq!(r.attempts.len(), 1, "{:?}", r.attempts);
+        assert!(r.allocated.memory_mb >= 600, "{:?}", r.allocated);
+        assert!(
+            1200 - fit * (start.memory_mb + reserve) + start.memory_mb + reserve < 600,
+            "the test needs the room: {fit} x ({start:?} + {reserve})"
+        );
+    }
+    for id in &sleepers {
+        m.cancel(*id);
+    }
+    let cancelled = collect(&m, sleepers.len());
+    assert!(cancelled.iter().all(|r| r.outcome == Outcome::Cancelled));
+    let whole = m
+        .submit(Task::new("true").cores(8).memory_mb(1200))
+        .unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!((r.id, &r.outcome), (whole, &Outcome::Success), "{r:?}");
+    assert_eq!(m.stats().resources_in_use, Resources::default());
+}

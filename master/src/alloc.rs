@@ -361,6 +361,11 @@ pub struct CategoryStats {
     pub buckets: Vec<BucketStats>,
     /// What a new task of the category gets now; `None` means a whole worker.
     pub next_allocation: Option<Resources>,
+    /// Memory, MB, held free on its worker beside each such task while it
+    /// runs, for whichever of them grows (see
+    /// [`CategoryState::growth_reserve`]).
+    #[serde(default)]
+    pub growth_reserve_mb: u64,
     /// Attempts started.
     pub allocations: u64,
     /// Retries by cause.
@@ -711,6 +716,58 @@ impl CategoryState {
         (r.memory_mb > need).then_some(Request::Fixed(r))
     }
 
+    /// Memory, MB, to hold free on a worker for each task that starts with
+    /// `allocation` and may grow in place: what such tasks went over it by,
+    /// on average over the samples (zero until k-means buckets exist, or
+    /// where tasks do not grow). `allocation` plus this stays within the
+    /// cap.
+    ///
+    /// A category whose first bucket is small and whose rare tasks are big
+    /// (W4: 30% of its tasks need six times the first bucket) otherwise
+    /// fills a worker with tasks in the small bucket, and the big ones
+    /// among them find no room to grow: they freeze and wait for each
+    /// other. Held together on the worker for all its unproven tasks, this
+    /// room is there for whichever of them turn out to be big.
+    ///
+    /// ```
+    /// use drover_master::alloc::{CategoryState, Sample};
+    /// use drover_master::{CategoryConfig, Resources};
+    /// let mut c = CategoryState::new("w", CategoryConfig::bucketing().min_samples(4));
+    /// let worker = Resources { cores: 8, memory_mb: 16_000, ..Default::default() };
+    /// for mb in [400.0, 450.0, 500.0, 3_000.0] {
+    ///     let s = Sample { cores: 1.0, memory_mb: mb, wall_s: 1.0, ..Default::default() };
+    ///     c.record(s, &worker);
+    /// }
+    /// let small = Resources { cores: 1, memory_mb: 600, ..Default::default() };
+    /// assert_eq!(c.growth_reserve(&small, &Resources::default(), &worker), 600);
+    /// ```
+    pub fn growth_reserve(
+        &self,
+        allocation: &Resources,
+        declared: &Resources,
+        largest: &Resources,
+    ) -> u64 {
+        if self.config.mode != AllocationMode::Bucketing
+            || !self.config.grow_in_place
+            || !self.clustered
+            || declared.memory_mb != 0
+            || self.window.is_empty()
+        {
+            return 0;
+        }
+        let have = allocation.memory_mb as f64;
+        let over: f64 = self
+            .window
+            .iter()
+            .map(|s| (s.memory_mb - have).max(0.0))
+            .sum();
+        let mean = (over / self.window.len() as f64).ceil();
+        let room = cap_with(declared, &self.cap(largest))
+            .memory_mb
+            .saturating_sub(allocation.memory_mb);
+        (mean.min(u64::MAX as f64) as u64).min(room)
+    }
+
     /// The next rung after an attempt with `failed` (a whole worker if
     /// `was_whole`) was killed for exceeding `dim`; `None` when the ladder
     /// is exhausted and the task should fail.
@@ -962,6 +1019,10 @@ impl CategoryState {
             next_allocation: match self.first(&Resources::default(), largest) {
                 Request::Fixed(r) => Some(r),
                 Request::WholeWorker => None,
+            },
+            growth_reserve_mb: match self.first(&Resources::default(), largest) {
+                Request::Fixed(r) => self.growth_reserve(&r, &Resources::default(), largest),
+                Request::WholeWorker => 0,
             },
             allocations: self.stats.allocations,
             retries: self.stats.retries.clone(),
@@ -1495,6 +1556,55 @@ mod tests {
         let mut c = CategoryState::new("s", CategoryConfig::bucketing().min_samples(3));
         c.record(mem(300.0), &small);
         assert_eq!(fixed(c.first(&none, &small)).cores, 1);
+    }
+
+    #[test]
+    fn the_growth_reserve_is_the_mean_overflow_once_bucketed() {
+        let w = worker();
+        let none = Resources::default();
+        let small = Resources {
+            cores: 1,
+            memory_mb: 600,
+            ..Default::default()
+        };
+        let config = CategoryConfig::bucketing().min_samples(5);
+        let mut c = CategoryState::new("a", config.clone());
+        for mb in [300.0, 400.0, 500.0, 3000.0] {
+            c.record(mem(mb), &w);
+        }
+        // Still learning: tasks get the largest peak, and nothing is held.
+        assert_eq!(c.growth_reserve(&small, &none, &w), 0);
+        c.record(mem(2600.0), &w);
+        // (3000 - 600 + 2600 - 600) / 5 samples.
+        assert_eq!(c.growth_reserve(&small, &none, &w), 880);
+        // Nothing past an allocation that holds every peak.
+        let roomy = Resources {
+            memory_mb: 3000,
+            ..small
+        };
+        assert_eq!(c.growth_reserve(&roomy, &none, &w), 0);
+        // Never past the cap: the worker, or the category maximum.
+        let tight = Resources {
+            memory_mb: 1_000,
+            ..w
+        };
+        assert_eq!(c.growth_reserve(&small, &none, &tight), 400);
+        // None where tasks do not grow, or declare their memory.
+        let declared = Resources {
+            memory_mb: 600,
+            ..Default::default()
+        };
+        assert_eq!(c.growth_reserve(&small, &declared, &w), 0);
+        for config in [
+            config.clone().grow_in_place(false),
+            config.mode(AllocationMode::Max),
+        ] {
+            let mut other = CategoryState::new("b", config);
+            for mb in [300.0, 400.0, 500.0, 3000.0, 2600.0] {
+                other.record(mem(mb), &w);
+            }
+            assert_eq!(other.growth_reserve(&small, &none, &w), 0);
+        }
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub(crate) const MAX_RESOURCE_RETRIES: u32 = 16;
 struct Class {
     key: ClassKey,
     declared: Resources,
+    /// Memory the scheduler charges a placement of this class on top of
+    /// its allocation, for growth (see [`CategoryState::growth_reserve`]).
+    reserve_mb: u64,
 }
 
 /// A learned task's last kill for going over its allocation: enough to
@@ -124,6 +127,7 @@ impl Categories {
                 self.classes[cat as usize].push(Class {
                     key: k,
                     declared: *declared,
+                    reserve_mb: 0,
                 });
                 k
             }
@@ -133,18 +137,31 @@ impl Categories {
 
     /// The request a class should have now. Call before enqueueing into a
     /// new class so the scheduler knows it.
-    pub(crate) fn prime(&self, cat: CatId, class: ClassKey, sched: &mut Scheduler) {
-        if let Some(c) = self.classes[cat as usize].iter().find(|c| c.key == class) {
-            let r = self.states[cat as usize].first(&c.declared, &self.largest);
-            sched.set_class_request(class, r);
+    pub(crate) fn prime(&mut self, cat: CatId, class: ClassKey, sched: &mut Scheduler) {
+        let state = &self.states[cat as usize];
+        if let Some(c) = self.classes[cat as usize]
+            .iter_mut()
+            .find(|c| c.key == class)
+        {
+            set_request(state, c, &self.largest, sched);
         }
     }
 
-    fn refresh(&self, cat: CatId, sched: &mut Scheduler) {
+    fn refresh(&mut self, cat: CatId, sched: &mut Scheduler) {
         let state = &self.states[cat as usize];
-        for c in &self.classes[cat as usize] {
-            sched.set_class_request(c.key, state.first(&c.declared, &self.largest));
+        for c in &mut self.classes[cat as usize] {
+            set_request(state, c, &self.largest, sched);
         }
+    }
+
+    /// What a placement of `class` (in `cat`) was charged beyond its
+    /// allocation, to hold for its growth: the engine gives the task the
+    /// allocation and keeps this on the worker's growth room.
+    pub(crate) fn reserve_mb(&self, cat: CatId, class: ClassKey) -> u64 {
+        self.classes[cat as usize]
+            .iter()
+            .find(|c| c.key == class)
+            .map_or(0, |c| c.reserve_mb)
     }
 
     /// The largest worker may have changed: caps and shares follow it.
@@ -286,6 +303,29 @@ impl Categories {
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
+}
+
+/// Gives the scheduler `class`'s request: its first allocation, plus the
+/// room its tasks' growth is expected to need.
+fn set_request(
+    state: &CategoryState,
+    class: &mut Class,
+    largest: &Resources,
+    sched: &mut Scheduler,
+) {
+    let request = state.first(&class.declared, largest);
+    class.reserve_mb = match request {
+        Request::Fixed(r) if r.memory_mb > 0 => state.growth_reserve(&r, &class.declared, largest),
+        _ => 0,
+    };
+    let charged = match request {
+        Request::Fixed(mut r) => {
+            r.memory_mb = r.memory_mb.saturating_add(class.reserve_mb);
+            Request::Fixed(r)
+        }
+        whole => whole,
+    };
+    sched.set_class_request(class.key, charged);
 }
 
 /// A task that declares nothing and is not learned gets one core.

@@ -230,6 +230,9 @@ struct TaskEntry {
     /// `refuse_growth`): it is retried with it, not the category's next
     /// rung, since it was seen to need more than its allocation.
     grow_refused: Option<Resources>,
+    /// Memory its running attempt added to its worker's `growth_room_mb`
+    /// (see `Categories::reserve_mb`); zero once it asked to grow.
+    reserve_mb: u64,
 }
 
 struct WorkerEntry {
@@ -243,6 +246,14 @@ struct WorkerEntry {
     /// Tasks frozen over their memory, oldest first; only the first takes
     /// the room that frees up, so that the oldest is served first.
     growing: VecDeque<GrowWait>,
+    /// Memory taken from the scheduler and held free for the growth of the
+    /// tasks here that may still grow: placements charge it with their
+    /// allocation, tasks that ask to grow draw on it (whichever of them it
+    /// came with), and it goes back as those that did not grow end. Never
+    /// more than `reserved_mb`.
+    growth_room_mb: u64,
+    /// The sum of `reserve_mb` over the tasks running here.
+    reserved_mb: u64,
 }
 
 struct Engine {
@@ -417,6 +428,7 @@ impl Engine {
                 sizing,
                 rung: None,
                 grow_refused: None,
+                reserve_mb: 0,
                 lost: 0,
                 resource_retries: 0,
             },
@@ -563,6 +575,8 @@ impl Engine {
                         running: HashSet::new(),
                         in_use: Resources::default(),
                         growing: VecDeque::new(),
+                        growth_room_mb: 0,
+                        reserved_mb: 0,
                     },
                 );
                 self.refresh_largest();
@@ -716,6 +730,7 @@ impl Engine {
                 .ok();
         }
         self.sched.release_task(worker, id, allocation);
+        self.end_reserve(worker, id);
         self.serve_growth(worker);
         self.stats.tasks_running -= 1;
         let Some(task) = self.tasks.get_mut(&id) else {
@@ -772,6 +787,7 @@ impl Engine {
             None => String::new(),
         };
         self.sched.release_task(key, id, allocation);
+        self.end_reserve(key, id);
         self.touched.push(key);
         self.serve_growth(key);
         let Some(task) = self.tasks.get_mut(&id) else {
@@ -1066,6 +1082,20 @@ impl Engine {
         else {
             return;
         };
+        // A placement from a category's class was charged its growth
+        // reserve on top of the allocation: that part is the worker's.
+        let reserve_mb = match (task.rung, task.sizing) {
+            (None, Sizing::Learned { cat, class }) => self
+                .categories
+                .reserve_mb(cat, class)
+                .min(p.allocation.memory_mb),
+            _ => 0,
+        };
+        let mut p = p;
+        p.allocation.memory_mb -= reserve_mb;
+        task.reserve_mb = reserve_mb;
+        worker.growth_room_mb += reserve_mb;
+        worker.reserved_mb += reserve_mb;
         let (learned, growable) = match task.sizing {
             Sizing::Learned { cat, .. } => {
                 self.categories.note_allocation(cat);
@@ -1189,11 +1219,39 @@ impl Engine {
         // small bucket's limit). A task far into its run waits longer.
         let young = used_mb < target.memory_mb as f64 * YOUNG_GROWTH_SHARE;
         let patience = if young { ran } else { ran.max(GROW_WAIT_MIN) };
+        // It has shown itself to be one of the tasks the worker's growth
+        // room is for: what the room holds beyond the others' reserves is
+        // its own, and it starts with that.
+        let own = self
+            .tasks
+            .get_mut(&id)
+            .map_or(0, |t| std::mem::take(&mut t.reserve_mb));
+        worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
+        let mine = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
+        worker.growth_room_mb -= mine;
+        let allocation = self.tasks.get(&id).and_then(|t| match t.state {
+            TaskState::Running { allocation, .. } => Some(allocation),
+            TaskState::Waiting => None,
+        });
+        let extra = allocation.map_or(0, |a| target.memory_mb.saturating_sub(a.memory_mb));
+        let have = Resources {
+            memory_mb: mine.min(extra),
+            ..Default::default()
+        };
+        if mine > have.memory_mb {
+            self.sched.give(
+                key,
+                Resources {
+                    memory_mb: mine - have.memory_mb,
+                    ..Default::default()
+                },
+            );
+        }
         worker.growing.push_back(GrowWait {
             task: id,
             attempt,
             target,
-            have: Resources::default(),
+            have,
             asked: Instant::now(),
             patience,
         });
@@ -1296,7 +1354,14 @@ impl Engine {
             };
             let extra = head.target.saturating_sub(&allocation);
             let need = extra.saturating_sub(&head.have);
-            let got = self.sched.take(key, need);
+            let mut got = self.sched.take(key, need);
+            // What is not free yet may be in the room held for growth.
+            let from_room = need
+                .memory_mb
+                .saturating_sub(got.memory_mb)
+                .min(worker.growth_room_mb);
+            worker.growth_room_mb -= from_room;
+            got.memory_mb += from_room;
             head.have = head.have.saturating_add(&got);
             let complete = need.saturating_sub(&got).is_zero();
             let partial = head.have.memory_mb >= GROW_PARTIAL_MIN_MB.max(allocation.memory_mb / 4);
@@ -1330,6 +1395,33 @@ impl Engine {
                 self.sched.give(key, newest.have);
                 refuse_growth(&mut self.tasks, &worker.tx, &newest);
             }
+        }
+    }
+
+    /// `id`'s attempt on `key` ended: the room held for its growth goes
+    /// back to the scheduler, as far as the others' growth did not use it.
+    fn end_reserve(&mut self, key: WorkerKey, id: TaskId) {
+        let own = self
+            .tasks
+            .get_mut(&id)
+            .map_or(0, |t| std::mem::take(&mut t.reserve_mb));
+        if own == 0 {
+            return;
+        }
+        let Some(worker) = self.workers.get_mut(&key) else {
+            return;
+        };
+        worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
+        let spare = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
+        if spare > 0 {
+            worker.growth_room_mb -= spare;
+            self.sched.give(
+                key,
+                Resources {
+                    memory_mb: spare,
+                    ..Default::default()
+                },
+            );
         }
     }
 

@@ -104,7 +104,13 @@ proptest! {
         let mut c = CategoryState::new("p", config.clone());
         let check = |c: &CategoryState| -> Result<(), TestCaseError> {
             match c.first(&none, &largest) {
-                Request::Fixed(r) => prop_assert!(within(&r, &largest, &config), "{r:?} over {largest:?} / {:?}", config.max),
+                Request::Fixed(r) => {
+                    prop_assert!(within(&r, &largest, &config), "{r:?} over {largest:?} / {:?}", config.max);
+                    // What a placement is charged, its growth reserve too.
+                    let mut charged = r;
+                    charged.memory_mb += c.growth_reserve(&r, &none, &largest);
+                    prop_assert!(within(&charged, &largest, &config), "{charged:?} over {largest:?} / {:?}", config.max);
+                }
                 Request::WholeWorker => prop_assert!(!has_max(&config), "a whole worker breaks the maximum"),
             }
             // Every rung of the ladder too.
