@@ -368,3 +368,56 @@ fn small_starts_leave_room_for_the_one_that_turns_out_big() {
     assert_eq!((r.id, &r.outcome), (whole, &Outcome::Success), "{r:?}");
     assert_eq!(m.stats().resources_in_use, Resources::default());
 }
+
+/// A task that runs well past the age at which its category's tasks were
+/// seen to start growing, without growing, is almost surely a small one:
+/// it lets go of the room it held for growth, and more tasks start.
+#[test]
+fn a_task_that_outlives_the_growing_age_lets_go_of_its_room() {
+    let m = manager();
+    // Many cores, little memory: memory decides the bucket.
+    let _w = Worker::start(m.port(), &["--cores", "64", "--memory", "1200"]);
+    m.set_category("aged", CategoryConfig::bucketing().min_samples(5))
+        .unwrap();
+    let mut learn: Vec<Task> = (0..10)
+        .map(|_| Task::new(use_mb(10)).category("aged").memory_mb(200))
+        .collect();
+    learn.push(Task::new(use_mb(300)).category("aged").memory_mb(400));
+    for t in learn {
+        m.submit(t).unwrap();
+    }
+    for r in collect(&m, 11) {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    }
+    // Five tasks that start small and grow, one at a time: the category
+    // learns how long its tasks run before they grow.
+    for _ in 0..5 {
+        m.submit(Task::new(use_mb(300)).category("aged")).unwrap();
+        let r = collect(&m, 1).remove(0);
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        if !freezable(&r) {
+            return;
+        }
+        assert_eq!(r.attempts.len(), 1, "{:?}", r.attempts);
+    }
+    let stats = m.category_stats("aged").unwrap();
+    assert_eq!(stats.grown, 5, "{stats:?}");
+    let start = stats.next_allocation.expect("a learned allocation");
+    let reserve = stats.growth_reserve_mb;
+    let charged = start.memory_mb + reserve;
+    // Held for growth, ten of them would not fit; without it, they do.
+    assert!(
+        10 * charged > 1200 && 10 * start.memory_mb <= 1200,
+        "{start:?} + {reserve} MB"
+    );
+    let sleepers: Vec<_> = (0..10)
+        .map(|_| m.submit(Task::new("sleep 30").category("aged")).unwrap())
+        .collect();
+    wait_until(&m, "all ten to run at once", |s| s.tasks_running == 10);
+    for id in &sleepers {
+        m.cancel(*id);
+    }
+    let cancelled = collect(&m, sleepers.len());
+    assert!(cancelled.iter().all(|r| r.outcome == Outcome::Cancelled));
+    assert_eq!(m.stats().resources_in_use, Resources::default());
+}

@@ -418,6 +418,9 @@ pub struct CategoryState {
     /// What the most recent killed attempts were seen using (lower bounds
     /// of what those tasks need), at most [`KILL_MEMORY`] of them.
     kills: VecDeque<Sample>,
+    /// How long recent tasks had run when they first asked to grow, s, at
+    /// most [`GROWTH_AGES_KEPT`] of them (see [`CategoryState::reserve_hold_s`]).
+    growth_ages: VecDeque<f64>,
     /// The largest worker the buckets were computed for.
     largest: Resources,
     stats: Counters,
@@ -516,6 +519,18 @@ pub const GROW_MARGIN: f64 = 0.05;
 /// 3.6 GB, and waited for that much room.
 pub const GROW_STEP: f64 = 1.5;
 
+/// How many first-growth ages a category keeps (see
+/// [`CategoryState::reserve_hold_s`]).
+pub const GROWTH_AGES_KEPT: usize = 64;
+
+/// First-growth ages needed before a task's growth reserve is let go
+/// before it ends.
+pub const GROWTH_AGES_MIN: usize = 5;
+
+/// Margin over the latest first-growth age seen, past which a task is
+/// taken not to grow: ages stretch when the worker's CPU is contended.
+pub const GROWTH_AGE_MARGIN: f64 = 1.5;
+
 /// Factor on the cores a task of a bucketing category gets while the
 /// category has fewer than `min_samples` samples, where the largest worker
 /// still runs four such tasks at once (see `make_bucket`).
@@ -579,6 +594,7 @@ impl CategoryState {
             ok_time: Mean::default(),
             killed_time: Mean::default(),
             kills: VecDeque::new(),
+            growth_ages: VecDeque::new(),
             largest: Resources::default(),
             stats: Counters::default(),
         }
@@ -597,6 +613,7 @@ impl CategoryState {
         self.ok_time = old.ok_time;
         self.killed_time = old.killed_time;
         self.kills = old.kills;
+        self.growth_ages = old.growth_ages;
         self.largest = old.largest;
         for s in old.window {
             self.push(s);
@@ -766,6 +783,45 @@ impl CategoryState {
             .memory_mb
             .saturating_sub(allocation.memory_mb);
         (mean.min(u64::MAX as f64) as u64).min(room)
+    }
+
+    /// A task of this category that started in a bucket first asked to
+    /// grow after running `ran_s` seconds.
+    pub fn note_growth_age(&mut self, ran_s: f64) {
+        if !(ran_s.is_finite() && ran_s >= 0.0) {
+            return;
+        }
+        if self.growth_ages.len() >= GROWTH_AGES_KEPT {
+            self.growth_ages.pop_front();
+        }
+        self.growth_ages.push_back(ran_s);
+    }
+
+    /// How long a task keeps its growth reserve
+    /// ([`growth_reserve`](Self::growth_reserve)) if it has not asked to
+    /// grow: the latest age at which recent tasks first did, with a margin
+    /// ([`GROWTH_AGE_MARGIN`]). A task that runs past it without growing is
+    /// almost surely one of the small ones, and the room it held is better
+    /// used to start another. `None` (keep it to the end) until
+    /// [`GROWTH_AGES_MIN`] ages are known.
+    ///
+    /// ```
+    /// use drover_master::alloc::CategoryState;
+    /// use drover_master::CategoryConfig;
+    /// let mut c = CategoryState::new("w", CategoryConfig::bucketing());
+    /// for s in [0.4, 0.9, 0.6, 0.5] {
+    ///     c.note_growth_age(s);
+    /// }
+    /// assert_eq!(c.reserve_hold_s(), None);
+    /// c.note_growth_age(0.7);
+    /// assert_eq!(c.reserve_hold_s(), Some(0.9 * 1.5));
+    /// ```
+    pub fn reserve_hold_s(&self) -> Option<f64> {
+        if self.growth_ages.len() < GROWTH_AGES_MIN {
+            return None;
+        }
+        let latest = self.growth_ages.iter().copied().fold(0.0, f64::max);
+        Some(latest * GROWTH_AGE_MARGIN)
     }
 
     /// The next rung after an attempt with `failed` (a whole worker if
@@ -1605,6 +1661,26 @@ mod tests {
             }
             assert_eq!(other.growth_reserve(&small, &none, &w), 0);
         }
+    }
+
+    #[test]
+    fn the_reserve_hold_follows_recent_growth_ages_only() {
+        let mut c = CategoryState::new("a", CategoryConfig::bucketing());
+        c.note_growth_age(f64::NAN);
+        c.note_growth_age(-1.0);
+        c.note_growth_age(20.0);
+        for _ in 0..GROWTH_AGES_MIN - 1 {
+            c.note_growth_age(1.0);
+        }
+        assert_eq!(c.reserve_hold_s(), Some(20.0 * GROWTH_AGE_MARGIN));
+        // The 20 s age falls out of the window.
+        for _ in 0..GROWTH_AGES_KEPT {
+            c.note_growth_age(2.0);
+        }
+        assert_eq!(c.reserve_hold_s(), Some(2.0 * GROWTH_AGE_MARGIN));
+        // Kept across a change of settings, like the samples.
+        c.set_config(CategoryConfig::bucketing().min_samples(3));
+        assert_eq!(c.reserve_hold_s(), Some(2.0 * GROWTH_AGE_MARGIN));
     }
 
     #[test]

@@ -283,6 +283,20 @@ impl Categories {
         self.states[cat as usize].config().grow_in_place
     }
 
+    /// A task of `cat` placed with a growth reserve first asked to grow
+    /// after running `ran`.
+    pub(crate) fn note_growth_age(&mut self, cat: CatId, ran: std::time::Duration) {
+        self.states[cat as usize].note_growth_age(ran.as_secs_f64());
+    }
+
+    /// How long a task of `cat` that has not asked to grow keeps its
+    /// growth reserve; `None`: to its end.
+    pub(crate) fn reserve_hold(&self, cat: CatId) -> Option<std::time::Duration> {
+        self.states[cat as usize]
+            .reserve_hold_s()
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+    }
+
     pub(crate) fn note_grown(&mut self, cat: CatId) {
         self.states[cat as usize].note_grown();
     }

@@ -231,8 +231,12 @@ struct TaskEntry {
     /// rung, since it was seen to need more than its allocation.
     grow_refused: Option<Resources>,
     /// Memory its running attempt added to its worker's `growth_room_mb`
-    /// (see `Categories::reserve_mb`); zero once it asked to grow.
+    /// (see `Categories::reserve_mb`); zero once it asked to grow, or ran
+    /// long enough without asking.
     reserve_mb: u64,
+    /// Its running attempt started in its class's bucket and has not asked
+    /// to grow yet: when it does, its category learns how long it ran.
+    first_growth_pending: bool,
 }
 
 struct WorkerEntry {
@@ -254,6 +258,9 @@ struct WorkerEntry {
     growth_room_mb: u64,
     /// The sum of `reserve_mb` over the tasks running here.
     reserved_mb: u64,
+    /// Tasks placed here with a growth reserve, oldest first, with when
+    /// they were placed: see [`Engine::let_go_of_aged_reserves`].
+    reserves: VecDeque<(Instant, TaskId, u32)>,
 }
 
 struct Engine {
@@ -270,6 +277,8 @@ struct Engine {
     categories: Categories,
     /// Workers with a non-empty `growing` queue.
     growing_workers: HashSet<WorkerKey>,
+    /// Workers with a non-empty `reserves` queue.
+    reserving_workers: HashSet<WorkerKey>,
     prefetch: usize,
     /// Workers that freed or filled up since the last scheduling pass:
     /// where sending a task ahead may now be useful.
@@ -300,11 +309,14 @@ pub(crate) async fn run(
         report_identity: config.report_identity.clone(),
         categories: Categories::default(),
         growing_workers: HashSet::new(),
+        reserving_workers: HashSet::new(),
         prefetch: config.prefetch,
         touched: Vec::new(),
     };
     let mut grow_tick = tokio::time::interval(Duration::from_millis(200));
     grow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reserve_tick = tokio::time::interval(Duration::from_millis(100));
+    reserve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -337,6 +349,7 @@ pub(crate) async fn run(
                 }
             }
             _ = grow_tick.tick(), if !engine.growing_workers.is_empty() => engine.grow_timeouts(),
+            _ = reserve_tick.tick(), if !engine.reserving_workers.is_empty() => engine.let_go_of_aged_reserves(),
         }
         engine.schedule();
     }
@@ -429,6 +442,7 @@ impl Engine {
                 rung: None,
                 grow_refused: None,
                 reserve_mb: 0,
+                first_growth_pending: false,
                 lost: 0,
                 resource_retries: 0,
             },
@@ -577,6 +591,7 @@ impl Engine {
                         growing: VecDeque::new(),
                         growth_room_mb: 0,
                         reserved_mb: 0,
+                        reserves: VecDeque::new(),
                     },
                 );
                 self.refresh_largest();
@@ -1094,6 +1109,7 @@ impl Engine {
         let mut p = p;
         p.allocation.memory_mb -= reserve_mb;
         task.reserve_mb = reserve_mb;
+        task.first_growth_pending = reserve_mb > 0;
         worker.growth_room_mb += reserve_mb;
         worker.reserved_mb += reserve_mb;
         let (learned, growable) = match task.sizing {
@@ -1107,6 +1123,10 @@ impl Engine {
             Sizing::Plain(_) => (false, false),
         };
         let attempt = task.attempts.len() as u32 + 1;
+        if reserve_mb > 0 {
+            worker.reserves.push_back((Instant::now(), p.task, attempt));
+            self.reserving_workers.insert(p.worker);
+        }
         let spec = &task.spec;
         let mut inputs = Vec::with_capacity(spec.inputs.len());
         let mut send = |input: &PreparedInput, n: usize| -> String {
@@ -1222,10 +1242,17 @@ impl Engine {
         // It has shown itself to be one of the tasks the worker's growth
         // room is for: what the room holds beyond the others' reserves is
         // its own, and it starts with that.
-        let own = self
-            .tasks
-            .get_mut(&id)
-            .map_or(0, |t| std::mem::take(&mut t.reserve_mb));
+        let (own, first_growth) = self.tasks.get_mut(&id).map_or((0, None), |t| {
+            let first = std::mem::take(&mut t.first_growth_pending);
+            let cat = match t.sizing {
+                Sizing::Learned { cat, .. } if first => Some(cat),
+                _ => None,
+            };
+            (std::mem::take(&mut t.reserve_mb), cat)
+        });
+        if let Some(cat) = first_growth {
+            self.categories.note_growth_age(cat, ran);
+        }
         worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
         let mine = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
         worker.growth_room_mb -= mine;
@@ -1398,8 +1425,52 @@ impl Engine {
         }
     }
 
-    /// `id`'s attempt on `key` ended: the room held for its growth goes
-    /// back to the scheduler, as far as the others' growth did not use it.
+    /// Lets the tasks that ran past their category's reserve hold (see
+    /// `CategoryState::reserve_hold_s`) without asking to grow give back
+    /// their growth reserve, so that more tasks can start. Costs O(1) per
+    /// worker plus the reserves let go.
+    fn let_go_of_aged_reserves(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<WorkerKey> = self.reserving_workers.iter().copied().collect();
+        for key in keys {
+            loop {
+                let Some(&(placed, id, attempt)) =
+                    self.workers.get(&key).and_then(|w| w.reserves.front())
+                else {
+                    self.reserving_workers.remove(&key);
+                    break;
+                };
+                let holding = self.tasks.get(&id).and_then(|t| match t.state {
+                    TaskState::Running {
+                        worker, attempt: a, ..
+                    } if worker == key && a == attempt && t.reserve_mb > 0 => match t.sizing {
+                        Sizing::Learned { cat, .. } => Some(cat),
+                        Sizing::Plain(_) => None,
+                    },
+                    _ => None,
+                });
+                if let Some(cat) = holding {
+                    // Queued in placement order: if the oldest is not due,
+                    // none is (within one category).
+                    let due = self
+                        .categories
+                        .reserve_hold(cat)
+                        .is_some_and(|hold| now.duration_since(placed) >= hold);
+                    if !due {
+                        break;
+                    }
+                    self.end_reserve(key, id);
+                }
+                if let Some(w) = self.workers.get_mut(&key) {
+                    w.reserves.pop_front();
+                }
+            }
+        }
+    }
+
+    /// `id`'s attempt on `key` ended, or ran long enough not to need the
+    /// room held for its growth: that room goes back to the scheduler, as
+    /// far as the others' growth did not use it.
     fn end_reserve(&mut self, key: WorkerKey, id: TaskId) {
         let own = self
             .tasks
