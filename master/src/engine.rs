@@ -1221,7 +1221,7 @@ impl Engine {
         let Some(worker) = self.workers.get_mut(&key) else {
             return;
         };
-        let Some((target, started)) = target else {
+        let Some((target, started, allocation)) = target else {
             let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
                 task_id: id,
                 attempt,
@@ -1256,11 +1256,7 @@ impl Engine {
         worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
         let mine = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
         worker.growth_room_mb -= mine;
-        let allocation = self.tasks.get(&id).and_then(|t| match t.state {
-            TaskState::Running { allocation, .. } => Some(allocation),
-            TaskState::Waiting => None,
-        });
-        let extra = allocation.map_or(0, |a| target.memory_mb.saturating_sub(a.memory_mb));
+        let extra = target.memory_mb.saturating_sub(allocation.memory_mb);
         let have = Resources {
             memory_mb: mine.min(extra),
             ..Default::default()
@@ -1286,15 +1282,16 @@ impl Engine {
         self.serve_growth(key);
     }
 
-    /// The allocation a task that asks to grow should get, and when its
-    /// attempt started; `None` if it should be killed instead.
+    /// The allocation a task that asks to grow should get, when its
+    /// attempt started, and what it holds now; `None` if it should be
+    /// killed instead.
     fn grow_target(
         &self,
         key: WorkerKey,
         id: TaskId,
         attempt: u32,
         used_mb: f64,
-    ) -> Option<(Resources, SystemTime)> {
+    ) -> Option<(Resources, SystemTime, Resources)> {
         let task = self.tasks.get(&id)?;
         let TaskState::Running {
             worker,
@@ -1328,7 +1325,7 @@ impl Engine {
         let grows = target.memory_mb > allocation.memory_mb
             && target.gpus == allocation.gpus
             && target.fits_in(&total);
-        grows.then_some((target, started))
+        grows.then_some((target, started, allocation))
     }
 
     /// Hands what `key` has free to its frozen tasks, oldest first, and
