@@ -198,7 +198,11 @@ fn when_frozen_tasks_fill_their_worker_the_newest_is_retried() {
     let rung = retried.allocated.memory_mb;
     assert!((200..=250).contains(&rung), "{:?}", retried.attempts);
     let s = m.stats();
-    assert_eq!((s.tasks_grown, s.tasks_resized), (1, 1));
+    // One kill. The task that grew may have grown twice: caught early in
+    // its allocation (on a loaded machine), it asks for 1.5x what it was
+    // seen using, which can fall short of its peak.
+    assert_eq!(s.tasks_resized, 1, "{s:?}");
+    assert!((1..=2).contains(&s.tasks_grown), "{s:?}");
     assert_eq!(s.resources_in_use, Resources::default());
 }
 
