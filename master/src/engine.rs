@@ -1218,20 +1218,49 @@ impl Engine {
     /// away.
     fn grow_asked(&mut self, key: WorkerKey, id: TaskId, attempt: u32, used_mb: f64) {
         let target = self.grow_target(key, id, attempt, used_mb);
-        let Some(worker) = self.workers.get_mut(&key) else {
-            return;
-        };
         let Some((target, started, allocation)) = target else {
-            let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
-                task_id: id,
-                attempt,
-                allocation: None,
-            }));
+            if let Some(worker) = self.workers.get(&key) {
+                let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
+                    task_id: id,
+                    attempt,
+                    allocation: None,
+                }));
+            }
             return;
         };
         let ran = SystemTime::now()
             .duration_since(started)
             .unwrap_or_default();
+        if let Some(cat) = self.tasks.get_mut(&id).and_then(|t| {
+            let first = std::mem::take(&mut t.first_growth_pending);
+            match t.sizing {
+                Sizing::Learned { cat, .. } if first => Some(cat),
+                _ => None,
+            }
+        }) {
+            self.categories.note_growth_age(cat, ran);
+        }
+        // It has shown itself to be one of the tasks the worker's growth
+        // room is for: what the room holds beyond the others' reserves is
+        // its own, and it starts with that.
+        let spare = self.release_reserve(key, id);
+        let extra = target.memory_mb.saturating_sub(allocation.memory_mb);
+        let have = Resources {
+            memory_mb: spare.min(extra),
+            ..Default::default()
+        };
+        if spare > have.memory_mb {
+            self.sched.give(
+                key,
+                Resources {
+                    memory_mb: spare - have.memory_mb,
+                    ..Default::default()
+                },
+            );
+        }
+        let Some(worker) = self.workers.get_mut(&key) else {
+            return;
+        };
         // A task that has done little of what it will need waits only as
         // long as it has run: past that, rerunning it later with the room
         // it asked for costs less than keeping it frozen, holding a core
@@ -1239,37 +1268,6 @@ impl Engine {
         // small bucket's limit). A task far into its run waits longer.
         let young = used_mb < target.memory_mb as f64 * YOUNG_GROWTH_SHARE;
         let patience = if young { ran } else { ran.max(GROW_WAIT_MIN) };
-        // It has shown itself to be one of the tasks the worker's growth
-        // room is for: what the room holds beyond the others' reserves is
-        // its own, and it starts with that.
-        let (own, first_growth) = self.tasks.get_mut(&id).map_or((0, None), |t| {
-            let first = std::mem::take(&mut t.first_growth_pending);
-            let cat = match t.sizing {
-                Sizing::Learned { cat, .. } if first => Some(cat),
-                _ => None,
-            };
-            (std::mem::take(&mut t.reserve_mb), cat)
-        });
-        if let Some(cat) = first_growth {
-            self.categories.note_growth_age(cat, ran);
-        }
-        worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
-        let mine = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
-        worker.growth_room_mb -= mine;
-        let extra = target.memory_mb.saturating_sub(allocation.memory_mb);
-        let have = Resources {
-            memory_mb: mine.min(extra),
-            ..Default::default()
-        };
-        if mine > have.memory_mb {
-            self.sched.give(
-                key,
-                Resources {
-                    memory_mb: mine - have.memory_mb,
-                    ..Default::default()
-                },
-            );
-        }
         worker.growing.push_back(GrowWait {
             task: id,
             attempt,
@@ -1469,20 +1467,8 @@ impl Engine {
     /// room held for its growth: that room goes back to the scheduler, as
     /// far as the others' growth did not use it.
     fn end_reserve(&mut self, key: WorkerKey, id: TaskId) {
-        let own = self
-            .tasks
-            .get_mut(&id)
-            .map_or(0, |t| std::mem::take(&mut t.reserve_mb));
-        if own == 0 {
-            return;
-        }
-        let Some(worker) = self.workers.get_mut(&key) else {
-            return;
-        };
-        worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
-        let spare = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
+        let spare = self.release_reserve(key, id);
         if spare > 0 {
-            worker.growth_room_mb -= spare;
             self.sched.give(
                 key,
                 Resources {
@@ -1491,6 +1477,28 @@ impl Engine {
                 },
             );
         }
+    }
+
+    /// Takes `id`'s growth reserve off `key`'s books and returns the room
+    /// that, without it, backs no task's reserve any more (at most the
+    /// reserve; less if others' growth used the room). The caller owns
+    /// what is returned: it is out of the room and not yet back in the
+    /// scheduler.
+    fn release_reserve(&mut self, key: WorkerKey, id: TaskId) -> u64 {
+        let own = self
+            .tasks
+            .get_mut(&id)
+            .map_or(0, |t| std::mem::take(&mut t.reserve_mb));
+        if own == 0 {
+            return 0;
+        }
+        let Some(worker) = self.workers.get_mut(&key) else {
+            return 0;
+        };
+        worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
+        let spare = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
+        worker.growth_room_mb -= spare;
+        spare
     }
 
     /// Forgets `id`'s wait to grow on `key`, if any (it ended, or its
