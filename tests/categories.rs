@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use drover_master::{CategoryConfig, Manager, Outcome, Resources, Task, TaskResult};
+use drover_master::{CategoryConfig, Manager, Outcome, Resources, Task, TaskId, TaskResult};
 
 /// A command that writes `mb` MB (so they are resident) and holds them a
 /// moment so the monitor sees the peak.
@@ -206,6 +206,22 @@ fn when_frozen_tasks_fill_their_worker_the_newest_is_retried() {
     assert_eq!(s.resources_in_use, Resources::default());
 }
 
+/// Cancels `ids` and checks that each is reported cancelled, once.
+fn cancel_all(m: &Manager, ids: &[TaskId]) {
+    for id in ids {
+        assert!(m.cancel(*id), "task {id} was not running or waiting");
+    }
+    let mut cancelled: Vec<_> = collect(m, ids.len())
+        .into_iter()
+        .inspect(|r| assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}"))
+        .map(|r| r.id)
+        .collect();
+    cancelled.sort_unstable();
+    let mut want = ids.to_vec();
+    want.sort_unstable();
+    assert_eq!(cancelled, want, "each task reported once");
+}
+
 /// A manager with one worker of 8 cores and 1,200 MB, whose category
 /// `name` has learned four small peaks and one of about 800 MB (from tasks
 /// that declared their memory): an undeclared task then starts in the small
@@ -360,11 +376,7 @@ fn small_starts_leave_room_for_the_one_that_turns_out_big() {
             "the test needs the room: {fit} x ({start:?} + {reserve})"
         );
     }
-    for id in &sleepers {
-        m.cancel(*id);
-    }
-    let cancelled = collect(&m, sleepers.len());
-    assert!(cancelled.iter().all(|r| r.outcome == Outcome::Cancelled));
+    cancel_all(&m, &sleepers);
     let whole = m
         .submit(Task::new("true").cores(8).memory_mb(1200))
         .unwrap();
@@ -418,10 +430,6 @@ fn a_task_that_outlives_the_growing_age_lets_go_of_its_room() {
         .map(|_| m.submit(Task::new("sleep 30").category("aged")).unwrap())
         .collect();
     wait_until(&m, "all ten to run at once", |s| s.tasks_running == 10);
-    for id in &sleepers {
-        m.cancel(*id);
-    }
-    let cancelled = collect(&m, sleepers.len());
-    assert!(cancelled.iter().all(|r| r.outcome == Outcome::Cancelled));
+    cancel_all(&m, &sleepers);
     assert_eq!(m.stats().resources_in_use, Resources::default());
 }
