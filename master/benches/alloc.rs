@@ -7,7 +7,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use drover_master::alloc::{CategoryConfig, CategoryState, Sample};
+use drover_master::category::{CategoryConfig, CategoryState, Sample};
 use drover_master::Resources;
 
 /// Deterministic generator (a 64-bit LCG), so runs are comparable.

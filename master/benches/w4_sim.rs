@@ -1,4 +1,4 @@
-//! W4 in simulation: the real allocator (`drover_master::alloc`) on a
+//! W4 in simulation: the real allocator (`drover_master::category`) on a
 //! model of the W4 worker, to compare allocation policies in seconds and
 //! without the noise of a shared machine. Not a benchmark of drover itself:
 //! `benches/w4/run.sh` measures the real thing.
@@ -21,7 +21,7 @@
 //! `cargo bench -p drover-master --bench w4_sim -- --tasks FILE` (task list
 //! from `benches/w4/gen_tasks.py`); prints one JSON line per mode.
 
-use drover_master::alloc::{CategoryConfig, CategoryState, Dim, Sample};
+use drover_master::category::{CategoryConfig, CategoryState, Dim, Sample};
 use drover_master::scheduler::Request;
 use drover_master::Resources;
 

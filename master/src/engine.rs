@@ -25,9 +25,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::alloc::{CategoryConfig, CategoryStats, Dim, RetryCause};
-use crate::category::{CatId, Categories, Kill, Sizing, MAX_RESOURCE_RETRIES};
-use crate::scheduler::{FileKey, Placement, Request, Scheduler, WorkerKey};
+use crate::category::registry::{
+    CatId, Categories, ClassRequest, Kill, Sizing, MAX_RESOURCE_RETRIES,
+};
+use crate::category::{CategoryConfig, CategoryStats, Dim, RetryCause};
+use crate::scheduler::{ClassKey, FileKey, Placement, Request, Scheduler, WorkerKey};
 use crate::task::{Attempt, Outcome, TaskId, TaskResult};
 
 /// Default number of times a task is retried after losing its worker.
@@ -275,6 +277,9 @@ struct Engine {
     placements: Vec<Placement>,
     report_identity: Arc<drover_catalog::MasterReport>,
     categories: Categories,
+    /// Memory each class's placements are charged beyond their allocation
+    /// for growth (see [`ClassRequest`]).
+    class_reserve_mb: HashMap<ClassKey, u64>,
     /// Workers with a non-empty `growing` queue.
     growing_workers: HashSet<WorkerKey>,
     /// Workers with a non-empty `reserves` queue.
@@ -308,6 +313,7 @@ pub(crate) async fn run(
         placements: Vec::new(),
         report_identity: config.report_identity.clone(),
         categories: Categories::default(),
+        class_reserve_mb: HashMap::new(),
         growing_workers: HashSet::new(),
         reserving_workers: HashSet::new(),
         prefetch: config.prefetch,
@@ -397,7 +403,8 @@ impl Engine {
                 let _ = done.send(());
             }
             Command::SetCategory(name, config, done) => {
-                self.categories.configure(&name, *config, &mut self.sched);
+                let requests = self.categories.configure(&name, *config);
+                self.apply_class_requests(requests);
                 let _ = done.send(());
             }
             Command::CategoryStats(name, reply) => {
@@ -427,7 +434,8 @@ impl Engine {
         let id = spec.id;
         let sizing = self.categories.sizing(&spec.category, &spec.resources);
         if let Sizing::Learned { cat, class } = sizing {
-            self.categories.prime(cat, class, &mut self.sched);
+            let request = self.categories.prime(cat, class);
+            self.apply_class_requests(request);
         }
         self.tasks.insert(
             id,
@@ -473,6 +481,28 @@ impl Engine {
         }
     }
 
+    /// Gives the scheduler each class's request, charged its growth
+    /// reserve on top (the placement gives that part to the worker's
+    /// growth room: see `dispatch`).
+    fn apply_class_requests(&mut self, requests: impl IntoIterator<Item = ClassRequest>) {
+        for ClassRequest {
+            class,
+            request,
+            reserve_mb,
+        } in requests
+        {
+            let charged = match request {
+                Request::Fixed(mut r) => {
+                    r.memory_mb = r.memory_mb.saturating_add(reserve_mb);
+                    Request::Fixed(r)
+                }
+                whole => whole,
+            };
+            self.class_reserve_mb.insert(class, reserve_mb);
+            self.sched.set_class_request(class, charged);
+        }
+    }
+
     /// Recomputes the component-wise largest worker for the categories.
     fn refresh_largest(&mut self) {
         let largest = self.workers.values().fold(Resources::default(), |a, w| {
@@ -484,7 +514,8 @@ impl Engine {
                 gpus: a.gpus.max(r.gpus),
             }
         });
-        self.categories.set_largest(largest, &mut self.sched);
+        let requests = self.categories.set_largest(largest);
+        self.apply_class_requests(requests);
     }
 
     fn cancel(&mut self, id: TaskId) -> bool {
@@ -822,16 +853,15 @@ impl Engine {
         if let Sizing::Learned { cat, class } = task.sizing {
             let success = report.ending == Ending::Exited && report.exit_code == Some(0);
             self.categories.forget_retrying(cat, id);
-            let changed = self.categories.attempt_ended(
+            let requests = self.categories.attempt_ended(
                 cat,
                 &allocation,
                 &report.measured,
                 exhausted.is_some(),
                 success,
-                &mut self.sched,
             );
-            if changed {
-                learned = Some(cat);
+            if let Some(requests) = requests {
+                learned = Some((cat, requests));
             }
             if let (Some(dim), false) = (exhausted, task.cancelling) {
                 let was_whole = task.rung == Some(Request::WholeWorker)
@@ -881,7 +911,8 @@ impl Engine {
                     }
                     self.stats.tasks_resized += 1;
                     self.enqueue_again(id);
-                    if let Some(cat) = learned {
+                    if let Some((cat, requests)) = learned {
+                        self.apply_class_requests(requests);
                         self.retarget(cat);
                     }
                     return;
@@ -889,7 +920,8 @@ impl Engine {
                 self.categories.note_exhausted(cat);
             }
         }
-        if let Some(cat) = learned {
+        if let Some((cat, requests)) = learned {
+            self.apply_class_requests(requests);
             self.retarget(cat);
         }
         let Some(task) = self.tasks.get_mut(&id) else {
@@ -1100,9 +1132,11 @@ impl Engine {
         // A placement from a category's class was charged its growth
         // reserve on top of the allocation: that part is the worker's.
         let reserve_mb = match (task.rung, task.sizing) {
-            (None, Sizing::Learned { cat, class }) => self
-                .categories
-                .reserve_mb(cat, class)
+            (None, Sizing::Learned { class, .. }) => self
+                .class_reserve_mb
+                .get(&class)
+                .copied()
+                .unwrap_or(0)
                 .min(p.allocation.memory_mb),
             _ => 0,
         };

@@ -16,8 +16,7 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-pub mod alloc;
-mod category;
+pub mod category;
 mod engine;
 mod files;
 mod manager;
@@ -25,7 +24,7 @@ mod report;
 pub mod scheduler;
 mod task;
 
-pub use alloc::{AllocationMode, CategoryConfig, CategoryStats};
+pub use category::{AllocationMode, CategoryConfig, CategoryStats};
 pub use drover_catalog::MasterReport;
 pub use drover_worker::protocol::Measured;
 pub use drover_worker::Resources;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use drover_worker::protocol::check_sandbox_name;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::alloc::{CategoryConfig, CategoryStats};
+use crate::category::{CategoryConfig, CategoryStats};
 use crate::engine::{
     self, Command, EngineConfig, FileSource, Prepared, PreparedInput, Stats, WorkerInfo,
 };

@@ -16,7 +16,7 @@ use drover_worker::Resources;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::alloc::{AllocationMode, CategoryStats};
+use crate::category::{AllocationMode, CategoryStats};
 use crate::engine::{Command, Stats, WorkerInfo};
 use crate::scheduler::Request;
 use crate::Manager;
@@ -488,7 +488,7 @@ mod tests {
 
     #[test]
     fn categories_say_how_they_size_tasks() {
-        use crate::alloc::{CategoryConfig, CategoryState};
+        use crate::category::{CategoryConfig, CategoryState};
         let largest = Resources {
             cores: 8,
             memory_mb: 16000,
@@ -503,7 +503,7 @@ mod tests {
         learned.window_samples = learned.config.min_samples;
         learned.buckets = vec![
             learned.buckets.first().cloned().unwrap_or(
-                crate::alloc::BucketStats {
+                crate::category::BucketStats {
                     allocation: largest,
                     low: Default::default(),
                     high: Default::default(),

@@ -1,7 +1,7 @@
-//! Properties of the category allocator (`drover_master::alloc`), on random
+//! Properties of the category allocator (`drover_master::category`), on random
 //! samples, configs and worker sizes.
 
-use drover_master::alloc::{covers, CategoryConfig, CategoryState, Dim, Sample};
+use drover_master::category::{covers, CategoryConfig, CategoryState, Dim, Sample};
 use drover_master::scheduler::Request;
 use drover_master::Resources;
 use proptest::prelude::*;

@@ -1,6 +1,8 @@
-//! The engine's side of categories: which tasks learn their allocation,
-//! and keeping the scheduler's class requests in step with what each
-//! category has learned. The learning itself is in [`crate::alloc`].
+//! The engine's table of categories: which tasks learn their allocation,
+//! and what request each scheduler class should have as its category
+//! learns. It never touches the scheduler: every change comes back as
+//! [`ClassRequest`]s, which the engine applies. The learning itself is in
+//! the sibling modules.
 //!
 //! A task killed for going over its allocation waits for its next rung. The
 //! rung is re-decided from the kill (what the task held, what it was seen
@@ -13,10 +15,10 @@ use std::collections::HashMap;
 use drover_worker::protocol::Measured;
 use drover_worker::Resources;
 
-use crate::alloc::{
+use super::{
     AllocationMode, CategoryConfig, CategoryState, CategoryStats, Dim, RetryCause, Sample,
 };
-use crate::scheduler::{ClassKey, Request, Scheduler};
+use crate::scheduler::{ClassKey, Request};
 use crate::task::TaskId;
 
 /// How many waiting retried tasks are re-decided per change of a
@@ -43,9 +45,17 @@ pub(crate) const MAX_RESOURCE_RETRIES: u32 = 16;
 struct Class {
     key: ClassKey,
     declared: Resources,
-    /// Memory the scheduler charges a placement of this class on top of
-    /// its allocation, for growth (see [`CategoryState::growth_reserve`]).
-    reserve_mb: u64,
+}
+
+/// What a scheduler class should ask for now: a first attempt's request,
+/// and the memory its placements should hold on their worker for growth
+/// (see [`CategoryState::growth_reserve`]). The engine charges the
+/// scheduler both (see `engine::growth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClassRequest {
+    pub class: ClassKey,
+    pub request: Request,
+    pub reserve_mb: u64,
 }
 
 /// A learned task's last kill for going over its allocation: enough to
@@ -95,11 +105,11 @@ impl Categories {
 
     /// Sets a category's config (validated by the caller) and re-targets
     /// its waiting tasks.
-    pub(crate) fn configure(&mut self, name: &str, config: CategoryConfig, sched: &mut Scheduler) {
+    pub(crate) fn configure(&mut self, name: &str, config: CategoryConfig) -> Vec<ClassRequest> {
         let id = self.id(name);
         self.configured[id as usize] = true;
         self.states[id as usize].set_config(config);
-        self.refresh(id, sched);
+        self.refresh(id)
     }
 
     /// How a newly submitted task of `category` declaring `declared` is sized.
@@ -127,7 +137,6 @@ impl Categories {
                 self.classes[cat as usize].push(Class {
                     key: k,
                     declared: *declared,
-                    reserve_mb: 0,
                 });
                 k
             }
@@ -135,44 +144,33 @@ impl Categories {
         Sizing::Learned { cat, class }
     }
 
-    /// The request a class should have now. Call before enqueueing into a
-    /// new class so the scheduler knows it.
-    pub(crate) fn prime(&mut self, cat: CatId, class: ClassKey, sched: &mut Scheduler) {
+    /// The request a class should have now. Apply it before enqueueing
+    /// into a new class so the scheduler knows it.
+    pub(crate) fn prime(&self, cat: CatId, class: ClassKey) -> Option<ClassRequest> {
         let state = &self.states[cat as usize];
-        if let Some(c) = self.classes[cat as usize]
-            .iter_mut()
-            .find(|c| c.key == class)
-        {
-            set_request(state, c, &self.largest, sched);
-        }
-    }
-
-    fn refresh(&mut self, cat: CatId, sched: &mut Scheduler) {
-        let state = &self.states[cat as usize];
-        for c in &mut self.classes[cat as usize] {
-            set_request(state, c, &self.largest, sched);
-        }
-    }
-
-    /// What a placement of `class` (in `cat`) was charged beyond its
-    /// allocation, to hold for its growth: the engine gives the task the
-    /// allocation and keeps this on the worker's growth room.
-    pub(crate) fn reserve_mb(&self, cat: CatId, class: ClassKey) -> u64 {
         self.classes[cat as usize]
             .iter()
             .find(|c| c.key == class)
-            .map_or(0, |c| c.reserve_mb)
+            .map(|c| class_request(state, c, &self.largest))
+    }
+
+    fn refresh(&self, cat: CatId) -> Vec<ClassRequest> {
+        let state = &self.states[cat as usize];
+        self.classes[cat as usize]
+            .iter()
+            .map(|c| class_request(state, c, &self.largest))
+            .collect()
     }
 
     /// The largest worker may have changed: caps and shares follow it.
-    pub(crate) fn set_largest(&mut self, largest: Resources, sched: &mut Scheduler) {
+    pub(crate) fn set_largest(&mut self, largest: Resources) -> Vec<ClassRequest> {
         if largest == self.largest {
-            return;
+            return Vec::new();
         }
         self.largest = largest;
-        for cat in 0..self.states.len() as CatId {
-            self.refresh(cat, sched);
-        }
+        (0..self.states.len() as CatId)
+            .flat_map(|cat| self.refresh(cat))
+            .collect()
     }
 
     /// An attempt of a learned task started.
@@ -181,8 +179,9 @@ impl Categories {
     }
 
     /// An attempt of a learned task ended with `measured` after holding
-    /// `allocation`; `success` records the peak as a sample. True when the
-    /// category's answers may have changed (see [`Self::retargets`]).
+    /// `allocation`; `success` records the peak as a sample. `Some` with
+    /// the category's class requests when its answers may have changed
+    /// (see [`Self::retargets`]).
     pub(crate) fn attempt_ended(
         &mut self,
         cat: CatId,
@@ -190,8 +189,7 @@ impl Categories {
         measured: &Measured,
         killed: bool,
         success: bool,
-        sched: &mut Scheduler,
-    ) -> bool {
+    ) -> Option<Vec<ClassRequest>> {
         let sample = Sample {
             cores: measured.cores,
             memory_mb: measured.memory_mb,
@@ -201,11 +199,7 @@ impl Categories {
         let largest = self.largest;
         let state = &mut self.states[cat as usize];
         state.record_attempt(allocation, &sample, killed);
-        if success && state.record(sample, &largest) {
-            self.refresh(cat, sched);
-            return true;
-        }
-        false
+        (success && state.record(sample, &largest)).then(|| self.refresh(cat))
     }
 
     /// `task` was killed as `kill` says and waits for its next rung.
@@ -319,27 +313,19 @@ impl Categories {
     }
 }
 
-/// Gives the scheduler `class`'s request: its first allocation, plus the
-/// room its tasks' growth is expected to need.
-fn set_request(
-    state: &CategoryState,
-    class: &mut Class,
-    largest: &Resources,
-    sched: &mut Scheduler,
-) {
+/// `class`'s request now: its first allocation, and the room its tasks'
+/// growth is expected to need.
+fn class_request(state: &CategoryState, class: &Class, largest: &Resources) -> ClassRequest {
     let request = state.first(&class.declared, largest);
-    class.reserve_mb = match request {
+    let reserve_mb = match request {
         Request::Fixed(r) if r.memory_mb > 0 => state.growth_reserve(&r, &class.declared, largest),
         _ => 0,
     };
-    let charged = match request {
-        Request::Fixed(mut r) => {
-            r.memory_mb = r.memory_mb.saturating_add(class.reserve_mb);
-            Request::Fixed(r)
-        }
-        whole => whole,
-    };
-    sched.set_class_request(class.key, charged);
+    ClassRequest {
+        class: class.key,
+        request,
+        reserve_mb,
+    }
 }
 
 /// A task that declares nothing and is not learned gets one core.
@@ -376,7 +362,6 @@ mod tests {
 
     #[test]
     fn a_waiting_retry_takes_the_rung_the_category_chooses_now() {
-        let mut sched = Scheduler::new();
         let mut cats = Categories::default();
         let worker = Resources {
             cores: 12,
@@ -384,7 +369,7 @@ mod tests {
             disk_mb: 0,
             gpus: 0,
         };
-        cats.set_largest(worker, &mut sched);
+        cats.set_largest(worker);
         let Sizing::Learned { cat, class } = cats.sizing("w", &Resources::default()) else {
             panic!("a task declaring nothing learns");
         };
@@ -394,14 +379,7 @@ mod tests {
             ..Default::default()
         };
         for i in 0..20 {
-            cats.attempt_ended(
-                cat,
-                &small,
-                &measured(400.0 + i as f64),
-                false,
-                true,
-                &mut sched,
-            );
+            cats.attempt_ended(cat, &small, &measured(400.0 + i as f64), false, true);
         }
         let buckets = cats.states[cat as usize].bucket_allocations();
         let start = buckets[0];
@@ -421,14 +399,15 @@ mod tests {
         // and the waiting task is re-targeted to the bucket that holds them.
         let mut changed = false;
         for i in 0..6 {
-            changed |= cats.attempt_ended(
-                cat,
-                &worker,
-                &measured(3000.0 + 100.0 * i as f64),
-                false,
-                true,
-                &mut sched,
-            );
+            changed |= cats
+                .attempt_ended(
+                    cat,
+                    &worker,
+                    &measured(3000.0 + 100.0 * i as f64),
+                    false,
+                    true,
+                )
+                .is_some();
         }
         assert!(changed);
         let now = cats.retargets(cat);
