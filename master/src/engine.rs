@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use drover_worker::protocol::{
@@ -154,8 +154,7 @@ enum Event {
         key: WorkerKey,
         hello: Box<Hello>,
         addr: SocketAddr,
-        tx: mpsc::UnboundedSender<Outgoing>,
-        conn: Arc<ConnShared>,
+        link: Link,
     },
     Msg {
         key: WorkerKey,
@@ -169,24 +168,75 @@ enum Event {
     Status(oneshot::Sender<drover_catalog::MasterReport>),
 }
 
-/// Shared between the engine and one connection's reader: where each running
-/// attempt's outputs go. Keyed by (task, attempt) so a stale report never
-/// writes over a newer attempt's files.
-#[derive(Default)]
-struct ConnShared {
-    outputs: Mutex<HashMap<(TaskId, u32), OutputPlan>>,
-}
-
 /// (name in the sandbox, local destination) for each declared output.
 type OutputPlan = Vec<(String, PathBuf)>;
 
-enum Outgoing {
+/// What the engine sends down one worker's connection.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A message, to the writer.
     Msg(MasterMsg),
+    /// An input file's body, to the writer.
     File {
         id: String,
         cache: bool,
         source: FileSource,
     },
+    /// To the reader: where this attempt's outputs go when it reports.
+    /// Keyed by (task, attempt) so a stale report never writes over a
+    /// newer attempt's files.
+    ExpectOutputs {
+        task: TaskId,
+        attempt: u32,
+        plan: OutputPlan,
+    },
+    /// To the reader: the attempt was taken back; drop its plan.
+    ForgetOutputs { task: TaskId, attempt: u32 },
+}
+
+/// Where every decision of the engine goes: items down a worker's
+/// connection, and finished tasks' results to the user. The engine does
+/// no I/O of its own, so its task lifecycle runs in-process in the tests
+/// against an outbox that records.
+pub(crate) trait Outbox {
+    /// Queues `item` on `worker`'s connection (dropped if it is gone).
+    fn to_worker(&mut self, worker: WorkerKey, item: Outgoing);
+    /// Hands a task's final result to the user.
+    fn to_user(&mut self, result: TaskResult);
+}
+
+/// One worker connection, as the engine's outbox holds it.
+struct Link {
+    /// To its writer task.
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// To its reader task: output plans (a channel, not a shared map, so
+    /// that no lock is taken per task).
+    plans: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// The outbox of the running master: the connections' channels and the
+/// results channel that `Manager::wait` reads.
+struct Links {
+    links: HashMap<WorkerKey, Link>,
+    results: std::sync::mpsc::Sender<TaskResult>,
+}
+
+impl Outbox for Links {
+    fn to_worker(&mut self, worker: WorkerKey, item: Outgoing) {
+        let Some(link) = self.links.get(&worker) else {
+            return;
+        };
+        let _ = match item {
+            Outgoing::ExpectOutputs { .. } | Outgoing::ForgetOutputs { .. } => {
+                link.plans.send(item)
+            }
+            _ => link.tx.send(item),
+        };
+    }
+
+    fn to_user(&mut self, result: TaskResult) {
+        let _ = self.results.send(result);
+    }
 }
 
 pub(crate) struct EngineConfig {
@@ -205,7 +255,8 @@ enum TaskState {
         worker: WorkerKey,
         attempt: u32,
         allocation: Resources,
-        started: SystemTime,
+        /// When it was placed (the engine's clock).
+        started: Instant,
         /// Sent ahead and not started yet (it holds nothing there).
         on_worker_queue: bool,
     },
@@ -244,8 +295,6 @@ struct TaskEntry {
 struct WorkerEntry {
     hello: Box<Hello>,
     addr: SocketAddr,
-    tx: mpsc::UnboundedSender<Outgoing>,
-    conn: Arc<ConnShared>,
     files: HashSet<FileKey>,
     running: HashSet<TaskId>,
     in_use: Resources,
@@ -265,13 +314,16 @@ struct WorkerEntry {
     reserves: VecDeque<(Instant, TaskId, u32)>,
 }
 
-struct Engine {
+struct Engine<O: Outbox> {
+    out: O,
+    /// The engine's clock: set by the caller before each step, so that
+    /// decisions never read the wall clock (the tests move it).
+    now: Instant,
     sched: Scheduler,
     tasks: HashMap<TaskId, TaskEntry>,
     workers: HashMap<WorkerKey, WorkerEntry>,
     file_keys: HashMap<String, FileKey>,
     file_names: Vec<String>,
-    results: std::sync::mpsc::Sender<TaskResult>,
     next_seq: u64,
     stats: Stats,
     placements: Vec<Placement>,
@@ -301,24 +353,11 @@ pub(crate) async fn run(
     let password = config.password.clone().map(Arc::<[u8]>::from);
     let keepalive = (config.keepalive_interval, config.keepalive_timeout);
     let accept = tokio::spawn(accept_loop(listener, events_tx, password, keepalive));
-    let mut engine = Engine {
-        sched: Scheduler::new(),
-        tasks: HashMap::new(),
-        workers: HashMap::new(),
-        file_keys: HashMap::new(),
-        file_names: Vec::new(),
+    let links = Links {
+        links: HashMap::new(),
         results,
-        next_seq: 0,
-        stats: Stats::default(),
-        placements: Vec::new(),
-        report_identity: config.report_identity.clone(),
-        categories: Categories::default(),
-        class_reserve_mb: HashMap::new(),
-        growing_workers: HashSet::new(),
-        reserving_workers: HashSet::new(),
-        prefetch: config.prefetch,
-        touched: Vec::new(),
     };
+    let mut engine = Engine::new(links, config.report_identity.clone(), config.prefetch);
     let mut grow_tick = tokio::time::interval(Duration::from_millis(200));
     grow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reserve_tick = tokio::time::interval(Duration::from_millis(100));
@@ -328,6 +367,7 @@ pub(crate) async fn run(
             biased;
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
+                engine.now = Instant::now();
                 engine.on_event(ev);
                 // Take what else is ready before scheduling, so a burst costs one scheduling pass.
                 for _ in 0..4096 {
@@ -336,6 +376,7 @@ pub(crate) async fn run(
             }
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
+                engine.now = Instant::now();
                 if let Some(done) = engine.on_command(cmd) {
                     engine.shutdown();
                     accept.abort();
@@ -354,8 +395,14 @@ pub(crate) async fn run(
                     }
                 }
             }
-            _ = grow_tick.tick(), if !engine.growing_workers.is_empty() => engine.grow_timeouts(),
-            _ = reserve_tick.tick(), if !engine.reserving_workers.is_empty() => engine.let_go_of_aged_reserves(),
+            _ = grow_tick.tick(), if !engine.growing_workers.is_empty() => {
+                engine.now = Instant::now();
+                engine.grow_timeouts();
+            }
+            _ = reserve_tick.tick(), if !engine.reserving_workers.is_empty() => {
+                engine.now = Instant::now();
+                engine.let_go_of_aged_reserves();
+            }
         }
         engine.schedule();
     }
@@ -363,7 +410,61 @@ pub(crate) async fn run(
     accept.abort();
 }
 
-impl Engine {
+impl Engine<Links> {
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Joined {
+                key,
+                hello,
+                addr,
+                link,
+            } => {
+                self.out.links.insert(key, link);
+                self.worker_joined(key, hello, addr);
+            }
+            Event::Msg { key, msg } => self.on_worker_msg(key, msg),
+            Event::Gone { key, reason } => {
+                self.worker_gone(key, &reason);
+                self.out.links.remove(&key);
+            }
+            Event::Status(reply) => {
+                let _ = reply.send(self.status_report());
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        // Dropping the senders ends each writer, which closes its connection.
+        self.out.links.clear();
+        self.workers.clear();
+    }
+}
+
+impl<O: Outbox> Engine<O> {
+    fn new(out: O, report_identity: Arc<drover_catalog::MasterReport>, prefetch: usize) -> Self {
+        Engine {
+            out,
+            now: Instant::now(),
+            sched: Scheduler::new(),
+            tasks: HashMap::new(),
+            workers: HashMap::new(),
+            file_keys: HashMap::new(),
+            file_names: Vec::new(),
+            next_seq: 0,
+            stats: Stats::default(),
+            placements: Vec::new(),
+            report_identity,
+            categories: Categories::default(),
+            class_reserve_mb: HashMap::new(),
+            growing_workers: HashSet::new(),
+            reserving_workers: HashSet::new(),
+            prefetch,
+            touched: Vec::new(),
+        }
+    }
+}
+
+impl<O: Outbox> Engine<O> {
     fn intern(&mut self, name: &str) -> FileKey {
         if let Some(&k) = self.file_keys.get(name) {
             return k;
@@ -397,8 +498,8 @@ impl Engine {
                 let _ = reply.send(self.worker_infos());
             }
             Command::DismissWorkers(done) => {
-                for w in self.workers.values() {
-                    let _ = w.tx.send(Outgoing::Msg(MasterMsg::Shutdown));
+                for &key in self.workers.keys() {
+                    self.out.to_worker(key, Outgoing::Msg(MasterMsg::Shutdown));
                 }
                 let _ = done.send(());
             }
@@ -536,12 +637,13 @@ impl Engine {
                     return false;
                 }
                 task.cancelling = true;
-                if let Some(w) = self.workers.get(&worker) {
-                    let _ = w.tx.send(Outgoing::Msg(MasterMsg::Kill {
+                self.out.to_worker(
+                    worker,
+                    Outgoing::Msg(MasterMsg::Kill {
                         task_id: id,
                         attempt,
-                    }));
-                }
+                    }),
+                );
                 true
             }
         }
@@ -587,15 +689,10 @@ impl Engine {
         s
     }
 
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::Joined {
-                key,
-                hello,
-                addr,
-                tx,
-                conn,
-            } => {
+    /// A worker passed the handshake.
+    fn worker_joined(&mut self, key: WorkerKey, hello: Box<Hello>, addr: SocketAddr) {
+        {
+            {
                 info!(worker = %addr, host = %hello.hostname, resources = ?hello.resources, "worker joined");
                 self.sched.add_worker(key, hello.resources);
                 let mut files = HashSet::new();
@@ -614,8 +711,6 @@ impl Engine {
                     WorkerEntry {
                         hello,
                         addr,
-                        tx,
-                        conn,
                         files,
                         running: HashSet::new(),
                         in_use: Resources::default(),
@@ -627,7 +722,12 @@ impl Engine {
                 );
                 self.refresh_largest();
             }
-            Event::Msg { key, msg } => match msg {
+        }
+    }
+
+    fn on_worker_msg(&mut self, key: WorkerKey, msg: WorkerMsg) {
+        {
+            match msg {
                 WorkerMsg::TaskDone { report, .. } => self.task_done(key, *report),
                 WorkerMsg::Rejected {
                     task_id,
@@ -649,10 +749,6 @@ impl Engine {
                 | WorkerMsg::Hello(_)
                 | WorkerMsg::AuthProof { .. }
                 | WorkerMsg::StatusQuery { .. } => {}
-            },
-            Event::Gone { key, reason } => self.worker_gone(key, &reason),
-            Event::Status(reply) => {
-                let _ = reply.send(self.status_report());
             }
         }
     }
@@ -763,17 +859,17 @@ impl Engine {
         if w != worker || a != attempt {
             return;
         }
+        let has_outputs = !task.spec.outputs.is_empty();
         self.drop_grow_wait(worker, id);
         if let Some(wk) = self.workers.get_mut(&worker) {
             wk.running.remove(&id);
             if !on_worker_queue {
                 wk.in_use = wk.in_use.saturating_sub(&allocation);
             }
-            wk.conn
-                .outputs
-                .lock()
-                .map(|mut m| m.remove(&(id, attempt)))
-                .ok();
+        }
+        if has_outputs {
+            self.out
+                .to_worker(worker, Outgoing::ForgetOutputs { task: id, attempt });
         }
         self.sched.release_task(worker, id, allocation);
         self.end_reserve(worker, id);
@@ -1039,7 +1135,7 @@ impl Engine {
                 Some(SystemTime::UNIX_EPOCH + Duration::from_millis(report.started_ms));
             result.host = Some(host);
         }
-        let _ = self.results.send(result);
+        self.out.to_user(result);
     }
 
     fn schedule(&mut self) {
@@ -1158,7 +1254,7 @@ impl Engine {
         };
         let attempt = task.attempts.len() as u32 + 1;
         if reserve_mb > 0 {
-            worker.reserves.push_back((Instant::now(), p.task, attempt));
+            worker.reserves.push_back((self.now, p.task, attempt));
             self.reserving_workers.insert(p.worker);
         }
         let spec = &task.spec;
@@ -1173,22 +1269,28 @@ impl Engine {
                             self.sched.note_cached(p.worker, k);
                         }
                         self.stats.files_sent += 1;
-                        let _ = worker.tx.send(Outgoing::File {
-                            id: id.clone(),
-                            cache: true,
-                            source: input.source.clone(),
-                        });
+                        self.out.to_worker(
+                            p.worker,
+                            Outgoing::File {
+                                id: id.clone(),
+                                cache: true,
+                                source: input.source.clone(),
+                            },
+                        );
                     }
                     id.clone()
                 }
                 None => {
                     let id = format!("u-{}-{}-{}", p.task, attempt, n);
                     self.stats.files_sent += 1;
-                    let _ = worker.tx.send(Outgoing::File {
-                        id: id.clone(),
-                        cache: false,
-                        source: input.source.clone(),
-                    });
+                    self.out.to_worker(
+                        p.worker,
+                        Outgoing::File {
+                            id: id.clone(),
+                            cache: false,
+                            source: input.source.clone(),
+                        },
+                    );
                     id
                 }
             }
@@ -1223,11 +1325,17 @@ impl Engine {
             queued,
         };
         if !spec.outputs.is_empty() {
-            if let Ok(mut m) = worker.conn.outputs.lock() {
-                m.insert((p.task, attempt), spec.outputs.clone());
-            }
+            self.out.to_worker(
+                p.worker,
+                Outgoing::ExpectOutputs {
+                    task: p.task,
+                    attempt,
+                    plan: spec.outputs.clone(),
+                },
+            );
         }
-        let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Run(Box::new(run))));
+        self.out
+            .to_worker(p.worker, Outgoing::Msg(MasterMsg::Run(Box::new(run))));
         worker.running.insert(p.task);
         if !queued {
             worker.in_use = worker.in_use.saturating_add(&p.allocation);
@@ -1236,7 +1344,7 @@ impl Engine {
             worker: p.worker,
             attempt,
             allocation: p.allocation,
-            started: SystemTime::now(),
+            started: self.now,
             on_worker_queue: queued,
         };
         self.stats.tasks_waiting -= 1;
@@ -1253,18 +1361,17 @@ impl Engine {
     fn grow_asked(&mut self, key: WorkerKey, id: TaskId, attempt: u32, used_mb: f64) {
         let target = self.grow_target(key, id, attempt, used_mb);
         let Some((target, started, allocation)) = target else {
-            if let Some(worker) = self.workers.get(&key) {
-                let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
+            self.out.to_worker(
+                key,
+                Outgoing::Msg(MasterMsg::Grow {
                     task_id: id,
                     attempt,
                     allocation: None,
-                }));
-            }
+                }),
+            );
             return;
         };
-        let ran = SystemTime::now()
-            .duration_since(started)
-            .unwrap_or_default();
+        let ran = self.now.saturating_duration_since(started);
         if let Some(cat) = self.tasks.get_mut(&id).and_then(|t| {
             let first = std::mem::take(&mut t.first_growth_pending);
             match t.sizing {
@@ -1307,7 +1414,7 @@ impl Engine {
             attempt,
             target,
             have,
-            asked: Instant::now(),
+            asked: self.now,
             patience,
         });
         self.growing_workers.insert(key);
@@ -1323,7 +1430,7 @@ impl Engine {
         id: TaskId,
         attempt: u32,
         used_mb: f64,
-    ) -> Option<(Resources, SystemTime, Resources)> {
+    ) -> Option<(Resources, Instant, Resources)> {
         let task = self.tasks.get(&id)?;
         let TaskState::Running {
             worker,
@@ -1379,7 +1486,7 @@ impl Engine {
                 if started <= worker.growing.len() {
                     if let Some(newest) = worker.growing.pop_back() {
                         self.sched.give(key, newest.have);
-                        refuse_growth(&mut self.tasks, &worker.tx, &newest);
+                        refuse_growth(&mut self.tasks, &mut self.out, key, &newest);
                     }
                 }
             }
@@ -1427,11 +1534,14 @@ impl Engine {
                 };
                 let grown = allocation.saturating_add(&wait.have);
                 worker.in_use = worker.in_use.saturating_add(&wait.have);
-                let _ = worker.tx.send(Outgoing::Msg(MasterMsg::Grow {
-                    task_id: wait.task,
-                    attempt: wait.attempt,
-                    allocation: Some(grown),
-                }));
+                self.out.to_worker(
+                    key,
+                    Outgoing::Msg(MasterMsg::Grow {
+                        task_id: wait.task,
+                        attempt: wait.attempt,
+                        allocation: Some(grown),
+                    }),
+                );
                 if let Some(task) = self.tasks.get_mut(&wait.task) {
                     if let TaskState::Running { allocation, .. } = &mut task.state {
                         *allocation = grown;
@@ -1449,7 +1559,7 @@ impl Engine {
             }
             if let Some(newest) = worker.growing.pop_back() {
                 self.sched.give(key, newest.have);
-                refuse_growth(&mut self.tasks, &worker.tx, &newest);
+                refuse_growth(&mut self.tasks, &mut self.out, key, &newest);
             }
         }
     }
@@ -1459,7 +1569,7 @@ impl Engine {
     /// their growth reserve, so that more tasks can start. Costs O(1) per
     /// worker plus the reserves let go.
     fn let_go_of_aged_reserves(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         let keys: Vec<WorkerKey> = self.reserving_workers.iter().copied().collect();
         for key in keys {
             loop {
@@ -1555,7 +1665,7 @@ impl Engine {
     /// patience: each is killed and retried on its next rung, as if it had
     /// had nowhere to grow.
     fn grow_timeouts(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         let keys: Vec<WorkerKey> = self.growing_workers.iter().copied().collect();
         for key in keys {
             let Some(worker) = self.workers.get_mut(&key) else {
@@ -1574,16 +1684,11 @@ impl Engine {
                         "no room to grow after {:?}", wait.patience
                     );
                     self.sched.give(key, wait.have);
-                    refuse_growth(&mut self.tasks, &worker.tx, &wait);
+                    refuse_growth(&mut self.tasks, &mut self.out, key, &wait);
                 }
             }
             self.serve_growth(key);
         }
-    }
-
-    fn shutdown(&mut self) {
-        // Dropping the senders ends each writer, which closes its connection.
-        self.workers.clear();
     }
 }
 
@@ -1641,21 +1746,20 @@ async fn connection(
     };
     let key = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
-    let conn = Arc::new(ConnShared::default());
+    let (plans, mut plans_rx) = mpsc::unbounded_channel();
     if events
         .send(Event::Joined {
             key,
             hello,
             addr,
-            tx,
-            conn: conn.clone(),
+            link: Link { tx, plans },
         })
         .is_err()
     {
         return Ok(());
     }
     let writer_task = tokio::spawn(write_loop(writer, rx, interval));
-    let reason = read_loop(&mut reader, key, &events, &conn, timeout).await;
+    let reason = read_loop(&mut reader, key, &events, &mut plans_rx, timeout).await;
     writer_task.abort();
     let _ = events.send(Event::Gone { key, reason });
     Ok(())
@@ -1797,10 +1901,11 @@ async fn read_loop(
     reader: &mut BufReader<OwnedReadHalf>,
     key: WorkerKey,
     events: &mpsc::UnboundedSender<Event>,
-    conn: &ConnShared,
+    plans: &mut mpsc::UnboundedReceiver<Outgoing>,
     timeout: Duration,
 ) -> String {
     let mut buf = Vec::new();
+    let mut expected: HashMap<(TaskId, u32), OutputPlan> = HashMap::new();
     loop {
         let msg: WorkerMsg = match tokio::time::timeout(timeout, read_frame(reader, &mut buf)).await
         {
@@ -1810,11 +1915,23 @@ async fn read_loop(
             Ok(Ok(m)) => m,
         };
         if let WorkerMsg::TaskDone { report, outputs } = &msg {
-            let dests = conn
-                .outputs
-                .lock()
-                .ok()
-                .and_then(|mut m| m.remove(&(report.task_id, report.attempt)));
+            // The engine sent the plan before the task, so it is here by now.
+            while let Ok(change) = plans.try_recv() {
+                match change {
+                    Outgoing::ExpectOutputs {
+                        task,
+                        attempt,
+                        plan,
+                    } => {
+                        expected.insert((task, attempt), plan);
+                    }
+                    Outgoing::ForgetOutputs { task, attempt } => {
+                        expected.remove(&(task, attempt));
+                    }
+                    _ => {}
+                }
+            }
+            let dests = expected.remove(&(report.task_id, report.attempt));
             if let Err(e) = receive_outputs(reader, outputs, dests.as_deref()).await {
                 return format!("receiving outputs of task {}: {e}", report.task_id);
             }
@@ -1914,6 +2031,7 @@ async fn write_loop(
                 Outgoing::File { id, cache, source } => {
                     send_file(&mut writer, &mut frame, id, cache, &source).await?
                 }
+                Outgoing::ExpectOutputs { .. } | Outgoing::ForgetOutputs { .. } => {}
             }
             next = rx.try_recv().ok();
         }
@@ -1985,15 +2103,19 @@ async fn send_file(
 /// retried with the allocation it asked for (see `grow_refused`).
 fn refuse_growth(
     tasks: &mut HashMap<TaskId, TaskEntry>,
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    out: &mut impl Outbox,
+    key: WorkerKey,
     wait: &GrowWait,
 ) {
     if let Some(task) = tasks.get_mut(&wait.task) {
         task.grow_refused = Some(wait.target);
     }
-    let _ = tx.send(Outgoing::Msg(MasterMsg::Grow {
-        task_id: wait.task,
-        attempt: wait.attempt,
-        allocation: None,
-    }));
+    out.to_worker(
+        key,
+        Outgoing::Msg(MasterMsg::Grow {
+            task_id: wait.task,
+            attempt: wait.attempt,
+            allocation: None,
+        }),
+    );
 }
