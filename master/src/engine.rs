@@ -2119,3 +2119,6 @@ fn refuse_growth(
         }),
     );
 }
+
+#[cfg(test)]
+mod tests;

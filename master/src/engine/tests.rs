@@ -1,0 +1,418 @@
+//! The task lifecycle driven in-process: the engine's inputs are called
+//! directly, its clock is moved by hand, and a recording outbox shows what
+//! it sent to which worker and what the user received.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use drover_worker::protocol::{
+    Ending, Hello, LimitHit, MasterMsg, Measured, RunTask, TaskReport, WorkerMsg,
+};
+use drover_worker::Resources;
+use tokio::sync::oneshot;
+
+use super::{Command, Engine, Outbox, Outgoing, Prepared};
+use crate::category::CategoryConfig;
+use crate::scheduler::WorkerKey;
+use crate::task::{Outcome, TaskId, TaskResult};
+
+/// Records what the engine sends, in order.
+#[derive(Default)]
+struct Recorder {
+    sent: Vec<(WorkerKey, Outgoing)>,
+    results: Vec<TaskResult>,
+}
+
+impl Outbox for Recorder {
+    fn to_worker(&mut self, worker: WorkerKey, item: Outgoing) {
+        self.sent.push((worker, item));
+    }
+
+    fn to_user(&mut self, result: TaskResult) {
+        self.results.push(result);
+    }
+}
+
+fn mb(cores: u32, memory_mb: u64) -> Resources {
+    Resources {
+        cores,
+        memory_mb,
+        ..Default::default()
+    }
+}
+
+struct Harness {
+    e: Engine<Recorder>,
+    start: Instant,
+}
+
+impl Harness {
+    fn new(prefetch: usize) -> Harness {
+        let e = Engine::new(Recorder::default(), Default::default(), prefetch);
+        let start = e.now;
+        Harness { e, start }
+    }
+
+    /// Moves the engine's clock to `s` seconds after the start.
+    fn at(&mut self, s: f64) {
+        self.e.now = self.start + Duration::from_secs_f64(s);
+    }
+
+    /// A category whose tasks start at `first_mb` and may grow in place.
+    fn category(&mut self, name: &str, first_mb: u64) {
+        let config = CategoryConfig::bucketing().first(mb(1, first_mb));
+        let (tx, _rx) = oneshot::channel();
+        self.e
+            .on_command(Command::SetCategory(name.into(), Box::new(config), tx));
+    }
+
+    fn join(&mut self, key: WorkerKey, resources: Resources) {
+        let hello = Hello {
+            protocol: 0,
+            drover_version: String::new(),
+            hostname: format!("w{key}"),
+            os: String::new(),
+            arch: String::new(),
+            resources,
+            password: false,
+            cached: Vec::new(),
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], 9000 + key as u16).into();
+        self.e.worker_joined(key, Box::new(hello), addr);
+    }
+
+    fn submit(&mut self, id: TaskId, category: &str, resources: Resources) {
+        self.e.on_command(Command::Submit(Box::new(Prepared {
+            id,
+            command: format!("task {id}"),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            env: Vec::new(),
+            resources,
+            wall_time_s: None,
+            category: category.into(),
+            tag: None,
+            priority: 0,
+            max_retries: 5,
+            environment: None,
+            submitted: SystemTime::UNIX_EPOCH,
+        })));
+    }
+
+    /// What was sent since the last call, as (worker, message).
+    fn sent(&mut self) -> Vec<(WorkerKey, MasterMsg)> {
+        std::mem::take(&mut self.e.out.sent)
+            .into_iter()
+            .filter_map(|(w, item)| match item {
+                Outgoing::Msg(m) => Some((w, m)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The tasks sent since the last call, as (worker, task).
+    fn runs(&mut self) -> Vec<(WorkerKey, RunTask)> {
+        self.sent()
+            .into_iter()
+            .map(|(w, m)| match m {
+                MasterMsg::Run(run) => (w, *run),
+                other => panic!("expected only runs, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn grow(&mut self, key: WorkerKey, task_id: TaskId, attempt: u32, used_mb: f64) {
+        self.e.on_worker_msg(
+            key,
+            WorkerMsg::Grow {
+                task_id,
+                attempt,
+                limit_mb: 0.0,
+                used_mb,
+            },
+        );
+    }
+
+    fn done(&mut self, key: WorkerKey, report: TaskReport) {
+        self.e.on_worker_msg(
+            key,
+            WorkerMsg::TaskDone {
+                report: Box::new(report),
+                outputs: Vec::new(),
+            },
+        );
+    }
+
+    fn results(&mut self) -> Vec<TaskResult> {
+        std::mem::take(&mut self.e.out.results)
+    }
+}
+
+fn ended(task_id: TaskId, attempt: u32, ending: Ending, memory_mb: f64) -> TaskReport {
+    let mut r = TaskReport::never_started(task_id, attempt, ending, 0);
+    r.measured = Measured {
+        wall_time_s: 1.0,
+        memory_mb,
+        cores: 1.0,
+        ..Default::default()
+    };
+    r
+}
+
+fn succeeded(task_id: TaskId, attempt: u32, memory_mb: f64) -> TaskReport {
+    let mut r = ended(task_id, attempt, Ending::Exited, memory_mb);
+    r.exit_code = Some(0);
+    r
+}
+
+fn over_memory(task_id: TaskId, attempt: u32, limit: f64, value: f64) -> TaskReport {
+    let mut r = ended(task_id, attempt, Ending::LimitExceeded, value);
+    r.limit_exceeded = Some(LimitHit {
+        resource: "memory".into(),
+        limit,
+        value,
+    });
+    r
+}
+
+fn grow_msg(task_id: TaskId, attempt: u32, memory_mb: Option<u64>) -> MasterMsg {
+    MasterMsg::Grow {
+        task_id,
+        attempt,
+        allocation: memory_mb.map(|m| mb(1, m)),
+    }
+}
+
+/// Two tasks of 1,000 MB fill a worker of `memory_mb`; both run.
+fn two_running(h: &mut Harness, memory_mb: u64) {
+    h.category("c", 1000);
+    h.join(1, mb(2, memory_mb));
+    h.submit(1, "c", Resources::default());
+    h.submit(2, "c", Resources::default());
+    h.e.schedule();
+    let runs = h.runs();
+    assert_eq!(runs.len(), 2);
+    assert!(runs
+        .iter()
+        .all(|(w, r)| *w == 1 && r.allocation.memory_mb == 1000 && r.growable));
+}
+
+#[test]
+fn grow_granted_where_it_runs() {
+    let mut h = Harness::new(0);
+    h.category("c", 1000);
+    h.join(1, mb(4, 4000));
+    h.submit(1, "c", Resources::default());
+    h.e.schedule();
+    let runs = h.runs();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].1.allocation, mb(1, 1000));
+    assert!(runs[0].1.growable);
+    h.at(5.0);
+    // Nothing bigger is known: it grows by half, and the worker has room.
+    h.grow(1, 1, 1, 1000.0);
+    assert_eq!(h.sent(), vec![(1, grow_msg(1, 1, Some(1500)))]);
+    assert!(h.e.growing_workers.is_empty());
+    h.done(1, succeeded(1, 1, 1200.0));
+    let results = h.results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].outcome, Outcome::Success);
+    assert_eq!(results[0].allocated.memory_mb, 1500);
+    assert_eq!(h.e.stats().tasks_grown, 1);
+    assert!(h.sent().is_empty());
+}
+
+#[test]
+fn a_partial_grant_lets_the_task_go_on_with_what_is_free() {
+    let mut h = Harness::new(0);
+    two_running(&mut h, 2500);
+    // It asks for all the worker has (2,500 MB); only 500 MB are free,
+    // which is enough to go on with.
+    h.grow(1, 1, 1, 2000.0);
+    assert_eq!(h.sent(), vec![(1, grow_msg(1, 1, Some(1500)))]);
+    assert_eq!(h.e.stats().tasks_grown, 1);
+    assert!(h.results().is_empty());
+}
+
+#[test]
+fn refused_growth_is_retried_with_what_it_asked_for() {
+    let mut h = Harness::new(0);
+    two_running(&mut h, 2000);
+    // No room: the first waits for the other to free some.
+    h.grow(1, 1, 1, 1000.0);
+    assert!(h.sent().is_empty());
+    // Both frozen: nothing will free, so the newest is refused.
+    h.grow(1, 2, 1, 1000.0);
+    assert_eq!(h.sent(), vec![(1, grow_msg(2, 1, None))]);
+    // Its worker kills it: its room goes to the first, which goes on.
+    h.done(1, over_memory(2, 1, 1000.0, 1000.0));
+    assert_eq!(h.sent(), vec![(1, grow_msg(1, 1, Some(1500)))]);
+    assert!(h.results().is_empty());
+    // It is retried with the 1,500 MB it asked for, once they are free.
+    h.e.schedule();
+    assert!(h.runs().is_empty());
+    h.done(1, succeeded(1, 1, 1400.0));
+    h.e.schedule();
+    let runs = h.runs();
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].1.task_id, runs[0].1.attempt), (2, 2));
+    assert_eq!(runs[0].1.allocation.memory_mb, 1500);
+    h.done(1, succeeded(2, 2, 1400.0));
+    let results = h.results();
+    assert_eq!(results.len(), 2);
+    let second = &results[1];
+    assert_eq!((second.id, &second.outcome), (2, &Outcome::Success));
+    assert_eq!(second.attempts.len(), 2);
+    assert!(second.attempts[0].ending.starts_with("resource exhausted"));
+    assert_eq!(h.e.stats().tasks_resized, 1);
+}
+
+#[test]
+fn a_growth_reserve_is_released_once_it_outlives_the_growing_age() {
+    let mut h = Harness::new(0);
+    h.join(1, mb(8, 16_000));
+    let config = CategoryConfig::bucketing().min_samples(4);
+    let (tx, _rx) = oneshot::channel();
+    h.e.on_command(Command::SetCategory("c".into(), Box::new(config), tx));
+    // Teach the category a small bucket with rare big tasks, which tasks
+    // first asked to grow 2 s into their run.
+    let crate::category::registry::Sizing::Learned { cat, .. } =
+        h.e.categories.sizing("c", &Resources::default())
+    else {
+        panic!("a task declaring nothing learns");
+    };
+    for peak in [400.0, 450.0, 500.0, 3000.0] {
+        let m = Measured {
+            wall_time_s: 1.0,
+            memory_mb: peak,
+            cores: 1.0,
+            ..Default::default()
+        };
+        if let Some(requests) =
+            h.e.categories
+                .attempt_ended(cat, &mb(8, 16_000), &m, false, true)
+        {
+            h.e.apply_class_requests(requests);
+        }
+    }
+    for _ in 0..crate::category::GROWTH_AGES_MIN {
+        h.e.categories.note_growth_age(cat, Duration::from_secs(2));
+    }
+    h.submit(1, "c", Resources::default());
+    h.e.schedule();
+    let runs = h.runs();
+    assert_eq!(runs.len(), 1);
+    let allocation = runs[0].1.allocation;
+    let reserve = h.e.workers[&1].growth_room_mb;
+    assert!(reserve > 0, "a small bucket's task holds room to grow");
+    let free = |h: &Harness| h.e.sched.free(1).map_or(0, |r| r.memory_mb);
+    assert_eq!(free(&h), 16_000 - allocation.memory_mb - reserve);
+    // Held while the task is young enough to still grow (2 s x 1.5)...
+    h.at(2.9);
+    h.e.let_go_of_aged_reserves();
+    assert_eq!(h.e.workers[&1].growth_room_mb, reserve);
+    // ...and given back to the scheduler past that, with no word to the worker.
+    h.at(3.1);
+    h.e.let_go_of_aged_reserves();
+    assert_eq!(h.e.workers[&1].growth_room_mb, 0);
+    assert!(h.e.reserving_workers.is_empty());
+    assert_eq!(free(&h), 16_000 - allocation.memory_mb);
+    assert!(h.sent().is_empty());
+    assert!(h.results().is_empty());
+}
+
+#[test]
+fn a_frozen_task_whose_worker_is_lost_runs_again_elsewhere() {
+    let mut h = Harness::new(0);
+    two_running(&mut h, 2000);
+    h.grow(1, 1, 1, 1000.0);
+    assert!(h.sent().is_empty());
+    h.e.worker_gone(1, "test");
+    assert!(h.e.growing_workers.is_empty());
+    assert!(h.results().is_empty());
+    assert_eq!(h.e.stats().tasks_requeued, 2);
+    h.join(2, mb(2, 4000));
+    h.e.schedule();
+    let mut runs: Vec<(WorkerKey, TaskId, u32)> = h
+        .runs()
+        .into_iter()
+        .map(|(w, r)| (w, r.task_id, r.attempt))
+        .collect();
+    runs.sort_unstable();
+    assert_eq!(runs, vec![(2, 1, 2), (2, 2, 2)]);
+    h.done(2, succeeded(1, 2, 900.0));
+    let results = h.results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].outcome, Outcome::Success);
+    assert!(results[0].attempts[0].ending.starts_with("worker lost"));
+}
+
+#[test]
+fn cancelling_a_frozen_task_kills_it_and_frees_its_room() {
+    let mut h = Harness::new(0);
+    two_running(&mut h, 2000);
+    h.submit(3, "c", Resources::default());
+    h.e.schedule();
+    assert!(h.runs().is_empty(), "the worker is full");
+    h.grow(1, 1, 1, 1000.0);
+    assert!(h.sent().is_empty());
+    let (tx, mut rx) = oneshot::channel();
+    h.e.on_command(Command::Cancel(1, tx));
+    assert_eq!(rx.try_recv(), Ok(true));
+    assert_eq!(
+        h.sent(),
+        vec![(
+            1,
+            MasterMsg::Kill {
+                task_id: 1,
+                attempt: 1
+            }
+        )]
+    );
+    h.done(1, ended(1, 1, Ending::Killed, 1000.0));
+    let results = h.results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(
+        (results[0].id, &results[0].outcome),
+        (1, &Outcome::Cancelled)
+    );
+    assert!(h.e.growing_workers.is_empty());
+    // Its place goes to the waiting task.
+    h.e.schedule();
+    let runs = h.runs();
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].0, runs[0].1.task_id), (1, 3));
+}
+
+#[test]
+fn tasks_sent_ahead_to_a_lost_worker_are_queued_again() {
+    let mut h = Harness::new(1);
+    h.join(1, mb(1, 1000));
+    for id in 1..=3 {
+        h.submit(id, "", mb(1, 0));
+    }
+    h.e.schedule();
+    let runs: Vec<(TaskId, bool)> = h
+        .runs()
+        .into_iter()
+        .map(|(_, r)| (r.task_id, r.queued))
+        .collect();
+    assert_eq!(runs, vec![(1, false), (2, true)]);
+    assert_eq!(h.e.stats().tasks_sent_ahead, 1);
+    h.e.worker_gone(1, "test");
+    assert!(h.results().is_empty());
+    let stats = h.e.stats();
+    assert_eq!((stats.tasks_requeued, stats.tasks_waiting), (2, 3));
+    h.join(2, mb(1, 1000));
+    h.e.schedule();
+    let runs: Vec<(WorkerKey, TaskId, u32, bool)> = h
+        .runs()
+        .into_iter()
+        .map(|(w, r)| (w, r.task_id, r.attempt, r.queued))
+        .collect();
+    assert_eq!(runs[0], (2, 1, 2, false));
+    h.done(2, succeeded(1, 2, 10.0));
+    let results = h.results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].attempts.len(), 2);
+}
