@@ -17,17 +17,19 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 pub mod category;
+mod command;
 mod engine;
 mod files;
 mod manager;
 mod report;
 pub mod scheduler;
+mod stats;
 mod task;
 
 pub use category::{AllocationMode, CategoryConfig, CategoryStats};
 pub use drover_catalog::MasterReport;
 pub use drover_worker::protocol::Measured;
 pub use drover_worker::Resources;
-pub use engine::{Stats, WorkerInfo};
 pub use manager::{Manager, ManagerBuilder, StartError, SubmitError};
+pub use stats::{Stats, WorkerInfo};
 pub use task::{Attempt, Outcome, Task, TaskId, TaskResult};

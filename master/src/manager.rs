@@ -11,11 +11,13 @@ use drover_worker::protocol::check_sandbox_name;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::category::{CategoryConfig, CategoryStats};
-use crate::engine::{
-    self, Command, EngineConfig, FileSource, Prepared, PreparedInput, Stats, WorkerInfo,
-};
+use crate::command::Command;
+use crate::engine::{self, EngineConfig};
 use crate::files::FileNamer;
-use crate::task::{InputSource, Task, TaskId, TaskResult};
+use crate::stats::{Stats, WorkerInfo};
+use crate::task::{
+    FileSource, InputSource, Prepared, PreparedInput, Task, TaskId, TaskResult, DEFAULT_MAX_RETRIES,
+};
 
 /// Why a task was not accepted.
 #[derive(thiserror::Error, Debug)]
@@ -364,7 +366,7 @@ impl Manager {
             category: task.category.unwrap_or_else(|| "default".into()),
             tag: task.tag,
             priority: task.priority,
-            max_retries: task.max_retries.unwrap_or(engine::DEFAULT_MAX_RETRIES),
+            max_retries: task.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
             environment,
             submitted: SystemTime::now(),
         })

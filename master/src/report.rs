@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::category::{AllocationMode, CategoryStats};
-use crate::engine::{Command, Stats, WorkerInfo};
+use crate::command::Command;
 use crate::scheduler::Request;
+use crate::stats::{Stats, WorkerInfo};
 use crate::Manager;
 
 /// How often a master reports unless told otherwise (as CCTools masters do).

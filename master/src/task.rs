@@ -1,6 +1,7 @@
 //! Tasks as the user describes them, and results as the user gets them back.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use drover_worker::protocol::Measured;
@@ -241,4 +242,39 @@ impl TaskResult {
     pub fn succeeded(&self) -> bool {
         self.outcome == Outcome::Success
     }
+}
+
+/// Default number of times a task is retried after losing its worker.
+pub const DEFAULT_MAX_RETRIES: u32 = 5;
+
+/// A task after submit-time validation: file names resolved, paths checked.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub id: TaskId,
+    pub command: String,
+    pub inputs: Vec<PreparedInput>,
+    pub outputs: Vec<(String, PathBuf)>,
+    pub env: Vec<(String, String)>,
+    pub resources: Resources,
+    pub wall_time_s: Option<f64>,
+    pub category: String,
+    pub tag: Option<String>,
+    pub priority: i32,
+    pub max_retries: u32,
+    pub environment: Option<PreparedInput>,
+    pub submitted: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct PreparedInput {
+    /// Cache name for cached files; None for per-task files and buffers.
+    pub cache_id: Option<String>,
+    pub source: FileSource,
+    pub remote: String,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum FileSource {
+    Path(PathBuf),
+    Bytes(Arc<[u8]>),
 }

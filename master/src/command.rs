@@ -1,0 +1,24 @@
+//! What the `Manager` asks of the engine.
+
+use tokio::sync::oneshot;
+
+use crate::category::{CategoryConfig, CategoryStats};
+use crate::scheduler::Request;
+use crate::stats::{Stats, WorkerInfo};
+use crate::task::{Prepared, TaskId};
+
+pub(crate) enum Command {
+    Submit(Box<Prepared>),
+    Cancel(TaskId, oneshot::Sender<bool>),
+    CancelTag(String, oneshot::Sender<usize>),
+    Stats(oneshot::Sender<Stats>),
+    Workers(oneshot::Sender<Vec<WorkerInfo>>),
+    Shutdown(oneshot::Sender<()>),
+    DismissWorkers(oneshot::Sender<()>),
+    /// Sets a category's config (already validated).
+    SetCategory(String, Box<CategoryConfig>, oneshot::Sender<()>),
+    /// Statistics of one category (`Some(name)`) or of all.
+    CategoryStats(Option<String>, oneshot::Sender<Vec<CategoryStats>>),
+    /// Waiting tasks by request, for the factory's share of a status report.
+    Demand(oneshot::Sender<Vec<(Request, usize)>>),
+}

@@ -1,0 +1,302 @@
+//! The engine's tables (tasks, workers, files, the scheduler) and its
+//! answers to the user's commands and to a worker joining.
+
+use super::*;
+
+pub(super) enum TaskState {
+    Waiting,
+    Running {
+        worker: WorkerKey,
+        attempt: u32,
+        allocation: Resources,
+        /// When it was placed (the engine's clock).
+        started: Instant,
+        /// Sent ahead and not started yet (it holds nothing there).
+        on_worker_queue: bool,
+    },
+}
+
+pub(super) struct TaskEntry {
+    pub(super) spec: Box<Prepared>,
+    pub(super) seq: u64,
+    pub(super) state: TaskState,
+    pub(super) attempts: Vec<Attempt>,
+    pub(super) cancelling: bool,
+    /// Interned cached inputs, largest first would need sizes; submission order is kept.
+    pub(super) cached_keys: Vec<FileKey>,
+    /// How the allocation is decided (declared, or learned by the category).
+    pub(super) sizing: Sizing,
+    /// Set once the task was killed for exceeding its allocation: the rung
+    /// of the retry ladder it waits on (it leaves its category's class).
+    pub(super) rung: Option<Request>,
+    /// Attempts lost to infrastructure (worker lost, cached input gone):
+    /// the budget `max_retries` counts these only, not resource retries.
+    pub(super) lost: u32,
+    pub(super) resource_retries: u32,
+    /// Set when the task was refused the room to grow to this (see
+    /// `refuse_growth`): it is retried with it, not the category's next
+    /// rung, since it was seen to need more than its allocation.
+    pub(super) grow_refused: Option<Resources>,
+    /// Memory its running attempt added to its worker's `growth_room_mb`
+    /// (see `Categories::reserve_mb`); zero once it asked to grow, or ran
+    /// long enough without asking.
+    pub(super) reserve_mb: u64,
+    /// Its running attempt started in its class's bucket and has not asked
+    /// to grow yet: when it does, its category learns how long it ran.
+    pub(super) first_growth_pending: bool,
+}
+
+pub(super) struct WorkerEntry {
+    pub(super) hello: Box<Hello>,
+    pub(super) addr: SocketAddr,
+    pub(super) files: HashSet<FileKey>,
+    pub(super) running: HashSet<TaskId>,
+    pub(super) in_use: Resources,
+    /// Tasks frozen over their memory, oldest first; only the first takes
+    /// the room that frees up, so that the oldest is served first.
+    pub(super) growing: VecDeque<GrowWait>,
+    /// Memory taken from the scheduler and held free for the growth of the
+    /// tasks here that may still grow: placements charge it with their
+    /// allocation, tasks that ask to grow draw on it (whichever of them it
+    /// came with), and it goes back as those that did not grow end. Never
+    /// more than `reserved_mb`.
+    pub(super) growth_room_mb: u64,
+    /// The sum of `reserve_mb` over the tasks running here.
+    pub(super) reserved_mb: u64,
+    /// Tasks placed here with a growth reserve, oldest first, with when
+    /// they were placed: see [`Engine::let_go_of_aged_reserves`].
+    pub(super) reserves: VecDeque<(Instant, TaskId, u32)>,
+}
+
+pub(super) struct Engine<O: Outbox> {
+    pub(super) out: O,
+    /// The engine's clock: set by the caller before each step, so that
+    /// decisions never read the wall clock (the tests move it).
+    pub(super) now: Instant,
+    pub(super) sched: Scheduler,
+    pub(super) tasks: HashMap<TaskId, TaskEntry>,
+    pub(super) workers: HashMap<WorkerKey, WorkerEntry>,
+    pub(super) file_keys: HashMap<String, FileKey>,
+    pub(super) file_names: Vec<String>,
+    pub(super) next_seq: u64,
+    pub(super) stats: Stats,
+    pub(super) placements: Vec<Placement>,
+    pub(super) report_identity: Arc<drover_catalog::MasterReport>,
+    pub(super) categories: Categories,
+    /// Memory each class's placements are charged beyond their allocation
+    /// for growth (see [`ClassRequest`]).
+    pub(super) class_reserve_mb: HashMap<ClassKey, u64>,
+    /// Workers with a non-empty `growing` queue.
+    pub(super) growing_workers: HashSet<WorkerKey>,
+    /// Workers with a non-empty `reserves` queue.
+    pub(super) reserving_workers: HashSet<WorkerKey>,
+    pub(super) prefetch: usize,
+    /// Workers that freed or filled up since the last scheduling pass:
+    /// where sending a task ahead may now be useful.
+    pub(super) touched: Vec<WorkerKey>,
+}
+
+impl<O: Outbox> Engine<O> {
+    pub(super) fn new(
+        out: O,
+        report_identity: Arc<drover_catalog::MasterReport>,
+        prefetch: usize,
+    ) -> Self {
+        Engine {
+            out,
+            now: Instant::now(),
+            sched: Scheduler::new(),
+            tasks: HashMap::new(),
+            workers: HashMap::new(),
+            file_keys: HashMap::new(),
+            file_names: Vec::new(),
+            next_seq: 0,
+            stats: Stats::default(),
+            placements: Vec::new(),
+            report_identity,
+            categories: Categories::default(),
+            class_reserve_mb: HashMap::new(),
+            growing_workers: HashSet::new(),
+            reserving_workers: HashSet::new(),
+            prefetch,
+            touched: Vec::new(),
+        }
+    }
+
+    pub(super) fn intern(&mut self, name: &str) -> FileKey {
+        if let Some(&k) = self.file_keys.get(name) {
+            return k;
+        }
+        let k = self.file_names.len() as FileKey;
+        self.file_names.push(name.to_string());
+        self.file_keys.insert(name.to_string(), k);
+        k
+    }
+
+    pub(super) fn on_command(&mut self, cmd: Command) -> Option<oneshot::Sender<()>> {
+        match cmd {
+            Command::Submit(spec) => self.submit(spec),
+            Command::Cancel(id, reply) => {
+                let _ = reply.send(self.cancel(id));
+            }
+            Command::CancelTag(tag, reply) => {
+                let ids: Vec<TaskId> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| t.spec.tag.as_deref() == Some(&tag))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let n = ids.into_iter().filter(|id| self.cancel(*id)).count();
+                let _ = reply.send(n);
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+            Command::Workers(reply) => {
+                let _ = reply.send(self.worker_infos());
+            }
+            Command::DismissWorkers(done) => {
+                for &key in self.workers.keys() {
+                    self.out.to_worker(key, Outgoing::Msg(MasterMsg::Shutdown));
+                }
+                let _ = done.send(());
+            }
+            Command::SetCategory(name, config, done) => {
+                let requests = self.categories.configure(&name, *config);
+                self.apply_class_requests(requests);
+                let _ = done.send(());
+            }
+            Command::CategoryStats(name, reply) => {
+                let stats = match name {
+                    Some(n) => self.categories.stats(&n).into_iter().collect(),
+                    None => self.categories.all_stats(),
+                };
+                let _ = reply.send(stats);
+            }
+            Command::Demand(reply) => {
+                let _ = reply.send(self.sched.demand());
+            }
+            Command::Shutdown(done) => return Some(done),
+        }
+        None
+    }
+
+    /// Recomputes the component-wise largest worker for the categories.
+    pub(super) fn refresh_largest(&mut self) {
+        let largest = self.workers.values().fold(Resources::default(), |a, w| {
+            let r = &w.hello.resources;
+            Resources {
+                cores: a.cores.max(r.cores),
+                memory_mb: a.memory_mb.max(r.memory_mb),
+                disk_mb: a.disk_mb.max(r.disk_mb),
+                gpus: a.gpus.max(r.gpus),
+            }
+        });
+        let requests = self.categories.set_largest(largest);
+        self.apply_class_requests(requests);
+    }
+
+    pub(super) fn worker_infos(&self) -> Vec<WorkerInfo> {
+        self.workers
+            .values()
+            .map(|w| WorkerInfo {
+                host: w.hello.hostname.clone(),
+                addr: w.addr.to_string(),
+                resources: w.hello.resources,
+                running: w.running.len(),
+            })
+            .collect()
+    }
+
+    /// The report a status query gets: the catalog's report plus the waiting
+    /// tasks by shape, built here in one step since the asker waits on the
+    /// network anyway. Costs O(workers + shapes), once per query.
+    pub(super) fn status_report(&self) -> drover_catalog::MasterReport {
+        let mut r =
+            crate::report::build_report(&self.report_identity, &self.stats(), &self.worker_infos());
+        r.waiting_shapes = crate::report::waiting_shapes(&self.sched.demand());
+        r
+    }
+
+    pub(super) fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.workers_connected = self.workers.len() as u64;
+        s.workers_busy = self
+            .workers
+            .values()
+            .filter(|w| !w.running.is_empty())
+            .count() as u64;
+        s.resources_total = self.workers.values().fold(Resources::default(), |a, w| {
+            a.saturating_add(&w.hello.resources)
+        });
+        s.resources_in_use = self
+            .workers
+            .values()
+            .fold(Resources::default(), |a, w| a.saturating_add(&w.in_use));
+        s
+    }
+
+    /// A worker passed the handshake.
+    pub(super) fn worker_joined(&mut self, key: WorkerKey, hello: Box<Hello>, addr: SocketAddr) {
+        {
+            {
+                info!(worker = %addr, host = %hello.hostname, resources = ?hello.resources, "worker joined");
+                self.sched.add_worker(key, hello.resources);
+                let mut files = HashSet::new();
+                for id in &hello.cached {
+                    if let Some(&k) = self.file_keys.get(id) {
+                        files.insert(k);
+                        self.sched.note_cached(key, k);
+                    } else {
+                        let k = self.intern(id);
+                        files.insert(k);
+                        self.sched.note_cached(key, k);
+                    }
+                }
+                self.workers.insert(
+                    key,
+                    WorkerEntry {
+                        hello,
+                        addr,
+                        files,
+                        running: HashSet::new(),
+                        in_use: Resources::default(),
+                        growing: VecDeque::new(),
+                        growth_room_mb: 0,
+                        reserved_mb: 0,
+                        reserves: VecDeque::new(),
+                    },
+                );
+                self.refresh_largest();
+            }
+        }
+    }
+
+    pub(super) fn on_worker_msg(&mut self, key: WorkerKey, msg: WorkerMsg) {
+        {
+            match msg {
+                WorkerMsg::TaskDone { report, .. } => self.task_done(key, *report),
+                WorkerMsg::Rejected {
+                    task_id,
+                    attempt,
+                    reason,
+                } => {
+                    warn!(task_id, "worker rejected the task: {reason}");
+                    self.requeue(key, task_id, attempt, format!("rejected: {reason}"), false);
+                }
+                WorkerMsg::Grow {
+                    task_id,
+                    attempt,
+                    used_mb,
+                    ..
+                } => self.grow_asked(key, task_id, attempt, used_mb),
+                WorkerMsg::Started { task_id, attempt } => self.started(key, task_id, attempt),
+                WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
+                WorkerMsg::Pong
+                | WorkerMsg::Hello(_)
+                | WorkerMsg::AuthProof { .. }
+                | WorkerMsg::StatusQuery { .. } => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! What travels with a task: a placement's inputs and its `RunTask`
+//! down to the worker, and the output bodies back.
+
+use super::*;
+
+impl<O: Outbox> Engine<O> {
+    pub(super) fn dispatch(&mut self, p: Placement, queued: bool) {
+        if !self.tasks.contains_key(&p.task) {
+            self.sched.release_task(p.worker, p.task, p.allocation);
+            return;
+        }
+        if !self.workers.contains_key(&p.worker) {
+            self.enqueue_task(p.task);
+            return;
+        }
+        let (Some(task), Some(worker)) =
+            (self.tasks.get_mut(&p.task), self.workers.get_mut(&p.worker))
+        else {
+            return;
+        };
+        // A placement from a category's class was charged its growth
+        // reserve on top of the allocation: that part is the worker's.
+        let reserve_mb = match (task.rung, task.sizing) {
+            (None, Sizing::Learned { class, .. }) => self
+                .class_reserve_mb
+                .get(&class)
+                .copied()
+                .unwrap_or(0)
+                .min(p.allocation.memory_mb),
+            _ => 0,
+        };
+        let mut p = p;
+        p.allocation.memory_mb -= reserve_mb;
+        task.reserve_mb = reserve_mb;
+        task.first_growth_pending = reserve_mb > 0;
+        worker.growth_room_mb += reserve_mb;
+        worker.reserved_mb += reserve_mb;
+        let (learned, growable) = match task.sizing {
+            Sizing::Learned { cat, .. } => {
+                self.categories.note_allocation(cat);
+                let growable = self.categories.grows(cat)
+                    && task.resource_retries < MAX_RESOURCE_RETRIES
+                    && p.allocation.memory_mb > 0;
+                (true, growable)
+            }
+            Sizing::Plain(_) => (false, false),
+        };
+        let attempt = task.attempts.len() as u32 + 1;
+        if reserve_mb > 0 {
+            worker.reserves.push_back((self.now, p.task, attempt));
+            self.reserving_workers.insert(p.worker);
+        }
+        let spec = &task.spec;
+        let mut inputs = Vec::with_capacity(spec.inputs.len());
+        let mut send = |input: &PreparedInput, n: usize| -> String {
+            match &input.cache_id {
+                Some(id) => {
+                    let k = self.file_keys.get(id).copied();
+                    let fresh = k.map(|k| worker.files.insert(k)).unwrap_or(true);
+                    if fresh {
+                        if let Some(k) = k {
+                            self.sched.note_cached(p.worker, k);
+                        }
+                        self.stats.files_sent += 1;
+                        self.out.to_worker(
+                            p.worker,
+                            Outgoing::File {
+                                id: id.clone(),
+                                cache: true,
+                                source: input.source.clone(),
+                            },
+                        );
+                    }
+                    id.clone()
+                }
+                None => {
+                    let id = format!("u-{}-{}-{}", p.task, attempt, n);
+                    self.stats.files_sent += 1;
+                    self.out.to_worker(
+                        p.worker,
+                        Outgoing::File {
+                            id: id.clone(),
+                            cache: false,
+                            source: input.source.clone(),
+                        },
+                    );
+                    id
+                }
+            }
+        };
+        for (n, input) in spec.inputs.iter().enumerate() {
+            let file_id = send(input, n);
+            inputs.push(protocol::InputRef {
+                file_id,
+                name: input.remote.clone(),
+                cached: input.cache_id.is_some(),
+            });
+        }
+        let environment = spec.environment.as_ref().map(|e| send(e, usize::MAX));
+        let run = RunTask {
+            task_id: p.task,
+            attempt,
+            command: spec.command.clone(),
+            env: spec.env.clone(),
+            inputs,
+            outputs: spec
+                .outputs
+                .iter()
+                .map(|(remote, _)| remote.clone())
+                .collect(),
+            allocation: p.allocation,
+            // A learned allocation is a limit too: going over it is how the
+            // category finds out the task needs a bigger bucket.
+            enforce_limits: learned || !spec.resources.is_zero(),
+            wall_time_s: spec.wall_time_s,
+            environment,
+            growable,
+            queued,
+        };
+        if !spec.outputs.is_empty() {
+            self.out.to_worker(
+                p.worker,
+                Outgoing::ExpectOutputs {
+                    task: p.task,
+                    attempt,
+                    plan: spec.outputs.clone(),
+                },
+            );
+        }
+        self.out
+            .to_worker(p.worker, Outgoing::Msg(MasterMsg::Run(Box::new(run))));
+        worker.running.insert(p.task);
+        if !queued {
+            worker.in_use = worker.in_use.saturating_add(&p.allocation);
+        }
+        task.state = TaskState::Running {
+            worker: p.worker,
+            attempt,
+            allocation: p.allocation,
+            started: self.now,
+            on_worker_queue: queued,
+        };
+        self.stats.tasks_waiting -= 1;
+        self.stats.tasks_running += 1;
+    }
+}
+
+/// Streams each output body to its local path through a temporary name. Bodies
+/// nobody expects (a stale attempt, a name the task did not declare) are read and dropped.
+pub(super) async fn receive_outputs(
+    reader: &mut BufReader<OwnedReadHalf>,
+    outputs: &[OutputHeader],
+    dests: Option<&[(String, PathBuf)]>,
+) -> anyhow::Result<()> {
+    for header in outputs {
+        let dest = dests
+            .and_then(|d| d.iter().find(|(name, _)| *name == header.name))
+            .map(|(_, p)| p);
+        let mut body = (&mut *reader).take(header.size);
+        match dest {
+            Some(dest) => {
+                let tmp = dest.with_file_name(format!(
+                    ".{}.drover-part",
+                    dest.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ));
+                let written = async {
+                    let mut file = tokio::fs::File::create(&tmp).await?;
+                    let n = protocol::copy_body(&mut body, &mut file, header.size, |_| {}).await?;
+                    file.flush().await?;
+                    Ok::<u64, std::io::Error>(n)
+                }
+                .await;
+                match written {
+                    Ok(n) if n == header.size => tokio::fs::rename(&tmp, dest).await?,
+                    Ok(_) => {
+                        anyhow::bail!("connection closed in the middle of output {}", header.name)
+                    }
+                    Err(e) => {
+                        warn!(
+                            "cannot write output {} to {}: {e}",
+                            header.name,
+                            dest.display()
+                        );
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        tokio::io::copy(&mut body, &mut tokio::io::sink()).await?;
+                    }
+                }
+            }
+            None => {
+                tokio::io::copy(&mut body, &mut tokio::io::sink()).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn write_loop(
+    mut writer: BufWriter<OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    interval: Duration,
+) -> anyhow::Result<()> {
+    let mut frame = Vec::with_capacity(4096);
+    let mut last_write = Instant::now();
+    loop {
+        let item = match tokio::time::timeout(
+            interval
+                .saturating_sub(last_write.elapsed())
+                .max(Duration::from_millis(10)),
+            rx.recv(),
+        )
+        .await
+        {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            Err(_) => {
+                frame.clear();
+                protocol::encode_frame(&MasterMsg::Ping, &mut frame)?;
+                writer.write_all(&frame).await?;
+                writer.flush().await?;
+                last_write = Instant::now();
+                continue;
+            }
+        };
+        let mut next = Some(item);
+        while let Some(item) = next.take() {
+            match item {
+                Outgoing::Msg(msg) => {
+                    frame.clear();
+                    protocol::encode_frame(&msg, &mut frame)?;
+                    writer.write_all(&frame).await?;
+                }
+                Outgoing::File { id, cache, source } => {
+                    send_file(&mut writer, &mut frame, id, cache, &source).await?
+                }
+                Outgoing::ExpectOutputs { .. } | Outgoing::ForgetOutputs { .. } => {}
+            }
+            next = rx.try_recv().ok();
+        }
+        writer.flush().await?;
+        last_write = Instant::now();
+    }
+    Ok(())
+}
+
+pub(super) async fn send_file(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    frame: &mut Vec<u8>,
+    id: String,
+    cache: bool,
+    source: &FileSource,
+) -> anyhow::Result<()> {
+    match source {
+        FileSource::Bytes(bytes) => {
+            frame.clear();
+            protocol::encode_frame(
+                &MasterMsg::PutFile {
+                    id,
+                    size: bytes.len() as u64,
+                    cache,
+                },
+                frame,
+            )?;
+            writer.write_all(frame).await?;
+            writer.write_all(bytes).await?;
+        }
+        FileSource::Path(path) => {
+            let file = tokio::fs::File::open(path).await;
+            let (file, size) = match file {
+                Ok(f) => {
+                    let size = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    (Some(f), size)
+                }
+                Err(e) => {
+                    // Send an empty body: the worker's content check (or the task) then reports the file as missing.
+                    warn!(
+                        "input {} vanished before it could be sent: {e}",
+                        path.display()
+                    );
+                    (None, 0)
+                }
+            };
+            frame.clear();
+            protocol::encode_frame(&MasterMsg::PutFile { id, size, cache }, frame)?;
+            writer.write_all(frame).await?;
+            if let Some(mut f) = file {
+                let sent = protocol::copy_body(&mut f, writer, size, |_| {}).await?;
+                if sent < size {
+                    // The file shrank while being sent; pad so the stream stays framed (the hash check catches it).
+                    let zeros = vec![0u8; (size - sent).min(1 << 20) as usize];
+                    let mut left = size - sent;
+                    while left > 0 {
+                        let n = left.min(zeros.len() as u64) as usize;
+                        writer.write_all(&zeros[..n]).await?;
+                        left -= n as u64;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
