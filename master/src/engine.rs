@@ -48,7 +48,7 @@ mod lifecycle;
 mod state;
 mod transfer;
 
-use growth::GrowWait;
+use growth::WorkerGrowth;
 use state::{Engine, TaskEntry, TaskState};
 use transfer::{receive_outputs, write_loop};
 

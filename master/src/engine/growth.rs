@@ -23,6 +23,92 @@ const YOUNG_GROWTH_SHARE: f64 = 0.5;
 /// idle while the rest frees, and freezes again if it needs more.
 const GROW_PARTIAL_MIN_MB: u64 = 256;
 
+/// One worker's growth accounts, beside its free resources (which are the
+/// scheduler's): the room held back from the scheduler for its tasks'
+/// growth, and what its frozen tasks were given so far. What it has in use
+/// is what neither the scheduler nor these hold (see [`Engine::in_use`]).
+#[derive(Default)]
+pub(super) struct WorkerGrowth {
+    /// Tasks frozen over their memory, oldest first; only the first takes
+    /// the room that frees up, so that the oldest is served first.
+    pub(super) growing: VecDeque<GrowWait>,
+    /// Memory taken from the scheduler and held free for the growth of the
+    /// tasks here that may still grow: placements charge it with their
+    /// allocation, tasks that ask to grow draw on it (whichever of them it
+    /// came with), and it goes back as those that did not grow end. Never
+    /// more than `reserved_mb`.
+    pub(super) room_mb: u64,
+    /// The sum of `reserve_mb` over the tasks running here.
+    pub(super) reserved_mb: u64,
+    /// Tasks placed here with a growth reserve, oldest first, with when
+    /// they were placed: see [`Engine::let_go_of_aged_reserves`].
+    pub(super) reserves: VecDeque<(Instant, TaskId, u32)>,
+}
+
+impl WorkerGrowth {
+    /// `task`'s attempt was placed here with `reserve_mb` for growth: the
+    /// room holds it. True if that is a reserve to let go of by age.
+    pub(super) fn hold(
+        &mut self,
+        now: Instant,
+        task: TaskId,
+        attempt: u32,
+        reserve_mb: u64,
+    ) -> bool {
+        if reserve_mb == 0 {
+            return false;
+        }
+        self.room_mb += reserve_mb;
+        self.reserved_mb += reserve_mb;
+        self.reserves.push_back((now, task, attempt));
+        true
+    }
+
+    /// A task's reserve of `own` MB is off the books: returns the room
+    /// that now backs no task's reserve (at most `own`; less if others'
+    /// growth used the room), which leaves the room.
+    pub(super) fn release(&mut self, own: u64) -> u64 {
+        self.reserved_mb = self.reserved_mb.saturating_sub(own);
+        let spare = self.room_mb.saturating_sub(self.reserved_mb);
+        self.room_mb -= spare;
+        spare
+    }
+
+    /// Held back from the scheduler and not yet any task's: the room, and
+    /// what frozen tasks were given towards their growth.
+    pub(super) fn held(&self) -> Resources {
+        self.growing.iter().fold(
+            Resources {
+                memory_mb: self.room_mb,
+                ..Default::default()
+            },
+            |a, w| a.saturating_add(&w.have),
+        )
+    }
+}
+
+/// A placement from a category's class was charged its growth reserve on
+/// top of the allocation (see [`Engine::apply_class_requests`]): takes that
+/// part off `p`'s allocation and returns it, for the worker's growth room.
+pub(super) fn charge_reserve(
+    class_reserve_mb: &HashMap<ClassKey, u64>,
+    p: &mut Placement,
+    task: &mut TaskEntry,
+) -> u64 {
+    let reserve_mb = match (task.rung, task.sizing) {
+        (None, Sizing::Learned { class, .. }) => class_reserve_mb
+            .get(&class)
+            .copied()
+            .unwrap_or(0)
+            .min(p.allocation.memory_mb),
+        _ => 0,
+    };
+    p.allocation.memory_mb -= reserve_mb;
+    task.reserve_mb = reserve_mb;
+    task.first_growth_pending = reserve_mb > 0;
+    reserve_mb
+}
+
 /// A task frozen over its memory allocation, waiting on its worker for the
 /// room to grow to `target` (see [`Engine::grow_asked`]).
 pub(super) struct GrowWait {
@@ -38,6 +124,20 @@ pub(super) struct GrowWait {
 }
 
 impl<O: Outbox> Engine<O> {
+    /// What `key` has in use: its resources less what the scheduler has
+    /// free and what is held for growth. Derived, not kept, so that a
+    /// worker's memory is in two accounts only.
+    pub(super) fn in_use(&self, key: WorkerKey) -> Resources {
+        let Some(w) = self.workers.get(&key) else {
+            return Resources::default();
+        };
+        let free = self.sched.free(key).unwrap_or_default();
+        w.hello
+            .resources
+            .saturating_sub(&free)
+            .saturating_sub(&w.growth.held())
+    }
+
     /// Gives the scheduler each class's request, charged its growth
     /// reserve on top (the placement gives that part to the worker's
     /// growth room: see `dispatch`).
@@ -121,7 +221,7 @@ impl<O: Outbox> Engine<O> {
         // small bucket's limit). A task far into its run waits longer.
         let young = used_mb < target.memory_mb as f64 * YOUNG_GROWTH_SHARE;
         let patience = if young { ran } else { ran.max(GROW_WAIT_MIN) };
-        worker.growing.push_back(GrowWait {
+        worker.growth.growing.push_back(GrowWait {
             task: id,
             attempt,
             target,
@@ -195,8 +295,8 @@ impl<O: Outbox> Engine<O> {
         if queued > 0 {
             if let Some(worker) = self.workers.get_mut(&key) {
                 let started = worker.running.len().saturating_sub(queued);
-                if started <= worker.growing.len() {
-                    if let Some(newest) = worker.growing.pop_back() {
+                if started <= worker.growth.growing.len() {
+                    if let Some(newest) = worker.growth.growing.pop_back() {
                         self.sched.give(key, newest.have);
                         refuse_growth(&mut self.tasks, &mut self.out, key, &newest);
                     }
@@ -209,7 +309,7 @@ impl<O: Outbox> Engine<O> {
                 self.growing_workers.remove(&key);
                 return;
             };
-            let Some(head) = worker.growing.front_mut() else {
+            let Some(head) = worker.growth.growing.front_mut() else {
                 self.growing_workers.remove(&key);
                 return;
             };
@@ -222,7 +322,7 @@ impl<O: Outbox> Engine<O> {
                 }) if w == key && attempt == head.attempt => allocation,
                 _ => {
                     let have = head.have;
-                    worker.growing.pop_front();
+                    worker.growth.growing.pop_front();
                     self.sched.give(key, have);
                     continue;
                 }
@@ -234,18 +334,17 @@ impl<O: Outbox> Engine<O> {
             let from_room = need
                 .memory_mb
                 .saturating_sub(got.memory_mb)
-                .min(worker.growth_room_mb);
-            worker.growth_room_mb -= from_room;
+                .min(worker.growth.room_mb);
+            worker.growth.room_mb -= from_room;
             got.memory_mb += from_room;
             head.have = head.have.saturating_add(&got);
             let complete = need.saturating_sub(&got).is_zero();
             let partial = head.have.memory_mb >= GROW_PARTIAL_MIN_MB.max(allocation.memory_mb / 4);
             if complete || partial {
-                let Some(wait) = worker.growing.pop_front() else {
+                let Some(wait) = worker.growth.growing.pop_front() else {
                     continue;
                 };
                 let grown = allocation.saturating_add(&wait.have);
-                worker.in_use = worker.in_use.saturating_add(&wait.have);
                 self.out.to_worker(
                     key,
                     Outgoing::Msg(MasterMsg::Grow {
@@ -266,10 +365,10 @@ impl<O: Outbox> Engine<O> {
                 self.stats.tasks_grown += 1;
                 continue;
             }
-            if worker.running.len() > worker.growing.len() {
+            if worker.running.len() > worker.growth.growing.len() {
                 return;
             }
-            if let Some(newest) = worker.growing.pop_back() {
+            if let Some(newest) = worker.growth.growing.pop_back() {
                 self.sched.give(key, newest.have);
                 refuse_growth(&mut self.tasks, &mut self.out, key, &newest);
             }
@@ -285,8 +384,10 @@ impl<O: Outbox> Engine<O> {
         let keys: Vec<WorkerKey> = self.reserving_workers.iter().copied().collect();
         for key in keys {
             loop {
-                let Some(&(placed, id, attempt)) =
-                    self.workers.get(&key).and_then(|w| w.reserves.front())
+                let Some(&(placed, id, attempt)) = self
+                    .workers
+                    .get(&key)
+                    .and_then(|w| w.growth.reserves.front())
                 else {
                     self.reserving_workers.remove(&key);
                     break;
@@ -313,7 +414,7 @@ impl<O: Outbox> Engine<O> {
                     self.end_reserve(key, id);
                 }
                 if let Some(w) = self.workers.get_mut(&key) {
-                    w.reserves.pop_front();
+                    w.growth.reserves.pop_front();
                 }
             }
         }
@@ -351,10 +452,7 @@ impl<O: Outbox> Engine<O> {
         let Some(worker) = self.workers.get_mut(&key) else {
             return 0;
         };
-        worker.reserved_mb = worker.reserved_mb.saturating_sub(own);
-        let spare = worker.growth_room_mb.saturating_sub(worker.reserved_mb);
-        worker.growth_room_mb -= spare;
-        spare
+        worker.growth.release(own)
     }
 
     /// Forgets `id`'s wait to grow on `key`, if any (it ended, or its
@@ -366,8 +464,8 @@ impl<O: Outbox> Engine<O> {
         let Some(worker) = self.workers.get_mut(&key) else {
             return;
         };
-        if let Some(pos) = worker.growing.iter().position(|w| w.task == id) {
-            if let Some(wait) = worker.growing.remove(pos) {
+        if let Some(pos) = worker.growth.growing.iter().position(|w| w.task == id) {
+            if let Some(wait) = worker.growth.growing.remove(pos) {
                 self.sched.give(key, wait.have);
             }
         }
@@ -384,13 +482,13 @@ impl<O: Outbox> Engine<O> {
                 continue;
             };
             let mut i = 0;
-            while i < worker.growing.len() {
-                let wait = &worker.growing[i];
+            while i < worker.growth.growing.len() {
+                let wait = &worker.growth.growing[i];
                 if now.duration_since(wait.asked) < wait.patience {
                     i += 1;
                     continue;
                 }
-                if let Some(wait) = worker.growing.remove(i) {
+                if let Some(wait) = worker.growth.growing.remove(i) {
                     debug!(
                         task = wait.task,
                         "no room to grow after {:?}", wait.patience

@@ -190,7 +190,6 @@ impl<O: Outbox> Engine<O> {
             worker: w,
             attempt: a,
             allocation,
-            on_worker_queue,
             ..
         } = task.state
         else {
@@ -203,9 +202,6 @@ impl<O: Outbox> Engine<O> {
         self.drop_grow_wait(worker, id);
         if let Some(wk) = self.workers.get_mut(&worker) {
             wk.running.remove(&id);
-            if !on_worker_queue {
-                wk.in_use = wk.in_use.saturating_sub(&allocation);
-            }
         }
         if has_outputs {
             self.out
@@ -247,8 +243,7 @@ impl<O: Outbox> Engine<O> {
             worker,
             attempt,
             allocation,
-            started,
-            on_worker_queue,
+            ..
         } = task.state
         else {
             return;
@@ -261,9 +256,6 @@ impl<O: Outbox> Engine<O> {
         let host = match self.workers.get_mut(&key) {
             Some(w) => {
                 w.running.remove(&id);
-                if !on_worker_queue {
-                    w.in_use = w.in_use.saturating_sub(&allocation);
-                }
                 w.hello.hostname.clone()
             }
             None => String::new(),
@@ -420,7 +412,6 @@ impl<O: Outbox> Engine<O> {
             allocation,
             ending: format!("{outcome:?}"),
         });
-        let _ = started;
         self.finish(id, outcome, Some((report, host)), error);
     }
 
@@ -508,7 +499,10 @@ impl<O: Outbox> Engine<O> {
         touched.dedup();
         for &key in &touched {
             while self.sched.waiting() > self.workers.len() {
-                let growing = self.workers.get(&key).is_none_or(|w| !w.growing.is_empty());
+                let growing = self
+                    .workers
+                    .get(&key)
+                    .is_none_or(|w| !w.growth.growing.is_empty());
                 if growing {
                     break;
                 }
@@ -533,7 +527,6 @@ impl<O: Outbox> Engine<O> {
         let TaskState::Running {
             worker,
             attempt: a,
-            allocation,
             ref mut on_worker_queue,
             ..
         } = task.state
@@ -544,9 +537,6 @@ impl<O: Outbox> Engine<O> {
             return;
         }
         *on_worker_queue = false;
-        if let Some(w) = self.workers.get_mut(&key) {
-            w.in_use = w.in_use.saturating_add(&allocation);
-        }
         self.touched.push(key);
         self.serve_growth(key);
     }

@@ -37,7 +37,7 @@ pub(super) struct TaskEntry {
     /// `refuse_growth`): it is retried with it, not the category's next
     /// rung, since it was seen to need more than its allocation.
     pub(super) grow_refused: Option<Resources>,
-    /// Memory its running attempt added to its worker's `growth_room_mb`
+    /// Memory its running attempt added to its worker's growth room
     /// (see `Categories::reserve_mb`); zero once it asked to grow, or ran
     /// long enough without asking.
     pub(super) reserve_mb: u64,
@@ -51,21 +51,9 @@ pub(super) struct WorkerEntry {
     pub(super) addr: SocketAddr,
     pub(super) files: HashSet<FileKey>,
     pub(super) running: HashSet<TaskId>,
-    pub(super) in_use: Resources,
-    /// Tasks frozen over their memory, oldest first; only the first takes
-    /// the room that frees up, so that the oldest is served first.
-    pub(super) growing: VecDeque<GrowWait>,
-    /// Memory taken from the scheduler and held free for the growth of the
-    /// tasks here that may still grow: placements charge it with their
-    /// allocation, tasks that ask to grow draw on it (whichever of them it
-    /// came with), and it goes back as those that did not grow end. Never
-    /// more than `reserved_mb`.
-    pub(super) growth_room_mb: u64,
-    /// The sum of `reserve_mb` over the tasks running here.
-    pub(super) reserved_mb: u64,
-    /// Tasks placed here with a growth reserve, oldest first, with when
-    /// they were placed: see [`Engine::let_go_of_aged_reserves`].
-    pub(super) reserves: VecDeque<(Instant, TaskId, u32)>,
+    /// Its growth accounts. Its free resources are the scheduler's; what
+    /// it has in use is neither (see [`Engine::in_use`]).
+    pub(super) growth: WorkerGrowth,
 }
 
 pub(super) struct Engine<O: Outbox> {
@@ -229,10 +217,9 @@ impl<O: Outbox> Engine<O> {
         s.resources_total = self.workers.values().fold(Resources::default(), |a, w| {
             a.saturating_add(&w.hello.resources)
         });
-        s.resources_in_use = self
-            .workers
-            .values()
-            .fold(Resources::default(), |a, w| a.saturating_add(&w.in_use));
+        s.resources_in_use = self.workers.keys().fold(Resources::default(), |a, &k| {
+            a.saturating_add(&self.in_use(k))
+        });
         s
     }
 
@@ -260,11 +247,7 @@ impl<O: Outbox> Engine<O> {
                         addr,
                         files,
                         running: HashSet::new(),
-                        in_use: Resources::default(),
-                        growing: VecDeque::new(),
-                        growth_room_mb: 0,
-                        reserved_mb: 0,
-                        reserves: VecDeque::new(),
+                        growth: WorkerGrowth::default(),
                     },
                 );
                 self.refresh_largest();

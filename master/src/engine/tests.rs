@@ -213,6 +213,7 @@ fn grow_granted_where_it_runs() {
     h.grow(1, 1, 1, 1000.0);
     assert_eq!(h.sent(), vec![(1, grow_msg(1, 1, Some(1500)))]);
     assert!(h.e.growing_workers.is_empty());
+    assert_eq!(h.e.stats().resources_in_use, mb(1, 1500));
     h.done(1, succeeded(1, 1, 1200.0));
     let results = h.results();
     assert_eq!(results.len(), 1);
@@ -231,6 +232,7 @@ fn a_partial_grant_lets_the_task_go_on_with_what_is_free() {
     h.grow(1, 1, 1, 2000.0);
     assert_eq!(h.sent(), vec![(1, grow_msg(1, 1, Some(1500)))]);
     assert_eq!(h.e.stats().tasks_grown, 1);
+    assert_eq!(h.e.stats().resources_in_use, mb(2, 2500));
     assert!(h.results().is_empty());
 }
 
@@ -303,20 +305,21 @@ fn a_growth_reserve_is_released_once_it_outlives_the_growing_age() {
     let runs = h.runs();
     assert_eq!(runs.len(), 1);
     let allocation = runs[0].1.allocation;
-    let reserve = h.e.workers[&1].growth_room_mb;
+    let reserve = h.e.workers[&1].growth.room_mb;
     assert!(reserve > 0, "a small bucket's task holds room to grow");
     let free = |h: &Harness| h.e.sched.free(1).map_or(0, |r| r.memory_mb);
     assert_eq!(free(&h), 16_000 - allocation.memory_mb - reserve);
     // Held while the task is young enough to still grow (2 s x 1.5)...
     h.at(2.9);
     h.e.let_go_of_aged_reserves();
-    assert_eq!(h.e.workers[&1].growth_room_mb, reserve);
+    assert_eq!(h.e.workers[&1].growth.room_mb, reserve);
     // ...and given back to the scheduler past that, with no word to the worker.
     h.at(3.1);
     h.e.let_go_of_aged_reserves();
-    assert_eq!(h.e.workers[&1].growth_room_mb, 0);
+    assert_eq!(h.e.workers[&1].growth.room_mb, 0);
     assert!(h.e.reserving_workers.is_empty());
     assert_eq!(free(&h), 16_000 - allocation.memory_mb);
+    assert_eq!(h.e.stats().resources_in_use, allocation);
     assert!(h.sent().is_empty());
     assert!(h.results().is_empty());
 }
@@ -399,6 +402,8 @@ fn tasks_sent_ahead_to_a_lost_worker_are_queued_again() {
         .collect();
     assert_eq!(runs, vec![(1, false), (2, true)]);
     assert_eq!(h.e.stats().tasks_sent_ahead, 1);
+    // A task sent ahead holds nothing until it starts.
+    assert_eq!(h.e.stats().resources_in_use, mb(1, 0));
     h.e.worker_gone(1, "test");
     assert!(h.results().is_empty());
     let stats = h.e.stats();

@@ -18,23 +18,12 @@ impl<O: Outbox> Engine<O> {
         else {
             return;
         };
-        // A placement from a category's class was charged its growth
-        // reserve on top of the allocation: that part is the worker's.
-        let reserve_mb = match (task.rung, task.sizing) {
-            (None, Sizing::Learned { class, .. }) => self
-                .class_reserve_mb
-                .get(&class)
-                .copied()
-                .unwrap_or(0)
-                .min(p.allocation.memory_mb),
-            _ => 0,
-        };
+        let attempt = task.attempts.len() as u32 + 1;
         let mut p = p;
-        p.allocation.memory_mb -= reserve_mb;
-        task.reserve_mb = reserve_mb;
-        task.first_growth_pending = reserve_mb > 0;
-        worker.growth_room_mb += reserve_mb;
-        worker.reserved_mb += reserve_mb;
+        let reserve_mb = growth::charge_reserve(&self.class_reserve_mb, &mut p, task);
+        if worker.growth.hold(self.now, p.task, attempt, reserve_mb) {
+            self.reserving_workers.insert(p.worker);
+        }
         let (learned, growable) = match task.sizing {
             Sizing::Learned { cat, .. } => {
                 self.categories.note_allocation(cat);
@@ -45,11 +34,6 @@ impl<O: Outbox> Engine<O> {
             }
             Sizing::Plain(_) => (false, false),
         };
-        let attempt = task.attempts.len() as u32 + 1;
-        if reserve_mb > 0 {
-            worker.reserves.push_back((self.now, p.task, attempt));
-            self.reserving_workers.insert(p.worker);
-        }
         let spec = &task.spec;
         let mut inputs = Vec::with_capacity(spec.inputs.len());
         let mut send = |input: &PreparedInput, n: usize| -> String {
@@ -130,9 +114,6 @@ impl<O: Outbox> Engine<O> {
         self.out
             .to_worker(p.worker, Outgoing::Msg(MasterMsg::Run(Box::new(run))));
         worker.running.insert(p.task);
-        if !queued {
-            worker.in_use = worker.in_use.saturating_add(&p.allocation);
-        }
         task.state = TaskState::Running {
             worker: p.worker,
             attempt,
