@@ -183,43 +183,22 @@ impl<O: Outbox> Engine<O> {
         why: String,
         count_attempt: bool,
     ) {
-        let Some(task) = self.tasks.get(&id) else {
+        let Some(allocation) = self.running_attempt(worker, id, attempt) else {
             return;
         };
-        let TaskState::Running {
-            worker: w,
-            attempt: a,
-            allocation,
-            ..
-        } = task.state
-        else {
-            return;
-        };
-        if w != worker || a != attempt {
-            return;
-        }
-        let has_outputs = !task.spec.outputs.is_empty();
-        self.drop_grow_wait(worker, id);
-        if let Some(wk) = self.workers.get_mut(&worker) {
-            wk.running.remove(&id);
-        }
+        let has_outputs = self
+            .tasks
+            .get(&id)
+            .is_some_and(|t| !t.spec.outputs.is_empty());
         if has_outputs {
             self.out
                 .to_worker(worker, Outgoing::ForgetOutputs { task: id, attempt });
         }
-        self.sched.release_task(worker, id, allocation);
-        self.end_reserve(worker, id);
-        self.serve_growth(worker);
-        self.stats.tasks_running -= 1;
+        let host = self.release_attempt(worker, id, allocation);
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
         if count_attempt {
-            let host = self
-                .workers
-                .get(&worker)
-                .map(|w| w.hello.hostname.clone())
-                .unwrap_or_default();
             task.attempts.push(Attempt {
                 host,
                 allocation,
@@ -234,172 +213,204 @@ impl<O: Outbox> Engine<O> {
         }
     }
 
-    pub(super) fn task_done(&mut self, key: WorkerKey, report: TaskReport) {
-        let id = report.task_id;
-        let Some(task) = self.tasks.get_mut(&id) else {
-            return;
-        };
-        let TaskState::Running {
-            worker,
-            attempt,
-            allocation,
-            ..
-        } = task.state
-        else {
-            return;
-        };
-        if worker != key || attempt != report.attempt {
-            debug!(task = id, "ignoring a stale report");
-            return;
+    /// The allocation of `id`'s attempt `attempt` if it is the one running
+    /// on `worker` (a report of any other is stale).
+    fn running_attempt(&self, worker: WorkerKey, id: TaskId, attempt: u32) -> Option<Resources> {
+        match self.tasks.get(&id)?.state {
+            TaskState::Running {
+                worker: w,
+                attempt: a,
+                allocation,
+                ..
+            } if w == worker && a == attempt => Some(allocation),
+            _ => None,
         }
-        self.drop_grow_wait(key, id);
-        let host = match self.workers.get_mut(&key) {
+    }
+
+    /// `id`'s attempt on `worker` is over: what it held goes back to the
+    /// scheduler, its growth reserve and any wait to grow end, and the
+    /// worker's frozen tasks may take the room. Returns the worker's host.
+    fn release_attempt(&mut self, worker: WorkerKey, id: TaskId, allocation: Resources) -> String {
+        self.drop_grow_wait(worker, id);
+        let host = match self.workers.get_mut(&worker) {
             Some(w) => {
                 w.running.remove(&id);
                 w.hello.hostname.clone()
             }
             None => String::new(),
         };
-        self.sched.release_task(key, id, allocation);
-        self.end_reserve(key, id);
-        self.touched.push(key);
-        self.serve_growth(key);
-        let Some(task) = self.tasks.get_mut(&id) else {
+        self.sched.release_task(worker, id, allocation);
+        self.end_reserve(worker, id);
+        self.serve_growth(worker);
+        self.stats.tasks_running -= 1;
+        host
+    }
+
+    /// A worker reported an attempt's end. In steps: free what it held;
+    /// let its category learn from it; retry it bigger if it went over its
+    /// allocation, or again if an input went missing; else finish it.
+    pub(super) fn task_done(&mut self, key: WorkerKey, report: TaskReport) {
+        let id = report.task_id;
+        let Some(allocation) = self.running_attempt(key, id, report.attempt) else {
+            debug!(task = id, "ignoring a stale report");
             return;
         };
-        self.stats.tasks_running -= 1;
-        let exhausted = match (&report.ending, &report.limit_exceeded) {
-            (Ending::LimitExceeded, Some(hit)) if hit.resource == "wall_time" => None,
-            (Ending::LimitExceeded, hit) => Some(Dim::parse(
-                hit.as_ref()
-                    .map(|h| h.resource.as_str())
-                    .unwrap_or("memory"),
-            )),
-            _ => None,
-        };
-        let mut learned = None;
-        if let Sizing::Learned { cat, class } = task.sizing {
-            let success = report.ending == Ending::Exited && report.exit_code == Some(0);
-            self.categories.forget_retrying(cat, id);
-            let requests = self.categories.attempt_ended(
-                cat,
-                &allocation,
-                &report.measured,
-                exhausted.is_some(),
-                success,
-            );
-            if let Some(requests) = requests {
-                learned = Some((cat, requests));
-            }
-            if let (Some(dim), false) = (exhausted, task.cancelling) {
-                let was_whole = task.rung == Some(Request::WholeWorker)
-                    || self
-                        .workers
-                        .get(&key)
-                        .is_some_and(|w| w.hello.resources == allocation);
-                let seen = report.limit_exceeded.as_ref().map_or(0.0, |h| h.value);
-                let refused_to = task.grow_refused.take().filter(|_| dim == Dim::Memory);
-                let next = if task.resource_retries >= MAX_RESOURCE_RETRIES {
-                    None
-                } else if let Some(target) = refused_to {
-                    Some(Request::Fixed(target))
-                } else {
-                    self.categories
-                        .retry(cat, class, &allocation, was_whole, dim, seen)
-                };
-                if let Some(next) = next {
-                    let what = report
-                        .limit_exceeded
-                        .as_ref()
-                        .map(|h| format!("{} over {} ({})", h.resource, h.limit, h.value))
-                        .unwrap_or_else(|| "over its allocation".into());
-                    task.attempts.push(Attempt {
-                        host,
-                        allocation,
-                        ending: format!("resource exhausted: {what}; retrying with {next:?}"),
-                    });
-                    task.rung = Some(next);
-                    task.resource_retries += 1;
-                    self.categories.note_retry(cat, RetryCause::Exhausted(dim));
-                    // A task refused growth is sized by what it was seen to
-                    // need, not by a rung to move as the category learns
-                    // (see `retarget`).
-                    if refused_to.is_none() {
-                        self.categories.note_retrying(
-                            cat,
-                            id,
-                            Kill {
-                                class,
-                                failed: allocation,
-                                was_whole,
-                                dim,
-                                seen,
-                            },
-                        );
-                    }
-                    self.stats.tasks_resized += 1;
-                    self.enqueue_again(id);
-                    if let Some((cat, requests)) = learned {
-                        self.apply_class_requests(requests);
-                        self.retarget(cat);
-                    }
-                    return;
-                }
-                self.categories.note_exhausted(cat);
-            }
-        }
+        let host = self.release_attempt(key, id, allocation);
+        self.touched.push(key);
+        let exhausted = exhausted_dim(&report);
+        let learned = self.learn_from_attempt(id, &allocation, &report, exhausted.is_some());
+        let resized = exhausted
+            .is_some_and(|dim| self.retry_bigger(key, id, &host, allocation, &report, dim));
         if let Some((cat, requests)) = learned {
             self.apply_class_requests(requests);
             self.retarget(cat);
         }
+        if resized || self.retry_input_missing(key, id, &host, allocation, &report) {
+            return;
+        }
+        self.finish_reported(id, host, allocation, report);
+    }
+
+    /// A learned task's category records the attempt; `Some` with its new
+    /// class requests when what it answers may have changed.
+    fn learn_from_attempt(
+        &mut self,
+        id: TaskId,
+        allocation: &Resources,
+        report: &TaskReport,
+        killed: bool,
+    ) -> Option<(CatId, Vec<ClassRequest>)> {
+        let Sizing::Learned { cat, .. } = self.tasks.get(&id)?.sizing else {
+            return None;
+        };
+        let success = report.ending == Ending::Exited && report.exit_code == Some(0);
+        self.categories.forget_retrying(cat, id);
+        let requests =
+            self.categories
+                .attempt_ended(cat, allocation, &report.measured, killed, success)?;
+        Some((cat, requests))
+    }
+
+    /// A learned task went over its allocation in `dim`: it is queued again
+    /// on its next rung (or with what it asked to grow to, if it was refused
+    /// that), unless its ladder is done. True if it was.
+    fn retry_bigger(
+        &mut self,
+        key: WorkerKey,
+        id: TaskId,
+        host: &str,
+        allocation: Resources,
+        report: &TaskReport,
+        dim: Dim,
+    ) -> bool {
+        let whole = self.workers.get(&key).map(|w| w.hello.resources);
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return false;
+        };
+        let Sizing::Learned { cat, class } = task.sizing else {
+            return false;
+        };
+        if task.cancelling {
+            return false;
+        }
+        let was_whole = task.rung == Some(Request::WholeWorker) || whole == Some(allocation);
+        let seen = report.limit_exceeded.as_ref().map_or(0.0, |h| h.value);
+        let refused_to = task.grow_refused.take().filter(|_| dim == Dim::Memory);
+        let next = if task.resource_retries >= MAX_RESOURCE_RETRIES {
+            None
+        } else if let Some(target) = refused_to {
+            Some(Request::Fixed(target))
+        } else {
+            self.categories
+                .retry(cat, class, &allocation, was_whole, dim, seen)
+        };
+        let Some(next) = next else {
+            self.categories.note_exhausted(cat);
+            return false;
+        };
+        let what = report
+            .limit_exceeded
+            .as_ref()
+            .map(|h| format!("{} over {} ({})", h.resource, h.limit, h.value))
+            .unwrap_or_else(|| "over its allocation".into());
+        task.attempts.push(Attempt {
+            host: host.to_string(),
+            allocation,
+            ending: format!("resource exhausted: {what}; retrying with {next:?}"),
+        });
+        task.rung = Some(next);
+        task.resource_retries += 1;
+        self.categories.note_retry(cat, RetryCause::Exhausted(dim));
+        // A task refused growth is sized by what it was seen to need, not
+        // by a rung to move as the category learns (see `retarget`).
+        if refused_to.is_none() {
+            let kill = Kill {
+                class,
+                failed: allocation,
+                was_whole,
+                dim,
+                seen,
+            };
+            self.categories.note_retrying(cat, id, kill);
+        }
+        self.stats.tasks_resized += 1;
+        self.enqueue_again(id);
+        true
+    }
+
+    /// The worker's cache lost an input we thought it had: it forgets that
+    /// and the task is queued again, within its retry budget. True if it was.
+    fn retry_input_missing(
+        &mut self,
+        key: WorkerKey,
+        id: TaskId,
+        host: &str,
+        allocation: Resources,
+        report: &TaskReport,
+    ) -> bool {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return false;
+        };
+        if report.ending != Ending::InputMissing
+            || task.cancelling
+            || task.lost >= task.spec.max_retries
+        {
+            return false;
+        }
+        task.lost += 1;
+        if let Sizing::Learned { cat, .. } = task.sizing {
+            self.categories.note_retry(cat, RetryCause::Other);
+        }
+        if let Some(w) = self.workers.get_mut(&key) {
+            for k in &task.cached_keys {
+                w.files.remove(k);
+            }
+        }
+        task.attempts.push(Attempt {
+            host: host.to_string(),
+            allocation,
+            ending: report
+                .error
+                .clone()
+                .unwrap_or_else(|| "input missing".into()),
+        });
+        self.enqueue_again(id);
+        self.stats.tasks_requeued += 1;
+        true
+    }
+
+    /// The attempt's report is the task's result.
+    fn finish_reported(
+        &mut self,
+        id: TaskId,
+        host: String,
+        allocation: Resources,
+        report: TaskReport,
+    ) {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        if report.ending == Ending::InputMissing
-            && !task.cancelling
-            && task.lost < task.spec.max_retries
-        {
-            task.lost += 1;
-            if let Sizing::Learned { cat, .. } = task.sizing {
-                self.categories.note_retry(cat, RetryCause::Other);
-            }
-            // The worker's cache lost a file we thought it had: forget that, and send it again elsewhere or here.
-            if let Some(w) = self.workers.get_mut(&key) {
-                for k in &task.cached_keys {
-                    w.files.remove(k);
-                }
-            }
-            task.attempts.push(Attempt {
-                host,
-                allocation,
-                ending: report
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| "input missing".into()),
-            });
-            self.enqueue_again(id);
-            self.stats.tasks_requeued += 1;
-            return;
-        }
-        let outcome = match report.ending {
-            Ending::Exited if report.exit_code == Some(0) && report.missing_outputs.is_empty() => {
-                Outcome::Success
-            }
-            Ending::Exited if report.exit_code == Some(0) => Outcome::OutputMissing,
-            Ending::Exited => Outcome::Failed,
-            Ending::LimitExceeded => Outcome::ResourceExhausted {
-                resource: report
-                    .limit_exceeded
-                    .as_ref()
-                    .map(|l| l.resource.clone())
-                    .unwrap_or_else(|| "memory".into()),
-            },
-            Ending::WallTime => Outcome::WallTimeExceeded,
-            Ending::Killed if task.cancelling => Outcome::Cancelled,
-            Ending::Killed => Outcome::Failed,
-            Ending::InputMissing => Outcome::InputMissing,
-            Ending::SetupFailed => Outcome::Failed,
-        };
+        let outcome = outcome_of(&report, task.cancelling);
         let mut error = report.error.clone();
         if outcome == Outcome::OutputMissing && error.is_none() {
             error = Some(format!(
@@ -415,7 +426,6 @@ impl<O: Outbox> Engine<O> {
         self.finish(id, outcome, Some((report, host)), error);
     }
 
-    /// Removes the task and hands its result to the user.
     pub(super) fn finish(
         &mut self,
         id: TaskId,
@@ -539,5 +549,42 @@ impl<O: Outbox> Engine<O> {
         *on_worker_queue = false;
         self.touched.push(key);
         self.serve_growth(key);
+    }
+}
+
+/// The resource an attempt went over, if it was killed for that (a wall
+/// time limit is not a resource to retry bigger in).
+fn exhausted_dim(report: &TaskReport) -> Option<Dim> {
+    match (&report.ending, &report.limit_exceeded) {
+        (Ending::LimitExceeded, Some(hit)) if hit.resource == "wall_time" => None,
+        (Ending::LimitExceeded, hit) => Some(Dim::parse(
+            hit.as_ref()
+                .map(|h| h.resource.as_str())
+                .unwrap_or("memory"),
+        )),
+        _ => None,
+    }
+}
+
+/// What a report makes of a task that is not retried.
+fn outcome_of(report: &TaskReport, cancelling: bool) -> Outcome {
+    match report.ending {
+        Ending::Exited if report.exit_code == Some(0) && report.missing_outputs.is_empty() => {
+            Outcome::Success
+        }
+        Ending::Exited if report.exit_code == Some(0) => Outcome::OutputMissing,
+        Ending::Exited => Outcome::Failed,
+        Ending::LimitExceeded => Outcome::ResourceExhausted {
+            resource: report
+                .limit_exceeded
+                .as_ref()
+                .map(|l| l.resource.clone())
+                .unwrap_or_else(|| "memory".into()),
+        },
+        Ending::WallTime => Outcome::WallTimeExceeded,
+        Ending::Killed if cancelling => Outcome::Cancelled,
+        Ending::Killed => Outcome::Failed,
+        Ending::InputMissing => Outcome::InputMissing,
+        Ending::SetupFailed => Outcome::Failed,
     }
 }
