@@ -259,15 +259,22 @@ impl<O: Outbox> Engine<O> {
         self.touched.push(key);
         let exhausted = exhausted_dim(&report);
         let learned = self.learn_from_attempt(id, &allocation, &report, exhausted.is_some());
-        let resized = exhausted
-            .is_some_and(|dim| self.retry_bigger(key, id, &host, allocation, &report, dim));
+        let ended = Ended {
+            key,
+            id,
+            host,
+            allocation,
+            report: &report,
+        };
+        let resized = exhausted.is_some_and(|dim| self.retry_bigger(&ended, dim));
         if let Some((cat, requests)) = learned {
             self.apply_class_requests(requests);
             self.retarget(cat);
         }
-        if resized || self.retry_input_missing(key, id, &host, allocation, &report) {
+        if resized || self.retry_input_missing(&ended) {
             return;
         }
+        let host = ended.host;
         self.finish_reported(id, host, allocation, report);
     }
 
@@ -294,16 +301,9 @@ impl<O: Outbox> Engine<O> {
     /// A learned task went over its allocation in `dim`: it is queued again
     /// on its next rung (or with what it asked to grow to, if it was refused
     /// that), unless its ladder is done. True if it was.
-    fn retry_bigger(
-        &mut self,
-        key: WorkerKey,
-        id: TaskId,
-        host: &str,
-        allocation: Resources,
-        report: &TaskReport,
-        dim: Dim,
-    ) -> bool {
-        let whole = self.workers.get(&key).map(|w| w.hello.resources);
+    fn retry_bigger(&mut self, ended: &Ended, dim: Dim) -> bool {
+        let (id, allocation, report) = (ended.id, ended.allocation, ended.report);
+        let whole = self.workers.get(&ended.key).map(|w| w.hello.resources);
         let Some(task) = self.tasks.get_mut(&id) else {
             return false;
         };
@@ -334,7 +334,7 @@ impl<O: Outbox> Engine<O> {
             .map(|h| format!("{} over {} ({})", h.resource, h.limit, h.value))
             .unwrap_or_else(|| "over its allocation".into());
         task.attempts.push(Attempt {
-            host: host.to_string(),
+            host: ended.host.clone(),
             allocation,
             ending: format!("resource exhausted: {what}; retrying with {next:?}"),
         });
@@ -360,14 +360,8 @@ impl<O: Outbox> Engine<O> {
 
     /// The worker's cache lost an input we thought it had: it forgets that
     /// and the task is queued again, within its retry budget. True if it was.
-    fn retry_input_missing(
-        &mut self,
-        key: WorkerKey,
-        id: TaskId,
-        host: &str,
-        allocation: Resources,
-        report: &TaskReport,
-    ) -> bool {
+    fn retry_input_missing(&mut self, ended: &Ended) -> bool {
+        let (id, allocation, report) = (ended.id, ended.allocation, ended.report);
         let Some(task) = self.tasks.get_mut(&id) else {
             return false;
         };
@@ -381,13 +375,13 @@ impl<O: Outbox> Engine<O> {
         if let Sizing::Learned { cat, .. } = task.sizing {
             self.categories.note_retry(cat, RetryCause::Other);
         }
-        if let Some(w) = self.workers.get_mut(&key) {
+        if let Some(w) = self.workers.get_mut(&ended.key) {
             for k in &task.cached_keys {
                 w.files.remove(k);
             }
         }
         task.attempts.push(Attempt {
-            host: host.to_string(),
+            host: ended.host.clone(),
             allocation,
             ending: report
                 .error
@@ -550,6 +544,15 @@ impl<O: Outbox> Engine<O> {
         self.touched.push(key);
         self.serve_growth(key);
     }
+}
+
+/// An attempt that just ended, as the steps of `task_done` see it.
+struct Ended<'a> {
+    key: WorkerKey,
+    id: TaskId,
+    host: String,
+    allocation: Resources,
+    report: &'a TaskReport,
 }
 
 /// The resource an attempt went over, if it was killed for that (a wall
