@@ -37,9 +37,10 @@
 //! nothing running are also kept in an `idle` set for whole-worker tasks.
 //!
 //! **Cache affinity.** For each cached file the scheduler keeps the workers
-//! that hold it. A task remembers only its first (largest) cached input;
-//! before the general search, up to [`AFFINITY_SCAN`] holders of that file
-//! are tried. The cap bounds the cost for a file cached everywhere.
+//! that hold it. A task remembers only the first cached input it is given
+//! (the engine gives them in the order the task declared them: it does not
+//! know their sizes); before the general search, up to [`AFFINITY_SCAN`]
+//! holders of that file are tried. The cap bounds the cost for a file cached everywhere.
 //!
 //! **Memory.** Per queued task the scheduler stores one 24-byte entry in
 //! its shape's B-tree and one 24-byte slot in the task index (needed to
@@ -279,9 +280,9 @@ impl Scheduler {
 
     /// Queue a task. Order: higher `priority` first, then lower `seq`
     /// (submission order; a requeued task keeps its seq so it goes back to
-    /// its place). `cached_inputs`: the task's cached input files, largest
-    /// first; the scheduler prefers a worker that already holds the first
-    /// one (see [`Scheduler::note_cached`]) if that worker fits.
+    /// its place). `cached_inputs`: the task's cached input files, the one
+    /// to seek first; the scheduler prefers a worker that already holds
+    /// that one (see [`Scheduler::note_cached`]) if that worker fits.
     ///
     /// Queueing a task that is already waiting replaces it.
     pub fn enqueue(

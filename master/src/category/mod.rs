@@ -81,7 +81,7 @@
 //! (the maximum, or a whole worker) it fails as resource exhausted.
 //! Declared resources are never raised: they are the user's limit. The
 //! engine decides a waiting task's rung again whenever its category learns
-//! something (see [`registry`]), so a task killed early does not run on a
+//! something (see `registry`), so a task killed early does not run on a
 //! rung chosen from what was known then.
 //!
 //! A killed attempt is a censored sample: the task needed more than what it
@@ -100,11 +100,11 @@
 //!
 //! * [`config`]: the user's settings of a category.
 //! * [`stats`]: what a category reports (and the counters behind it).
-//! * [`buckets`]: the sample window and the k-means buckets.
-//! * [`ladder`]: the retry ladder after a kill.
+//! * `buckets`: the sample window and the k-means buckets.
+//! * `ladder`: the retry ladder after a kill.
 //! * [`growth`]: what a task frozen over its memory grows to, and the room
 //!   held for it (the learning side; the engine's `engine::growth` acts on it).
-//! * [`registry`]: the engine's table of categories and their scheduler
+//! * `registry`: the engine's table of categories and their scheduler
 //!   classes; it returns the class requests it wants, the engine applies them.
 
 use std::collections::VecDeque;

@@ -456,7 +456,7 @@ impl<O: Outbox> Engine<O> {
     }
 
     /// Forgets `id`'s wait to grow on `key`, if any (it ended, or its
-    /// worker took it back), and returns what it had been given.
+    /// worker took it back), and gives what it had been given back to the scheduler.
     pub(super) fn drop_grow_wait(&mut self, key: WorkerKey, id: TaskId) {
         if !self.growing_workers.contains(&key) {
             return;
