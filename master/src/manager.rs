@@ -256,6 +256,18 @@ pub struct Manager {
 }
 
 impl Manager {
+    /// This master's status as the catalog sees it: identity, task and worker
+    /// counts, resources in use and in total, workers and categories. Works
+    /// whether or not the manager reports to a catalog; factories use it to
+    /// see what the queue needs.
+    pub fn status_report(&self) -> drover_catalog::MasterReport {
+        crate::report::snapshot(&self.commands, &self.report_identity).unwrap_or_else(|| {
+            let mut r = (*self.report_identity).clone();
+            r.stopped = true;
+            r
+        })
+    }
+
     /// A builder with the defaults.
     pub fn builder() -> ManagerBuilder {
         ManagerBuilder::default()

@@ -20,7 +20,6 @@ use crate::category::{AllocationMode, CategoryStats};
 use crate::command::Command;
 use crate::scheduler::Request;
 use crate::stats::{Stats, WorkerInfo};
-use crate::Manager;
 
 /// How often a master reports unless told otherwise (as CCTools masters do).
 pub const DEFAULT_CATALOG_INTERVAL: Duration = Duration::from_secs(15);
@@ -221,7 +220,7 @@ fn ask<T>(
 
 /// The master's report as of now; `None` once the engine has stopped.
 /// Blocks on the engine's answer, so never call it from inside the runtime.
-fn snapshot(
+pub(crate) fn snapshot(
     commands: &mpsc::UnboundedSender<Command>,
     identity: &MasterReport,
 ) -> Option<MasterReport> {
@@ -233,20 +232,6 @@ fn snapshot(
     r.waiting_shapes = waiting_shapes(&demand);
     r.categories = category_summaries(&categories);
     Some(r)
-}
-
-impl Manager {
-    /// This master's status as the catalog sees it: identity, task and worker
-    /// counts, resources in use and in total, workers and categories. Works
-    /// whether or not the manager reports to a catalog; factories use it to
-    /// see what the queue needs.
-    pub fn status_report(&self) -> MasterReport {
-        snapshot(&self.commands, &self.report_identity).unwrap_or_else(|| {
-            let mut r = (*self.report_identity).clone();
-            r.stopped = true;
-            r
-        })
-    }
 }
 
 /// The thread that reports a master to a catalog every interval, and once
