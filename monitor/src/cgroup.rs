@@ -573,6 +573,19 @@ impl TaskGroup {
         }
     }
 
+    /// Processes of the group the kernel's OOM killer killed (`oom_kill`
+    /// in `memory.events`), whichever limit ran out: the group's, an
+    /// ancestor's, or the machine's. Read once, when the task ends.
+    pub fn oom_kills(&self) -> Option<u64> {
+        if !self.memory {
+            return None;
+        }
+        let text = fs::read_to_string(self.dir.join("memory.events")).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// Peak swap of the group, bytes, when the memory controller exposes it.
     pub fn swap_peak(&self, buf: &mut String) -> Option<u64> {
         if !self.memory {

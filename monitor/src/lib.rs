@@ -93,16 +93,24 @@
 mod cgroup;
 pub mod cli;
 mod disk;
-mod poller;
+mod monitor;
+mod oom;
 mod procscan;
+mod sample;
+mod sampler;
 mod scan;
 mod spawn;
 mod summary;
+mod sys;
+mod task;
+mod watched;
 
-pub use poller::{
-    MemoryLimitHook, Method, Monitor, MonitorOptions, SpawnOptions, Watched, DEFAULT_INTERVAL,
+pub use monitor::{
+    MemoryLimitHook, Method, Monitor, MonitorOptions, SpawnOptions, DEFAULT_INTERVAL,
 };
 pub use spawn::Exec;
 pub use summary::{
-    Exit, LimitExceeded, LimitParseError, Limits, Report, Summary, LIMIT_EXIT_STATUS, MB, UNITS,
+    Exit, LimitExceeded, LimitParseError, Limits, MemoryExhausted, OomSource, Report, Summary,
+    LIMIT_EXIT_STATUS, MB, UNITS,
 };
+pub use watched::Watched;
