@@ -379,8 +379,15 @@ impl CgroupBase {
 
     /// Forks a child that joins a fresh group, because mkdir permission does
     /// not imply permission to move processes (delegation rules).
+    ///
+    /// Monitors of one process share its base group, so each probe has a
+    /// name of its own: two monitors made at once (tests, the Python
+    /// module) would otherwise fail each other's mkdir and fall back to
+    /// /proc sampling.
     fn probe(&self) -> bool {
-        let group = match self.task_group("probe") {
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let group = match self.task_group(&format!("probe-{n}")) {
             Ok(g) => g,
             Err(_) => return false,
         };

@@ -119,7 +119,6 @@ pub(crate) struct Core {
     pub(crate) swap: bool,
     /// Clock ticks per second, the unit of /proc CPU times.
     pub(crate) ticks: f64,
-    next_id: AtomicU64,
     /// The machine's OOM-kill count and available memory, for the
     /// evidence of memory exhaustion (see [`crate::oom`]).
     pub(crate) machine: MachineWatch,
@@ -159,7 +158,6 @@ impl Monitor {
             cgroup,
             swap: swap_enabled(),
             ticks: if ticks > 0 { ticks as f64 } else { 100.0 },
-            next_id: AtomicU64::new(1),
             machine: MachineWatch::default(),
             state: Mutex::new(CoreState::default()),
             cv: Condvar::new(),
@@ -259,7 +257,10 @@ impl Monitor {
         opts: SpawnOptions,
     ) -> io::Result<Watched> {
         let core = &self.handle.core;
-        let id = core.next_id.fetch_add(1, Ordering::Relaxed);
+        // One count for the whole process: its monitors share one base
+        // group, in which each task's group is named by this id.
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let group = core.cgroup.as_ref().and_then(|b| {
             b.task_group(&format!("task-{id}"))
                 .map_err(|e| tracing::debug!("no cgroup for task {id}: {e}"))

@@ -6,6 +6,7 @@ use crate::cgroup::TaskGroup;
 use crate::monitor::MemoryLimitHook;
 use crate::oom::OomBaseline;
 use crate::procscan::{ProcReader, ProcStat};
+use crate::sample::round3;
 use crate::scan::all_processes;
 use crate::summary::{LimitExceeded, Limits, MB};
 use std::collections::{HashMap, VecDeque};
@@ -242,11 +243,13 @@ impl Task {
         reader: &mut ProcReader,
         now: Instant,
     ) -> Option<LimitExceeded> {
+        // Rounded as the summary is, so a growth hook and the summary
+        // report the same numbers.
         let over = |resource: &str, limit: f64, value: f64| {
             Some(LimitExceeded {
                 resource: resource.to_string(),
-                limit,
-                value,
+                limit: round3(limit),
+                value: round3(value),
             })
         };
         if let (Some(limit), None) = (st.memory_limit_mb, &st.growing) {

@@ -56,7 +56,7 @@ impl Watched {
     }
 
     /// Lets a task frozen over its memory limit (see
-    /// [`SpawnOptions::on_memory_limit`]) go on with a limit of `memory_mb`.
+    /// [`crate::SpawnOptions::on_memory_limit`]) go on with a limit of `memory_mb`.
     /// Does nothing if the task is not waiting for growth (it ended, or was
     /// killed meanwhile). A limit still below what it uses is breached again
     /// at the next sample.
@@ -81,7 +81,7 @@ impl Watched {
                 st.exceeded = Some(LimitExceeded {
                     resource: "memory".into(),
                     limit: memory_mb as f64,
-                    value: st.memory as f64 / MB,
+                    value: round3(st.memory as f64 / MB),
                 });
                 let mut reader = ProcReader::new();
                 self.task.kill_tree(&mut st, &mut reader);
@@ -140,6 +140,9 @@ impl Watched {
             pass: Pass::Last,
         };
         task.sample(&mut st, &members, &mut cx);
+        // Whether the monitor killed the root: the kill of leftovers below
+        // comes after its death.
+        let killed_by_us = st.killed;
         task.kill_tree(&mut st, &mut reader);
         let reaped = reap(task.pid)?;
         st.reaped = true;
@@ -177,7 +180,7 @@ impl Watched {
         let memory_exhausted = if st.exceeded.is_some() {
             None
         } else {
-            let outside_sigkill = exit == Exit::Signal(libc::SIGKILL) && !st.killed;
+            let outside_sigkill = exit == Exit::Signal(libc::SIGKILL) && !killed_by_us;
             oom::evidence(&Facts {
                 cgroup_oom_kills,
                 outside_sigkill,
@@ -277,7 +280,9 @@ fn summarize(
         },
         start: round3(task.start_epoch),
         end: round3(end_epoch),
-        wall_time: round3(wall),
+        // A task that ran took some time: under half a millisecond still
+        // reads as one, not as none.
+        wall_time: round3(wall).max(0.001),
         cpu_time: round3(cpu),
         cores: round3(st.cores_peak.max(cores_avg)),
         cores_avg: round3(cores_avg),
@@ -291,11 +296,7 @@ fn summarize(
         disk: mb(st.disk),
         total_files: st.files,
         monitor_method: task.method().to_string(),
-        limits_exceeded: st.exceeded.clone().map(|l| LimitExceeded {
-            limit: round3(l.limit),
-            value: round3(l.value),
-            ..l
-        }),
+        limits_exceeded: st.exceeded.clone(),
         memory_exhausted: None,
         samples: st.samples,
     }
