@@ -959,6 +959,20 @@ async fn run_task(
                         value: summary.wall_time,
                     });
                 }
+                // Out of memory without our limit (the kernel's OOM killer,
+                // an outside cgroup cap): the master's memory exhaustion, so
+                // it retries with more memory rather than failing the task.
+                (None, Ending::Exited) if report.exit_code != Some(0) => {
+                    if let Some(oom) = &summary.memory_exhausted {
+                        ending = Ending::LimitExceeded;
+                        report.error = Some(format!("ran out of memory: {}", oom.evidence));
+                        report.limit_exceeded = Some(LimitHit {
+                            resource: "memory".into(),
+                            limit: task.allocation.memory_mb as f64,
+                            value: oom.memory,
+                        });
+                    }
+                }
                 (None, _) => {}
             }
         }
