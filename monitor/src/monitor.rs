@@ -29,6 +29,15 @@ use std::time::{Duration, Instant};
 /// controller).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How soon a task started with a memory limit gets its first look. Its
+/// growth is unknown until then, so the look cannot wait for the next pass;
+/// but a look at the instant it starts finds nothing to measure (and a short
+/// task is gone before the sampler wakes), while one wake a few milliseconds
+/// later serves every task started meanwhile: W1 tasks start every ~0.5 ms,
+/// and one wake and sample per start cost a quarter of W1's rate. A task
+/// can touch at most some tens of MB past its limit in this time.
+pub(crate) const FIRST_LOOK: Duration = Duration::from_millis(5);
+
 /// How the monitor finds a task's processes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Method {
@@ -131,9 +140,22 @@ pub(crate) struct Core {
 pub(crate) struct CoreState {
     pub(crate) tasks: Vec<Arc<Task>>,
     pub(crate) shutdown: bool,
-    /// A task needs a close look before the sampler's next deadline (it
-    /// started with a memory limit, or was let go on after a freeze).
-    pub(crate) watch_now: bool,
+    /// A task needs a close look by this time, which may come before the
+    /// sampler's next deadline (it started with a memory limit, or was let
+    /// go on after a freeze).
+    pub(crate) watch_by: Option<Instant>,
+    /// When the sleeping sampler means to wake; `None` while it works, or
+    /// has no task.
+    pub(crate) sleeping_until: Option<Instant>,
+}
+
+impl CoreState {
+    /// Asks for a look by `when`; true if the sampler must be woken for it
+    /// (it sleeps past `when`), false if it will look by then anyway.
+    pub(crate) fn look_by(&mut self, when: Instant) -> bool {
+        self.watch_by = Some(self.watch_by.map_or(when, |w| w.min(when)));
+        self.sleeping_until.is_some_and(|until| until > when)
+    }
 }
 
 impl Monitor {
@@ -339,16 +361,17 @@ impl Monitor {
             on_memory_limit: opts.on_memory_limit,
         });
         let watch_closely = task.limits.memory_mb.is_some();
-        let was_idle = {
+        let wake = {
             let mut s = lock(&core.state);
             s.tasks.push(Arc::clone(&task));
-            s.watch_now |= watch_closely;
-            s.tasks.len() == 1
+            let sleeper_too_late = watch_closely && s.look_by(task.start + FIRST_LOOK);
+            s.tasks.len() == 1 || sleeper_too_late
         };
         // A sampler with tasks already sleeps only until its next pass,
         // which will see this one; waking it for every start cost a thread
-        // switch per task. A task with a memory limit cannot wait that long.
-        if was_idle || watch_closely {
+        // switch per task. A task with a memory limit cannot wait that long,
+        // but it can wait for a wake already planned within FIRST_LOOK.
+        if wake {
             core.cv.notify_all();
         }
         Ok(Watched::new(self.clone(), task))

@@ -30,7 +30,7 @@ pub(crate) fn sampler(core: Arc<Core>) {
             if s.shutdown {
                 return;
             }
-            s.watch_now = false;
+            s.watch_by = None;
             s.tasks.clone()
         };
         let now = Instant::now();
@@ -59,10 +59,13 @@ pub(crate) fn sampler(core: Arc<Core>) {
         };
         let mut s = lock(&core.state);
         loop {
+            let deadline = s.watch_by.map_or(deadline, |w| w.min(deadline));
             let left = deadline.saturating_duration_since(Instant::now());
-            if s.shutdown || s.watch_now || left.is_zero() {
+            if s.shutdown || left.is_zero() {
+                s.sleeping_until = None;
                 break;
             }
+            s.sleeping_until = Some(deadline);
             s = core
                 .cv
                 .wait_timeout(s, left)

@@ -71,7 +71,7 @@ impl Watched {
         st.near_limit = true;
         st.memory_seen = None;
         let core = self.monitor.core();
-        lock(&core.state).watch_now = true;
+        lock(&core.state).look_by(Instant::now());
         core.cv.notify_all();
         if let Some(group) = &self.task.group {
             if let Err(e) = group.freeze(false) {
