@@ -28,7 +28,7 @@
 #   WQ_MODES (fixed4000,fixedmax,max_throughput, without fixed4000 on a worker
 #     under 12,000 MB; "" to skip Work Queue)
 #   ORACLE_POLICY (firstfit; or fifo)  WARM (1)  TRACE (1)  SAMPLE_MS (200)
-#   RUN_TIMEOUT (1800 s per run)  DROVER (a drover binary; built if unset)
+#   OOM_SCORE_ADJ (500, inherited by every run)  RUN_TIMEOUT (1800 s per run)  DROVER (a drover binary; built if unset)
 #   W4_BENCH (the w4 bench executable; built if unset)  OUT (results file)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -58,6 +58,10 @@ TIMELINES=$base-timeline.jsonl
 TRACES=$base.traces
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# A system that books no memory (bucketing-cores before issue 21's fix) can
+# run the VM out of memory; everything started from here inherits this score,
+# so the kernel's OOM killer takes these tasks before anyone else's processes.
+echo "${OOM_SCORE_ADJ:-500}" >/proc/self/oom_score_adj 2>/dev/null || true
 
 cc -O2 -pthread -o "$tmp/touch_mem" $here/touch_mem.c
 touch=$tmp/touch_mem
