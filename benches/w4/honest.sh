@@ -22,11 +22,12 @@
 # python3-workqueue (Debian's /usr/bin/python3 imports work_queue).
 #
 # Env (defaults): WORKLOADS (w4,modes3,tail,grow,cores) N (120) SEED (4)
-#   PAIRS (5) MEM_SCALE (1; multiplies every task's memory and the worker's)
+#   PAIRS (5; or REPS) MEM_SCALE (1; multiplies every task's memory and the worker's)
 #   WORKER_CORES (12) WORKER_MB (12000 x MEM_SCALE)
 #   DROVER_MODES (bucketing,bucketing-cores; w4.rs modes, "" to skip drover)
 #   WQ_MODES (fixed4000,fixedmax,max_throughput, without fixed4000 on a worker
-#     under 12,000 MB; "" to skip Work Queue)
+#     under 12,000 MB; "" to skip Work Queue)  WQ_PAIRS (PAIRS; Work Queue
+#     runs in the first WQ_PAIRS pairs only)
 #   ORACLE_POLICY (firstfit; or fifo)  WARM (1)  TRACE (1)  SAMPLE_MS (200)
 #   OOM_SCORE_ADJ (500, inherited by every run)  RUN_TIMEOUT (1800 s per run)  DROVER (a drover binary; built if unset)
 #   W4_BENCH (the w4 bench executable; built if unset)  OUT (results file)
@@ -47,6 +48,7 @@ if [ "$WORKER_MB" -ge 12000 ]; then
 else
     WQ_MODES=${WQ_MODES-fixedmax,max_throughput}
 fi
+WQ_PAIRS=${WQ_PAIRS:-$PAIRS}
 ORACLE_POLICY=${ORACLE_POLICY:-firstfit}
 WARM=${WARM:-1}
 TRACE=${TRACE:-1}
@@ -148,7 +150,9 @@ for w in "${workloads[@]}"; do
     for ((p = 1; p <= PAIRS; p++)); do
         systems=("oracle:$ORACLE_POLICY")
         for m in "${dmodes[@]}"; do systems+=("drover:$m"); done
-        for m in "${wq_now[@]}"; do systems+=("wq:$m"); done
+        if ((p <= WQ_PAIRS)); then
+            for m in "${wq_now[@]}"; do systems+=("wq:$m"); done
+        fi
         if ((p % 2 == 0)); then
             rev=()
             for ((i = ${#systems[@]} - 1; i >= 0; i--)); do rev+=("${systems[i]}"); done
