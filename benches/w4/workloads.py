@@ -6,7 +6,7 @@ seeded, so every system runs exactly the same tasks.
 Usage: workloads.py NAME [N] [SEED] [MEM_SCALE]
   w4      W4 (BRIEF section 6), as gen_tasks.py: 70% X in 300-600 MB, 30% in 2,500-4,000
   modes3  three well-separated modes: 40% 150-250 MB, 35% 1,200-1,500, 25% 3,200-3,800
-  tail    a heavy tail: X = 300 MB x Pareto(alpha 1.3), capped at 8,000 (median ~510 MB)
+  tail    a heavy tail: X = 300 MB x Pareto(alpha 1.3), capped at 8,000 (median ~550 MB)
   grow    memory that grows with the task's parameter: task i (0-based) of N takes
           X = 200 + 3,600 (i / (N - 1))^2 MB, submitted in order, so what the
           category learns early is too small later
