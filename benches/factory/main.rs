@@ -73,7 +73,9 @@ fn main() {
         .output()
         .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
     {
-        eprintln!("SKIPPED: no Slurm answers; start it with: eval \"$(bash .ci/local-slurm.sh start)\"");
+        eprintln!(
+            "SKIPPED: no Slurm answers; start it with: eval \"$(bash .ci/local-slurm.sh start)\""
+        );
         return;
     }
     let node_cpus: usize = String::from_utf8_lossy(

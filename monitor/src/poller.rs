@@ -30,6 +30,15 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// short burst between two close samples does not read as many cores.
 const CORES_WINDOW: Duration = Duration::from_secs(1);
 
+/// How soon a task started with a memory limit gets its first look. Its
+/// growth is unknown until then, so the look cannot wait for the next pass;
+/// but a look at the instant it starts finds nothing to measure (and a short
+/// task is gone before the sampler wakes), while one wake a few milliseconds
+/// later serves every task started meanwhile: W1 tasks start every ~0.5 ms,
+/// and one wake and sample per start cost a quarter of W1's rate. A task
+/// can touch at most some tens of MB past its limit in this time.
+const FIRST_LOOK: Duration = Duration::from_millis(5);
+
 /// I/O counters are read every this many samples (and at a process's
 /// first and the task's last sample). They are reported, never enforced,
 /// and are cumulative, so skipped samples lose nothing except the I/O of an
@@ -134,9 +143,22 @@ struct Core {
 struct CoreState {
     tasks: Vec<Arc<Task>>,
     shutdown: bool,
-    /// A task needs a close look before the sampler's next deadline (it
-    /// started with a memory limit, or was let go on after a freeze).
-    watch_now: bool,
+    /// A task needs a close look by this time, which may come before the
+    /// sampler's next deadline (it started with a memory limit, or was let
+    /// go on after a freeze).
+    watch_by: Option<Instant>,
+    /// When the sleeping sampler means to wake; `None` while it works, or
+    /// has no task.
+    sleeping_until: Option<Instant>,
+}
+
+impl CoreState {
+    /// Asks for a look by `when`; true if the sampler must be woken for it
+    /// (it sleeps past `when`), false if it will look by then anyway.
+    fn look_by(&mut self, when: Instant) -> bool {
+        self.watch_by = Some(self.watch_by.map_or(when, |w| w.min(when)));
+        self.sleeping_until.is_some_and(|until| until > when)
+    }
 }
 
 struct Task {
@@ -462,16 +484,17 @@ impl Monitor {
             on_memory_limit: opts.on_memory_limit,
         });
         let watch_closely = task.limits.memory_mb.is_some();
-        let was_idle = {
+        let wake = {
             let mut s = lock(&core.state);
             s.tasks.push(Arc::clone(&task));
-            s.watch_now |= watch_closely;
-            s.tasks.len() == 1
+            let sleeper_too_late = watch_closely && s.look_by(task.start + FIRST_LOOK);
+            s.tasks.len() == 1 || sleeper_too_late
         };
         // A sampler with tasks already sleeps only until its next pass,
         // which will see this one; waking it for every start cost a thread
-        // switch per task. A task with a memory limit cannot wait that long.
-        if was_idle || watch_closely {
+        // switch per task. A task with a memory limit cannot wait that long,
+        // but it can wait for a wake already planned within FIRST_LOOK.
+        if wake {
             core.cv.notify_all();
         }
         Ok(Watched {
@@ -548,7 +571,7 @@ fn sampler(core: Arc<Core>) {
             if s.shutdown {
                 return;
             }
-            s.watch_now = false;
+            s.watch_by = None;
             s.tasks.clone()
         };
         let now = Instant::now();
@@ -588,10 +611,13 @@ fn sampler(core: Arc<Core>) {
         };
         let mut s = lock(&core.state);
         loop {
+            let deadline = s.watch_by.map_or(deadline, |w| w.min(deadline));
             let left = deadline.saturating_duration_since(Instant::now());
-            if s.shutdown || s.watch_now || left.is_zero() {
+            if s.shutdown || left.is_zero() {
+                s.sleeping_until = None;
                 break;
             }
+            s.sleeping_until = Some(deadline);
             s = core
                 .cv
                 .wait_timeout(s, left)
@@ -1070,7 +1096,7 @@ impl Watched {
         st.near_limit = true;
         st.memory_seen = None;
         let core = &self.monitor.handle.core;
-        lock(&core.state).watch_now = true;
+        lock(&core.state).look_by(Instant::now());
         core.cv.notify_all();
         if let Some(group) = &self.task.group {
             if let Err(e) = group.freeze(false) {
