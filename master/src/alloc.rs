@@ -98,7 +98,7 @@
 
 use std::collections::VecDeque;
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use linfa::prelude::*;
 use linfa::DatasetBase;
 use linfa_clustering::KMeans;

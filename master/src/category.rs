@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 
-use drover_worker::protocol::Measured;
-use drover_worker::Resources;
+use drover_protocol::Measured;
+use drover_protocol::Resources;
 
 use crate::alloc::{
     AllocationMode, CategoryConfig, CategoryState, CategoryStats, Dim, RetryCause, Sample,

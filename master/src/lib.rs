@@ -27,8 +27,8 @@ mod task;
 
 pub use alloc::{AllocationMode, CategoryConfig, CategoryStats};
 pub use drover_catalog::MasterReport;
-pub use drover_worker::protocol::Measured;
-pub use drover_worker::Resources;
+pub use drover_protocol::Measured;
+pub use drover_protocol::Resources;
 pub use engine::{Stats, WorkerInfo};
 pub use manager::{Manager, ManagerBuilder, StartError, SubmitError};
 pub use task::{Attempt, Outcome, Task, TaskId, TaskResult};
