@@ -2,7 +2,7 @@
 //! process), the real `drover` binary as factory and workers, and a real
 //! batch system where one can run here.
 //!
-//! - Slurm: the single-node cluster of `shared/slurm/start-local-slurm.sh`
+//! - Slurm: the single-node cluster of `.ci/local-slurm.sh`
 //!   (CI starts it before the tests). Without it the Slurm tests fail when
 //!   `CI=true` and are skipped, saying why, otherwise.
 //! - HTCondor: no pool can run on this machine (no packages provide the
@@ -45,11 +45,11 @@ fn slurm_available() -> bool {
         return true;
     }
     let why = format!(
-        "no Slurm controller answers (config {}): start one with `eval \"$(bash ../shared/slurm/start-local-slurm.sh)\"`",
+        "no Slurm controller answers (config {}): start one with `eval \"$(bash .ci/local-slurm.sh start)\"`",
         conf.display()
     );
     assert!(!in_ci(), "CI=true and {why}");
-    eprintln!("SKIPPED: {why}");
+    common::skip(&why);
     false
 }
 
@@ -530,7 +530,7 @@ fn htcondor_python() -> Option<String> {
     }
     let why = "python3 cannot import htcondor (pip install htcondor)";
     assert!(!in_ci(), "CI=true and {why}");
-    eprintln!("SKIPPED: {why}");
+    common::skip(&why);
     None
 }
 

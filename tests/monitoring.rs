@@ -241,3 +241,82 @@ fn one_poller_watches_all_of_a_workers_tasks() {
     assert!(results.iter().all(|r| r.outcome == Outcome::Cancelled));
     assert_none_left(&mark);
 }
+
+/// A task OOM-killed under a memory cap that drover did not set (as a
+/// batch system's job cgroup would) comes back as memory exhaustion, with
+/// the monitor's evidence as its error, not as a plain failure. The task
+/// caps itself, in its own cgroup v2 group when that has the memory
+/// controller, else in a v1 memory group of its own; where neither can be
+/// written the test says so and does not run.
+#[test]
+fn a_task_oom_killed_under_an_outside_cap_comes_back_as_memory_exhaustion() {
+    let mark = marker();
+    let v1_group = format!("drover-e2e-oom-{mark}");
+    let script = format!(
+        r#"mounts() {{ awk '{{for (i = 1; i <= NF; i++) if ($i == "-") print $(i+1), $5, $(i+3)}}' /proc/self/mountinfo; }}
+own=$(sed -n 's/^0:://p' /proc/self/cgroup)
+v2=$(mounts | awk '$1 == "cgroup2" {{print $2; exit}}')
+if [ -n "$v2" ] && [ -w "$v2$own/memory.max" ]; then
+  echo 100M > "$v2$own/memory.max" || exit 99
+else
+  v1=$(mounts | awk '$1 == "cgroup" && $3 ~ /(^|,)memory(,|$)/ {{print $2; exit}}')
+  [ -n "$v1" ] || exit 99
+  d="$v1/{v1_group}"
+  mkdir "$d" && echo 100M > "$d/memory.limit_in_bytes" && echo $$ > "$d/cgroup.procs" || exit 99
+  echo "$d" > v1_group
+fi
+exec python3 -c 'b = b"x" * (400 << 20)' {mark}"#
+    );
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "2000"]);
+    m.submit(Task::new(script).cores(1)).unwrap();
+    let r = collect(&m, 1).remove(0);
+    let v1_dir = live_v1_group(&v1_group);
+    if r.exit_code == Some(99) {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: a_task_oom_killed_under_an_outside_cap_comes_back_as_memory_exhaustion: \
+             no writable memory cgroup (v2 memory.max or v1 memory hierarchy) here"
+        );
+        return;
+    }
+    if let Some(d) = v1_dir {
+        let _ = std::fs::remove_dir(d);
+    }
+    assert_eq!(
+        r.outcome,
+        Outcome::ResourceExhausted {
+            resource: "memory".into()
+        },
+        "{r:?}"
+    );
+    let error = r.error.as_deref().unwrap_or_default();
+    assert!(error.starts_with("ran out of memory: "), "error: {error:?}");
+    let oom = r.measured.summary.as_ref().unwrap()["memory_exhausted"].clone();
+    assert!(
+        oom["evidence"]
+            .as_str()
+            .is_some_and(|e| e.contains("oom_kill")),
+        "{oom}"
+    );
+    assert_eq!(
+        r.measured.summary.as_ref().unwrap()["limits_exceeded"],
+        serde_json::Value::Null
+    );
+    assert_none_left(&mark);
+}
+
+/// The v1 memory group named `name`, if one exists (made by a task).
+fn live_v1_group(name: &str) -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        if r.next()? != "cgroup" || !r.nth(1)?.split(',').any(|o| o == "memory") {
+            return None;
+        }
+        let dir = std::path::Path::new(left.split_whitespace().nth(4)?).join(name);
+        dir.exists().then_some(dir)
+    })
+}

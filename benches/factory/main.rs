@@ -12,7 +12,7 @@
 //! than the cluster can start.
 //!
 //! Run (the local Slurm must be up):
-//!   eval "$(bash ../shared/slurm/start-local-slurm.sh)"
+//!   eval "$(bash .ci/local-slurm.sh start)"
 //!   cargo bench --bench factory
 //! Env: FACTORY_BENCH_REPS (default 5).
 //!
@@ -73,7 +73,9 @@ fn main() {
         .output()
         .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
     {
-        eprintln!("SKIPPED: no Slurm answers; start it with shared/slurm/start-local-slurm.sh");
+        eprintln!(
+            "SKIPPED: no Slurm answers; start it with: eval \"$(bash .ci/local-slurm.sh start)\""
+        );
         return;
     }
     let node_cpus: usize = String::from_utf8_lossy(

@@ -17,7 +17,7 @@ OUT=${OUT:-$root/benches/w4/results-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-cc -O2 -o "$tmp/touch_mem" benches/w4/touch_mem.c
+cc -O2 -pthread -o "$tmp/touch_mem" benches/w4/touch_mem.c
 python3 benches/w4/gen_tasks.py "$N" "$SEED" >"$tmp/tasks"
 cargo build --release --bin drover
 cargo bench -p drover-master --bench w4 --no-run

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use drover_master::Resources;
+use drover_protocol::Resources;
 use tokio::io::AsyncWriteExt;
 
 use crate::condor::Condor;

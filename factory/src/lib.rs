@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use drover_catalog::MasterReport;
-use drover_master::Resources;
+use drover_protocol::Resources;
 use tracing::{debug, info, warn};
 
 use crate::batch::{Backend, Job, JobState, MasterArg, WorkerSpec};
@@ -240,7 +240,7 @@ impl Factory {
         };
         let (password, password_file) = match &args.password_file {
             Some(p) => {
-                let bytes = drover_worker::protocol::read_password_file(p)?;
+                let bytes = drover_protocol::read_password_file(p)?;
                 (Some(bytes), Some(absolute(p)?))
             }
             None => (None, None),

@@ -12,8 +12,8 @@
 
 use drover_catalog::report::ShapeCount;
 use drover_catalog::MasterReport;
-use drover_master::scheduler::{workers_needed_for, Request};
-use drover_master::Resources;
+use drover_protocol::packing::{workers_needed_for, Request};
+use drover_protocol::Resources;
 
 /// The bounds a factory keeps its jobs within.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

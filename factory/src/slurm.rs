@@ -199,7 +199,7 @@ fn slurm_time(secs: u64) -> String {
 mod tests {
     use super::*;
     use crate::batch::MasterArg;
-    use drover_master::Resources;
+    use drover_protocol::Resources;
 
     #[test]
     fn sbatch_command_has_size_name_time_and_log() {

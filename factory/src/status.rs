@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use drover_catalog::MasterReport;
-use drover_worker::protocol::{
-    self, read_frame, MasterMsg, WorkerMsg, PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
+use drover_protocol::{
+    self as protocol, read_frame, MasterMsg, WorkerMsg, PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
 };
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use criterion::{Criterion, Throughput};
 use drover_master::scheduler::{FileKey, Placement, Request, Scheduler};
-use drover_worker::Resources;
+use drover_protocol::Resources;
 
 /// Counts live heap bytes so the memory per queued task can be measured
 /// without outside tools.

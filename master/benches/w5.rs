@@ -1,6 +1,6 @@
 //! W5, scale (BRIEF section 6), through the whole master: 100,000 queued
 //! tasks, then 1,000 light simulated workers that speak the real protocol
-//! (`drover_worker::protocol`, over real TCP, from a separate process) and
+//! (`drover_protocol`, over real TCP, from a separate process) and
 //! report each task done as soon as they get it.
 //!
 //! Prints one JSON line: master memory per queued task (RSS growth while the
@@ -15,10 +15,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_master::{Manager, Outcome, Task};
-use drover_worker::protocol::{
+use drover_protocol::Resources;
+use drover_protocol::{
     read_frame, write_frame, Ending, Hello, MasterMsg, TaskReport, WorkerMsg, PROTOCOL_VERSION,
 };
-use drover_worker::Resources;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 

@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use drover_worker::protocol::{
-    self, read_frame, Ending, FrameError, Hello, MasterMsg, OutputHeader, RunTask, TaskReport,
-    WorkerMsg, PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
+use drover_protocol::Resources;
+use drover_protocol::{
+    self as protocol, read_frame, Ending, FrameError, Hello, MasterMsg, OutputHeader, RunTask,
+    TaskReport, WorkerMsg, PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
 };
-use drover_worker::Resources;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};

@@ -28,8 +28,8 @@ mod task;
 
 pub use category::{AllocationMode, CategoryConfig, CategoryStats};
 pub use drover_catalog::MasterReport;
-pub use drover_worker::protocol::Measured;
-pub use drover_worker::Resources;
+pub use drover_protocol::Measured;
+pub use drover_protocol::Resources;
 pub use manager::{Manager, ManagerBuilder, StartError, SubmitError};
 pub use stats::{Stats, WorkerInfo};
 pub use task::{Attempt, Outcome, Task, TaskId, TaskResult};

@@ -7,7 +7,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use drover_worker::protocol::check_sandbox_name;
+use drover_protocol::check_sandbox_name;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::category::{CategoryConfig, CategoryStats};
@@ -164,9 +164,7 @@ impl ManagerBuilder {
                 .map_err(|e| StartError::Config(format!("{e:#}")))?;
         }
         let password = match &self.password_file {
-            Some(p) => {
-                Some(drover_worker::protocol::read_password_file(p).map_err(StartError::Password)?)
-            }
+            Some(p) => Some(drover_protocol::read_password_file(p).map_err(StartError::Password)?),
             None => None,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_catalog::report::{MAX_CATEGORIES, MAX_WORKERS};
 use drover_catalog::{CategorySummary, MasterReport, ShapeCount, WorkerSummary};
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -47,7 +47,7 @@ pub(crate) fn identity(project: &str, host: &str, port: u16, started: SystemTime
 /// reports come from, which workers fall back on if the name does not resolve.
 pub(crate) fn advertised_host(bind: &str) -> String {
     match bind.parse::<std::net::IpAddr>() {
-        Ok(ip) if ip.is_unspecified() => drover_worker::hostname(),
+        Ok(ip) if ip.is_unspecified() => drover_protocol::hostname(),
         _ => bind.to_string(),
     }
 }
@@ -529,7 +529,7 @@ mod tests {
     fn advertised_host_prefers_a_specific_bind() {
         assert_eq!(advertised_host("127.0.0.1"), "127.0.0.1");
         assert_eq!(advertised_host("node7.example.org"), "node7.example.org");
-        assert_eq!(advertised_host("0.0.0.0"), drover_worker::hostname());
-        assert_eq!(advertised_host("::"), drover_worker::hostname());
+        assert_eq!(advertised_host("0.0.0.0"), drover_protocol::hostname());
+        assert_eq!(advertised_host("::"), drover_protocol::hostname());
     }
 }

@@ -1,6 +1,6 @@
 //! Point-in-time views of the master, as the user and status reports see them.
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 
 /// A point-in-time view of the master.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]

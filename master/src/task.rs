@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use drover_worker::protocol::Measured;
-use drover_worker::Resources;
+use drover_protocol::Measured;
+use drover_protocol::Resources;
 use serde::{Deserialize, Serialize};
 
 /// A task's id, unique within one [`crate::Manager`].
@@ -220,7 +220,7 @@ pub struct TaskResult {
     pub outcome: Outcome,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
-    /// Captured stdout, capped at [`drover_worker::protocol::OUTPUT_CAP_BYTES`] (head and tail kept).
+    /// Captured stdout, capped at [`drover_protocol::OUTPUT_CAP_BYTES`] (head and tail kept).
     pub stdout: String,
     /// Captured stderr, capped likewise.
     pub stderr: String,

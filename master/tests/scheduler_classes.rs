@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use drover_master::scheduler::{Placement, Request, Scheduler};
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use proptest::prelude::*;
 
 #[derive(Clone, Copy, Debug)]

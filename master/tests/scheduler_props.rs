@@ -8,7 +8,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use drover_master::scheduler::{FileKey, Placement, Request, Scheduler, TaskKey, WorkerKey};
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]

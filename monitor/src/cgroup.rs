@@ -379,8 +379,15 @@ impl CgroupBase {
 
     /// Forks a child that joins a fresh group, because mkdir permission does
     /// not imply permission to move processes (delegation rules).
+    ///
+    /// Monitors of one process share its base group, so each probe has a
+    /// name of its own: two monitors made at once (tests, the Python
+    /// module) would otherwise fail each other's mkdir and fall back to
+    /// /proc sampling.
     fn probe(&self) -> bool {
-        let group = match self.task_group("probe") {
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let group = match self.task_group(&format!("probe-{n}")) {
             Ok(g) => g,
             Err(_) => return false,
         };
@@ -571,6 +578,19 @@ impl TaskGroup {
             (Some(p), Some(c)) => Some(u64::max(p, c)),
             (p, c) => p.or(c),
         }
+    }
+
+    /// Processes of the group the kernel's OOM killer killed (`oom_kill`
+    /// in `memory.events`), whichever limit ran out: the group's, an
+    /// ancestor's, or the machine's. Read once, when the task ends.
+    pub fn oom_kills(&self) -> Option<u64> {
+        if !self.memory {
+            return None;
+        }
+        let text = fs::read_to_string(self.dir.join("memory.events")).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Peak swap of the group, bytes, when the memory controller exposes it.

@@ -9,7 +9,7 @@
 //! own session, so the terminal does not signal it directly); the summary
 //! is still written.
 
-use crate::poller::{Method, Monitor, MonitorOptions, SpawnOptions};
+use crate::monitor::{Method, Monitor, MonitorOptions, SpawnOptions};
 use crate::summary::{Limits, LIMIT_EXIT_STATUS};
 use anyhow::Context;
 use std::ffi::OsString;
@@ -185,6 +185,9 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<i32> {
             watched.kill();
         }
     };
+    if let Some(why) = report.summary.ending_message() {
+        eprintln!("drover monitor: {}: {why}", program.to_string_lossy());
+    }
     let json = serde_json::to_string_pretty(&report.summary.to_json_with_units())?;
     match &args.summary {
         Some(p) => {

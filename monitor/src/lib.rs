@@ -46,6 +46,8 @@
 //! # Summary schema
 //!
 //! Field names follow CCTools `resource_monitor`. "MB" is 2^20 bytes.
+//! Numbers are rounded to three decimals (milliseconds, about a kilobyte);
+//! more digits would be float noise.
 //!
 //! | field | unit | meaning |
 //! |---|---|---|
@@ -60,13 +62,14 @@
 //! | `memory` | MB | peak memory, see above |
 //! | `virtual_memory` | MB | peak of summed VSZ |
 //! | `swap_memory` | MB | peak swap (`memory.swap.peak`, else summed VmSwap; 0 without swap) |
-//! | `max_concurrent_processes` | procs | most live processes in one sample |
-//! | `total_processes` | procs | distinct processes seen (those living < 1 interval may be missed) |
+//! | `max_concurrent_processes` | procs | most live processes at one full pass or the final sample |
+//! | `total_processes` | procs | distinct processes alive at a full pass or the final sample (those living < 1 interval may be missed; see `sample`) |
 //! | `bytes_read`, `bytes_written` | MB | `rchar`/`wchar`: bytes through read/write syscalls, incl. pipes and cached I/O |
 //! | `disk` | MB | peak apparent size of the sandbox's files (hard links once) |
 //! | `total_files` | files | peak number of entries in the sandbox |
 //! | `monitor_method` | | see above |
 //! | `limits_exceeded` | | `{resource, limit, value}` in the units above, or null |
+//! | `memory_exhausted` | | `{source, evidence, memory}` when the task ran out of memory without a limit of the monitor's (an OOM kill), or null; see [`MemoryExhausted`] |
 //! | `samples` | | samples taken, including the final one |
 //!
 //! Cumulative counters (cpu, bytes) survive process exits: a parent's
@@ -78,7 +81,12 @@
 //!
 //! Memory, disk and wall time are checked at every sample; the first breach
 //! kills the whole tree (`cgroup.kill`, the process group, and every seen
-//! escapee), and the summary's `limits_exceeded` names it. Cores are
+//! escapee), and the summary's `limits_exceeded` names it. A task killed
+//! for lack of memory by anything else (the kernel's OOM killer, a cgroup
+//! cap someone else set) has `memory_exhausted` instead, with the evidence
+//! (`oom_kill` in its cgroup's `memory.events`, or a SIGKILL while the OOM
+//! killer ran); [`Report::ran_out_of_memory`] says either, and the worker
+//! reports both to the master as memory exhaustion, to retry with more. Cores are
 //! throttled with `cpu.max` when the group has the cpu controller and are
 //! otherwise advisory.
 //!
@@ -93,16 +101,24 @@
 mod cgroup;
 pub mod cli;
 mod disk;
-mod poller;
+mod monitor;
+mod oom;
 mod procscan;
+mod sample;
+mod sampler;
 mod scan;
 mod spawn;
 mod summary;
+mod sys;
+mod task;
+mod watched;
 
-pub use poller::{
-    MemoryLimitHook, Method, Monitor, MonitorOptions, SpawnOptions, Watched, DEFAULT_INTERVAL,
+pub use monitor::{
+    MemoryLimitHook, Method, Monitor, MonitorOptions, SpawnOptions, DEFAULT_INTERVAL,
 };
 pub use spawn::Exec;
 pub use summary::{
-    Exit, LimitExceeded, LimitParseError, Limits, Report, Summary, LIMIT_EXIT_STATUS, MB, UNITS,
+    Exit, LimitExceeded, LimitParseError, Limits, MemoryExhausted, OomSource, Report, Summary,
+    LIMIT_EXIT_STATUS, MB, UNITS,
 };
+pub use watched::Watched;

@@ -112,6 +112,41 @@ pub struct LimitExceeded {
     pub value: f64,
 }
 
+/// How the monitor knows a task ran out of memory it did not limit (see
+/// [`MemoryExhausted`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OomSource {
+    /// `oom_kill` in the task cgroup's `memory.events`.
+    CgroupEvents,
+    /// The root died of an outside SIGKILL while the kernel's OOM killer
+    /// ran (`oom_kill` in `/proc/vmstat` rose).
+    KernelOomKiller,
+    /// The root died of an outside SIGKILL at a peak near the memory the
+    /// machine had available when it started.
+    NearAvailable,
+}
+
+/// Evidence that a task ran out of memory although the monitor did not
+/// kill it for a memory limit: the kernel's OOM killer (for the machine,
+/// or for a cgroup limit someone else set), or a SIGKILL from outside at a
+/// peak near the machine's available memory.
+///
+/// A scheduler should treat such a task as resource exhaustion of memory
+/// (retry it with more memory), not as a failure of the task itself: the
+/// drover worker reports it to the master as a memory limit exceeded, with
+/// this `evidence` as the error.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct MemoryExhausted {
+    /// Which evidence it is.
+    pub source: OomSource,
+    /// The evidence in words, e.g. "oom_kill in memory.events: ...", or
+    /// "killed by SIGKILL at peak 3800 MB while the kernel's OOM killer ran".
+    pub evidence: String,
+    /// The task's peak memory, MB.
+    pub memory: f64,
+}
+
 /// Measurements of one task. Field names follow CCTools `resource_monitor`;
 /// units are listed in [`UNITS`] and in the crate documentation.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -162,11 +197,38 @@ pub struct Summary {
     pub monitor_method: String,
     /// Set when the task was killed for going over a limit.
     pub limits_exceeded: Option<LimitExceeded>,
+    /// Set when the task ran out of memory without going over a limit of
+    /// the monitor's (the kernel's OOM killer, or a SIGKILL from outside
+    /// when memory ran out). Never set with `limits_exceeded`.
+    #[serde(default)]
+    pub memory_exhausted: Option<MemoryExhausted>,
     /// Number of samples taken (including the final one).
     pub samples: u64,
 }
 
 impl Summary {
+    /// One line saying why the task ended early, for people: the limit it
+    /// went over and what it used (`memory went over its limit: 153.2 MB
+    /// used, 100 MB allowed`), or the evidence that it ran out of memory.
+    /// `None` when neither happened.
+    pub fn ending_message(&self) -> Option<String> {
+        if let Some(hit) = &self.limits_exceeded {
+            let unit = UNITS
+                .iter()
+                .find(|(field, _)| *field == hit.resource)
+                .map_or("", |(_, unit)| unit);
+            return Some(format!(
+                "killed for going over its {} limit: {} {unit} used, {} {unit} allowed",
+                hit.resource,
+                one_decimal(hit.value),
+                one_decimal(hit.limit)
+            ));
+        }
+        self.memory_exhausted
+            .as_ref()
+            .map(|e| format!("ran out of memory: {}", e.evidence))
+    }
+
     /// The summary as a JSON object with an added `"units"` map, as printed by
     /// `drover monitor`.
     pub fn to_json_with_units(&self) -> serde_json::Value {
@@ -179,6 +241,15 @@ impl Summary {
             map.insert("units".into(), serde_json::Value::Object(units));
         }
         v
+    }
+}
+
+/// `x` with one decimal, or none when it is whole.
+fn one_decimal(x: f64) -> String {
+    if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
     }
 }
 
@@ -219,6 +290,20 @@ pub struct Report {
     pub summary: Summary,
 }
 
+impl Report {
+    /// Whether the task ran out of memory: the monitor killed it for its
+    /// memory limit, or there is evidence of an OOM kill it did not make
+    /// ([`Summary::memory_exhausted`]). Either way, more memory is what
+    /// it needs, not a fix of the task.
+    pub fn ran_out_of_memory(&self) -> bool {
+        let s = &self.summary;
+        s.memory_exhausted.is_some()
+            || s.limits_exceeded
+                .as_ref()
+                .is_some_and(|l| l.resource == "memory")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +319,40 @@ mod tests {
         assert!("foo=1".parse::<Limits>().is_err());
         assert!("memory".parse::<Limits>().is_err());
         assert!("wall_time=-1".parse::<Limits>().is_err());
+    }
+
+    #[test]
+    fn ending_messages_name_the_limit_and_the_use() {
+        let mut s = Summary::default();
+        assert_eq!(s.ending_message(), None);
+        s.limits_exceeded = Some(LimitExceeded {
+            resource: "memory".into(),
+            limit: 100.0,
+            value: 153.25,
+        });
+        assert_eq!(
+            s.ending_message().unwrap(),
+            "killed for going over its memory limit: 153.2 MB used, 100 MB allowed"
+        );
+        s.limits_exceeded = Some(LimitExceeded {
+            resource: "wall_time".into(),
+            limit: 1.5,
+            value: 1.6,
+        });
+        assert!(s
+            .ending_message()
+            .unwrap()
+            .contains("1.6 s used, 1.5 s allowed"));
+        s.limits_exceeded = None;
+        s.memory_exhausted = Some(MemoryExhausted {
+            source: OomSource::CgroupEvents,
+            evidence: "oom_kill in memory.events".into(),
+            memory: 512.0,
+        });
+        assert_eq!(
+            s.ending_message().unwrap(),
+            "ran out of memory: oom_kill in memory.events"
+        );
     }
 
     #[test]

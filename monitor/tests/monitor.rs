@@ -901,3 +901,205 @@ fn a_grown_task_over_its_new_limit_is_caught_between_full_passes() {
         Some("memory")
     );
 }
+
+/// `drover monitor` says on stderr what it killed a task for and what the
+/// task used, and its summary has no float noise (three decimals at most).
+#[test]
+fn cli_says_why_it_killed_and_prints_rounded_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pids");
+    let out = bin()
+        .args(["--limit", "memory=100", "--interval", "50", "--"])
+        .arg(helper())
+        .args(["1", "300", "-", "0", "-1"])
+        .arg(&pidfile)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(drover_monitor::LIMIT_EXIT_STATUS));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("killed for going over its memory limit: ")
+            && stderr.contains(" MB used, 100 MB allowed"),
+        "{stderr}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (field, value) in v.as_object().unwrap() {
+        if let Some(x) = value.as_f64() {
+            let decimals = value
+                .to_string()
+                .split_once('.')
+                .map_or(0, |(_, d)| d.len());
+            assert!(decimals <= 3, "{field}: {x} in {text}");
+        }
+    }
+}
+
+/// A task's processes are counted at the full passes and at its end, the
+/// same whether or not it has a memory limit: the closer looks a limit
+/// brings between passes (here every 2 s, while the passes are 20 s apart)
+/// do not count the short-lived children they happen to see. Before, each
+/// look added the `sleep` it caught, as a pyenv shim's helpers made one
+/// Python program count as 2 to 7 processes from run to run.
+#[test]
+fn closer_looks_for_a_memory_limit_do_not_count_short_lived_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pids");
+    let m = Monitor::with_options(MonitorOptions {
+        interval: Duration::from_secs(20),
+        method: Method::Auto,
+    });
+    // 60 MB held for 8 s keeps the task past half its 100 MB limit (so it
+    // is looked at every 2 s) while a loop runs 150 sleeps of 50 ms.
+    let script = format!(
+        "{} 1 60 - 0 8000 {} & i=0; while [ $i -lt 150 ]; do sleep 0.05; i=$((i+1)); done; wait",
+        helper().display(),
+        pidfile.display()
+    );
+    let limits = Limits {
+        memory_mb: Some(100),
+        ..Limits::default()
+    };
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script]);
+    let r = m.spawn(cmd, None, limits).unwrap().wait().unwrap();
+    let s = &r.summary;
+    eprintln!("{s:?}");
+    assert_eq!(r.exit, Exit::Code(0), "{s:?}");
+    assert!(s.samples >= 3, "closer looks were taken: {s:?}");
+    // At the first pass at most: sh, the helper's root, its forking
+    // intermediate and worker, and one sleep; at the end only sh.
+    assert!(s.total_processes <= 5, "{s:?}");
+    assert!(s.max_concurrent_processes <= 5, "{s:?}");
+}
+
+/// Where this process may put a task in a memory cgroup of its own making
+/// with a cap it sets itself, as a batch system would: cgroup v2 (the
+/// task's own group, when it has the memory controller) or the v1 memory
+/// hierarchy of a hybrid host. `Err` says why not.
+struct OutsideCap {
+    /// A v1 group made for the task, removed at the end.
+    made: Option<PathBuf>,
+}
+
+impl OutsideCap {
+    fn put(pid: i32, mb: u64) -> Result<OutsideCap, String> {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|e| format!("cannot read the task's cgroup: {e}"))?;
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mount_of = |fstype: &str, option: Option<&str>| {
+            mounts.lines().find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let mut r = right.split_whitespace();
+                if r.next()? != fstype {
+                    return None;
+                }
+                let opts = r.nth(1).unwrap_or("");
+                if option.is_some_and(|o| !opts.split(',').any(|x| x == o)) {
+                    return None;
+                }
+                left.split_whitespace().nth(4).map(PathBuf::from)
+            })
+        };
+        let bytes = (mb << 20).to_string();
+        if let (Some(rel), Some(mount)) = (
+            cgroup.lines().find_map(|l| l.strip_prefix("0::")),
+            mount_of("cgroup2", None),
+        ) {
+            let max = mount.join(rel.trim_start_matches('/')).join("memory.max");
+            if max.exists() {
+                std::fs::write(&max, &bytes).map_err(|e| format!("{}: {e}", max.display()))?;
+                return Ok(OutsideCap { made: None });
+            }
+        }
+        let v1 = mount_of("cgroup", Some("memory")).ok_or(
+            "no memory controller in the task's cgroup v2 group, and no v1 memory hierarchy",
+        )?;
+        let dir = v1.join(format!("drover-oom-test-{pid}"));
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cap = OutsideCap {
+            made: Some(dir.clone()),
+        };
+        for (file, value) in [
+            ("memory.limit_in_bytes", bytes),
+            ("cgroup.procs", pid.to_string()),
+        ] {
+            std::fs::write(dir.join(file), value)
+                .map_err(|e| format!("{}: {e}", dir.join(file).display()))?;
+        }
+        Ok(cap)
+    }
+}
+
+impl Drop for OutsideCap {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.made {
+            for _ in 0..100 {
+                if std::fs::remove_dir(dir).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Says on the terminal, past the test harness's capture, that a test
+/// could not run here and why.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
+/// A task the kernel OOM-kills under a cap set outside the monitor (no
+/// limit of drover's) is reported as out of memory, with the evidence.
+#[test]
+fn a_task_oom_killed_under_an_outside_cap_is_reported_as_out_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let m = monitor(Method::Auto);
+    // The task waits until it sits under the cap, then touches 400 MB.
+    let script = format!(
+        "while [ ! -e {go} ]; do sleep 0.01; done; exec {} cow 400 0 0",
+        helper().display(),
+        go = go.display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script]);
+    let w = m.spawn(cmd, None, Limits::default()).unwrap();
+    let cap = match OutsideCap::put(w.pid(), 100) {
+        Ok(cap) => cap,
+        Err(why) => {
+            skipped(&format!(
+                "a_task_oom_killed_under_an_outside_cap_is_reported_as_out_of_memory: {why}"
+            ));
+            return;
+        }
+    };
+    std::fs::write(&go, "").unwrap();
+    let r = w.wait().unwrap();
+    drop(cap);
+    let s = &r.summary;
+    eprintln!("{s:?}");
+    assert_eq!(r.exit, Exit::Signal(libc::SIGKILL), "{s:?}");
+    assert_eq!(s.limits_exceeded, None);
+    let oom = s.memory_exhausted.as_ref().expect("memory_exhausted");
+    if s.monitor_method == "cgroup2" {
+        assert_eq!(oom.source, drover_monitor::OomSource::CgroupEvents);
+        assert!(
+            oom.evidence.contains("oom_kill in memory.events"),
+            "{oom:?}"
+        );
+    } else {
+        assert_eq!(oom.source, drover_monitor::OomSource::KernelOomKiller);
+        assert!(
+            oom.evidence.starts_with("killed by SIGKILL at peak"),
+            "{oom:?}"
+        );
+    }
+    assert!(r.ran_out_of_memory());
+    assert!(s
+        .ending_message()
+        .unwrap()
+        .starts_with("ran out of memory: "));
+}

@@ -237,3 +237,15 @@ pub fn wait_for_processes(marker: &str, n: usize) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Says that a test is skipped, and why, where the summary shows it: the test runner captures
+/// `eprintln!`, so a skip written that way is never seen. This writes to the process's stderr
+/// directly, past the capture.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+}

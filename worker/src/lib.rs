@@ -1,16 +1,14 @@
-//! The drover worker and the master/worker wire protocol.
-//!
-//! The protocol lives here (not in the master) because both ends need it and
-//! the worker is the smaller of the two: a node that only runs workers links
-//! no scheduling code.
+//! The drover worker: connects to a master, keeps a content-addressed file
+//! cache, runs tasks in sandboxes within its declared resources, and reports
+//! back. The wire protocol it speaks is its own crate, `drover-protocol`.
 mod env;
 mod exec;
 pub mod locate;
-pub mod protocol;
-mod resources;
 mod slots;
 mod worker;
 
+/// The wire protocol, re-exported for the worker's users (the `drover` binary reads the password file with it).
+pub use drover_protocol as protocol;
+pub use drover_protocol::{hostname, Resources};
 pub use locate::MasterSource;
-pub use resources::Resources;
-pub use worker::{detect_resources, hostname, run_worker, StopReason, WorkerConfig};
+pub use worker::{detect_resources, run_worker, StopReason, WorkerConfig};

@@ -17,13 +17,13 @@ use tracing::{debug, info, warn};
 use crate::env::{EnvError, Environments};
 use crate::exec::Running;
 use crate::locate::MasterSource;
-use crate::protocol::{
-    self, auth_proof, check_sandbox_name, read_frame, verify_proof, Ending, FrameError, Hello,
-    LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
-    ROLE_MASTER, ROLE_WORKER,
-};
 use crate::slots::{self, Slot, Slots};
-use crate::Resources;
+use drover_protocol::{
+    self as protocol, auth_proof, check_sandbox_name, read_frame, verify_proof, Ending, FrameError,
+    Hello, LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg,
+    PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
+};
+use drover_protocol::{hostname, Resources};
 
 /// How a worker is set up.
 #[derive(Clone, Debug)]
@@ -959,6 +959,20 @@ async fn run_task(
                         value: summary.wall_time,
                     });
                 }
+                // Out of memory without our limit (the kernel's OOM killer,
+                // an outside cgroup cap): the master's memory exhaustion, so
+                // it retries with more memory rather than failing the task.
+                (None, Ending::Exited) if report.exit_code != Some(0) => {
+                    if let Some(oom) = &summary.memory_exhausted {
+                        ending = Ending::LimitExceeded;
+                        report.error = Some(format!("ran out of memory: {}", oom.evidence));
+                        report.limit_exceeded = Some(LimitHit {
+                            resource: "memory".into(),
+                            limit: task.allocation.memory_mb as f64,
+                            value: oom.memory,
+                        });
+                    }
+                }
                 (None, _) => {}
             }
         }
@@ -1125,16 +1139,4 @@ fn read_capped(file: &std::fs::File) -> String {
         len - 2 * half,
         String::from_utf8_lossy(&tail)
     )
-}
-
-/// This machine's host name.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into a valid buffer.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

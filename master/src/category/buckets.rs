@@ -1,7 +1,7 @@
 //! The sample window and the buckets made from it: k-means clustering,
 //! a bucket's allocation, and where a first attempt starts.
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use linfa::prelude::*;
 use linfa::DatasetBase;
 use linfa_clustering::KMeans;

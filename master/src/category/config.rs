@@ -1,6 +1,6 @@
 //! The user's settings of a category: its mode, bounds and margins.
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use serde::{Deserialize, Serialize};
 
 /// How a category decides what to reserve.

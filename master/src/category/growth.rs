@@ -3,7 +3,7 @@
 //! growth, and how long it holds it. Pure; the engine's `engine::growth`
 //! is what grants, refuses and books that room on a worker.
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 
 use super::*;
 

@@ -1,7 +1,7 @@
 //! The retry ladder: where a task killed for going over its allocation
 //! goes next (see the module documentation of [`super`]).
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 
 use super::*;
 

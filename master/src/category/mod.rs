@@ -109,7 +109,7 @@
 
 use std::collections::VecDeque;
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::Request;

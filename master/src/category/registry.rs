@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 
-use drover_worker::protocol::Measured;
-use drover_worker::Resources;
+use drover_protocol::Measured;
+use drover_protocol::Resources;
 
 use super::{
     AllocationMode, CategoryConfig, CategoryState, CategoryStats, Dim, RetryCause, Sample,

@@ -1,7 +1,7 @@
 //! What a category reports: its buckets, retries, growth and waste, and
 //! the counters behind them.
 
-use drover_worker::Resources;
+use drover_protocol::Resources;
 use serde::{Deserialize, Serialize};
 
 use super::*;

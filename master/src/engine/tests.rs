@@ -5,10 +5,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use drover_worker::protocol::{
+use drover_protocol::Resources;
+use drover_protocol::{
     Ending, Hello, LimitHit, MasterMsg, Measured, RunTask, TaskReport, WorkerMsg,
 };
-use drover_worker::Resources;
 use tokio::sync::oneshot;
 
 use super::{Command, Engine, Outbox, Outgoing, Prepared};

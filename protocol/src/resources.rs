@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// request means "none reserved"; cores are whole cores.
 ///
 /// ```
-/// use drover_worker::Resources;
+/// use drover_protocol::Resources;
 /// let worker = Resources { cores: 4, memory_mb: 8000, disk_mb: 10_000, gpus: 0 };
 /// let task = Resources { cores: 2, memory_mb: 1000, ..Default::default() };
 /// assert!(task.fits_in(&worker));
