@@ -421,3 +421,60 @@ fn tasks_sent_ahead_to_a_lost_worker_are_queued_again() {
     assert_eq!(results.len(), 1);
     assert_eq!(results[0].attempts.len(), 2);
 }
+
+#[test]
+fn a_frozen_task_is_refused_once_it_has_waited_its_patience() {
+    let mut h = Harness::new(0);
+    two_running(&mut h, 2000);
+    h.at(5.0);
+    // Far into its need (1,000 of 1,500 MB): it waits 10 s at least.
+    h.grow(1, 1, 1, 1000.0);
+    h.at(14.9);
+    h.e.grow_timeouts();
+    assert!(h.sent().is_empty());
+    h.at(15.1);
+    h.e.grow_timeouts();
+    assert_eq!(h.sent(), vec![(1, grow_msg(1, 1, None))]);
+    assert!(h.e.growing_workers.is_empty());
+    assert!(h.results().is_empty());
+}
+
+#[test]
+fn a_rejected_task_drops_its_output_plan_and_is_sent_again() {
+    let mut h = Harness::new(0);
+    h.join(1, mb(1, 1000));
+    h.submit(1, "", mb(1, 0));
+    if let Some(t) = h.e.tasks.get_mut(&1) {
+        t.spec.outputs = vec![("out.txt".into(), "/tmp/out.txt".into())];
+    }
+    h.e.schedule();
+    let seen = plans_and_runs(&mut h);
+    // The reader learns where the outputs go before the task can report.
+    assert_eq!(seen, vec![(1, "expect", 1, 1), (1, "run", 1, 1)]);
+    h.e.on_worker_msg(
+        1,
+        WorkerMsg::Rejected {
+            task_id: 1,
+            attempt: 1,
+            reason: "test".into(),
+        },
+    );
+    h.e.schedule();
+    assert_eq!(
+        plans_and_runs(&mut h),
+        vec![(1, "forget", 1, 1), (1, "expect", 1, 1), (1, "run", 1, 1)]
+    );
+}
+
+/// The output plans and runs sent since the last call, in order.
+fn plans_and_runs(h: &mut Harness) -> Vec<(WorkerKey, &'static str, TaskId, u32)> {
+    std::mem::take(&mut h.e.out.sent)
+        .into_iter()
+        .filter_map(|(w, item)| match item {
+            Outgoing::ExpectOutputs { task, attempt, .. } => Some((w, "expect", task, attempt)),
+            Outgoing::ForgetOutputs { task, attempt } => Some((w, "forget", task, attempt)),
+            Outgoing::Msg(MasterMsg::Run(r)) => Some((w, "run", r.task_id, r.attempt)),
+            _ => None,
+        })
+        .collect()
+}
