@@ -1,7 +1,9 @@
 //! The master's networking and bookkeeping around the pure scheduler.
 //!
 //! One engine task owns every table (tasks, workers, files, scheduler), so
-//! nothing in the master needs a lock on its hot path. Each worker connection
+//! the engine and the connections take no lock (the only locks are the
+//! `Manager`'s, on the user's thread: its results receiver in `wait`, its
+//! file-name memo in `submit`; each uncontended with one user thread). Each worker connection
 //! has a reader task (frames in, output files streamed to disk) and a writer
 //! task (frames and input files out); both talk to the engine through
 //! unbounded channels, so a slow worker never blocks the engine and the user
