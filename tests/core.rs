@@ -450,6 +450,8 @@ fn a_worker_refuses_to_overcommit_even_if_asked() {
         r#"{"type":"welcome","proof":null,"keepalive_interval_s":10.0}"#,
     ))
     .unwrap();
+    let cached = read_reply(&mut s).unwrap();
+    assert!(cached.contains("\"type\":\"cached\""), "{cached}");
     let run = |id: u32, cores: u32| {
         frame(&format!(
             r#"{{"type":"run","task_id":{id},"attempt":1,"command":"sleep 2","allocation":{{"cores":{cores},"memory_mb":0,"disk_mb":0,"gpus":0}}}}"#

@@ -18,10 +18,10 @@ use crate::env::{EnvError, Environments};
 use crate::exec::Running;
 use crate::locate::MasterSource;
 use crate::slots::{self, Slot, Slots};
+use drover_protocol::auth::{self, Answer, AuthError, PeerHandshake};
 use drover_protocol::{
-    self as protocol, auth_proof, check_sandbox_name, read_frame, verify_proof, Ending, FrameError,
-    Hello, LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg,
-    PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
+    self as protocol, check_sandbox_name, read_frame, Ending, FrameError, Hello, LimitHit,
+    MasterMsg, Measured, OutputHeader, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
 };
 use drover_protocol::{hostname, Resources};
 
@@ -482,61 +482,23 @@ impl<'a> Session<'a> {
             arch: std::env::consts::ARCH.to_string(),
             resources: self.config.resources,
             password: self.config.password.is_some(),
-            cached: self.dirs.cached_ids(),
+            cached: Vec::new(),
         };
-        protocol::write_frame(writer, &WorkerMsg::Hello(Box::new(hello))).await?;
-        writer.flush().await?;
-        let mut buf = Vec::new();
-        let mut my_nonce: Option<(String, String)> = None;
-        loop {
-            let msg: MasterMsg = read_frame(reader, &mut buf).await.map_err(|e| match e {
-                FrameError::Closed => {
-                    anyhow::anyhow!("the master closed the connection during the handshake")
-                }
-                other => anyhow::anyhow!("handshake with the master failed: {other}"),
-            })?;
-            match msg {
-                MasterMsg::Refused { reason } => bail!("the master refused this worker: {reason}"),
-                MasterMsg::Challenge { nonce } => {
-                    let Some(password) = &self.config.password else {
-                        bail!(
-                            "the master requires a password; start the worker with --password-file"
-                        );
-                    };
-                    let mine = protocol::new_nonce();
-                    let proof = auth_proof(password, ROLE_WORKER, &nonce, &mine);
-                    protocol::write_frame(
-                        writer,
-                        &WorkerMsg::AuthProof {
-                            nonce: mine.clone(),
-                            proof,
-                        },
-                    )
-                    .await?;
-                    writer.flush().await?;
-                    my_nonce = Some((nonce, mine));
-                }
-                MasterMsg::Welcome {
-                    proof,
-                    keepalive_interval_s,
-                } => {
-                    if let Some(password) = &self.config.password {
-                        let verified = match (&proof, &my_nonce) {
-                            (Some(proof), Some((theirs, mine))) => {
-                                verify_proof(password, ROLE_MASTER, mine, theirs, proof)
-                            }
-                            _ => false,
-                        };
-                        if !verified {
-                            bail!("the master did not prove that it knows the password; refusing to work for it");
-                        }
-                    }
-                    return Ok(keepalive_interval_s);
-                }
-                other => {
-                    bail!("unexpected message from the master during the handshake: {other:?}")
-                }
+        let (mut handshake, first) = PeerHandshake::worker(
+            self.config.password.as_deref(),
+            hello,
+            self.dirs.cached_ids(),
+        );
+        match auth::run(&mut handshake, reader, writer, Some(first)).await {
+            Ok(Answer::Welcome {
+                keepalive_interval_s,
+            }) => Ok(keepalive_interval_s),
+            Ok(Answer::Status(_)) => bail!("the master answered a hello with its status"),
+            Err(AuthError::Closed) => {
+                bail!("the master closed the connection during the handshake")
             }
+            Err(AuthError::Refused(reason)) => bail!("the master refused this worker: {reason}"),
+            Err(e) => bail!("handshake with the master failed: {e}"),
         }
     }
 }
