@@ -87,6 +87,19 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> io::Result<()> 
     Ok(())
 }
 
+/// Encodes `msg` into `buf` (cleared first, reused across calls) and writes
+/// it as one frame (not flushed): a writer's loop needs no allocation per
+/// message.
+pub async fn write_frame_in<W, T>(writer: &mut W, buf: &mut Vec<u8>, msg: &T) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    buf.clear();
+    encode_frame(msg, buf)?;
+    writer.write_all(buf).await
+}
+
 /// Encodes and writes one frame (not flushed).
 pub async fn write_frame<W, T>(writer: &mut W, msg: &T) -> io::Result<()>
 where

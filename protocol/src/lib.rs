@@ -46,10 +46,10 @@ pub use auth::{
     auth_proof, new_nonce, read_password_file, verify_proof, AuthError, Greeting, MasterHandshake,
     PeerHandshake, ROLE_MASTER, ROLE_WORKER,
 };
-pub use body::{copy_body, BODY_CHUNK_BYTES};
+pub use body::{copy_body, pad, BODY_CHUNK_BYTES};
 pub use frame::{
-    encode_frame, read_frame, read_frame_within, write_frame, FrameError, HANDSHAKE_FRAME_BYTES,
-    MAX_FRAME_BYTES,
+    encode_frame, read_frame, read_frame_within, write_frame, write_frame_in, FrameError,
+    HANDSHAKE_FRAME_BYTES, MAX_FRAME_BYTES,
 };
 pub use host::hostname;
 pub use messages::{
