@@ -63,6 +63,7 @@ pub fn verify_proof(password: &[u8], role: &str, first: &str, second: &str, proo
 
 /// Role strings bound into the proofs, so a worker's proof can't be reflected back as the master's.
 pub const ROLE_WORKER: &str = "drover-worker";
+/// The master's role string (see [`ROLE_WORKER`]).
 pub const ROLE_MASTER: &str = "drover-master";
 
 /// Reads a password file: its content with one trailing newline removed.
@@ -84,6 +85,7 @@ pub fn read_password_file(path: &std::path::Path) -> io::Result<Vec<u8>> {
 /// Which end of a connection a party is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
+    /// The master, which proves itself last.
     Master,
     /// A worker, or a status client: it proves itself as a worker does.
     Worker,

@@ -25,7 +25,6 @@
 //! [`WorkerMsg::StatusQuery`] instead of a hello and goes through the same
 //! refusal and challenge steps; the master then answers [`MasterMsg::Status`]
 //! (with its proof in place of the welcome's) and closes the connection.
-
 //!
 //! Modules, each one idea: [`messages`] (what each side says), [`frame`]
 //! (how a message is delimited on the wire), [`body`] (file bodies after a
