@@ -437,6 +437,31 @@ fn other_versions_garbage_and_oversized_frames_are_dropped_and_the_master_serves
 }
 
 #[test]
+fn a_stranger_declaring_a_large_first_frame_is_cut_off_at_once() {
+    let m = manager();
+    let addr = format!("127.0.0.1:{}", m.port());
+    let mut stranger = TcpStream::connect(&addr).unwrap();
+    // 100 KiB is within the limit for a worker that passed the handshake,
+    // but over the one for a peer that has not: the master closes the
+    // connection from the length alone, without waiting for (or making
+    // room for) a body that never comes.
+    stranger.write_all(&(100u32 * 1024).to_be_bytes()).unwrap();
+    // Well short of the 30 s handshake deadline, which would also close it.
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match stranger.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the master kept a pre-handshake connection open: {other:?}"),
+    }
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new("echo served")).unwrap();
+    assert_eq!(collect(&m, 1)[0].stdout, "served\n");
+}
+
+#[test]
 fn a_worker_refuses_to_overcommit_even_if_asked() {
     // A hand-written master (a plain TCP listener in this test) asks for too
     // much on purpose; the real master's scheduler never would.
@@ -450,6 +475,8 @@ fn a_worker_refuses_to_overcommit_even_if_asked() {
         r#"{"type":"welcome","proof":null,"keepalive_interval_s":10.0}"#,
     ))
     .unwrap();
+    let cached = read_reply(&mut s).unwrap();
+    assert!(cached.contains("\"type\":\"cached\""), "{cached}");
     let run = |id: u32, cores: u32| {
         frame(&format!(
             r#"{{"type":"run","task_id":{id},"attempt":1,"command":"sleep 2","allocation":{{"cores":{cores},"memory_mb":0,"disk_mb":0,"gpus":0}}}}"#

@@ -5,10 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use drover_catalog::MasterReport;
-use drover_protocol::{
-    self as protocol, read_frame, MasterMsg, WorkerMsg, PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
-};
-use tokio::io::{AsyncWriteExt, BufReader};
+use drover_protocol::auth::{self, Answer, AuthError, PeerHandshake};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 /// How long one status query may take, connect to answer.
@@ -32,59 +30,15 @@ async fn query_master_inner(addr: &str, password: Option<&[u8]>) -> anyhow::Resu
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
-    let mut buf = Vec::new();
-    protocol::write_frame(
-        &mut w,
-        &WorkerMsg::StatusQuery {
-            protocol: PROTOCOL_VERSION,
-            password: password.is_some(),
-        },
-    )
-    .await?;
-    w.flush().await?;
-    let mut my_nonce = None;
-    loop {
-        let msg: MasterMsg = read_frame(&mut reader, &mut buf)
-            .await
-            .with_context(|| format!("reading the answer of master {addr}"))?;
-        match msg {
-            MasterMsg::Challenge { nonce } => {
-                let Some(password) = password else {
-                    bail!("master {addr} asks for a password; give the factory --password-file");
-                };
-                if my_nonce.is_some() {
-                    bail!("master {addr} sent a second challenge");
-                }
-                let mine = protocol::new_nonce();
-                let proof = protocol::auth_proof(password, ROLE_WORKER, &nonce, &mine);
-                protocol::write_frame(
-                    &mut w,
-                    &WorkerMsg::AuthProof {
-                        nonce: mine.clone(),
-                        proof,
-                    },
-                )
-                .await?;
-                w.flush().await?;
-                my_nonce = Some((nonce, mine));
-            }
-            MasterMsg::Status { proof, report } => {
-                if let Some(password) = password {
-                    let Some((theirs, mine)) = &my_nonce else {
-                        bail!("master {addr} answered without the password challenge it owes");
-                    };
-                    let ok = proof.as_deref().is_some_and(|p| {
-                        protocol::verify_proof(password, ROLE_MASTER, mine, theirs, p)
-                    });
-                    if !ok {
-                        bail!("master {addr} could not prove it knows the password");
-                    }
-                }
-                return Ok(*report);
-            }
-            MasterMsg::Refused { reason } => bail!("master {addr} refused the query: {reason}"),
-            other => bail!("master {addr} answered a status query with {other:?}"),
+    let (mut handshake, query) = PeerHandshake::status(password);
+    match auth::run(&mut handshake, &mut reader, &mut w, Some(query)).await {
+        Ok(Answer::Status(report)) => Ok(*report),
+        Ok(Answer::Welcome { .. }) => bail!("master {addr} welcomed a status query as a worker"),
+        Err(AuthError::Refused(reason)) => bail!("master {addr} refused the query: {reason}"),
+        Err(AuthError::Password(why)) => {
+            bail!("master {addr}: {why} (the factory's --password-file)")
         }
+        Err(e) => Err(e).with_context(|| format!("reading the answer of master {addr}")),
     }
 }
 

@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_master::{Manager, Outcome, Task};
+use drover_protocol::auth::{self, PeerHandshake};
 use drover_protocol::Resources;
 use drover_protocol::{
     read_frame, write_frame, Ending, Hello, MasterMsg, TaskReport, WorkerMsg, PROTOCOL_VERSION,
@@ -103,8 +104,10 @@ async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
         password: false,
         cached: Vec::new(),
     };
-    write_frame(&mut writer, &WorkerMsg::Hello(Box::new(hello))).await?;
-    writer.flush().await?;
+    let (mut handshake, first) = PeerHandshake::worker(None, hello, Vec::new());
+    auth::run(&mut handshake, &mut reader, &mut writer, Some(first))
+        .await
+        .map_err(std::io::Error::other)?;
     let mut buf = Vec::new();
     loop {
         let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use drover_protocol::Resources;
 use drover_protocol::{
     self as protocol, read_frame, Ending, FrameError, Hello, MasterMsg, OutputHeader, RunTask,
-    TaskReport, WorkerMsg, PROTOCOL_VERSION, ROLE_MASTER, ROLE_WORKER,
+    TaskReport, WorkerMsg,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

@@ -55,10 +55,9 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use drover_protocol::Resources;
 
+pub use crate::task::TaskId;
 pub use drover_protocol::packing::{workers_needed_for, Request};
 
-/// The master's task id.
-pub type TaskKey = u64;
 /// The master's worker slot id.
 pub type WorkerKey = u32;
 /// An interned id of a cached input file.
@@ -77,7 +76,7 @@ const NO_FILE: FileKey = FileKey::MAX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {
     /// The task to start.
-    pub task: TaskKey,
+    pub task: TaskId,
     /// The worker to start it on.
     pub worker: WorkerKey,
     /// What was reserved for it (the request, or the worker's total for a
@@ -95,11 +94,11 @@ struct Waiting {
     priority: i32,
     file: FileKey,
     seq: u64,
-    task: TaskKey,
+    task: TaskId,
 }
 
 impl Waiting {
-    fn order(&self) -> (Reverse<i32>, u64, TaskKey) {
+    fn order(&self) -> (Reverse<i32>, u64, TaskId) {
         (Reverse(self.priority), self.seq, self.task)
     }
 }
@@ -172,7 +171,7 @@ struct WorkerState {
     /// Tasks sent ahead to wait on the worker (see [`Scheduler::prefetch`]),
     /// in the order the worker starts them. While there are any, the
     /// worker is out of the indexes: only the worker knows when they start.
-    queued: VecDeque<(TaskKey, Resources)>,
+    queued: VecDeque<(TaskId, Resources)>,
 }
 
 impl WorkerState {
@@ -197,7 +196,7 @@ pub struct Scheduler {
     /// Heads of non-empty, unblocked shapes.
     ready: BTreeSet<(Waiting, ShapeId)>,
     blocked: Vec<ShapeId>,
-    tasks: HashMap<TaskKey, Loc>,
+    tasks: HashMap<TaskId, Loc>,
 
     workers: Vec<WorkerState>,
     slots: HashMap<WorkerKey, usize>,
@@ -279,7 +278,7 @@ impl Scheduler {
     /// Queueing a task that is already waiting replaces it.
     pub fn enqueue(
         &mut self,
-        task: TaskKey,
+        task: TaskId,
         request: Request,
         priority: i32,
         seq: u64,
@@ -301,7 +300,7 @@ impl Scheduler {
     /// a task sent ahead holds its worker to the request it was sent with.
     pub fn enqueue_provisional(
         &mut self,
-        task: TaskKey,
+        task: TaskId,
         request: Request,
         priority: i32,
         seq: u64,
@@ -325,7 +324,7 @@ impl Scheduler {
     /// learned.
     pub fn enqueue_class(
         &mut self,
-        task: TaskKey,
+        task: TaskId,
         class: ClassKey,
         priority: i32,
         seq: u64,
@@ -367,7 +366,7 @@ impl Scheduler {
 
     fn enqueue_keyed(
         &mut self,
-        task: TaskKey,
+        task: TaskId,
         key: ShapeKey,
         request: Request,
         priority: i32,
@@ -397,7 +396,7 @@ impl Scheduler {
     }
 
     /// Remove a waiting task (cancel). Returns false if it isn't waiting.
-    pub fn remove_waiting(&mut self, task: TaskKey) -> bool {
+    pub fn remove_waiting(&mut self, task: TaskId) -> bool {
         let Some(loc) = self.tasks.remove(&task) else {
             return false;
         };
@@ -471,7 +470,7 @@ impl Scheduler {
     /// A task that was on `worker` with `allocation` is finished, whether
     /// it ran or was still waiting there (see [`Scheduler::prefetch`]): only
     /// a task that ran gives resources back.
-    pub fn release_task(&mut self, worker: WorkerKey, task: TaskKey, allocation: Resources) {
+    pub fn release_task(&mut self, worker: WorkerKey, task: TaskId, allocation: Resources) {
         let Some(&slot) = self.slots.get(&worker) else {
             return;
         };
@@ -533,7 +532,7 @@ impl Scheduler {
 
     /// `worker` started `task`, which it held queued: its allocation is now
     /// in use there. False if the task was not queued on it.
-    pub fn started(&mut self, worker: WorkerKey, task: TaskKey) -> bool {
+    pub fn started(&mut self, worker: WorkerKey, task: TaskId) -> bool {
         let Some(&slot) = self.slots.get(&worker) else {
             return false;
         };
@@ -634,7 +633,7 @@ impl Scheduler {
     }
 
     /// True if `task` is waiting.
-    pub fn is_waiting(&self, task: TaskKey) -> bool {
+    pub fn is_waiting(&self, task: TaskId) -> bool {
         self.tasks.contains_key(&task)
     }
 
@@ -835,7 +834,7 @@ mod tests {
         out
     }
 
-    fn tasks(placements: &[Placement]) -> Vec<TaskKey> {
+    fn tasks(placements: &[Placement]) -> Vec<TaskId> {
         placements.iter().map(|p| p.task).collect()
     }
 

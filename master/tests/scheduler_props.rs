@@ -7,7 +7,7 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
-use drover_master::scheduler::{FileKey, Placement, Request, Scheduler, TaskKey, WorkerKey};
+use drover_master::scheduler::{FileKey, Placement, Request, Scheduler, TaskId, WorkerKey};
 use drover_protocol::Resources;
 use proptest::prelude::*;
 
@@ -83,10 +83,10 @@ struct Queued {
 struct Model {
     /// total, and what is reserved on it.
     workers: BTreeMap<WorkerKey, (Resources, Resources)>,
-    waiting: BTreeMap<TaskKey, Queued>,
+    waiting: BTreeMap<TaskId, Queued>,
     /// worker, allocation, and how to requeue it.
-    running: BTreeMap<TaskKey, (WorkerKey, Resources, Queued)>,
-    next_task: TaskKey,
+    running: BTreeMap<TaskId, (WorkerKey, Resources, Queued)>,
+    next_task: TaskId,
 }
 
 impl Model {
@@ -173,7 +173,7 @@ impl Model {
     }
 }
 
-fn release(s: &mut Scheduler, m: &mut Model, task: TaskKey) {
+fn release(s: &mut Scheduler, m: &mut Model, task: TaskId) {
     if let Some((worker, allocation, _)) = m.running.remove(&task) {
         s.release(worker, allocation);
         if let Some((_, used)) = m.workers.get_mut(&worker) {
@@ -272,7 +272,7 @@ proptest! {
         // Drain: finish everything, schedule, repeat. Each round places at
         // least one task while some waiting task fits an empty worker.
         loop {
-            let running: Vec<TaskKey> = m.running.keys().copied().collect();
+            let running: Vec<TaskId> = m.running.keys().copied().collect();
             for task in running {
                 release(&mut s, &mut m, task);
             }

@@ -45,6 +45,20 @@ where
     Ok(done)
 }
 
+/// Writes `n` zero bytes: what stands in for the rest of a file that shrank
+/// while it was sent, so the stream stays in step with the size announced
+/// in its frame (a content-named file then fails its hash check).
+pub async fn pad<W: AsyncWrite + Unpin>(to: &mut W, n: u64) -> io::Result<()> {
+    let zeros = vec![0u8; n.min(64 * 1024) as usize];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(zeros.len() as u64) as usize;
+        to.write_all(&zeros[..k]).await?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +87,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((n, out.as_slice()), (10, &data[..10]));
+    }
+
+    #[tokio::test]
+    async fn padding_is_exactly_the_shortfall_in_zeros() {
+        for n in [0u64, 1, 64 * 1024, 64 * 1024 + 1, 200_000] {
+            let mut out = Vec::new();
+            pad(&mut out, n).await.unwrap();
+            assert_eq!(out.len() as u64, n);
+            assert!(out.iter().all(|&b| b == 0));
+        }
     }
 }

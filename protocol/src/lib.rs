@@ -12,14 +12,8 @@
 //! peer that sends one is either broken or hostile, and reading it would let
 //! it choose how much memory we allocate.
 //!
-//! Handshake: the worker sends [`WorkerMsg::Hello`]; the master answers
-//! [`MasterMsg::Refused`] (version mismatch, password required or wrong) or,
-//! when it has a password, [`MasterMsg::Challenge`] with a fresh nonce. The
-//! worker answers with its own nonce and `HMAC-SHA256(password, "drover-worker"
-//! ‖ master_nonce ‖ worker_nonce)`; the master checks it and proves itself in
-//! [`MasterMsg::Welcome`] with `HMAC-SHA256(password, "drover-master" ‖
-//! worker_nonce ‖ master_nonce)`. The password never crosses the wire and a
-//! recorded exchange cannot be replayed because both sides pick a nonce.
+//! Handshake: see [`auth`]. Before it completes, no frame may be longer
+//! than [`HANDSHAKE_FRAME_BYTES`].
 //!
 //! Growth in place: a task sent with [`RunTask::growable`] that goes over its
 //! memory allocation is frozen by the worker, which asks
@@ -31,7 +25,6 @@
 //! [`WorkerMsg::StatusQuery`] instead of a hello and goes through the same
 //! refusal and challenge steps; the master then answers [`MasterMsg::Status`]
 //! (with its proof in place of the welcome's) and closes the connection.
-
 //!
 //! Modules, each one idea: [`messages`] (what each side says), [`frame`]
 //! (how a message is delimited on the wire), [`body`] (file bodies after a
@@ -48,9 +41,15 @@ pub mod names;
 pub mod packing;
 pub mod resources;
 
-pub use auth::{auth_proof, new_nonce, read_password_file, verify_proof, ROLE_MASTER, ROLE_WORKER};
-pub use body::{copy_body, BODY_CHUNK_BYTES};
-pub use frame::{encode_frame, read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
+pub use auth::{
+    auth_proof, new_nonce, read_password_file, verify_proof, AuthError, Greeting, MasterHandshake,
+    PeerHandshake, ROLE_MASTER, ROLE_WORKER,
+};
+pub use body::{copy_body, pad, BODY_CHUNK_BYTES};
+pub use frame::{
+    encode_frame, read_frame, read_frame_within, write_frame, write_frame_in, FrameError,
+    HANDSHAKE_FRAME_BYTES, MAX_FRAME_BYTES,
+};
 pub use host::hostname;
 pub use messages::{
     Ending, Hello, InputRef, LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport,

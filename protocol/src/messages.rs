@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::Resources;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Messages from the master to a worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -87,6 +87,12 @@ pub enum WorkerMsg {
     Goodbye {
         reason: String,
     },
+    /// The ids of the files in the worker's cache, sent right after the
+    /// welcome: the hello is read before the worker is authenticated, under
+    /// a small frame limit that a long cache list would break.
+    Cached {
+        ids: Vec<String>,
+    },
     /// Sent instead of a hello by a client that is not a worker (`drover
     /// factory`): it wants the master's status report, not tasks. With a
     /// password it must answer the same challenge a worker does.
@@ -108,6 +114,9 @@ pub struct Hello {
     /// Whether the worker was given a password (so a mismatch gets a clear message).
     pub password: bool,
     /// Content ids of files already in the worker's cache from earlier runs.
+    /// Sent empty: the list follows the welcome ([`WorkerMsg::Cached`]),
+    /// and the master's half of the handshake puts it here.
+    #[serde(default)]
     pub cached: Vec<String>,
 }
 

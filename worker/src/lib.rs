@@ -1,14 +1,28 @@
 //! The drover worker: connects to a master, keeps a content-addressed file
 //! cache, runs tasks in sandboxes within its declared resources, and reports
 //! back. The wire protocol it speaks is its own crate, `drover-protocol`.
+//!
+//! Modules: `main_loop` (connect, reconnect with backoff), `session` (one
+//! connection's handshake and message loop), `transfer` (files in and out of
+//! a connection), `task` (one task: prepare, launch, supervise, report),
+//! `sandbox` (inputs placed, outputs checked), `host` (this machine's
+//! resources), `env` (packaged environments), `slots` (task directories
+//! reused), `exec` (a task's process under the monitor), [`locate`] (a
+//! master found through the catalog).
 mod env;
 mod exec;
+mod host;
 pub mod locate;
+mod main_loop;
+mod sandbox;
+mod session;
 mod slots;
-mod worker;
+mod task;
+mod transfer;
 
 /// The wire protocol, re-exported for the worker's users (the `drover` binary reads the password file with it).
 pub use drover_protocol as protocol;
 pub use drover_protocol::{hostname, Resources};
+pub use host::detect_resources;
 pub use locate::MasterSource;
-pub use worker::{detect_resources, run_worker, StopReason, WorkerConfig};
+pub use main_loop::{run_worker, StopReason, WorkerConfig};

@@ -4,6 +4,7 @@
 //! (see `transfer`); its writer is `transfer::write_loop`.
 
 use super::*;
+use drover_protocol::auth::{self, AuthError, Greeting, MasterHandshake};
 
 static NEXT_WORKER: AtomicU32 = AtomicU32::new(1);
 
@@ -78,13 +79,6 @@ async fn connection(
     Ok(())
 }
 
-/// Who passed the handshake: a worker, or a status client (which got no
-/// welcome; `proof` is the master's, owed in the status answer).
-enum Greeting {
-    Worker(Box<Hello>),
-    Status { proof: Option<String> },
-}
-
 /// Sends a status client the master's report and ends the connection.
 async fn answer_status(
     writer: &mut BufWriter<OwnedWriteHalf>,
@@ -115,99 +109,9 @@ async fn handshake(
     writer: &mut BufWriter<OwnedWriteHalf>,
     password: Option<&[u8]>,
     keepalive: Duration,
-) -> anyhow::Result<Greeting> {
-    let mut buf = Vec::new();
-    let refuse = |reason: String| async move { reason };
-    let msg: WorkerMsg = read_frame(reader, &mut buf)
-        .await
-        .map_err(|e| anyhow::anyhow!("bad hello: {e}"))?;
-    // A status client goes through the same checks as a worker; only the
-    // last step differs.
-    let (hello, protocol_version, has_password, who) = match msg {
-        WorkerMsg::Hello(hello) => {
-            let (v, p) = (hello.protocol, hello.password);
-            let who = format!(
-                "worker {} (drover {})",
-                hello.hostname, hello.drover_version
-            );
-            (Some(hello), v, p, who)
-        }
-        WorkerMsg::StatusQuery { protocol, password } => {
-            (None, protocol, password, "status client".to_string())
-        }
-        other => anyhow::bail!("expected a hello, got {other:?}"),
-    };
-    let mut refusal = None;
-    if protocol_version != PROTOCOL_VERSION {
-        refusal = Some(format!(
-            "protocol version mismatch: this master speaks version {PROTOCOL_VERSION} (drover {}), the {who} version {protocol_version}",
-            env!("CARGO_PKG_VERSION"),
-        ));
-    } else if password.is_some() && !has_password {
-        refusal =
-            Some("this master requires a password; start the worker with --password-file".into());
-    } else if password.is_none() && has_password {
-        refusal = Some("this master has no password but the worker was given one; refusing so that neither side is fooled".into());
-    }
-    if let Some(reason) = refusal {
-        let reason = refuse(reason).await;
-        protocol::write_frame(
-            writer,
-            &MasterMsg::Refused {
-                reason: reason.clone(),
-            },
-        )
-        .await?;
-        writer.flush().await?;
-        anyhow::bail!("{reason}");
-    }
-    let mut proof = None;
-    if let Some(password) = password {
-        let mine = protocol::new_nonce();
-        protocol::write_frame(
-            writer,
-            &MasterMsg::Challenge {
-                nonce: mine.clone(),
-            },
-        )
-        .await?;
-        writer.flush().await?;
-        let msg: WorkerMsg = read_frame(reader, &mut buf)
-            .await
-            .map_err(|e| anyhow::anyhow!("bad auth reply: {e}"))?;
-        let WorkerMsg::AuthProof {
-            nonce,
-            proof: theirs,
-        } = msg
-        else {
-            anyhow::bail!("expected a password proof, got {msg:?}");
-        };
-        if !protocol::verify_proof(password, ROLE_WORKER, &mine, &nonce, &theirs) {
-            protocol::write_frame(
-                writer,
-                &MasterMsg::Refused {
-                    reason: "wrong password".into(),
-                },
-            )
-            .await?;
-            writer.flush().await?;
-            anyhow::bail!("{who} gave a wrong password");
-        }
-        proof = Some(protocol::auth_proof(password, ROLE_MASTER, &nonce, &mine));
-    }
-    let Some(hello) = hello else {
-        return Ok(Greeting::Status { proof });
-    };
-    protocol::write_frame(
-        writer,
-        &MasterMsg::Welcome {
-            proof,
-            keepalive_interval_s: keepalive.as_secs_f64(),
-        },
-    )
-    .await?;
-    writer.flush().await?;
-    Ok(Greeting::Worker(hello))
+) -> Result<Greeting, AuthError> {
+    let mut handshake = MasterHandshake::new(password, keepalive.as_secs_f64());
+    auth::run(&mut handshake, reader, writer, None).await
 }
 
 async fn read_loop(

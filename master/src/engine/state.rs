@@ -278,6 +278,7 @@ impl<O: Outbox> Engine<O> {
                 WorkerMsg::Pong
                 | WorkerMsg::Hello(_)
                 | WorkerMsg::AuthProof { .. }
+                | WorkerMsg::Cached { .. }
                 | WorkerMsg::StatusQuery { .. } => {}
             }
         }

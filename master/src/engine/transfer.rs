@@ -269,13 +269,7 @@ pub(super) async fn send_file(
                 let sent = protocol::copy_body(&mut f, writer, size, |_| {}).await?;
                 if sent < size {
                     // The file shrank while being sent; pad so the stream stays framed (the hash check catches it).
-                    let zeros = vec![0u8; (size - sent).min(1 << 20) as usize];
-                    let mut left = size - sent;
-                    while left > 0 {
-                        let n = left.min(zeros.len() as u64) as usize;
-                        writer.write_all(&zeros[..n]).await?;
-                        left -= n as u64;
-                    }
+                    protocol::pad(writer, size - sent).await?;
                 }
             }
         }

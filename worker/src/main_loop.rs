@@ -1,0 +1,160 @@
+//! The worker's outer loop: connect (directly or through a catalog),
+//! run one session, and reconnect with backoff until the idle timeout or
+//! the master says stop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use drover_monitor::Monitor;
+use drover_protocol::Resources;
+use tracing::{debug, info, warn};
+
+use crate::env::Environments;
+use crate::locate::MasterSource;
+use crate::session::Session;
+use crate::slots::Slots;
+
+/// How a worker is set up.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The master's `HOST:PORT`, or the catalog and project to look it up by
+    /// (`"host:port".into()` for the former).
+    pub master: MasterSource,
+    pub resources: Resources,
+    pub password: Option<Vec<u8>>,
+    /// Exit after this long without a task (connected or not).
+    pub idle_timeout: Duration,
+    /// Holds the file cache (shared by workers on this machine, kept across runs) and task sandboxes.
+    pub workdir: PathBuf,
+    /// Exit when the connection ends instead of reconnecting (embedded local workers).
+    pub exit_on_disconnect: bool,
+}
+
+/// Why a worker stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopReason {
+    IdleTimeout,
+    MasterShutdown,
+    Disconnected,
+}
+
+/// Runs a worker until its idle timeout, until the master tells it to stop, or
+/// (with `exit_on_disconnect`) until the connection ends. Reconnects with
+/// exponential backoff otherwise.
+pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
+    let dirs = Dirs::create(&config.workdir)?;
+    let shared = Shared {
+        monitor: Monitor::new(drover_monitor::DEFAULT_INTERVAL),
+        envs: Arc::new(Environments::new(
+            config.workdir.join("envs"),
+            dirs.cache.clone(),
+        )),
+        // Enough clean directories for every task that can run at once.
+        slots: Arc::new(Slots::new(
+            dirs.tasks.clone(),
+            (config.resources.cores as usize).clamp(1, 1024) * 2,
+        )),
+    };
+    info!(method = shared.monitor.method(), "tasks run monitored");
+    let mut backoff = Duration::from_millis(250);
+    let mut last_busy = Instant::now();
+    let mut last_error = String::new();
+    loop {
+        // A catalog is asked again at every attempt: the master may have
+        // restarted elsewhere.
+        match config.master.connect().await {
+            Ok((stream, addr)) => {
+                backoff = Duration::from_millis(250);
+                last_error.clear();
+                let _ = stream.set_nodelay(true);
+                info!(master = %addr, "connected");
+                let outcome = Session::new(&config, &dirs, &shared)
+                    .run(stream, &mut last_busy)
+                    .await;
+                match outcome {
+                    Ok(StopReason::Disconnected) => {
+                        warn!(master = %addr, "connection to the master ended");
+                        if config.exit_on_disconnect {
+                            return Ok(StopReason::Disconnected);
+                        }
+                    }
+                    Ok(reason) => return Ok(reason),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if config.exit_on_disconnect {
+                    bail!("{e}");
+                }
+                // Why a catalog lookup fails is news once, not at every retry.
+                if matches!(config.master, MasterSource::Catalog { .. }) && e != last_error {
+                    warn!("{e}; retrying");
+                } else {
+                    debug!("{e}");
+                }
+                last_error = e;
+            }
+        }
+        if last_busy.elapsed() >= config.idle_timeout {
+            info!("idle timeout reached while disconnected; exiting");
+            return Ok(StopReason::IdleTimeout);
+        }
+        tokio::time::sleep(backoff.min(config.idle_timeout.saturating_sub(last_busy.elapsed())))
+            .await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The worker's directories. The cache is shared by every worker process that
+/// uses the same workdir; each process has its own task directory.
+pub(crate) struct Dirs {
+    pub(crate) cache: PathBuf,
+    pub(crate) transfer: PathBuf,
+    pub(crate) tasks: PathBuf,
+}
+
+impl Dirs {
+    fn create(workdir: &Path) -> anyhow::Result<Dirs> {
+        let cache = workdir.join("cache");
+        let own = workdir.join(format!("w{}", std::process::id()));
+        let dirs = Dirs {
+            cache,
+            transfer: own.join("transfer"),
+            tasks: own.join("tasks"),
+        };
+        for d in [&dirs.cache, &dirs.transfer, &dirs.tasks] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(dirs)
+    }
+
+    pub(crate) fn cached_ids(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.cache) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        if let Some(own) = self.tasks.parent() {
+            let _ = std::fs::remove_dir_all(own);
+        }
+    }
+}
+
+/// What every task of this worker process shares, across reconnects.
+pub(crate) struct Shared {
+    /// The one poller that measures and limits every task.
+    pub(crate) monitor: Monitor,
+    pub(crate) envs: Arc<Environments>,
+    pub(crate) slots: Arc<Slots>,
+}

@@ -1,0 +1,197 @@
+//! Files in and out of one connection: the reader streams each announced
+//! file body into the cache (or the per-task transfer directory) and hands
+//! on the small messages; the writer sends messages and each finished
+//! task's report followed by its output files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use drover_protocol::Resources;
+use drover_protocol::{
+    self as protocol, read_frame, FrameError, MasterMsg, OutputHeader, TaskReport, WorkerMsg,
+};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::slots::{Slot, Slots};
+
+/// What a finished task hands to the writer: the report frame and the output files to stream after it.
+pub(crate) struct Finished {
+    pub(crate) report: TaskReport,
+    pub(crate) outputs: Vec<(OutputHeader, PathBuf)>,
+    pub(crate) task_dir: PathBuf,
+    /// The task's stdout and stderr, open, for the slot's next task.
+    pub(crate) output_files: Option<(std::fs::File, std::fs::File)>,
+    pub(crate) allocation: Resources,
+    pub(crate) gpus: Vec<u32>,
+}
+
+pub(crate) enum Outgoing {
+    Msg(WorkerMsg),
+    Done(Box<Finished>),
+}
+
+/// Reads frames from the master. File bodies are streamed to disk here, so
+/// that the main loop only sees small messages.
+pub(crate) async fn read_loop(
+    mut reader: BufReader<OwnedReadHalf>,
+    msgs: mpsc::UnboundedSender<MasterMsg>,
+    cache: PathBuf,
+    transfer: PathBuf,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
+            Ok(m) => m,
+            Err(FrameError::Closed) => return,
+            Err(e) => {
+                warn!("bad frame from the master, dropping the connection: {e}");
+                return;
+            }
+        };
+        if let MasterMsg::PutFile {
+            id,
+            size,
+            cache: keep,
+        } = msg
+        {
+            let dir = if keep { &cache } else { &transfer };
+            if let Err(e) = receive_file(&mut reader, dir, &id, size).await {
+                warn!("receiving file {id}: {e}; dropping the connection");
+                return;
+            }
+            continue;
+        }
+        if msgs.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// Streams `size` bytes into `dir/id` through a temporary name, checking the
+/// content hash for content-named files so a corrupt transfer never enters the cache.
+async fn receive_file(
+    reader: &mut BufReader<OwnedReadHalf>,
+    dir: &Path,
+    id: &str,
+    size: u64,
+) -> anyhow::Result<()> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        bail!("invalid file id {id:?}");
+    }
+    let tmp = dir.join(format!(".part-{}-{id}", std::process::id()));
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut hasher = id.starts_with("b3-").then(blake3::Hasher::new);
+    let got = protocol::copy_body(reader, &mut file, size, |chunk| {
+        if let Some(h) = hasher.as_mut() {
+            h.update(chunk);
+        }
+    })
+    .await?;
+    if got < size {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        bail!(
+            "connection closed with {} bytes of the file still to come",
+            size - got
+        );
+    }
+    file.flush().await?;
+    drop(file);
+    if let Some(h) = hasher {
+        let got = h.finalize().to_hex();
+        if id.strip_prefix("b3-") != Some(got.as_str()) {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            bail!("content of {id} does not match its name (got b3-{got})");
+        }
+    }
+    // Read-only: cached inputs are hard-linked into sandboxes, and a task must not change what the next one reads.
+    let mut perms = tokio::fs::metadata(&tmp).await?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+    tokio::fs::set_permissions(&tmp, perms).await?;
+    tokio::fs::rename(&tmp, dir.join(id)).await?;
+    Ok(())
+}
+
+pub(crate) async fn write_loop(
+    mut writer: BufWriter<OwnedWriteHalf>,
+    mut out: mpsc::UnboundedReceiver<Outgoing>,
+    slots: Arc<Slots>,
+) -> anyhow::Result<()> {
+    let mut frame = Vec::with_capacity(4096);
+    let mut sent_sandboxes = Vec::new();
+    while let Some(first) = out.recv().await {
+        let mut next = Some(first);
+        // Drain whatever is ready before flushing: one syscall for a burst of reports.
+        while let Some(item) = next.take() {
+            match item {
+                Outgoing::Msg(msg) => {
+                    protocol::write_frame_in(&mut writer, &mut frame, &msg).await?
+                }
+                Outgoing::Done(finished) => {
+                    let Finished {
+                        report,
+                        outputs,
+                        task_dir,
+                        output_files,
+                        ..
+                    } = *finished;
+                    let headers = outputs.iter().map(|(h, _)| h.clone()).collect();
+                    let done = WorkerMsg::TaskDone {
+                        report: Box::new(report),
+                        outputs: headers,
+                    };
+                    protocol::write_frame_in(&mut writer, &mut frame, &done).await?;
+                    for (header, path) in &outputs {
+                        stream_file(&mut writer, path, header.size).await?;
+                    }
+                    sent_sandboxes.push(Slot {
+                        dir: task_dir,
+                        outputs: output_files,
+                    });
+                }
+            }
+            next = out.try_recv().ok();
+        }
+        writer.flush().await?;
+        // The reports go out first. A task directory whose task left nothing
+        // takes a look to recycle, done here; one with files to remove is
+        // cleaned on the blocking pool, off the writer's path.
+        let slow: Vec<Slot> = sent_sandboxes
+            .drain(..)
+            .filter_map(|slot| slots.recycle_if_quick(slot))
+            .collect();
+        if !slow.is_empty() {
+            let slots = Arc::clone(&slots);
+            tokio::task::spawn_blocking(move || {
+                for slot in slow {
+                    slots.recycle(slot);
+                }
+            });
+        }
+    }
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Streams exactly `size` bytes of `path`: if the file changed size since the
+/// header was written, it is cut or zero-padded so the stream stays in step.
+async fn stream_file(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    path: &Path,
+    size: u64,
+) -> anyhow::Result<()> {
+    let mut sent = 0u64;
+    if let Ok(mut file) = tokio::fs::File::open(path).await {
+        sent = protocol::copy_body(&mut file, writer, size, |_| {}).await?;
+    }
+    if sent < size {
+        warn!("{} shrank while being sent; padding", path.display());
+        protocol::pad(writer, size - sent).await?;
+    }
+    Ok(())
+}
