@@ -433,3 +433,64 @@ fn a_task_that_outlives_the_growing_age_lets_go_of_its_room() {
     cancel_all(&m, &sleepers);
     assert_eq!(m.stats().resources_in_use, Resources::default());
 }
+
+/// Issue 21: tasks that declare only `cores(1)` (as Work Queue's W4 runs
+/// do) still get memory from their category, are limited by it, and the
+/// big ones climb the ladder; before, they ran with no memory booked and no
+/// limit, and on a full node the kernel killed them and they were lost.
+#[test]
+fn tasks_declaring_only_cores_get_their_memory_learned_and_none_is_lost() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "4", "--memory", "1500"]);
+    m.set_category(
+        "cores-only",
+        CategoryConfig::bucketing().grow_in_place(false),
+    )
+    .unwrap();
+    let submit = |mb| {
+        m.submit(Task::new(use_mb(mb)).cores(1).category("cores-only"))
+            .unwrap()
+    };
+    let small: Vec<TaskId> = (0..10).map(|_| submit(20)).collect();
+    let small_results = collect(&m, small.len());
+    for r in &small_results {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        assert_eq!(r.allocated.cores, 1, "the declared cores are kept");
+    }
+    let learned = m
+        .category_stats("cores-only")
+        .and_then(|s| s.next_allocation)
+        .expect("the category learned an allocation for what the tasks left undeclared");
+    assert!(
+        learned.memory_mb > 0 && learned.memory_mb < 500,
+        "{learned:?}"
+    );
+    assert_eq!(learned.cores, 1);
+
+    // Four at once fit the worker's cores; two of them could not fit its
+    // memory at their real size. Every one is limited, the big ones climb.
+    let big: Vec<TaskId> = (0..2).map(|_| submit(600)).collect();
+    let more: Vec<TaskId> = (0..4).map(|_| submit(20)).collect();
+    let results = collect(&m, big.len() + more.len());
+    assert_eq!(results.len(), 6, "no task is lost");
+    for r in &results {
+        assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+        assert_eq!(r.allocated.cores, 1);
+        assert!(r.allocated.memory_mb > 0, "memory is booked: {r:?}");
+    }
+    for r in results.iter().filter(|r| big.contains(&r.id)) {
+        assert!(r.attempts.len() >= 2, "{:?}", r.attempts);
+        assert!(
+            r.attempts[0].ending.contains("resource exhausted"),
+            "{:?}",
+            r.attempts
+        );
+        assert!(r.allocated.memory_mb >= 600, "{r:?}");
+    }
+    let stats = m.category_stats("cores-only").unwrap();
+    assert_eq!(stats.samples, 16);
+    assert!(
+        !stats.buckets.is_empty(),
+        "the buckets are reported: {stats:?}"
+    );
+}

@@ -214,14 +214,16 @@ fn a_task_sent_ahead_waits_on_its_worker_and_can_be_cancelled_there() {
     let _w = Worker::start(m.port(), &["--cores", "1"]);
     let mark = format!("{}.{}", std::process::id(), 4321);
     let log = dir.path().join("started");
-    // Declared (not learned by a category), so they may be sent ahead.
-    let first = m.submit(Task::new("sleep 0.5").cores(1)).unwrap();
+    // Every resource declared (nothing left for a category to learn), so
+    // they may be sent ahead.
+    let declared = |cmd: String| Task::new(cmd).cores(1).memory_mb(50).disk_mb(10);
+    let first = m.submit(declared("sleep 0.5".into())).unwrap();
     wait_until(&m, "the first task to start", |s| s.tasks_running == 1);
     // Each writes its id before sleeping, so a start leaves a trace.
     let sleepers: Vec<_> = (0..3)
         .map(|i| {
             let cmd = format!("echo {i} >> {}; sleep 60 {mark}", log.display());
-            m.submit(Task::new(cmd).cores(1)).unwrap()
+            m.submit(declared(cmd)).unwrap()
         })
         .collect();
     assert_eq!(collect(&m, 1)[0].id, first);

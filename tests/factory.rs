@@ -530,7 +530,7 @@ fn htcondor_python() -> Option<String> {
     }
     let why = "python3 cannot import htcondor (pip install htcondor)";
     assert!(!in_ci(), "CI=true and {why}");
-    common::skip(&why);
+    common::skip(why);
     None
 }
 

@@ -211,8 +211,13 @@ fn one_poller_watches_all_of_a_workers_tasks() {
     let w = Worker::start(m.port(), &["--cores", "4"]);
     let ids: Vec<_> = (0..4)
         .map(|_| {
-            m.submit(Task::new(format!("sleep {mark}")).cores(1))
-                .unwrap()
+            // Every resource declared: a category's first task with
+            // something left to learn runs alone on a whole worker.
+            let task = Task::new(format!("sleep {mark}"))
+                .cores(1)
+                .memory_mb(50)
+                .disk_mb(10);
+            m.submit(task).unwrap()
         })
         .collect();
     // Each task is its sleep alone: a plain command is exec'd without a
@@ -262,7 +267,7 @@ else
   v1=$(mounts | awk '$1 == "cgroup" && $3 ~ /(^|,)memory(,|$)/ {{print $2; exit}}')
   [ -n "$v1" ] || exit 99
   d="$v1/{v1_group}"
-  mkdir "$d" && echo 100M > "$d/memory.limit_in_bytes" && echo $$ > "$d/cgroup.procs" || exit 99
+  mkdir -p "$d" && echo 100M > "$d/memory.limit_in_bytes" && echo $$ > "$d/cgroup.procs" || exit 99
   echo "$d" > v1_group
 fi
 exec python3 -c 'b = b"x" * (400 << 20)' {mark}"#

@@ -205,6 +205,17 @@ pub(crate) fn waiting_shapes(demand: &[(Request, usize)]) -> Vec<ShapeCount> {
             },
         })
         .collect();
+    // Classes of different categories may ask for the same shape: one row
+    // each would read as two kinds of task.
+    let key = |s: &ShapeCount| (s.whole_worker, s.cores, s.memory_mb, s.disk_mb, s.gpus);
+    shapes.sort_by_key(key);
+    shapes.dedup_by(|later, kept| {
+        let same = key(later) == key(kept);
+        if same {
+            kept.count += later.count;
+        }
+        same
+    });
     shapes.sort_by_key(|s| std::cmp::Reverse(s.count));
     shapes
 }

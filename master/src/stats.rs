@@ -6,7 +6,12 @@ use drover_protocol::Resources;
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     pub tasks_waiting: u64,
+    /// Tasks whose process runs on a worker now. A task sent ahead to a
+    /// full worker counts here only once the worker says it started.
     pub tasks_running: u64,
+    /// Tasks sent ahead that wait on their worker for room to start (see
+    /// [`crate::ManagerBuilder::prefetch`]); they hold nothing until then.
+    pub tasks_queued_on_workers: u64,
     pub tasks_done: u64,
     pub tasks_failed: u64,
     pub tasks_cancelled: u64,
@@ -24,9 +29,20 @@ pub struct Stats {
     /// Times a running task went over its memory allocation and was given
     /// more where it ran (see [`crate::CategoryConfig::grow_in_place`]).
     pub tasks_grown: u64,
-    /// Tasks sent ahead to wait on a full worker (see
+    /// Times a task was sent ahead to wait on a full worker (see
     /// [`crate::ManagerBuilder::prefetch`]).
     pub tasks_sent_ahead: u64,
+}
+
+impl Stats {
+    /// A running or sent-ahead task's attempt is over.
+    pub(crate) fn leave_running(&mut self, was_queued_on_worker: bool) {
+        if was_queued_on_worker {
+            self.tasks_queued_on_workers -= 1;
+        } else {
+            self.tasks_running -= 1;
+        }
+    }
 }
 
 /// What the master knows of a connected worker.

@@ -416,9 +416,13 @@ impl CategoryState {
         } else if declared.is_zero() {
             return Request::WholeWorker;
         } else {
-            // A partial declaration keeps its declared part, and gets the
-            // rest of a whole worker.
-            *largest
+            // A partial declaration before anything is known: what it
+            // declares, and nothing booked for the rest until a sample says
+            // how much. Booking the rest of a whole worker ran the
+            // category's first tasks one at a time (and sent a factory off
+            // for a worker per task); one that runs out of memory meanwhile
+            // is retried sized by what it was seen using.
+            Resources::default()
         };
         Request::Fixed(clamp(overlay(base, declared), &cap_with(declared, &cap)))
     }

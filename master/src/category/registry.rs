@@ -76,8 +76,6 @@ pub(crate) struct Kill {
 pub(crate) struct Categories {
     ids: HashMap<String, CatId>,
     states: Vec<CategoryState>,
-    /// Set by the user (as opposed to created on first use with defaults).
-    configured: Vec<bool>,
     classes: Vec<Vec<Class>>,
     /// Per category, tasks retried after a kill that may still be waiting
     /// (the engine drops the ones that are not when it re-targets).
@@ -96,7 +94,6 @@ impl Categories {
         let id = self.states.len() as CatId;
         self.states
             .push(CategoryState::new(name, CategoryConfig::default()));
-        self.configured.push(false);
         self.classes.push(Vec::new());
         self.retrying.push(HashMap::new());
         self.ids.insert(name.to_string(), id);
@@ -107,7 +104,6 @@ impl Categories {
     /// its waiting tasks.
     pub(crate) fn configure(&mut self, name: &str, config: CategoryConfig) -> Vec<ClassRequest> {
         let id = self.id(name);
-        self.configured[id as usize] = true;
         self.states[id as usize].set_config(config);
         self.refresh(id)
     }
@@ -117,11 +113,12 @@ impl Categories {
         let cat = self.id(category);
         let state = &self.states[cat as usize];
         let covers_all = declared.cores != 0 && declared.memory_mb != 0 && declared.disk_mb != 0;
-        // An implicit category only sizes tasks that declare nothing, so
-        // that a task saying `cores(1)` keeps exactly that; a category the
-        // user configured also learns what a task leaves undeclared.
-        let learn =
-            state.learns() && !covers_all && (declared.is_zero() || self.configured[cat as usize]);
+        // What a task declares is its own (never raised, never lowered);
+        // what it leaves undeclared comes from its category's learning, in
+        // every category. A task saying only `cores(1)` otherwise ran with
+        // no memory booked and no limit, and a dozen of them on one worker
+        // were OOM-killed by the kernel instead of being sized.
+        let learn = state.learns() && !covers_all;
         if !learn {
             if declared.is_zero() && state.config().mode == AllocationMode::Fixed {
                 return Sizing::Plain(state.first(declared, &self.largest));

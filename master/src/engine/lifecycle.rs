@@ -115,12 +115,19 @@ impl<O: Outbox> Engine<O> {
             else {
                 continue;
             };
+            let queued = matches!(
+                task.state,
+                TaskState::Running {
+                    on_worker_queue: true,
+                    ..
+                }
+            );
             task.attempts.push(Attempt {
                 host: worker.hello.hostname.clone(),
                 allocation,
                 ending: format!("worker lost ({reason})"),
             });
-            self.stats.tasks_running -= 1;
+            self.stats.leave_running(queued);
             task.lost += 1;
             if let Sizing::Learned { cat, .. } = task.sizing {
                 self.categories.note_retry(cat, RetryCause::WorkerLost);
@@ -231,6 +238,15 @@ impl<O: Outbox> Engine<O> {
     /// scheduler, its growth reserve and any wait to grow end, and the
     /// worker's frozen tasks may take the room. Returns the worker's host.
     fn release_attempt(&mut self, worker: WorkerKey, id: TaskId, allocation: Resources) -> String {
+        let queued = self.tasks.get(&id).is_some_and(|t| {
+            matches!(
+                t.state,
+                TaskState::Running {
+                    on_worker_queue: true,
+                    ..
+                }
+            )
+        });
         self.drop_grow_wait(worker, id);
         let host = match self.workers.get_mut(&worker) {
             Some(w) => {
@@ -242,7 +258,7 @@ impl<O: Outbox> Engine<O> {
         self.sched.release_task(worker, id, allocation);
         self.end_reserve(worker, id);
         self.serve_growth(worker);
-        self.stats.tasks_running -= 1;
+        self.stats.leave_running(queued);
         host
     }
 
@@ -532,6 +548,7 @@ impl<O: Outbox> Engine<O> {
             worker,
             attempt: a,
             ref mut on_worker_queue,
+            ref mut started,
             ..
         } = task.state
         else {
@@ -541,6 +558,10 @@ impl<O: Outbox> Engine<O> {
             return;
         }
         *on_worker_queue = false;
+        // Its time on the worker starts now, not when it was sent.
+        *started = self.now;
+        self.stats.tasks_queued_on_workers -= 1;
+        self.stats.tasks_running += 1;
         self.touched.push(key);
         self.serve_growth(key);
     }

@@ -390,9 +390,18 @@ fn cancelling_a_frozen_task_kills_it_and_frees_its_room() {
 #[test]
 fn tasks_sent_ahead_to_a_lost_worker_are_queued_again() {
     let mut h = Harness::new(1);
-    h.join(1, mb(1, 1000));
+    // Tasks that declare every resource: a learned task is never sent ahead.
+    let worker = Resources {
+        disk_mb: 1000,
+        ..mb(1, 1000)
+    };
+    let task = Resources {
+        disk_mb: 1,
+        ..mb(1, 10)
+    };
+    h.join(1, worker);
     for id in 1..=3 {
-        h.submit(id, "", mb(1, 0));
+        h.submit(id, "", task);
     }
     h.e.schedule();
     let runs: Vec<(TaskId, bool)> = h
@@ -402,13 +411,17 @@ fn tasks_sent_ahead_to_a_lost_worker_are_queued_again() {
         .collect();
     assert_eq!(runs, vec![(1, false), (2, true)]);
     assert_eq!(h.e.stats().tasks_sent_ahead, 1);
+    // One runs; the one sent ahead waits on the worker and is not counted
+    // as running until the worker says it started.
+    let stats = h.e.stats();
+    assert_eq!((stats.tasks_running, stats.tasks_queued_on_workers), (1, 1));
     // A task sent ahead holds nothing until it starts.
-    assert_eq!(h.e.stats().resources_in_use, mb(1, 0));
+    assert_eq!(h.e.stats().resources_in_use, task);
     h.e.worker_gone(1, "test");
     assert!(h.results().is_empty());
     let stats = h.e.stats();
     assert_eq!((stats.tasks_requeued, stats.tasks_waiting), (2, 3));
-    h.join(2, mb(1, 1000));
+    h.join(2, worker);
     h.e.schedule();
     let runs: Vec<(WorkerKey, TaskId, u32, bool)> = h
         .runs()
@@ -477,4 +490,48 @@ fn plans_and_runs(h: &mut Harness) -> Vec<(WorkerKey, &'static str, TaskId, u32)
             _ => None,
         })
         .collect()
+}
+
+/// Issue 21: `tasks_running` counts tasks whose process runs, not tasks
+/// sent ahead; one sent ahead moves over when its worker says it started.
+#[test]
+fn a_task_sent_ahead_counts_as_running_only_once_it_starts() {
+    let mut h = Harness::new(1);
+    let worker = Resources {
+        disk_mb: 1000,
+        ..mb(1, 1000)
+    };
+    let task = Resources {
+        disk_mb: 1,
+        ..mb(1, 10)
+    };
+    h.join(1, worker);
+    for id in 1..=3 {
+        h.submit(id, "", task);
+    }
+    h.e.schedule();
+    let runs: Vec<(TaskId, bool)> = h
+        .runs()
+        .into_iter()
+        .map(|(_, r)| (r.task_id, r.queued))
+        .collect();
+    assert_eq!(runs, vec![(1, false), (2, true)]);
+    let counts = |h: &Harness| {
+        let s = h.e.stats();
+        (s.tasks_running, s.tasks_queued_on_workers)
+    };
+    assert_eq!(counts(&h), (1, 1));
+    h.done(1, succeeded(1, 1, 10.0));
+    assert_eq!(counts(&h), (0, 1), "the one sent ahead has not started yet");
+    h.e.on_worker_msg(
+        1,
+        WorkerMsg::Started {
+            task_id: 2,
+            attempt: 1,
+        },
+    );
+    assert_eq!(counts(&h).0, 1);
+    h.done(1, succeeded(2, 1, 10.0));
+    assert_eq!(counts(&h).0, 0);
+    assert_eq!(h.results().len(), 2);
 }

@@ -122,7 +122,11 @@ impl<O: Outbox> Engine<O> {
             on_worker_queue: queued,
         };
         self.stats.tasks_waiting -= 1;
-        self.stats.tasks_running += 1;
+        if queued {
+            self.stats.tasks_queued_on_workers += 1;
+        } else {
+            self.stats.tasks_running += 1;
+        }
     }
 }
 
