@@ -1768,13 +1768,15 @@ async fn read_loop(
 ) -> String {
     let mut buf = Vec::new();
     loop {
-        let msg: WorkerMsg = match tokio::time::timeout(timeout, read_frame(reader, &mut buf)).await
-        {
-            Err(_) => return format!("no message for {timeout:?}"),
-            Ok(Err(FrameError::Closed)) => return "connection closed".into(),
-            Ok(Err(e)) => return format!("protocol error: {e}"),
-            Ok(Ok(m)) => m,
-        };
+        let msg =
+            match tokio::time::timeout(timeout, crate::wire::read_worker_msg(reader, &mut buf))
+                .await
+            {
+                Err(_) => return format!("no message for {timeout:?}"),
+                Ok(Err(FrameError::Closed)) => return "connection closed".into(),
+                Ok(Err(e)) => return format!("protocol error: {e}"),
+                Ok(Ok(m)) => m,
+            };
         if let WorkerMsg::TaskDone { report, outputs } = &msg {
             let dests = conn
                 .outputs

@@ -24,6 +24,7 @@ mod manager;
 mod report;
 pub mod scheduler;
 mod task;
+mod wire;
 
 pub use alloc::{AllocationMode, CategoryConfig, CategoryStats};
 pub use drover_catalog::MasterReport;
