@@ -7,7 +7,10 @@
 //! unbounded channels, so a slow worker never blocks the engine and the user
 //! not calling `wait` for a while never stalls the runtime.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+// See scheduler.rs: the keys are ids the master assigns.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -306,9 +309,9 @@ pub(crate) async fn run(
     let accept = tokio::spawn(accept_loop(listener, events_tx, password, keepalive));
     let mut engine = Engine {
         sched: Scheduler::new(),
-        tasks: HashMap::new(),
-        workers: HashMap::new(),
-        file_keys: HashMap::new(),
+        tasks: HashMap::default(),
+        workers: HashMap::default(),
+        file_keys: HashMap::default(),
         file_names: Vec::new(),
         results,
         next_seq: 0,
@@ -316,8 +319,8 @@ pub(crate) async fn run(
         placements: Vec::new(),
         report_identity: config.report_identity.clone(),
         categories: Categories::default(),
-        growing_workers: HashSet::new(),
-        reserving_workers: HashSet::new(),
+        growing_workers: HashSet::default(),
+        reserving_workers: HashSet::default(),
         prefetch: config.prefetch,
         touched: Vec::new(),
     };
@@ -575,7 +578,7 @@ impl Engine {
             } => {
                 info!(worker = %addr, host = %hello.hostname, resources = ?hello.resources, "worker joined");
                 self.sched.add_worker(key, hello.resources);
-                let mut files = HashSet::new();
+                let mut files = HashSet::default();
                 for id in &hello.cached {
                     if let Some(&k) = self.file_keys.get(id) {
                         files.insert(k);
@@ -594,7 +597,7 @@ impl Engine {
                         tx,
                         conn,
                         files,
-                        running: HashSet::new(),
+                        running: HashSet::default(),
                         in_use: Resources::default(),
                         growing: VecDeque::new(),
                         growth_room_mb: 0,
