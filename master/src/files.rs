@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Files larger than this are named by metadata rather than content.
 pub const CONTENT_HASH_LIMIT: u64 = 256 * 1024 * 1024;
@@ -28,12 +28,13 @@ struct Key {
 /// Memoized content names.
 #[derive(Default)]
 pub(crate) struct FileNamer {
-    memo: Mutex<HashMap<Key, String>>,
+    memo: Mutex<HashMap<Key, Arc<str>>>,
 }
 
 impl FileNamer {
-    /// The cache name of `path`; errors name the path.
-    pub(crate) fn name(&self, path: &Path) -> io::Result<String> {
+    /// The cache name of `path`, shared with every other task naming the
+    /// same file; errors name the path.
+    pub(crate) fn name(&self, path: &Path) -> io::Result<Arc<str>> {
         let meta = std::fs::metadata(path)
             .map_err(|e| io::Error::new(e.kind(), format!("input file {}: {e}", path.display())))?;
         if !meta.is_file() {
@@ -56,12 +57,12 @@ impl FileNamer {
         {
             return Ok(name.clone());
         }
-        let name = if meta.len() <= CONTENT_HASH_LIMIT {
+        let name: Arc<str> = if meta.len() <= CONTENT_HASH_LIMIT {
             let mut hasher = blake3::Hasher::new();
             hasher.update_mmap(path).map_err(|e| {
                 io::Error::new(e.kind(), format!("reading input {}: {e}", path.display()))
             })?;
-            format!("b3-{}", hasher.finalize().to_hex())
+            Arc::from(format!("b3-{}", hasher.finalize().to_hex()))
         } else {
             let canonical = path.canonicalize()?;
             let mut hasher = blake3::Hasher::new();
@@ -69,7 +70,7 @@ impl FileNamer {
             hasher.update(&key.size.to_le_bytes());
             hasher.update(&key.mtime_ns.to_le_bytes());
             hasher.update(&key.inode.to_le_bytes());
-            format!("m-{}", hasher.finalize().to_hex())
+            Arc::from(format!("m-{}", hasher.finalize().to_hex()))
         };
         self.memo
             .lock()

@@ -25,6 +25,7 @@ mod report;
 pub mod scheduler;
 mod stats;
 mod task;
+mod wire;
 
 pub use category::{AllocationMode, CategoryConfig, CategoryStats};
 pub use drover_catalog::MasterReport;

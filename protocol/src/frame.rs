@@ -51,6 +51,20 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_body(reader, buf, cap).await?;
+    Ok(serde_json::from_slice(buf)?)
+}
+
+/// Reads one frame's body (at most `cap` bytes) into `buf`, undecoded, for
+/// a reader with its own decoder; the same rules as [`read_frame_within`].
+pub async fn read_frame_body<R>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: u32,
+) -> Result<(), FrameError>
+where
+    R: AsyncRead + Unpin,
+{
     let len = match reader.read_u32().await {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
@@ -68,7 +82,7 @@ where
     if got < len as usize {
         return Err(FrameError::Closed);
     }
-    Ok(serde_json::from_slice(buf)?)
+    Ok(())
 }
 
 /// Encodes `msg` as a frame and appends it to `out` (no I/O, so callers can batch frames).

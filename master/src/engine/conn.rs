@@ -122,15 +122,17 @@ async fn read_loop(
     timeout: Duration,
 ) -> String {
     let mut buf = Vec::new();
-    let mut expected: HashMap<(TaskId, u32), OutputPlan> = HashMap::new();
+    let mut expected: HashMap<(TaskId, u32), OutputPlan> = HashMap::default();
     loop {
-        let msg: WorkerMsg = match tokio::time::timeout(timeout, read_frame(reader, &mut buf)).await
-        {
-            Err(_) => return format!("no message for {timeout:?}"),
-            Ok(Err(FrameError::Closed)) => return "connection closed".into(),
-            Ok(Err(e)) => return format!("protocol error: {e}"),
-            Ok(Ok(m)) => m,
-        };
+        let msg =
+            match tokio::time::timeout(timeout, crate::wire::read_worker_msg(reader, &mut buf))
+                .await
+            {
+                Err(_) => return format!("no message for {timeout:?}"),
+                Ok(Err(FrameError::Closed)) => return "connection closed".into(),
+                Ok(Err(e)) => return format!("protocol error: {e}"),
+                Ok(Ok(m)) => m,
+            };
         if let WorkerMsg::TaskDone { report, outputs } = &msg {
             // The engine sent the plan before the task, so it is here by now.
             while let Ok(change) = plans.try_recv() {

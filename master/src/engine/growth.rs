@@ -505,7 +505,7 @@ impl<O: Outbox> Engine<O> {
 /// Refuses a frozen task the room to grow: its worker kills it, and it is
 /// retried with the allocation it asked for (see `grow_refused`).
 pub(super) fn refuse_growth(
-    tasks: &mut HashMap<TaskId, TaskEntry>,
+    tasks: &mut super::state::TaskTable,
     out: &mut impl Outbox,
     key: WorkerKey,
     wait: &GrowWait,

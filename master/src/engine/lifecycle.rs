@@ -21,7 +21,7 @@ impl<O: Outbox> Engine<O> {
         }
         self.tasks.insert(
             id,
-            TaskEntry {
+            Box::new(TaskEntry {
                 spec,
                 seq,
                 state: TaskState::Waiting,
@@ -35,7 +35,7 @@ impl<O: Outbox> Engine<O> {
                 first_growth_pending: false,
                 lost: 0,
                 resource_retries: 0,
-            },
+            }),
         );
         self.enqueue_task(id);
         self.stats.tasks_waiting += 1;

@@ -39,7 +39,7 @@ impl<O: Outbox> Engine<O> {
         let mut send = |input: &PreparedInput, n: usize| -> String {
             match &input.cache_id {
                 Some(id) => {
-                    let k = self.file_keys.get(id).copied();
+                    let k = self.file_keys.get(&**id).copied();
                     let fresh = k.map(|k| worker.files.insert(k)).unwrap_or(true);
                     if fresh {
                         if let Some(k) = k {
@@ -49,13 +49,13 @@ impl<O: Outbox> Engine<O> {
                         self.out.to_worker(
                             p.worker,
                             Outgoing::File {
-                                id: id.clone(),
+                                id: id.to_string(),
                                 cache: true,
                                 source: input.source.clone(),
                             },
                         );
                     }
-                    id.clone()
+                    id.to_string()
                 }
                 None => {
                     let id = format!("u-{}-{}-{}", p.task, attempt, n);
