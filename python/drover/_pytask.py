@@ -216,12 +216,18 @@ class PythonTask(Task):
     #: worker has one (see drover.forkserver), else in a new interpreter,
     #: which the worker's DROVER_PYTHON can name.
     COMMAND = (
-        'if [ -n "$DROVER_PY_FORKSERVER" ] && [ -p "$DROVER_PY_FORKSERVER" ]; then '
-        # The reply FIFO is opened (read-write, so without blocking) before
-        # the request goes out, so the server's reply cannot find no reader.
-        'mkfifo .drover-reply && exec 3<>.drover-reply && '
-        'printf "%s\\t%s\\t%s\\n" "$PWD" "$$" "$DROVER_PY_MODULES" > "$DROVER_PY_FORKSERVER" && '
-        'read s <&3 && exit "${s:-1}"; exit 1; '
+        'if [ -n "$DROVER_PY_FORKSERVER" ] && [ -p "$DROVER_PY_FORKSERVER" ]; then\n'
+        # The reply channel is open (read-write, so the shell is also a
+        # writer and `read` blocks) before the request goes out. It is the
+        # pipe of an empty here-document where the shell makes one (dash),
+        # reopened through /proc: no mkfifo process per call. Elsewhere it
+        # is a FIFO in the sandbox.
+        'exec 3<<DROVER_EOF\n'
+        'DROVER_EOF\n'
+        'if [ -p /proc/self/fd/3 ] && exec 4<>/proc/self/fd/3; then r=/proc/$$/fd/4; '
+        'else mkfifo .drover-reply && exec 4<>.drover-reply || exit 1; r=$PWD/.drover-reply; fi\n'
+        'printf "%s\\t%s\\t%s\\t%s\\n" "$PWD" "$$" "$DROVER_PY_MODULES" "$r" > "$DROVER_PY_FORKSERVER" && '
+        'read s <&4 && exit "${s:-1}"; exit 1\n'
         'else exec "${DROVER_PYTHON:-python3}" _drover_remote.py call.pkl result.pkl; fi'
     )
 

@@ -7,7 +7,9 @@ variable, makes a reply FIFO in its sandbox, writes one request line to the
 request FIFO (under PIPE_BUF, so writes from concurrent tasks do not
 interleave) and blocks reading its exit status from the reply FIFO.
 
-A request line is ``SANDBOX<TAB>SHELL_PID<TAB>MODULES``. Before forking, the
+A request line is ``SANDBOX<TAB>SHELL_PID<TAB>MODULES<TAB>REPLY``, where
+REPLY is the path the exit status is written to (a pipe the shell holds,
+through /proc, or a FIFO; default SANDBOX/.drover-reply). Before forking, the
 server imports MODULES (comma-separated: the modules the call's function and
 its globals came from, as seen at submit) into itself, once each, so a call
 through Parsl's wrappers does not import Parsl again in every child.
@@ -87,7 +89,7 @@ def _take_outputs_of(pid):
         os.close(target)
 
 
-def _child(sandbox, shell_pid):
+def _child(sandbox, shell_pid, reply):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # so the call can wait for its own children
     if shell_pid > 0:
         # First, so that everything the call allocates is charged to the task.
@@ -107,7 +109,7 @@ def _child(sandbox, shell_pid):
     except Exception:
         pass
     try:
-        fd = os.open(os.path.join(sandbox, ".drover-reply"), os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(reply or os.path.join(sandbox, ".drover-reply"), os.O_WRONLY | os.O_NONBLOCK)
         os.write(fd, b"%d\n" % status)
         os.close(fd)
     except OSError:
@@ -131,7 +133,7 @@ def preload(modules):
 
 
 def parse_request(line):
-    """(sandbox, shell pid, modules) of one request line."""
+    """(sandbox, shell pid, modules, reply path or None) of one request line."""
     parts = line.split("\t")
     sandbox = parts[0].strip()
     pid = 0
@@ -141,7 +143,8 @@ def parse_request(line):
         except ValueError:
             pid = 0
     modules = parts[2].strip().split(",") if len(parts) > 2 else []
-    return sandbox, pid, modules
+    reply = parts[3].strip() if len(parts) > 3 else ""
+    return sandbox, pid, modules, reply or None
 
 
 def _watch_parent(cleanup):
@@ -170,12 +173,12 @@ def serve(fifo, cleanup=()):
         buf += chunk
         *lines, buf = buf.split(b"\n")
         for line in lines:
-            sandbox, pid, modules = parse_request(line.decode("utf-8", "surrogateescape"))
+            sandbox, pid, modules, reply = parse_request(line.decode("utf-8", "surrogateescape"))
             if not sandbox:
                 continue
             preload(modules)
             if os.fork() == 0:
-                _child(sandbox, pid)
+                _child(sandbox, pid, reply)
 
 
 if __name__ == "__main__":
