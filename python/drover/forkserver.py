@@ -89,11 +89,26 @@ def _take_outputs_of(pid):
         os.close(target)
 
 
+def _follow(pid):
+    """Exits this process once `pid` no longer exists."""
+    while True:
+        time.sleep(0.25)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass
+
+
 def _child(sandbox, shell_pid, reply):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # so the call can wait for its own children
     if shell_pid > 0:
         # First, so that everything the call allocates is charged to the task.
-        _join_cgroup_of(shell_pid)
+        if not _join_cgroup_of(shell_pid):
+            # Outside the task's group, killing the task would not reach the
+            # call: it ends itself when the waiting shell is gone.
+            threading.Thread(target=_follow, args=(shell_pid,), daemon=True).start()
         _take_outputs_of(shell_pid)
     status = 1
     try:

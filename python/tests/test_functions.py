@@ -231,3 +231,22 @@ def _pgid(pid):
             return int(f.read().split(") ")[1].split()[2])
     except (FileNotFoundError, IndexError, ValueError):
         return None
+
+
+def records_pid_then_sleeps(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_a_killed_call_does_not_outlive_its_task(manager, tmp_path):
+    pidfile = tmp_path / "pid"
+    t = drover.PythonTask(records_pid_then_sleeps, str(pidfile)).set_wall_time(3).set_max_retries(0)
+    manager.submit(t)
+    (r,) = wait_all(manager, timeout=300).values()
+    assert r.outcome == "wall_time_exceeded"
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 60
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
