@@ -111,7 +111,9 @@ _MAX_MODULES_TEXT = 3000
 def _module_name(obj):
     if isinstance(obj, types.ModuleType):
         return obj.__name__
-    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, type, functools.partial)) or callable(obj):
+    if callable(obj):
+        # A callable instance without a module of its own (a partial, say)
+        # comes from its type's module.
         return getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
     return None
 
@@ -200,7 +202,8 @@ def load_outcome(data):
 class PythonTask(Task):
     """``fn(*args, **kwargs)`` as a task.
 
-    The call is serialized with cloudpickle into an input file; the worker
+    The call is serialized with cloudpickle, sent inside the task message
+    when small (up to INLINE_LIMIT bytes) and as a staged file otherwise; the worker
     runs it with ``$DROVER_PYTHON`` (default ``python3``; local workers set
     it to this interpreter), or with the ``python3`` of the task's packaged
     environment. After ``Manager.wait`` returns the task's result, its
