@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -72,6 +73,7 @@ def parsl_with(executor, n):
     finally:
         dfk.cleanup()
         parsl.clear()
+        shutil.rmtree(run_dir, ignore_errors=True)
     expect(total, n)
     return wall
 
