@@ -27,7 +27,7 @@ from ._monitored import ResourceExhausted, monitored
 __all__ = [
     "Manager", "Task", "PythonTask", "Result", "TaskResult", "Stats", "LocalWorker",
     "monitored", "DroverError", "TaskFailed", "RemoteError", "RemoteTraceback",
-    "ResourceExhausted", "find_drover", "version",
+    "ResourceExhausted", "find_drover", "version", "Executor",
 ]
 
 
@@ -76,6 +76,18 @@ class Result:
         return getattr(self.result, name)
 
     @property
+    def outcome(self):
+        """The engine's outcome, except that a PythonTask whose function
+        raised is ``"function_failed"`` (the task itself exited 0)."""
+        if isinstance(self.task, PythonTask) and self.result.outcome == "success" and self.task.raised:
+            return "function_failed"
+        return self.result.outcome
+
+    @property
+    def succeeded(self):
+        return self.outcome == "success"
+
+    @property
     def output(self):
         if isinstance(self.task, PythonTask):
             return self.task.output
@@ -83,7 +95,7 @@ class Result:
 
     def __repr__(self):
         return "Result(id=%d, outcome=%r, exit_code=%r)" % (
-            self.result.id, self.result.outcome, self.result.exit_code)
+            self.result.id, self.outcome, self.result.exit_code)
 
 
 class Manager:
@@ -138,7 +150,10 @@ class Manager:
 
     def wait(self, timeout=None):
         """The next finished task as a Result, or None when `timeout` seconds
-        pass first (None or a negative timeout waits for ever)."""
+        pass first (None or a negative timeout waits for ever), or None at
+        once when nothing is queued or running."""
+        if self._m.empty():
+            return None
         r = self._m.wait(timeout)
         if r is None:
             return None
@@ -233,3 +248,6 @@ class Manager:
 
     def __repr__(self):
         return "Manager(port=%s, name=%r)" % ("closed" if self.closed else self.port, self.name)
+
+
+from ._futures import Executor  # noqa: E402  (needs Manager above)

@@ -68,6 +68,8 @@ class Task:
 
 class PythonTask(Task):
     """fn(*args, **kwargs) run on a worker; see Result.output."""
+    modules: List[str]
+    raised: bool
     COMMAND: str
     fn: Callable[..., Any]
     def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None: ...
@@ -205,3 +207,11 @@ def monitored(limits: Callable[..., _R]) -> Callable[..., Tuple[_R, Dict[str, An
 def monitored(
     limits: Optional[Mapping[str, float]] = ..., interval: float = ..., python: Optional[str] = ...
 ) -> Callable[[Callable[..., _R]], Callable[..., Tuple[_R, Dict[str, Any]]]]: ...
+
+import concurrent.futures
+
+class Executor(concurrent.futures.Executor):
+    manager: Manager
+    def __init__(self, manager: Optional[Manager] = ..., local_workers: int = ..., cores: int = ...,
+                 port: int = ..., **options: Any) -> None: ...
+    def options(self, **options: Any) -> concurrent.futures.Executor: ...

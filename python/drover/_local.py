@@ -34,8 +34,9 @@ class LocalWorker:
     and at interpreter exit) ends it sooner. Python tasks on it run with
     this interpreter (DROVER_PYTHON is set to `sys.executable`) unless
     `python` names another, and with `fast_python` through a fork server
-    (drover.forkserver) instead of a new interpreter per task; the worker
-    then measures and limits only the waiting shell, not the call.
+    (drover.forkserver) instead of a new interpreter per task; each call
+    then joins the task's cgroup v2 group, so the worker measures and limits
+    the call itself where the host gives tasks such groups.
     """
 
     def __init__(self, manager, cores=1, memory=None, disk=None, gpus=0, workdir=None,
@@ -66,8 +67,13 @@ class LocalWorker:
         if fast_python:
             fifo = os.path.join(str(self.workdir), "py-requests")
             os.mkfifo(fifo, 0o600)
+            from ._pytask import staging_dir
+
+            # Should this process die by a signal, the server removes these
+            # and ends itself and its calls (see drover.forkserver).
+            cleanup = [staging_dir()] + ([str(self.workdir)] if self._own_workdir else [])
             self.forkserver = subprocess.Popen(
-                [python or sys.executable, "-m", "drover.forkserver", fifo],
+                [python or sys.executable, "-m", "drover.forkserver", fifo] + cleanup,
                 cwd=str(self.workdir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True)
             env["DROVER_PY_FORKSERVER"] = fifo

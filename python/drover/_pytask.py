@@ -1,5 +1,6 @@
 """Python function calls as drover tasks."""
 
+import functools
 import itertools
 import os
 import pickle
@@ -8,6 +9,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import types
 
 import cloudpickle
 
@@ -97,6 +99,85 @@ def ship_by_value(fn):
     _by_value.add(top)
 
 
+#: Calls whose pickle is at most this many bytes travel inside the task
+#: message; larger ones are staged as a file.
+INLINE_LIMIT = 64 * 1024
+
+#: Most modules named to the fork server for one call (the request line
+#: must stay under PIPE_BUF).
+_MAX_MODULES_TEXT = 3000
+
+
+def _module_name(obj):
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    if callable(obj):
+        # A callable instance without a module of its own (a partial, say)
+        # comes from its type's module.
+        return getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
+    return None
+
+
+def modules_of(fn):
+    """The installed modules `fn` comes from, as a worker's fork server should
+    have them imported: the module of `fn` (and of what a
+    functools.partial or a wrapper holds), of the modules and callables in
+    its globals, and cloudpickle. Modules sent by value (the user's own) and
+    ``__main__`` are left out: a worker could not import them."""
+    seen = []
+    names = set()
+
+    def add(name):
+        if not name or name in names or name in ("__main__", "builtins"):
+            return
+        top = name.split(".")[0]
+        if top in _by_value or top == "drover" or sys.modules.get(name) is None:
+            return
+        names.add(name)
+        seen.append(name)
+
+    stack = [fn]
+    visited = set()
+    while stack and len(visited) < 64:
+        obj = stack.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        add(_module_name(obj))
+        if isinstance(obj, functools.partial):
+            stack.append(obj.func)
+            stack.extend(a for a in obj.args if callable(a))
+            stack.extend(v for v in obj.keywords.values() if callable(v))
+        wrapped = getattr(obj, "__wrapped__", None)
+        if wrapped is not None:
+            stack.append(wrapped)
+        glob = getattr(obj, "__globals__", None)
+        code = getattr(obj, "__code__", None)
+        if glob is not None and code is not None:
+            for name in code.co_names:
+                value = glob.get(name)
+                if value is not None:
+                    add(_module_name(value))
+                    if callable(value) and getattr(value, "__module__", None) == getattr(obj, "__module__", 0):
+                        stack.append(value)
+        closure = getattr(obj, "__closure__", None) or ()
+        for cell in closure:
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if callable(value):
+                stack.append(value)
+    add("cloudpickle")
+    out, length = [], 0
+    for name in seen:
+        length += len(name) + 1
+        if length > _MAX_MODULES_TEXT:
+            break
+        out.append(name)
+    return out
+
+
 def write_call(fn, args, kwargs, path):
     """Serializes the call to `path`."""
     ship_by_value(fn)
@@ -121,7 +202,8 @@ def load_outcome(data):
 class PythonTask(Task):
     """``fn(*args, **kwargs)`` as a task.
 
-    The call is serialized with cloudpickle into an input file; the worker
+    The call is serialized with cloudpickle, sent inside the task message
+    when small (up to INLINE_LIMIT bytes) and as a staged file otherwise; the worker
     runs it with ``$DROVER_PYTHON`` (default ``python3``; local workers set
     it to this interpreter), or with the ``python3`` of the task's packaged
     environment. After ``Manager.wait`` returns the task's result, its
@@ -137,12 +219,18 @@ class PythonTask(Task):
     #: worker has one (see drover.forkserver), else in a new interpreter,
     #: which the worker's DROVER_PYTHON can name.
     COMMAND = (
-        'if [ -n "$DROVER_PY_FORKSERVER" ] && [ -p "$DROVER_PY_FORKSERVER" ]; then '
-        # The reply FIFO is opened (read-write, so without blocking) before
-        # the request goes out, so the server's reply cannot find no reader.
-        'mkfifo .drover-reply && exec 3<>.drover-reply && '
-        'printf "%s\\n" "$PWD" > "$DROVER_PY_FORKSERVER" && '
-        'read s <&3 && exit "${s:-1}"; exit 1; '
+        'if [ -n "$DROVER_PY_FORKSERVER" ] && [ -p "$DROVER_PY_FORKSERVER" ]; then\n'
+        # The reply channel is open (read-write, so the shell is also a
+        # writer and `read` blocks) before the request goes out. It is the
+        # pipe of an empty here-document where the shell makes one (dash),
+        # reopened through /proc: no mkfifo process per call. Elsewhere it
+        # is a FIFO in the sandbox.
+        'exec 3<<DROVER_EOF\n'
+        'DROVER_EOF\n'
+        'if [ -p /proc/self/fd/3 ] && exec 4<>/proc/self/fd/3; then r=/proc/$$/fd/4; '
+        'else mkfifo .drover-reply && exec 4<>.drover-reply || exit 1; r=$PWD/.drover-reply; fi\n'
+        'printf "%s\\t%s\\t%s\\t%s\\n" "$PWD" "$$" "$DROVER_PY_MODULES" "$r" > "$DROVER_PY_FORKSERVER" && '
+        'read s <&4 && exit "${s:-1}"; exit 1\n'
         'else exec "${DROVER_PYTHON:-python3}" _drover_remote.py call.pkl result.pkl; fi'
     )
 
@@ -154,13 +242,24 @@ class PythonTask(Task):
             raise TypeError("PythonTask needs a callable, got %r" % (fn,))
         self.fn = fn
         n = next(_counter)
-        d = staging_dir()
-        self._call_path = os.path.join(d, "call-%d.pkl" % n)
-        self._result_path = os.path.join(d, "result-%d.pkl" % n)
-        write_call(fn, args, kwargs, self._call_path)
+        ship_by_value(fn)
+        call = cloudpickle.dumps((fn, args, kwargs))
+        self._call_path = None
         self.add_input_file(REMOTE_RUNNER, "_drover_remote.py", True)
-        self.add_input_file(self._call_path, "call.pkl", False)
+        if len(call) <= INLINE_LIMIT:
+            # Small calls travel inside the task message: nothing on disk.
+            self.add_input_buffer(call, "call.pkl")
+        else:
+            self._call_path = os.path.join(staging_dir(), "call-%d.pkl" % n)
+            with open(self._call_path, "wb") as f:
+                f.write(call)
+            self.add_input_file(self._call_path, "call.pkl", False)
+        self._result_path = os.path.join(staging_dir(), "result-%d.pkl" % n)
         self.add_output_file(self._result_path, "result.pkl")
+        #: Modules a worker's fork server imports before forking this call.
+        self.modules = modules = modules_of(fn)
+        if modules:
+            self.set_env("DROVER_PY_MODULES", ",".join(modules))
         self._data = None
         self._result = None
 
@@ -179,10 +278,24 @@ class PythonTask(Task):
         except FileNotFoundError:
             self._data = None
         for p in (self._call_path, self._result_path):
+            if p is None:
+                continue
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+
+    @property
+    def raised(self):
+        """True when the call ran and raised (its outcome is ``function_failed``)."""
+        data = self._data
+        if data is None:
+            return False
+        # The payload's first element is the short string "ok" or "err" (the
+        # first SHORT_BINUNICODE of the pickle); reading it does not need
+        # the exception, which may not load here.
+        at = data.find(b"\x8c", 0, 32)
+        return at >= 0 and data[at + 1:at + 5] == b"\x03err"
 
     @property
     def output(self):

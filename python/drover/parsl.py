@@ -15,14 +15,66 @@ worker's Python needs cloudpickle, and Parsl for bash apps). An app's
 resources, wall-time limit and priority.
 """
 
-import concurrent.futures
-import threading
+import functools
+import os
 
 from parsl.executors.base import ParslExecutor
+from parsl.executors.errors import InvalidResourceSpecification
 
 from . import Manager, PythonTask
+from ._futures import Collector
 
 _SPEC_KEYS = {"cores", "memory", "disk", "gpus", "running_time_min", "priority"}
+
+
+def app_name(func):
+    """The name of the app a Parsl-wrapped callable runs."""
+    seen = 0
+    while seen < 16:
+        seen += 1
+        if isinstance(func, functools.partial):
+            func = func.func
+            continue
+        break
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def _local_path(item):
+    """The path of a Parsl File (or path string) when it names a local file, else None."""
+    scheme = getattr(item, "scheme", "file")
+    if scheme not in ("file", None, ""):
+        return None
+    path = getattr(item, "filepath", item)
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    return path if isinstance(path, str) and path else None
+
+
+def stage_files(task, kwargs):
+    """Adds a Parsl app's relative ``inputs``/``outputs`` Files and its
+    ``stdout``/``stderr`` to `task`'s files, so that the app, which runs in
+    the worker's sandbox, reads and writes them where the submitter sees
+    them. Absolute paths are left alone (a shared file system serves them)."""
+    for item in kwargs.get("inputs") or ():
+        path = _local_path(item)
+        if path and not os.path.isabs(path) and os.path.exists(path):
+            task.add_input_file(os.path.abspath(path), path, False)
+    wanted = [_local_path(item) for item in kwargs.get("outputs") or ()]
+    for key in ("stdout", "stderr"):
+        target = kwargs.get(key)
+        if isinstance(target, (tuple, list)) and target:
+            target = target[0]
+        wanted.append(_local_path(target) if target is not None else None)
+    made = set()
+    for path in wanted:
+        if path and not os.path.isabs(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            task.add_output_file(os.path.abspath(path), path)
+            sub = os.path.dirname(os.path.normpath(path))
+            if sub and sub not in made:
+                # An empty file there makes the directory the app writes into.
+                made.add(sub)
+                task.add_input_buffer(b"", os.path.join(sub, ".drover-dir"))
 
 
 class DroverExecutor(ParslExecutor):
@@ -31,11 +83,14 @@ class DroverExecutor(ParslExecutor):
     ``port``, ``name``, ``password_file`` and ``catalog`` configure the
     drover Manager (workers connect with ``drover worker HOST:PORT``).
     ``local_workers`` starts that many workers on this machine, each with
-    ``worker_cores`` cores (binary from $DROVER_BIN or PATH).
+    ``worker_cores`` cores (binary from $DROVER_BIN or PATH), running calls
+    through a fork server that keeps Parsl imported. Each app is its own
+    category (``parsl:NAME``) unless ``category`` names one for all.
     """
 
     def __init__(self, label="drover", port=0, name=None, password_file=None, catalog=None,
-                 local_workers=0, worker_cores=1, worker_memory=None, default_cores=1):
+                 local_workers=0, worker_cores=1, worker_memory=None, default_cores=1,
+                 category=None):
         super().__init__()
         self.label = label
         self.port = port
@@ -46,11 +101,9 @@ class DroverExecutor(ParslExecutor):
         self.worker_cores = worker_cores
         self.worker_memory = worker_memory
         self.default_cores = default_cores
+        self.category = category
         self.manager = None
-        self._futures = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = None
+        self._collector = None
 
     def start(self):
         self.manager = Manager(port=self.port, name=self.name,
@@ -58,8 +111,7 @@ class DroverExecutor(ParslExecutor):
         if self.local_workers:
             self.manager.local_workers(self.local_workers, cores=self.worker_cores,
                                        memory=self.worker_memory)
-        self._thread = threading.Thread(target=self._collect, name="drover-parsl-wait", daemon=True)
-        self._thread.start()
+        self._collector = Collector(self.manager, name="drover-parsl-wait")
 
     def submit(self, func, resource_specification, *args, **kwargs):
         if self.manager is None:
@@ -67,9 +119,11 @@ class DroverExecutor(ParslExecutor):
         spec = dict(resource_specification or {})
         unknown = set(spec) - _SPEC_KEYS
         if unknown:
-            raise ValueError("DroverExecutor does not know the resource(s) %s; it takes %s"
-                             % (sorted(unknown), sorted(_SPEC_KEYS)))
+            raise InvalidResourceSpecification(
+                unknown, "DroverExecutor takes %s" % ", ".join(sorted(_SPEC_KEYS)))
         task = PythonTask(func, *args, **kwargs)
+        stage_files(task, kwargs)
+        task.set_category(self.category or "parsl:" + app_name(func))
         task.set_cores(int(spec.get("cores", self.default_cores)))
         if "memory" in spec:
             task.set_memory(int(spec["memory"]))
@@ -81,39 +135,15 @@ class DroverExecutor(ParslExecutor):
             task.set_wall_time(float(spec["running_time_min"]) * 60.0)
         if "priority" in spec:
             task.set_priority(int(spec["priority"]))
-        future = concurrent.futures.Future()
-        # The lock makes sure the collector finds the future even when the
-        # task finishes before submit returns.
-        with self._lock:
-            tid = self.manager.submit(task)
-            self._futures[tid] = future
-        future.parsl_executor_task_id = tid
+        future = self._collector.submit(task)
+        future.parsl_executor_task_id = future.drover_task_id
         return future
 
-    def _collect(self):
-        while not self._stop.is_set():
-            r = self.manager.wait(0.5)
-            if r is None:
-                continue
-            with self._lock:
-                future = self._futures.pop(r.id, None)
-            if future is None:
-                continue
-            try:
-                future.set_result(r.output)
-            except BaseException as e:  # the app's own exception, or TaskFailed
-                future.set_exception(e)
-
     def shutdown(self, block=True):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._collector is not None:
+            self._collector.stop(wait=False)
         if self.manager is not None:
             self.manager.shutdown()
-        with self._lock:
-            for f in self._futures.values():
-                f.cancel()
-            self._futures.clear()
         super().shutdown()
 
     def monitor_resources(self):

@@ -58,5 +58,34 @@ def test_remote_exception_reaches_the_future(dfk):
 
 
 def test_unknown_resource_is_refused(dfk):
-    with pytest.raises(ValueError, match="does not know"):
+    from parsl.executors.errors import InvalidResourceSpecification
+
+    with pytest.raises(InvalidResourceSpecification) as info:
         square(2, parsl_resource_specification={"cpus": 1}).result(timeout=300)
+    assert info.value.invalid_keys == {"cpus"}
+
+
+@bash_app
+def make_files(inputs=(), outputs=(), stdout=None, stderr=None):
+    return "cat %s > %s; echo out; echo err >&2" % (inputs[0].filepath, outputs[0].filepath)
+
+
+def test_relative_files_and_std_streams_are_staged(dfk, tmp_path, monkeypatch):
+    from parsl.data_provider.files import File
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("staged in\n")
+    fut = make_files(inputs=[File("in.txt")], outputs=[File("sub/out.txt")],
+                     stdout="std.out", stderr=("std.err", "w"))
+    assert fut.result(timeout=300) == 0
+    fut.outputs[0].result(timeout=300)
+    assert (tmp_path / "sub" / "out.txt").read_text() == "staged in\n"
+    assert (tmp_path / "std.out").read_text().strip() == "out"
+    assert (tmp_path / "std.err").read_text().strip().endswith("err")  # after Parsl's own header
+
+
+def test_each_app_is_its_own_category(dfk):
+    assert square(3).result(timeout=300) == 9
+    assert total(1, 2).result(timeout=300) == 3
+    names = {c["name"] for c in dfk.executors["drover"].manager.categories()}
+    assert {"parsl:square", "parsl:total"} <= names

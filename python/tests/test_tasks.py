@@ -92,7 +92,7 @@ def deep_failure(x):
 def test_python_task_remote_exception(manager):
     manager.submit(drover.PythonTask(deep_failure, "missing-key"))
     (r,) = wait_all(manager).values()
-    assert r.outcome == "success"  # the call ran; its exception is the output
+    assert r.outcome == "function_failed" and r.exit_code == 0  # the call ran and raised
     with pytest.raises(KeyError) as info:
         r.output
     cause = info.value.__cause__

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Parsl's config-agnostic test suite against a drover config, and with
+# PARSL_SUITE_COMPARE=1 the same against Parsl's own htex_local (pass
+# `--durations=0` for per-test times). Needs the drover package installed
+# and DROVER_BIN (or `drover` on PATH). Parsl's conftest needs pytest 7.
+#   python/ci/parsl-suite.sh [extra pytest args, e.g. -k test_python_apps]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# pytest 7 goes to a directory of its own, put first on PYTHONPATH for these
+# runs only, so the rest of the machine keeps its pytest.
+pt=${PARSL_SUITE_PYTEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/drover-parsl-suite-pytest7}
+[ -d "$pt/pytest" ] || python3 -m pip install -q --target "$pt" "pytest>=7.4,<8"
+python3 -m pip install -q "parsl[monitoring]" pandas
+parsl_dir=$(python3 -c 'import os, parsl; print(os.path.dirname(parsl.__file__))')
+run() {
+  (cd "$(mktemp -d)" && PYTHONPATH="$pt${PYTHONPATH:+:$PYTHONPATH}" timeout 3600 \
+     python3 -m pytest "$parsl_dir/tests" --config "$1" \
+     -k "not cleannet" -p no:cacheprovider -q --durations=10 "${@:2}")
+}
+status=0
+run "$here/drover_config.py" "$@" || status=$?
+if [ "${PARSL_SUITE_COMPARE:-0}" = 1 ]; then
+  run "$parsl_dir/tests/configs/htex_local.py" "$@" || true
+fi
+exit $status
