@@ -701,3 +701,25 @@ fn a_killed_workers_tasks_do_not_outlive_it() {
     }
     drop(w);
 }
+
+/// Issue 19: absurd requests are refused at submit with their name, not
+/// left waiting for ever (or panicking a worker); a normal task still runs.
+#[test]
+fn absurd_requests_are_refused_at_submit_and_the_rest_runs() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    let refused = |task: Task, what: &str| {
+        let err = m.submit(task).expect_err("an absurd request is refused");
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    };
+    refused(Task::new("echo hi").cores(1_000_000_000), "cores");
+    refused(Task::new("echo hi").memory_mb(u64::MAX), "memory");
+    refused(Task::new("echo hi").disk_mb(u64::MAX), "disk");
+    refused(Task::new("echo hi").gpus(u32::MAX), "gpus");
+    refused(Task::new("echo hi").wall_time(Duration::MAX), "wall time");
+    refused(Task::new("echo hi").wall_time(Duration::ZERO), "wall time");
+    m.submit(Task::new("echo fine").cores(1)).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert!(m.is_empty(), "nothing refused was queued");
+}

@@ -220,9 +220,11 @@ pub(crate) async fn run(
                 engine.now = Instant::now();
                 engine.grow_timeouts();
             }
-            _ = reserve_tick.tick(), if !engine.reserving_workers.is_empty() => {
+            _ = reserve_tick.tick(), if !engine.reserving_workers.is_empty()
+                || !engine.blocked_workers.is_empty() => {
                 engine.now = Instant::now();
                 engine.let_go_of_aged_reserves();
+                engine.unblock_workers();
             }
         }
         engine.schedule();

@@ -302,6 +302,7 @@ impl Manager {
         if task.command.trim().is_empty() {
             return Err(SubmitError::Invalid("empty command".into()));
         }
+        check_bounds(&task)?;
         let mut inputs = Vec::with_capacity(task.inputs.len());
         let mut names = std::collections::HashSet::new();
         for input in task.inputs {
@@ -518,6 +519,55 @@ impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Largest values a task may declare: far beyond any machine, but small
+/// enough that every sum and conversion downstream stays exact. A value past
+/// them is a mistake (`u64::MAX` MB, 10^9 cores, a wall time of 10^300 s),
+/// refused at submit with its name rather than left waiting for ever.
+const MAX_CORES: u32 = 1 << 20;
+const MAX_GPUS: u32 = 1 << 16;
+const MAX_MB: u64 = 1 << 40;
+const MAX_WALL_TIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn check_bounds(task: &Task) -> Result<(), SubmitError> {
+    let r = &task.resources;
+    let too_big = |what: &str, value: String, max: String| {
+        Err(SubmitError::Invalid(format!(
+            "{what} {value} is more than any worker can have (at most {max})"
+        )))
+    };
+    if r.cores > MAX_CORES {
+        return too_big("cores", r.cores.to_string(), MAX_CORES.to_string());
+    }
+    if r.gpus > MAX_GPUS {
+        return too_big("gpus", r.gpus.to_string(), MAX_GPUS.to_string());
+    }
+    if r.memory_mb > MAX_MB {
+        return too_big(
+            "memory",
+            format!("{} MB", r.memory_mb),
+            format!("{MAX_MB} MB"),
+        );
+    }
+    if r.disk_mb > MAX_MB {
+        return too_big("disk", format!("{} MB", r.disk_mb), format!("{MAX_MB} MB"));
+    }
+    if let Some(w) = task.wall_time {
+        if w.is_zero() {
+            return Err(SubmitError::Invalid(
+                "wall time must be more than 0 s".into(),
+            ));
+        }
+        if w > MAX_WALL_TIME {
+            return too_big(
+                "wall time",
+                format!("{} s", w.as_secs()),
+                format!("{} s, ten years", MAX_WALL_TIME.as_secs()),
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -177,9 +177,17 @@ struct WorkerState {
     /// in the order the worker starts them. While there are any, the
     /// worker is out of the indexes: only the worker knows when they start.
     queued: VecDeque<(TaskId, Resources)>,
+    /// Kept out of the indexes by [`Scheduler::set_blocked`]: nothing new
+    /// is placed or sent ahead here.
+    blocked: bool,
 }
 
 impl WorkerState {
+    /// Whether the worker is in the placement indexes (`by_free`, `idle`).
+    fn indexed(&self) -> bool {
+        self.queued.is_empty() && !self.blocked
+    }
+
     fn is_idle(&self) -> bool {
         self.running == 0 && self.free == self.total
     }
@@ -231,6 +239,7 @@ impl Scheduler {
             running: 0,
             files: HashSet::default(),
             queued: VecDeque::new(),
+            blocked: false,
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -446,7 +455,7 @@ impl Scheduler {
         }
         self.by_free.remove(&w.index_key(slot));
         w.free = w.free.saturating_sub(&got);
-        if w.queued.is_empty() {
+        if w.indexed() {
             self.by_free.insert(w.index_key(slot));
         }
         got
@@ -501,7 +510,7 @@ impl Scheduler {
     pub fn prefetch(&mut self, worker: WorkerKey, depth: usize) -> Option<Placement> {
         let &slot = self.slots.get(&worker)?;
         let w = &self.workers[slot];
-        if w.queued.len() >= depth || w.running == 0 {
+        if w.queued.len() >= depth || w.running == 0 || w.blocked {
             return None;
         }
         let total = w.total;
@@ -554,6 +563,26 @@ impl Scheduler {
         true
     }
 
+    /// Keeps `worker` out of placement (a worker that keeps refusing tasks)
+    /// or lets it back in. What runs there goes on and is released as usual.
+    pub fn set_blocked(&mut self, worker: WorkerKey, blocked: bool) {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return;
+        };
+        let w = &mut self.workers[slot];
+        if w.blocked == blocked {
+            return;
+        }
+        w.blocked = blocked;
+        if blocked {
+            let key = w.index_key(slot);
+            self.by_free.remove(&key);
+            self.idle.remove(&slot);
+        } else {
+            self.reindex_if_unqueued(slot);
+        }
+    }
+
     /// Whether `worker` holds tasks sent ahead that have not started.
     pub fn has_queue(&self, worker: WorkerKey) -> bool {
         self.queued_len(worker) > 0
@@ -569,7 +598,7 @@ impl Scheduler {
     /// Puts a worker whose queue just emptied back in the indexes.
     fn reindex_if_unqueued(&mut self, slot: usize) {
         let w = &self.workers[slot];
-        if !w.queued.is_empty() {
+        if !w.indexed() {
             return;
         }
         self.by_free.insert(w.index_key(slot));
@@ -763,7 +792,7 @@ impl Scheduler {
     fn find_worker(&self, request: &Request, file: FileKey) -> Option<usize> {
         let preferred = |slot: &&usize| {
             let w = &self.workers[**slot];
-            if !w.queued.is_empty() {
+            if !w.indexed() {
                 return false;
             }
             match request {

@@ -17,6 +17,8 @@ pub struct Stats {
     pub tasks_cancelled: u64,
     pub workers_connected: u64,
     pub workers_busy: u64,
+    /// Workers kept out of placement for a while after refusing tasks.
+    pub workers_blocked: u64,
     pub resources_in_use: Resources,
     pub resources_total: Resources,
     /// Times a task went back to the queue after its worker was lost.

@@ -92,7 +92,9 @@ impl FromStr for Limits {
             match key.trim() {
                 "memory" => limits.memory_mb = Some(num.ceil() as u64),
                 "disk" => limits.disk_mb = Some(num.ceil() as u64),
-                "wall_time" => limits.wall_time = Some(Duration::from_secs_f64(num)),
+                "wall_time" => {
+                    limits.wall_time = Some(Duration::try_from_secs_f64(num).map_err(|_| bad())?)
+                }
                 "cores" => limits.cores = Some(num),
                 other => return Err(LimitParseError::UnknownResource(other.to_string())),
             }

@@ -256,7 +256,13 @@ impl<'a> Session<'a> {
             out_tx,
         };
         // The master pings every `keepalive`; silence for several intervals means it is gone.
-        let silence_limit = Duration::from_secs_f64((keepalive * 4.0).max(5.0));
+        // The value comes off the wire: a NaN or an absurd one must not panic the worker.
+        let seconds = if keepalive.is_finite() {
+            (keepalive * 4.0).clamp(5.0, 86_400.0)
+        } else {
+            5.0
+        };
+        let silence_limit = Duration::from_secs_f64(seconds);
         let mut last_heard = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

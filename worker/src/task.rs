@@ -184,9 +184,11 @@ async fn prepare(
 
 /// The task's wall-time limit, if it has a usable one.
 fn wall_limit(task: &RunTask) -> Option<Duration> {
+    // From the wire: one too large for a Duration (1e300) means no limit
+    // rather than a panic that would leak the task's slot.
     task.wall_time_s
         .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
 }
 
 /// Starts the command under the worker's monitor with the task's limits and
@@ -487,4 +489,30 @@ fn read_capped(file: &std::fs::File) -> String {
         len - 2 * half,
         String::from_utf8_lossy(&tail)
     )
+}
+
+#[cfg(test)]
+mod wall_limit_tests {
+    use super::*;
+
+    /// Issue 19: a wall time of 1e300 from the master panicked the worker
+    /// and leaked the task's slot; now it is no limit, and nonsense is none.
+    #[test]
+    fn a_wall_time_from_the_wire_never_panics() {
+        let task = |s: Option<f64>| RunTask {
+            wall_time_s: s,
+            ..serde_json::from_value(serde_json::json!({
+                "task_id": 1, "attempt": 1, "command": "true",
+                "allocation": {"cores": 1, "memory_mb": 0, "disk_mb": 0, "gpus": 0}
+            }))
+            .expect("a minimal run message")
+        };
+        assert_eq!(wall_limit(&task(Some(1e300))), None);
+        assert_eq!(wall_limit(&task(Some(f64::NAN))), None);
+        assert_eq!(wall_limit(&task(Some(-1.0))), None);
+        assert_eq!(
+            wall_limit(&task(Some(2.5))),
+            Some(Duration::from_millis(2500))
+        );
+    }
 }

@@ -34,6 +34,7 @@ impl<O: Outbox> Engine<O> {
                 reserve_mb: 0,
                 first_growth_pending: false,
                 lost: 0,
+                refusals: 0,
                 resource_retries: 0,
             }),
         );
@@ -273,6 +274,12 @@ impl<O: Outbox> Engine<O> {
         };
         let host = self.release_attempt(key, id, allocation);
         self.touched.push(key);
+        if let Some(w) = self.workers.get_mut(&key) {
+            // A task that got as far as running clears the worker's record.
+            if report.ending != Ending::SetupFailed {
+                w.refusals_in_row = 0;
+            }
+        }
         let exhausted = exhausted_dim(&report);
         let learned = self.learn_from_attempt(id, &allocation, &report, exhausted.is_some());
         let ended = Ended {
@@ -610,5 +617,90 @@ fn outcome_of(report: &TaskReport, cancelling: bool) -> Outcome {
         Ending::Killed => Outcome::Failed,
         Ending::InputMissing => Outcome::InputMissing,
         Ending::SetupFailed => Outcome::Failed,
+    }
+}
+
+/// A worker that refuses a task is kept out of placement this long, doubled
+/// for each further refusal in a row, up to [`REFUSAL_PAUSE_MAX`].
+const REFUSAL_PAUSE_FIRST: Duration = Duration::from_secs(1);
+const REFUSAL_PAUSE_MAX: Duration = Duration::from_secs(300);
+/// Refusals a task may meet (from any workers) before it ends: it is then
+/// something no worker will take, not a bad worker.
+const REFUSALS_MAX: u32 = 10;
+
+impl<O: Outbox> Engine<O> {
+    /// A worker refused a task (a broken node, a full disk, a buggy build).
+    /// The task goes back to the queue, and the worker is kept out of
+    /// placement for a while, doubling with each refusal in a row, so it
+    /// cannot take the same task back at once, for ever (1.4 million `run`
+    /// frames in 60 s, before). A task refused too often ends as failed,
+    /// saying so, instead of looping.
+    pub(super) fn worker_refused(
+        &mut self,
+        key: WorkerKey,
+        id: TaskId,
+        attempt: u32,
+        reason: &str,
+    ) {
+        if self.running_attempt(key, id, attempt).is_none() {
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(&key) {
+            w.refusals_in_row += 1;
+            let doublings = (w.refusals_in_row - 1).min(16);
+            let pause = REFUSAL_PAUSE_FIRST
+                .saturating_mul(1 << doublings)
+                .min(REFUSAL_PAUSE_MAX);
+            w.blocked_until = Some(self.now + pause);
+            warn!(
+                worker = %w.addr,
+                host = %w.hello.hostname,
+                "worker refused task {id}: {reason}; no new task goes there for {pause:?} \
+                 ({} refusals in a row)",
+                w.refusals_in_row
+            );
+            self.sched.set_blocked(key, true);
+            self.blocked_workers.insert(key);
+        }
+        let refusals = self.tasks.get_mut(&id).map_or(0, |t| {
+            t.refusals += 1;
+            t.refusals
+        });
+        self.requeue(key, id, attempt, format!("refused: {reason}"), true);
+        if refusals >= REFUSALS_MAX {
+            let waiting = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| matches!(t.state, TaskState::Waiting));
+            if waiting {
+                self.sched.remove_waiting(id);
+                self.stats.tasks_waiting -= 1;
+                let error = format!("refused by workers {refusals} times, last: {reason}");
+                self.finish(id, Outcome::Failed, None, Some(error));
+            }
+        }
+    }
+
+    /// Lets blocked workers whose pause is over take tasks again.
+    pub(super) fn unblock_workers(&mut self) {
+        let now = self.now;
+        let due: Vec<WorkerKey> = self
+            .blocked_workers
+            .iter()
+            .copied()
+            .filter(|k| {
+                self.workers
+                    .get(k)
+                    .is_none_or(|w| w.blocked_until.is_none_or(|t| t <= now))
+            })
+            .collect();
+        for key in due {
+            self.blocked_workers.remove(&key);
+            if let Some(w) = self.workers.get_mut(&key) {
+                w.blocked_until = None;
+                self.sched.set_blocked(key, false);
+                self.touched.push(key);
+            }
+        }
     }
 }

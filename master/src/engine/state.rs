@@ -38,6 +38,8 @@ pub(super) struct TaskEntry {
     /// Attempts lost to infrastructure (worker lost, cached input gone):
     /// the budget `max_retries` counts these only, not resource retries.
     pub(super) lost: u32,
+    /// Times workers refused it (see `Engine::worker_refused`).
+    pub(super) refusals: u32,
     pub(super) resource_retries: u32,
     /// Set when the task was refused the room to grow to this (see
     /// `refuse_growth`): it is retried with it, not the category's next
@@ -60,6 +62,10 @@ pub(super) struct WorkerEntry {
     /// Its growth accounts. Its free resources are the scheduler's; what
     /// it has in use is neither (see [`Engine::in_use`]).
     pub(super) growth: WorkerGrowth,
+    /// Tasks it refused since it last ran one to its end.
+    pub(super) refusals_in_row: u32,
+    /// Kept out of placement until then, after refusing a task.
+    pub(super) blocked_until: Option<Instant>,
 }
 
 pub(super) struct Engine<O: Outbox> {
@@ -84,6 +90,8 @@ pub(super) struct Engine<O: Outbox> {
     pub(super) growing_workers: HashSet<WorkerKey>,
     /// Workers with a non-empty `reserves` queue.
     pub(super) reserving_workers: HashSet<WorkerKey>,
+    /// Workers kept out of placement for refusing tasks, until a time.
+    pub(super) blocked_workers: HashSet<WorkerKey>,
     pub(super) prefetch: usize,
     /// Workers that freed or filled up since the last scheduling pass:
     /// where sending a task ahead may now be useful.
@@ -112,6 +120,7 @@ impl<O: Outbox> Engine<O> {
             class_reserve_mb: HashMap::default(),
             growing_workers: HashSet::default(),
             reserving_workers: HashSet::default(),
+            blocked_workers: HashSet::default(),
             prefetch,
             touched: Vec::new(),
         }
@@ -220,6 +229,7 @@ impl<O: Outbox> Engine<O> {
             .values()
             .filter(|w| !w.running.is_empty())
             .count() as u64;
+        s.workers_blocked = self.blocked_workers.len() as u64;
         s.resources_total = self.workers.values().fold(Resources::default(), |a, w| {
             a.saturating_add(&w.hello.resources)
         });
@@ -254,6 +264,8 @@ impl<O: Outbox> Engine<O> {
                         files,
                         running: HashSet::default(),
                         growth: WorkerGrowth::default(),
+                        refusals_in_row: 0,
+                        blocked_until: None,
                     },
                 );
                 self.refresh_largest();
@@ -270,8 +282,7 @@ impl<O: Outbox> Engine<O> {
                     attempt,
                     reason,
                 } => {
-                    warn!(task_id, "worker rejected the task: {reason}");
-                    self.requeue(key, task_id, attempt, format!("rejected: {reason}"), false);
+                    self.worker_refused(key, task_id, attempt, &reason);
                 }
                 WorkerMsg::Grow {
                     task_id,

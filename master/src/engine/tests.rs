@@ -473,9 +473,15 @@ fn a_rejected_task_drops_its_output_plan_and_is_sent_again() {
         },
     );
     h.e.schedule();
+    // The refusal counts as an attempt, and the worker that refused is kept
+    // out for a second before the task is sent to it again.
+    assert_eq!(plans_and_runs(&mut h), vec![(1, "forget", 1, 1)]);
+    h.at(1.5);
+    h.e.unblock_workers();
+    h.e.schedule();
     assert_eq!(
         plans_and_runs(&mut h),
-        vec![(1, "forget", 1, 1), (1, "expect", 1, 1), (1, "run", 1, 1)]
+        vec![(1, "expect", 1, 2), (1, "run", 1, 2)]
     );
 }
 
@@ -534,4 +540,101 @@ fn a_task_sent_ahead_counts_as_running_only_once_it_starts() {
     h.done(1, succeeded(2, 1, 10.0));
     assert_eq!(counts(&h).0, 0);
     assert_eq!(h.results().len(), 2);
+}
+
+fn refuse(h: &mut Harness, key: WorkerKey, task_id: TaskId, attempt: u32) {
+    h.e.on_worker_msg(
+        key,
+        WorkerMsg::Rejected {
+            task_id,
+            attempt,
+            reason: "disk full".into(),
+        },
+    );
+}
+
+/// Issue 19: a worker that refuses a task is kept out of placement for a
+/// while (doubling), the task goes to another worker, and the worker comes
+/// back once its pause is over.
+#[test]
+fn a_worker_that_refuses_is_kept_out_and_the_task_goes_elsewhere() {
+    let mut h = Harness::new(0);
+    let worker = Resources {
+        disk_mb: 1000,
+        ..mb(1, 1000)
+    };
+    let task = Resources {
+        disk_mb: 1,
+        ..mb(1, 10)
+    };
+    h.join(1, worker);
+    h.submit(1, "", task);
+    h.e.schedule();
+    let runs = h.runs();
+    assert_eq!((runs[0].0, runs[0].1.task_id), (1, 1));
+    refuse(&mut h, 1, 1, runs[0].1.attempt);
+    h.e.schedule();
+    assert!(
+        h.runs().is_empty(),
+        "not sent back to the worker that refused it"
+    );
+    assert_eq!(h.e.stats().workers_blocked, 1);
+    h.join(2, worker);
+    h.e.schedule();
+    let runs = h.runs();
+    assert_eq!((runs[0].0, runs[0].1.task_id), (2, 1));
+    h.done(2, succeeded(1, runs[0].1.attempt, 5.0));
+    let results = h.results();
+    assert_eq!(results[0].outcome, Outcome::Success);
+    assert!(results[0].attempts[0].ending.contains("refused: disk full"));
+    // The first pause is a second; then worker 1 takes tasks again.
+    h.at(0.5);
+    h.e.unblock_workers();
+    assert_eq!(h.e.stats().workers_blocked, 1);
+    h.at(1.5);
+    h.e.unblock_workers();
+    assert_eq!(h.e.stats().workers_blocked, 0);
+}
+
+/// Issue 19: a task that every worker refuses ends, saying so, instead of
+/// going round for ever; each refusal in a row doubles the worker's pause.
+#[test]
+fn a_task_refused_again_and_again_ends_as_failed() {
+    let mut h = Harness::new(0);
+    let worker = Resources {
+        disk_mb: 1000,
+        ..mb(1, 1000)
+    };
+    h.join(1, worker);
+    h.submit(
+        1,
+        "",
+        Resources {
+            disk_mb: 1,
+            ..mb(1, 10)
+        },
+    );
+    let mut clock = 0.0;
+    let mut pauses = Vec::new();
+    loop {
+        h.e.schedule();
+        let runs = h.runs();
+        let Some((_, run)) = runs.first() else {
+            break;
+        };
+        refuse(&mut h, 1, 1, run.attempt);
+        let until = h.e.workers[&1].blocked_until.expect("blocked");
+        pauses.push((until - h.e.now).as_secs_f64());
+        clock += 1000.0;
+        h.at(clock);
+        h.e.unblock_workers();
+    }
+    assert_eq!(pauses.len(), 10, "{pauses:?}");
+    assert_eq!(&pauses[..4], &[1.0, 2.0, 4.0, 8.0]);
+    let results = h.results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].outcome, Outcome::Failed);
+    let error = results[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("refused by workers 10 times"), "{error}");
+    assert_eq!(h.e.stats().tasks_waiting, 0);
 }
