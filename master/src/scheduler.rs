@@ -205,6 +205,9 @@ pub struct Scheduler {
     shape_ids: HashMap<ShapeKey, ShapeId>,
     /// Current request of each class (see [`Scheduler::set_class_request`]).
     class_requests: HashMap<ClassKey, Request>,
+    /// Classes whose tasks may be sent ahead (see
+    /// [`Scheduler::set_class_may_go_ahead`]).
+    classes_ahead: HashSet<ClassKey>,
     free_shapes: Vec<ShapeId>,
     /// Heads of non-empty, unblocked shapes.
     ready: BTreeSet<(Waiting, ShapeId)>,
@@ -362,6 +365,18 @@ impl Scheduler {
     /// Sets what the waiting (and future) tasks of `class` ask for. A
     /// blocked class goes back to the ready set, since the new request may
     /// fit where the old one did not.
+    /// Whether `class`'s waiting tasks may be sent ahead to a full worker.
+    /// Off by default: the master turns it on for a class whose tasks hold
+    /// no room for growth, since room that frees on a worker with tasks
+    /// sent ahead goes to them, not to a frozen task waiting to grow.
+    pub fn set_class_may_go_ahead(&mut self, class: ClassKey, may: bool) {
+        if may {
+            self.classes_ahead.insert(class);
+        } else {
+            self.classes_ahead.remove(&class);
+        }
+    }
+
     pub fn set_class_request(&mut self, class: ClassKey, request: Request) {
         self.class_requests.insert(class, request);
         let Some(&id) = self.shape_ids.get(&ShapeKey::Class(class)) else {
@@ -503,8 +518,8 @@ impl Scheduler {
     /// round trip to the master: at most `depth` such tasks per worker.
     /// The candidates are the heads of the shapes that fit no worker now
     /// (after [`Scheduler::schedule`]), best first, that fit in the
-    /// worker's total; shapes whose request the master may change while
-    /// they wait (categories) are not sent ahead. Until the worker says
+    /// worker's total; a learned task's retry, and a class not let go ahead
+    /// ([`Scheduler::set_class_may_go_ahead`]), are not sent ahead. Until the worker says
     /// it started them ([`Scheduler::started`]), nothing else is placed on
     /// it. Costs O(blocked shapes).
     pub fn prefetch(&mut self, worker: WorkerKey, depth: usize) -> Option<Placement> {
@@ -519,8 +534,13 @@ impl Scheduler {
             .iter()
             .filter_map(|&id| {
                 let shape = &self.shapes[id as usize];
-                match (shape.key, shape.request) {
-                    (ShapeKey::Request(_), Request::Fixed(r)) if r.fits_in(&total) => {
+                let may = match shape.key {
+                    ShapeKey::Request(_) => true,
+                    ShapeKey::Class(c) => self.classes_ahead.contains(&c),
+                    ShapeKey::Provisional(_) => false,
+                };
+                match shape.request {
+                    Request::Fixed(r) if may && r.fits_in(&total) => {
                         Some((id, *shape.queue.first()?, r))
                     }
                     _ => None,
@@ -938,7 +958,13 @@ mod tests {
         s.set_class_request(7, fixed(1));
         s.enqueue_class(2, 7, 0, 2, &[]);
         assert_eq!(tasks(&run(&mut s)), vec![1]);
-        assert_eq!(s.prefetch(1, 1), None, "a class's request may change");
+        assert_eq!(s.prefetch(1, 1), None, "a class is not let go ahead by default");
+        // A class the master lets go ahead (it holds no growth room) is.
+        s.set_class_may_go_ahead(7, true);
+        assert_eq!(s.prefetch(1, 1).map(|p| p.task), Some(2));
+        s.set_class_may_go_ahead(7, false);
+        s.enqueue_class(3, 7, 0, 3, &[]);
+        assert_eq!(s.prefetch(1, 2), None, "and no longer once it is stopped");
 
         // Nor is a learned task's retry, whose rung may change too.
         let mut s = Scheduler::new();

@@ -159,6 +159,11 @@ impl<O: Outbox> Engine<O> {
                 whole => whole,
             };
             self.class_reserve_mb.insert(class, reserve_mb);
+            // A class that holds no growth room may be sent ahead (W1's
+            // rate, for tasks that leave something for their category to
+            // learn); one that does keeps the room that frees for growth.
+            let may_go_ahead = reserve_mb == 0 && matches!(request, Request::Fixed(_));
+            self.sched.set_class_may_go_ahead(class, may_go_ahead);
             self.sched.set_class_request(class, charged);
         }
     }
