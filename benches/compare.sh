@@ -5,7 +5,7 @@
 #   benches/compare.sh BEFORE_DIR AFTER_DIR
 #
 # Each directory holds the release binaries of one build: `drover`, and the bench targets
-# `workloads` (W1), `w5` and `w4` (copy them from target/release/deps/<name>-<hash> after
+# `workloads` (W1), `w5` or `scale` (W5) and `w4` (copy them from target/release/deps/<name>-<hash> after
 # `cargo bench --no-run`; `benches/collect-bins.sh DIR` does it for the current checkout).
 # Env: W1_N (10000), W5_N (100000), W5_WORKERS (1000), PAIRS (2), W4 (1: run W4, ~4 min a pair),
 # OUT (results file).
@@ -37,7 +37,14 @@ one() { # build-name dir pair
     (cd "$tmp" && "$dir/drover" run w1.txt --failed-dir "$tmp/failed" 2>/dev/null)
     t1=$(date +%s.%N)
     python3 -c "import json; w=$t1-$t0; print(json.dumps({'system':'drover run','workload':'W1','n':$W1_N,'wall_s':round(w,3),'tasks_per_s':round($W1_N/w,1),'build':'$name','pair':$pair}))" | tee -a "$OUT"
-    "$dir/w5" --tasks "$W5_N" --workers "$W5_WORKERS" | tag "$name" "$pair" | tee -a "$OUT"
+    # W5: the old `w5` bench, or the `scale` bench that replaced it with the same measure.
+    if [ -x "$dir/scale" ]; then
+        "$dir/scale" --tasks "$W5_N" --workers "$W5_WORKERS" --procs 1 --variant plain \
+            | sed 's/"workload":"scale"/"workload":"W5"/; s/"dispatch_per_s"/"tasks_per_s"/' \
+            | tag "$name" "$pair" | tee -a "$OUT"
+    else
+        "$dir/w5" --tasks "$W5_N" --workers "$W5_WORKERS" | tag "$name" "$pair" | tee -a "$OUT"
+    fi
     if [ "$W4" = 1 ]; then
         "$dir/w4" --tasks "$tmp/w4.tasks" --touch "$tmp/touch_mem" --drover "$dir/drover" \
             --modes oracle,bucketing | tag "$name" "$pair" | tee -a "$OUT"
