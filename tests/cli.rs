@@ -199,3 +199,79 @@ fn every_subcommand_has_help_and_runs() {
         case(dir.path());
     }
 }
+
+/// Runs `drover ARGS` and returns (exit code, stderr).
+fn failing(args: &[&str]) -> (Option<i32>, String) {
+    let out = drover(args.iter().copied(), None);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn mistakes_get_one_clear_line() {
+    let (code, err) = failing(&["worker", "localhost"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("has no port"), "{err}");
+
+    let (code, err) = failing(&["status", "--project", "("]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("unclosed group") && !err.contains("\\n"),
+        "{err}"
+    );
+
+    // A port taken by someone else: the OS error is said once.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.txt"), "true\n").unwrap();
+    let file = dir.path().join("t.txt");
+    let file = file.to_str().unwrap();
+    for args in [
+        vec!["run", file, "--workers", "0", "--port", &port],
+        vec!["catalog", "--port", &port, "--no-state-file"],
+    ] {
+        let (code, err) = failing(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert_eq!(err.matches("os error").count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn an_unreachable_master_is_logged_plainly_and_retried() {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let master = format!("127.0.0.1:{port}");
+    let workdir = dir.path().to_str().unwrap();
+    let args = [
+        "worker",
+        &master,
+        "--idle-timeout",
+        "2",
+        "--workdir",
+        workdir,
+    ];
+    let (code, err) = failing(&args);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("Connection refused"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("Connection refused").count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(err.contains("idle timeout"), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in a log that is not a terminal: {err}"
+    );
+}

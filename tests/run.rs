@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -16,6 +17,19 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .stdin(Stdio::null())
         .output()
+        .expect("start drover run")
+}
+
+/// `drover run ARGS` in `dir`, its stderr piped for the test to read.
+fn spawn_run(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(drover_bin())
+        .arg("run")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("start drover run")
 }
 
@@ -128,14 +142,7 @@ fn ctrl_c_cancels_the_rest_and_still_summarizes() {
     let mark = format!("7{}{}", std::process::id(), 31);
     let tasks: String = (0..4).map(|_| format!("sleep {mark}\n")).collect();
     std::fs::write(dir.path().join("sleepers.txt"), tasks).unwrap();
-    let mut child = Command::new(drover_bin())
-        .args(["run", "sleepers.txt", "--cores", "2"])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(dir.path(), &["sleepers.txt", "--cores", "2"]);
     // Tasks that declare nothing start one at a time while their category
     // learns; one running is enough to cancel mid-run.
     common::wait_for_processes(&format!("sleep {mark}"), 1);
@@ -166,4 +173,44 @@ fn ctrl_c_cancels_the_rest_and_still_summarizes() {
         "{err}"
     );
     common::assert_none_left(&format!("sleep {mark}"));
+}
+
+#[test]
+fn a_lost_worker_is_reported_and_its_task_runs_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mark = format!("3{}{}", std::process::id(), 17);
+    // Fractional seconds, so the marker is a literal argument of `sleep`.
+    let tasks: String = (0..2)
+        .map(|_| format!("{{\"command\": \"sleep 2.{mark}\", \"cores\": 1}}\n"))
+        .collect();
+    std::fs::write(dir.path().join("t.txt"), tasks).unwrap();
+    let mut run = spawn_run(dir.path(), &["t.txt", "--workers", "0", "--port", &port]);
+    let port: u16 = port.parse().unwrap();
+    let doomed = common::Worker::start(port, &["--cores", "1"]);
+    let _kept = common::Worker::start(port, &["--cores", "1"]);
+    // Read the run's progress until it has seen both workers, so that the
+    // loss cannot fall between two of its polls.
+    let mut lines = BufReader::new(run.stderr.take().unwrap()).lines();
+    let mut err = String::new();
+    while !err.contains("(2 connected)") && !err.contains("2 workers connected") {
+        let line = lines.next().expect("the run ended early").unwrap();
+        err.push_str(&line);
+        err.push('\n');
+    }
+    common::wait_for_processes(&format!("sleep 2.{mark}"), 2);
+    drop(doomed);
+    for line in lines {
+        err.push_str(&line.unwrap());
+        err.push('\n');
+    }
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("1 worker lost (1 connected)"), "{err}");
+    assert!(err.contains("2 done, 0 failed; 1 worker lost"), "{err}");
 }

@@ -1,11 +1,11 @@
 //! `drover run FILE`: the embedded default. Runs a file of tasks on a local
 //! worker (a real `drover worker` process on loopback) or on remote workers.
 
+mod progress;
 mod report;
 mod tasks;
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -16,6 +16,7 @@ use anyhow::Context;
 use drover_master::{Manager, Outcome, Resources, TaskId, TaskResult};
 
 use super::{host_port, Offer, HOST_PORT, PROJECT};
+use progress::Progress;
 use report::Origin;
 
 /// Exit status after Ctrl-C, as a shell reports a command killed by SIGINT.
@@ -136,68 +137,6 @@ fn catch_sigint() {
     }
 }
 
-enum Progress {
-    Bar(indicatif::ProgressBar),
-    Lines { last: Instant },
-}
-
-impl Progress {
-    fn new(total: u64) -> Progress {
-        if std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new(total);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} ({rate}, eta {eta}) {msg}",
-            ) {
-                bar.set_style(style.with_key(
-                    "rate",
-                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                        let _ = write!(w, "{:.1}/s", s.per_sec());
-                    },
-                ));
-            }
-            Progress::Bar(bar)
-        } else {
-            Progress::Lines {
-                last: Instant::now(),
-            }
-        }
-    }
-
-    fn update(&mut self, done: u64, failed: u64, total: u64) {
-        match self {
-            Progress::Bar(bar) => {
-                bar.set_position(done + failed);
-                if failed > 0 {
-                    bar.set_message(format!("{failed} failed"));
-                }
-            }
-            Progress::Lines { last } => {
-                if last.elapsed() >= Duration::from_secs(5) || done + failed == total {
-                    eprintln!(
-                        "drover: {}/{} finished ({} failed)",
-                        done + failed,
-                        total,
-                        failed
-                    );
-                    *last = Instant::now();
-                }
-            }
-        }
-    }
-
-    /// Clears the bar when the run finished; leaves it on its own line when
-    /// it was interrupted, so the user sees where it stopped.
-    fn finish(&self, interrupted: bool) {
-        if let Progress::Bar(bar) = self {
-            if interrupted {
-                bar.abandon();
-            } else {
-                bar.finish_and_clear();
-            }
-        }
-    }
-}
-
 /// Runs `drover run`: 0 when every task succeeded, 1 when some failed, 130
 /// after Ctrl-C.
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
@@ -247,7 +186,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("{}:{}", args.file.display(), e.line_no))?;
         origins.insert(id, (e.line_no, e.text));
     }
-    let mut progress = Progress::new(total);
+    let mut progress = Progress::new(total, args.workers == 0);
     let (mut done, mut failed, mut cancelled) = (0u64, 0u64, 0u64);
     let mut failures: Vec<Failure> = Vec::new();
     let mut failed_lines: Vec<(usize, String)> = Vec::new();
@@ -266,9 +205,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         {
             break;
         }
+        if cancel_deadline.is_none() {
+            progress.poll(&manager);
+        }
         let Some(result) = manager.wait(Some(Duration::from_millis(500))) else {
             if cancel_deadline.is_none() {
-                progress.update(done, failed, total);
+                progress.update(done, failed);
             }
             continue;
         };
@@ -296,7 +238,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             }
         }
         if cancel_deadline.is_none() {
-            progress.update(done, failed, total);
+            progress.update(done, failed);
         }
     }
     let interrupted = cancel_deadline.is_some();
@@ -307,6 +249,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         failed,
         cancelled,
         total,
+        workers_lost: progress.workers_lost,
     };
     summarize(&args, &counts, start, &failures, &mut failed_lines);
     Ok(if interrupted {
@@ -331,6 +274,7 @@ struct Counts {
     failed: u64,
     cancelled: u64,
     total: u64,
+    workers_lost: u64,
 }
 
 /// The closing lines: counts and rate, then each failed task by file line,
@@ -344,13 +288,20 @@ fn summarize(
 ) {
     let wall = start.elapsed().as_secs_f64();
     let finished = c.done + c.failed;
-    let cancelled = if c.cancelled > 0 {
+    let mut extra = if c.cancelled > 0 {
         format!(", {} cancelled", c.cancelled)
     } else {
         String::new()
     };
+    if c.workers_lost > 0 {
+        extra.push_str(&format!(
+            "; {} worker{} lost",
+            c.workers_lost,
+            if c.workers_lost == 1 { "" } else { "s" }
+        ));
+    }
     eprintln!(
-        "drover: {} done, {} failed{cancelled}, {} tasks in {wall:.1} s ({:.1} tasks/s)",
+        "drover: {} done, {} failed{extra}, {} tasks in {wall:.1} s ({:.1} tasks/s)",
         c.done,
         c.failed,
         c.total,

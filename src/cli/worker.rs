@@ -101,7 +101,12 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<i32> {
             }
         }
     })?;
-    tracing::info!("worker stopped: {reason:?}");
+    let why = match reason {
+        drover_worker::StopReason::IdleTimeout => "idle timeout reached",
+        drover_worker::StopReason::MasterShutdown => "asked to stop",
+        drover_worker::StopReason::Disconnected => "the connection to the master ended",
+    };
+    tracing::info!("worker stopped: {why}");
     Ok(0)
 }
 
