@@ -19,40 +19,32 @@ use serde::{Deserialize, Serialize};
 use crate::report::{now_unix, MasterReport, MASTER_KIND};
 use crate::store::{load_state, save_state, StateFile, Store};
 
-/// Options of `drover catalog`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct CatalogArgs {
+/// What `drover catalog` serves and keeps; the binary fills it from its options.
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
     /// Port for both HTTP (TCP) and reports (UDP); 0 picks a free one, which
     /// is printed on stdout.
-    #[arg(long, default_value_t = crate::client::DEFAULT_PORT)]
     pub port: u16,
     /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
     /// Seconds an entry lives after its last report.
-    #[arg(long, default_value_t = 900)]
     pub expiry_secs: u64,
     /// Where entries are saved and reloaded from on start
     /// [default: drover-catalog-PORT.json in the current directory].
-    #[arg(long)]
     pub state_file: Option<PathBuf>,
     /// Keep entries in memory only.
-    #[arg(long, conflicts_with = "state_file")]
     pub no_state_file: bool,
     /// Most entries kept; when full, the least recently updated is dropped.
-    #[arg(long, default_value_t = 1000)]
     pub max_entries: usize,
     /// Largest report accepted, in bytes of JSON (UDP or POST).
-    #[arg(long, default_value_t = 64 * 1024)]
     pub max_report_bytes: usize,
     /// Seconds between saves of the state file (only when something changed).
-    #[arg(long, default_value_t = 10)]
     pub save_interval_secs: u64,
 }
 
-impl Default for CatalogArgs {
+impl Default for CatalogConfig {
     fn default() -> Self {
-        CatalogArgs {
+        CatalogConfig {
             port: crate::client::DEFAULT_PORT,
             bind: IpAddr::from([0, 0, 0, 0]),
             expiry_secs: 900,
@@ -112,7 +104,7 @@ struct Counters {
 struct Shared {
     store: Mutex<Store>,
     counters: Counters,
-    args: CatalogArgs,
+    args: CatalogConfig,
     start_time: u64,
     /// Serialized `/query.json`, reused briefly so that a page poll during a
     /// flood does not re-serialize a table that changes every microsecond.
@@ -214,7 +206,7 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 /// Runs the catalog until SIGINT or SIGTERM, then saves its state and returns
 /// the exit code. Builds its own tokio runtime, so call it from plain `main`.
-pub fn run(args: CatalogArgs) -> anyhow::Result<i32> {
+pub fn run(args: CatalogConfig) -> anyhow::Result<i32> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("drover-catalog")
@@ -223,7 +215,7 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<i32> {
     rt.block_on(serve(args))
 }
 
-fn state_path(args: &CatalogArgs, port: u16) -> Option<PathBuf> {
+fn state_path(args: &CatalogConfig, port: u16) -> Option<PathBuf> {
     if args.no_state_file {
         None
     } else {
@@ -258,7 +250,7 @@ fn bind_both(
     }
 }
 
-async fn serve(args: CatalogArgs) -> anyhow::Result<i32> {
+async fn serve(args: CatalogConfig) -> anyhow::Result<i32> {
     let (tcp, udp) = bind_both(args.bind, args.port)?;
     let addr = tcp.local_addr()?;
     let state_path = state_path(&args, addr.port());
@@ -599,7 +591,7 @@ mod tests {
     use super::*;
 
     fn shared(max_entries: usize) -> Shared {
-        let args = CatalogArgs {
+        let args = CatalogConfig {
             max_entries,
             max_report_bytes: 1000,
             ..Default::default()
@@ -643,7 +635,7 @@ mod tests {
 
     #[test]
     fn default_state_path_follows_port() {
-        let mut a = CatalogArgs::default();
+        let mut a = CatalogConfig::default();
         assert_eq!(
             state_path(&a, 1234),
             Some(PathBuf::from("drover-catalog-1234.json"))

@@ -140,40 +140,44 @@ pub struct CatalogServer {
 }
 
 impl CatalogServer {
-    /// Starts `drover catalog --port 0` with extra `args` and waits for the
-    /// line on stdout that names the port it got.
+    /// Starts `drover catalog --port 0 --no-state-file` with extra `args`.
     pub fn start(args: &[&str]) -> CatalogServer {
-        use std::io::BufRead;
-        let mut child = Command::new(drover_bin())
-            .args([
-                "catalog",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--no-state-file",
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start drover catalog");
-        let stdout = child.stdout.take().expect("catalog stdout");
-        let mut stdout = std::io::BufReader::new(stdout);
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read catalog stdout");
-        // "drover catalog listening on 127.0.0.1:PORT (HTTP and UDP)"
-        let addr = line
-            .split_whitespace()
-            .find(|w| w.starts_with("127.0.0.1:"))
-            .unwrap_or_else(|| panic!("catalog did not say where it listens: {line:?}"))
-            .to_string();
+        let mut all = vec!["--no-state-file"];
+        all.extend_from_slice(args);
+        let (child, addr, stdout) = start_catalog(&all);
         CatalogServer {
             child,
             addr,
             _stdout: stdout,
         }
     }
+}
+
+/// Starts `drover catalog` on a free loopback port with extra `args`, and
+/// waits for the line on stdout that names the port it got; returns the
+/// process, its `127.0.0.1:PORT` and its stdout.
+pub fn start_catalog(
+    args: &[&str],
+) -> (Child, String, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
+    let mut child = Command::new(drover_bin())
+        .args(["catalog", "--port", "0", "--bind", "127.0.0.1"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start drover catalog");
+    let stdout = child.stdout.take().expect("catalog stdout");
+    let mut stdout = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read catalog stdout");
+    // "drover catalog listening on 127.0.0.1:PORT (HTTP and UDP)"
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("catalog did not say where it listens: {line:?}"))
+        .to_string();
+    (child, addr, stdout)
 }
 
 impl Drop for CatalogServer {
@@ -248,4 +252,16 @@ pub fn skip(why: &str) {
         .unwrap_or("a test")
         .to_string();
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+}
+
+/// Writes `spec.json` into `dir`: the host's `python3` and no requirements,
+/// so `drover pack create` builds it offline.
+pub fn write_stdlib_spec(dir: &Path) {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .output()
+        .expect("this test needs python3 on the host");
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let spec = serde_json::json!({"python": version, "requirements": []});
+    std::fs::write(dir.join("spec.json"), spec.to_string()).expect("write spec.json");
 }
