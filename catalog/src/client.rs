@@ -77,7 +77,17 @@ fn resolve(catalog: &str) -> anyhow::Result<Vec<SocketAddr>> {
 /// datagram: success means it was sent, not that it arrived. Larger ones are
 /// POSTed to `/update`, which waits up to [`TIMEOUT`] for the catalog.
 pub fn send_report(catalog: &str, report: &MasterReport) -> anyhow::Result<()> {
-    let body = serde_json::to_vec(report)?;
+    send_signed_report(catalog, report, None)
+}
+
+/// [`send_report`], signed with `key` (the catalog key) when there is one,
+/// so that a catalog holding the same key takes it.
+pub fn send_signed_report(
+    catalog: &str,
+    report: &MasterReport,
+    key: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    let body = report_body(report, key)?;
     if body.len() > MAX_DATAGRAM_BYTES {
         return post_json(catalog, "/update", &body);
     }
@@ -104,8 +114,25 @@ pub fn send_report(catalog: &str, report: &MasterReport) -> anyhow::Result<()> {
 /// POSTs `report` to the catalog's `/update` whatever its size, for callers
 /// that want to know it arrived (a master's last report, say).
 pub fn post_report(catalog: &str, report: &MasterReport) -> anyhow::Result<()> {
-    let body = serde_json::to_vec(report)?;
+    post_signed_report(catalog, report, None)
+}
+
+/// [`post_report`], signed with `key` when there is one.
+pub fn post_signed_report(
+    catalog: &str,
+    report: &MasterReport,
+    key: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    let body = report_body(report, key)?;
     post_json(catalog, "/update", &body)
+}
+
+fn report_body(report: &MasterReport, key: Option<&[u8]>) -> anyhow::Result<Vec<u8>> {
+    let json = serde_json::to_vec(report)?;
+    Ok(match key {
+        Some(k) => crate::secret::sign(k, &json),
+        None => json,
+    })
 }
 
 fn post_json(catalog: &str, path: &str, body: &[u8]) -> anyhow::Result<()> {
@@ -154,9 +181,55 @@ pub fn query(catalog: &str, project_regex: Option<&str>) -> anyhow::Result<Vec<M
 /// The most recently updated master matching `project_regex` that has not
 /// announced it stopped; what a worker connects to.
 pub fn find_master(catalog: &str, project_regex: &str) -> anyhow::Result<Option<MasterReport>> {
-    Ok(query(catalog, Some(project_regex))?
-        .into_iter()
-        .find(|r| !r.stopped))
+    let (masters, _) = rank_masters(query(catalog, Some(project_regex))?);
+    Ok(masters.into_iter().next())
+}
+
+/// The running masters among `masters` in the order a worker should try
+/// them: signed reports (checked by a catalog with a key) first, then the
+/// entry owned by the first address before rival entries from elsewhere,
+/// newest first otherwise. Also returns one line per project that more than
+/// one master claims, naming each of them, for the worker to log: two masters
+/// of the same name are either a mistake or an impostor, and a worker must
+/// not move between them unseen.
+pub fn rank_masters(masters: Vec<MasterReport>) -> (Vec<MasterReport>, Vec<String>) {
+    let mut live: Vec<MasterReport> = masters.into_iter().filter(|m| !m.stopped).collect();
+    // Stable, so the catalog's newest-first order holds among equals.
+    live.sort_by_key(|m| (!m.signed, m.rival));
+    let mut warnings = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for m in &live {
+        if seen.contains(&m.project.as_str()) {
+            continue;
+        }
+        seen.push(&m.project);
+        let claims: Vec<String> = live
+            .iter()
+            .filter(|o| o.project == m.project)
+            .map(describe_claim)
+            .collect();
+        if claims.len() > 1 {
+            warnings.push(format!(
+                "{} masters claim project {:?}: {}; trying them in this order",
+                claims.len(),
+                m.project,
+                claims.join(", ")
+            ));
+        }
+    }
+    (live, warnings)
+}
+
+fn describe_claim(m: &MasterReport) -> String {
+    let mut s = format!("{} (reported from {}", m.address(), m.source_addr);
+    if m.signed {
+        s.push_str(", signed");
+    }
+    if m.rival {
+        s.push_str(", rival of an earlier entry");
+    }
+    s.push(')');
+    s
 }
 
 /// GETs `path` from the catalog and returns the body of a 2xx answer.
@@ -308,6 +381,28 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranking_prefers_signed_then_owner_and_names_every_claimant() {
+        let mut rival = MasterReport::new_master("p", "10.0.0.66", 9);
+        rival.rival = true;
+        rival.source_addr = "10.0.0.66".into();
+        let mut owner = MasterReport::new_master("p", "10.0.0.1", 9);
+        owner.source_addr = "10.0.0.1".into();
+        let mut stopped = owner.clone();
+        stopped.project = "q".into();
+        stopped.stopped = true;
+        let (ranked, warnings) = rank_masters(vec![rival.clone(), owner.clone(), stopped]);
+        assert_eq!(ranked, vec![owner.clone(), rival.clone()]);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("10.0.0.1:9") && warnings[0].contains("10.0.0.66:9"));
+        let mut signed = rival.clone();
+        signed.signed = true;
+        let (ranked, _) = rank_masters(vec![owner.clone(), signed.clone()]);
+        assert_eq!(ranked[0], signed);
+        let (_, warnings) = rank_masters(vec![owner]);
+        assert!(warnings.is_empty());
+    }
 
     #[test]
     fn catalog_addresses() {

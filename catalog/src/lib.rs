@@ -5,10 +5,12 @@
 //! - [`client`]: blocking functions to send a report and to query a catalog.
 //! - [`server`]: `drover catalog`, the UDP + HTTP server with the status page.
 //! - [`status`]: `drover status`, the command-line view of a catalog.
+//! - [`secret`]: password and key files, and signed reports.
 //! - [`store`]: the bounded, expiring table behind the server, and its state file.
 
 pub mod client;
 pub mod report;
+pub mod secret;
 pub mod server;
 pub mod status;
 pub mod store;
