@@ -504,3 +504,44 @@ fn a_catalog_with_a_key_drops_unsigned_and_wrongly_signed_reports() {
     assert!(!list[0].stopped && list[0].signed, "{list:#?}");
     project_worker_runs_a_task(&catalog, &manager, &project);
 }
+
+#[test]
+fn state_goes_under_xdg_state_home_and_bad_input_fails_at_start_in_one_line() {
+    let state_home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(drover_bin());
+    cmd.env("XDG_STATE_HOME", state_home.path())
+        .current_dir(cwd.path());
+    drop(CatalogServer::start_with(cmd));
+    assert!(state_home.path().join("drover").is_dir());
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+
+    let missing = cwd.path().join("no-such-dir").join("state.json");
+    let out = Command::new(drover_bin())
+        .args([
+            "catalog",
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--state-file",
+        ])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let out = Command::new(drover_bin())
+        .args(["status", "--catalog", "127.0.0.1:1", "--project", "("])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("unclosed group") && !stderr.contains("\\n"),
+        "{stderr}"
+    );
+}

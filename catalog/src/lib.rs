@@ -1,6 +1,7 @@
 //! The drover catalog: where masters announce themselves and where people,
 //! workers and factories find them.
 //!
+//! - [`paths`]: default state locations (the XDG state directory).
 //! - [`report`]: the status report a master sends (the JSON wire format).
 //! - [`client`]: blocking functions to send a report and to query a catalog.
 //! - [`server`]: `drover catalog`, the UDP + HTTP server with the status page.
@@ -9,6 +10,7 @@
 //! - [`store`]: the bounded, expiring table behind the server, and its state file.
 
 pub mod client;
+pub mod paths;
 pub mod report;
 pub mod secret;
 pub mod server;

@@ -33,7 +33,8 @@ pub struct CatalogArgs {
     #[arg(long, default_value_t = 900)]
     pub expiry_secs: u64,
     /// Where entries are saved and reloaded from on start
-    /// [default: drover-catalog-PORT.json in the current directory].
+    /// [default: drover-catalog-PORT.json in $XDG_STATE_HOME/drover or
+    /// ~/.local/state/drover].
     #[arg(long)]
     pub state_file: Option<PathBuf>,
     /// Keep entries in memory only.
@@ -303,16 +304,16 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<i32> {
     rt.block_on(serve(args))
 }
 
-fn state_path(args: &CatalogArgs, port: u16) -> Option<PathBuf> {
+fn state_path(args: &CatalogArgs, port: u16) -> anyhow::Result<Option<PathBuf>> {
     if args.no_state_file {
-        None
-    } else {
-        Some(
-            args.state_file
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("drover-catalog-{port}.json"))),
-        )
+        return Ok(None);
     }
+    let path = match &args.state_file {
+        Some(p) => p.clone(),
+        None => crate::paths::default_state_path(&format!("drover-catalog-{port}.json"))?,
+    };
+    crate::paths::check_parent_dir(&path, "state file")?;
+    Ok(Some(path))
 }
 
 /// Binds TCP and UDP on the same port; with port 0 it retries until a port
@@ -341,7 +342,7 @@ fn bind_both(
 async fn serve(args: CatalogArgs) -> anyhow::Result<i32> {
     let (tcp, udp) = bind_both(args.bind, args.port)?;
     let addr = tcp.local_addr()?;
-    let state_path = state_path(&args, addr.port());
+    let state_path = state_path(&args, addr.port())?;
 
     let key = match &args.catalog_key_file {
         Some(p) => Some(crate::secret::read_secret_file(p, "catalog key")?),
@@ -757,13 +758,15 @@ mod tests {
     }
 
     #[test]
-    fn default_state_path_follows_port() {
-        let mut a = CatalogArgs::default();
-        assert_eq!(
-            state_path(&a, 1234),
-            Some(PathBuf::from("drover-catalog-1234.json"))
-        );
+    fn state_path_follows_port_and_checks_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = CatalogArgs {
+            state_file: Some(dir.path().join("missing").join("s.json")),
+            ..Default::default()
+        };
+        let e = state_path(&a, 1234).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
         a.no_state_file = true;
-        assert_eq!(state_path(&a, 1234), None);
+        assert_eq!(state_path(&a, 1234).unwrap(), None);
     }
 }

@@ -143,17 +143,31 @@ impl CatalogServer {
     /// Starts `drover catalog --port 0` with extra `args` and waits for the
     /// line on stdout that names the port it got.
     pub fn start(args: &[&str]) -> CatalogServer {
+        let mut cmd = Command::new(drover_bin());
+        cmd.arg("--no-state-file").args(args);
+        CatalogServer::start_with(cmd)
+    }
+
+    /// Like [`CatalogServer::start`] with the state file at its default
+    /// place; `cmd` (a `Command` for the drover binary) carries the extra
+    /// arguments, environment and working directory.
+    pub fn start_with(cmd: Command) -> CatalogServer {
         use std::io::BufRead;
-        let mut child = Command::new(drover_bin())
-            .args([
-                "catalog",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--no-state-file",
-            ])
-            .args(args)
+        // The subcommand and its fixed options go before whatever `cmd` has.
+        let extra: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
+        let mut full = Command::new(cmd.get_program());
+        full.args(["catalog", "--port", "0", "--bind", "127.0.0.1"])
+            .args(extra);
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => full.env(k, v),
+                None => full.env_remove(k),
+            };
+        }
+        if let Some(d) = cmd.get_current_dir() {
+            full.current_dir(d);
+        }
+        let mut child = full
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
