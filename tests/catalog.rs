@@ -545,3 +545,29 @@ fn state_goes_under_xdg_state_home_and_bad_input_fails_at_start_in_one_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_password_or_key_file_others_can_read_is_named_in_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let worker_stderr_with_mode = |mode: u32| {
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = Command::new(drover_bin())
+            .args(["worker", "127.0.0.1:1", "--idle-timeout", "1", "--workdir"])
+            .arg(dir.path().join("work"))
+            .arg("--password-file")
+            .arg(&secret)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = worker_stderr_with_mode(0o644);
+    assert!(
+        stderr.contains("password file") && stderr.contains("read or written by others"),
+        "{stderr}"
+    );
+    let stderr = worker_stderr_with_mode(0o600);
+    assert!(!stderr.contains("by others"), "{stderr}");
+}
