@@ -39,6 +39,9 @@ pub fn catalog_address(explicit: Option<&str>) -> String {
 /// Prints the masters the catalog knows; returns the exit code.
 pub fn run(args: StatusQuery) -> anyhow::Result<i32> {
     let catalog = catalog_address(args.catalog.as_deref());
+    if let Some(p) = &args.project {
+        crate::client::check_project_regex(p)?;
+    }
     let masters = crate::client::query(&catalog, args.project.as_deref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&masters)?);

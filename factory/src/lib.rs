@@ -102,7 +102,8 @@ pub struct FactoryConfig {
     pub interval: f64,
     /// Wall-time limit of each worker job, in seconds (default: the cluster's).
     pub time_limit: Option<u64>,
-    /// Directory for job output and submit files (default: ./drover-factory-logs).
+    /// Directory for job output and submit files (default: drover-factory-logs in $XDG_STATE_HOME/drover or
+    /// ~/.local/state/drover).
     pub log_dir: Option<PathBuf>,
     /// The drover binary and password file are on a filesystem the execute
     /// nodes share: HTCondor does not ship them.
@@ -236,10 +237,10 @@ impl Factory {
                 .with_context(|| format!("--batch-options {options:?} has an unclosed quote"))?,
             _ => Vec::new(),
         };
-        let log_dir = args
-            .log_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("drover-factory-logs"));
+        let log_dir = args.log_dir.clone().unwrap_or_else(|| {
+            let name = "drover-factory-logs";
+            drover_catalog::paths::state_dir().map_or_else(|| PathBuf::from(name), |d| d.join(name))
+        });
         if !args.dry_run {
             std::fs::create_dir_all(&log_dir)
                 .with_context(|| format!("creating log directory {}", log_dir.display()))?;

@@ -19,13 +19,15 @@ pub struct CatalogArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 900)]
     expiry_secs: u64,
     /// Where entries are saved and reloaded from on start
-    /// [default: drover-catalog-PORT.json in the current directory].
+    /// [default: drover-catalog-PORT.json in $XDG_STATE_HOME/drover or
+    /// ~/.local/state/drover].
     #[arg(long, value_name = "FILE")]
     state_file: Option<PathBuf>,
     /// Keep entries in memory only.
     #[arg(long, conflicts_with = "state_file")]
     no_state_file: bool,
-    /// Most entries kept; when full, the least recently updated is dropped.
+    /// Most entries kept; when full, the one with the fewest reports that
+    /// has not reported for a minute is dropped.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_entries: usize,
     /// Largest report accepted, in bytes of JSON (UDP or POST).
@@ -34,6 +36,11 @@ pub struct CatalogArgs {
     /// Seconds between saves of the state file (only when something changed).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     save_interval_secs: u64,
+    /// File holding the catalog key: reports must carry an HMAC under it
+    /// (masters sign with the same file, `drover run --catalog-key-file`);
+    /// unsigned or wrongly signed reports are dropped.
+    #[arg(long, value_name = "FILE")]
+    catalog_key_file: Option<PathBuf>,
 }
 
 /// Runs the catalog until SIGINT or SIGTERM.
@@ -47,5 +54,6 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<i32> {
         max_entries: args.max_entries,
         max_report_bytes: args.max_report_bytes,
         save_interval_secs: args.save_interval_secs,
+        catalog_key_file: args.catalog_key_file,
     })
 }

@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// Seconds between reports to the catalog.
     #[arg(long, value_name = "SECONDS", default_value_t = 15.0, value_parser = positive_seconds)]
     catalog_interval: f64,
+    /// Sign catalog reports with the key in this file (a catalog started
+    /// with the same --catalog-key-file drops unsigned reports).
+    #[arg(long, value_name = "FILE", requires = "catalog")]
+    catalog_key_file: Option<PathBuf>,
     /// Password file that workers must prove they know.
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
@@ -158,6 +162,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         builder = builder
             .catalog(c)
             .catalog_interval(Duration::from_secs_f64(args.catalog_interval));
+    }
+    if let Some(k) = &args.catalog_key_file {
+        builder = builder.catalog_key_file(k);
     }
     if let Some(p) = &args.password_file {
         builder = builder.password_file(p);

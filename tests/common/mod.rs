@@ -151,6 +151,32 @@ impl CatalogServer {
             _stdout: stdout,
         }
     }
+
+    /// Like [`CatalogServer::start`] with the state file at its default
+    /// place; `cmd` (a `Command` for the drover binary) carries the extra
+    /// arguments, environment and working directory.
+    pub fn start_with(cmd: Command) -> CatalogServer {
+        // The subcommand and its fixed options go before whatever `cmd` has.
+        let extra: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
+        let mut full = Command::new(cmd.get_program());
+        full.args(["catalog", "--port", "0", "--bind", "127.0.0.1"])
+            .args(extra);
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => full.env(k, v),
+                None => full.env_remove(k),
+            };
+        }
+        if let Some(d) = cmd.get_current_dir() {
+            full.current_dir(d);
+        }
+        let (child, addr, stdout) = spawn_catalog(full);
+        CatalogServer {
+            child,
+            addr,
+            _stdout: stdout,
+        }
+    }
 }
 
 /// Starts `drover catalog` on a free loopback port with extra `args`, and
@@ -159,10 +185,19 @@ impl CatalogServer {
 pub fn start_catalog(
     args: &[&str],
 ) -> (Child, String, std::io::BufReader<std::process::ChildStdout>) {
+    let mut cmd = Command::new(drover_bin());
+    cmd.args(["catalog", "--port", "0", "--bind", "127.0.0.1"])
+        .args(args);
+    spawn_catalog(cmd)
+}
+
+/// Starts a `drover catalog` command and waits for the line on stdout that
+/// names the address it got.
+fn spawn_catalog(
+    mut cmd: Command,
+) -> (Child, String, std::io::BufReader<std::process::ChildStdout>) {
     use std::io::BufRead;
-    let mut child = Command::new(drover_bin())
-        .args(["catalog", "--port", "0", "--bind", "127.0.0.1"])
-        .args(args)
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
