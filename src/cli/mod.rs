@@ -79,14 +79,8 @@ pub fn project_regex(s: &str) -> Result<String, String> {
     }
     drover_catalog::client::check_project_regex(s)
         .map(|()| s.to_string())
-        .map_err(|e| {
-            // The regex crate's message draws a caret under the pattern over
-            // several lines; its last line says what is wrong.
-            let root = e.root_cause().to_string();
-            let why = root.lines().last().unwrap_or_default().trim();
-            let why = why.strip_prefix("error: ").unwrap_or(why);
-            format!("{e}: {why}")
-        })
+        // Already one line: the catalog's checker keeps only what is wrong.
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
