@@ -1,15 +1,14 @@
 //! `drover`: the one binary a node needs. Subcommands run tasks, serve as a
-//! worker, measure a command, build environments, and report status.
+//! worker, measure a command, build environments, and report status. Every
+//! command-line type lives under [`cli`]; the library crates take plain
+//! config structs.
 
-mod run;
+mod cli;
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use drover_worker::{detect_resources, run_worker, MasterSource, WorkerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -18,7 +17,8 @@ use drover_worker::{detect_resources, run_worker, MasterSource, WorkerConfig};
     about = "Resource-aware master/worker task scheduling"
 )]
 struct Cli {
-    /// More log output (repeat for more); RUST_LOG overrides.
+    /// More log output (repeat for more); RUST_LOG overrides. The same in
+    /// every subcommand.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
@@ -28,59 +28,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Run a file of tasks (one command per line, or JSON lines) on a local worker.
-    Run(run::RunArgs),
+    Run(cli::run::RunArgs),
     /// Connect to a master and run its tasks.
-    Worker(WorkerArgs),
+    Worker(cli::worker::WorkerArgs),
     /// Run a command under the resource monitor and print what it used.
-    Monitor(drover_monitor::cli::MonitorArgs),
+    Monitor(cli::monitor::MonitorArgs),
     /// Build, inspect and use self-contained software environments.
-    Pack(drover_packager::cli::PackArgs),
+    Pack(cli::pack::PackArgs),
     /// Run the catalog server that masters report to.
-    Catalog(drover_catalog::server::CatalogArgs),
+    Catalog(cli::catalog::CatalogArgs),
     /// Show the masters a catalog knows, like work_queue_status.
-    Status(drover_catalog::status::StatusArgs),
+    Status(cli::status::StatusArgs),
     /// Keep worker jobs in Slurm, HTCondor or local processes as a master's demand rises and falls.
-    Factory(drover_factory::FactoryArgs),
+    Factory(cli::factory::FactoryArgs),
 }
 
-#[derive(clap::Args)]
-struct WorkerArgs {
-    /// The master, as HOST:PORT (or find it with --project).
-    #[arg(required_unless_present = "project", conflicts_with = "project")]
-    master: Option<String>,
-    /// Find the master through the catalog: the newest running master whose
-    /// project matches this regex (asked again at every reconnect).
-    #[arg(long, value_name = "REGEX")]
-    project: Option<String>,
-    /// Catalog to look the project up in, HOST:PORT [default: $DROVER_CATALOG, else localhost:9097].
-    #[arg(long, value_name = "HOST:PORT", requires = "project")]
-    catalog: Option<String>,
-    /// Cores to offer (default: all of this machine's).
-    #[arg(long)]
-    cores: Option<u32>,
-    /// Memory to offer, MB (default: this machine's total).
-    #[arg(long)]
-    memory: Option<u64>,
-    /// Disk to offer, MB (default: free space under --workdir).
-    #[arg(long)]
-    disk: Option<u64>,
-    /// GPUs to offer; tasks get device ids 0..N-1 through CUDA_VISIBLE_DEVICES.
-    #[arg(long, default_value_t = 0)]
-    gpus: u32,
-    /// File holding the master's password.
-    #[arg(long)]
-    password_file: Option<PathBuf>,
-    /// Exit after this many seconds without a task.
-    #[arg(long, default_value_t = 900)]
-    idle_timeout: u64,
-    /// Directory for the file cache and task sandboxes (default: $TMPDIR/drover-worker-UID).
-    #[arg(long)]
-    workdir: Option<PathBuf>,
-    /// Exit when the connection to the master ends instead of reconnecting.
-    #[arg(long, hide = true)]
-    exit_on_disconnect: bool,
-}
-
+/// Logs go to stderr, coloured only when stderr is a terminal, so a log
+/// file or a pipe gets plain text.
 fn init_logging(verbose: u8, default: &str) {
     let level = match verbose {
         0 => default,
@@ -93,137 +57,136 @@ fn init_logging(verbose: u8, default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
 
-fn default_workdir() -> PathBuf {
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
-    std::env::temp_dir().join(format!("drover-worker-{uid}"))
-}
-
-fn worker_main(args: WorkerArgs) -> anyhow::Result<i32> {
-    let workdir = args.workdir.unwrap_or_else(default_workdir);
-    std::fs::create_dir_all(&workdir)
-        .with_context(|| format!("creating workdir {}", workdir.display()))?;
-    let detected = detect_resources(&workdir);
-    let resources = drover_worker::Resources {
-        cores: args.cores.unwrap_or(detected.cores),
-        memory_mb: args.memory.unwrap_or(detected.memory_mb),
-        disk_mb: args.disk.unwrap_or(detected.disk_mb),
-        gpus: args.gpus,
-    };
-    let password = match &args.password_file {
-        Some(p) => Some(drover_worker::protocol::read_password_file(p)?),
-        None => None,
-    };
-    let master = match (args.master, args.project) {
-        // clap lets this through when the master's address is given.
-        (Some(_), None) if args.catalog.is_some() => {
-            anyhow::bail!("--catalog is for finding the master by --project; give one or the other")
+/// An error and its causes on one line, each cause once: a library error
+/// often repeats its source in its own message ("cannot listen on port 80:
+/// Address in use"), which `{:#}` would print twice.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
         }
-        (Some(addr), None) => MasterSource::Address(addr),
-        (None, Some(project)) => {
-            regex_check(&project)?;
-            MasterSource::Catalog {
-                catalog: drover_catalog::status::catalog_address(args.catalog.as_deref()),
-                project,
-            }
+        if !line.is_empty() {
+            line.push_str(": ");
         }
-        // clap enforces exactly one of them.
-        _ => anyhow::bail!("give exactly one of the master's HOST:PORT and --project"),
-    };
-    let config = WorkerConfig {
-        master,
-        resources,
-        password,
-        idle_timeout: Duration::from_secs(args.idle_timeout),
-        workdir,
-        exit_on_disconnect: args.exit_on_disconnect,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let reason = runtime.block_on(async {
-        // On a runtime thread rather than here on the main thread: the
-        // session's loop and its tasks then wake each other within the
-        // runtime's workers instead of through a futex to a parked main
-        // thread, which cost W1 about 5% of its rate.
-        let mut worker = tokio::spawn(run_worker(config));
-        tokio::select! {
-            r = &mut worker => r.unwrap_or_else(|e| Err(anyhow::anyhow!("worker task: {e}"))),
-            _ = shutdown_signal() => {
-                worker.abort();
-                Ok(drover_worker::StopReason::MasterShutdown)
-            }
-        }
-    })?;
-    tracing::info!("worker stopped: {reason:?}");
-    Ok(0)
-}
-
-/// A project regex the catalog would refuse fails here, at start, rather
-/// than at every reconnect.
-fn regex_check(project: &str) -> anyhow::Result<()> {
-    if project.is_empty() {
-        anyhow::bail!("--project must not be empty");
+        line.push_str(&text);
     }
-    drover_catalog::client::check_project_regex(project)
+    line
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+/// Starts logging at `default` (raised by `-v`) and runs one subcommand.
+fn logged<A>(
+    verbose: u8,
+    default: &str,
+    run: impl FnOnce(A) -> anyhow::Result<i32>,
+    args: A,
+) -> anyhow::Result<i32> {
+    init_logging(verbose, default);
+    run(args)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let v = cli.verbose;
+    // Long-running services log what they do by default; one-shot commands
+    // only what went wrong.
     let result = match cli.command {
-        Commands::Run(args) => {
-            init_logging(cli.verbose, "warn");
-            run::run(args)
-        }
-        Commands::Worker(args) => {
-            init_logging(cli.verbose, "info");
-            worker_main(args)
-        }
-        Commands::Monitor(args) => {
-            init_logging(cli.verbose, "warn");
-            drover_monitor::cli::run(args)
-        }
-        Commands::Pack(args) => {
-            init_logging(cli.verbose, "warn");
-            drover_packager::cli::run(args)
-        }
-        Commands::Catalog(args) => {
-            init_logging(cli.verbose, "info");
-            drover_catalog::server::run(args)
-        }
-        Commands::Status(args) => {
-            init_logging(cli.verbose, "warn");
-            drover_catalog::status::run(args)
-        }
-        Commands::Factory(args) => {
-            init_logging(cli.verbose, "info");
-            drover_factory::run(args)
-        }
+        Commands::Run(args) => logged(v, "warn", cli::run::run, args),
+        Commands::Worker(args) => logged(v, "info", cli::worker::run, args),
+        Commands::Monitor(args) => logged(v, "warn", cli::monitor::run, args),
+        Commands::Pack(args) => logged(v, "warn", |a| cli::pack::run(a, v), args),
+        Commands::Catalog(args) => logged(v, "info", cli::catalog::run, args),
+        Commands::Status(args) => logged(v, "warn", cli::status::run, args),
+        Commands::Factory(args) => logged(v, "info", cli::factory::run, args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("drover: {e:#}");
+            eprintln!("drover: {}", error_line(&e));
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every leaf parses a typical call into its types; a subcommand whose
+    /// fields disagree with the global options (the `-v` of `pack create`
+    /// once did) panics here.
+    #[test]
+    fn every_leaf_parses_a_typical_call() {
+        let calls = [
+            "run tasks.txt --memory 500 --disk 100",
+            "worker localhost:9123 -v",
+            "worker --project ^demo$ --catalog localhost:9097",
+            "monitor --limit memory=100 -- sleep 1",
+            "pack analyze script.py -o spec.json",
+            "pack create spec.json -o env.tar.gz -v",
+            "pack -v run env.tar.gz -- python3 script.py",
+            "catalog --port 0",
+            "status --project demo --json",
+            "factory --batch local --master h:1 --max-workers 1 --cores 1 --memory 100 --disk 100",
+        ];
+        let mut leaves = Vec::new();
+        collect_leaves(&Cli::command(), String::new(), &mut leaves);
+        for leaf in &leaves {
+            let words: Vec<&str> = leaf.split(' ').collect();
+            assert!(
+                calls.iter().any(|c| {
+                    let positional: Vec<&str> =
+                        c.split(' ').filter(|w| !w.starts_with('-')).collect();
+                    positional.starts_with(&words)
+                }),
+                "no typical call for `drover {leaf}`"
+            );
+        }
+        for call in calls {
+            let argv = std::iter::once("drover").chain(call.split(' '));
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("drover {call}: {e}");
+            }
+        }
+    }
+
+    fn collect_leaves(cmd: &clap::Command, path: String, out: &mut Vec<String>) {
+        let subs: Vec<_> = cmd
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .collect();
+        if subs.is_empty() {
+            out.push(path);
+            return;
+        }
+        for s in subs {
+            let p = if path.is_empty() {
+                s.get_name().to_string()
+            } else {
+                format!("{path} {}", s.get_name())
+            };
+            collect_leaves(s, p, out);
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address in use");
+        let e = anyhow::Error::new(io).context("cannot listen on port 80: Address in use");
+        assert_eq!(error_line(&e), "cannot listen on port 80: Address in use");
+        let e = anyhow::anyhow!("root").context("outer");
+        assert_eq!(error_line(&e), "outer: root");
     }
 }

@@ -53,15 +53,25 @@ fn wait_status(
     what: &str,
     pred: impl Fn(&[MasterReport]) -> bool,
 ) -> Vec<MasterReport> {
+    poll_until(what, || status_json(catalog, project_regex), |l| pred(l))
+}
+
+/// Calls `fetch` until `pred` holds for what it returns; a hang guard, not a
+/// timing assertion.
+fn poll_until<T: std::fmt::Debug>(
+    what: &str,
+    fetch: impl Fn() -> T,
+    pred: impl Fn(&T) -> bool,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let list = status_json(catalog, project_regex);
-        if pred(&list) {
-            return list;
+        let got = fetch();
+        if pred(&got) {
+            return got;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for {what}; drover status shows {list:#?}"
+            "timed out waiting for {what}; last saw {got:#?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -339,4 +349,227 @@ fn master_keeps_working_when_the_catalog_is_unreachable() {
     }
     // The last report fails (nobody listens) and shutdown still returns.
     manager.shutdown();
+}
+
+/// A UDP socket on 127.0.0.2: to the catalog on 127.0.0.1, reports from
+/// it come from another host than the real master's.
+fn other_address() -> std::net::UdpSocket {
+    std::net::UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2 (loopback /8)")
+}
+
+fn catalog_stats(catalog: &CatalogServer) -> drover_catalog::server::CatalogStats {
+    let body = drover_catalog::client::get(&catalog.addr, "/api/stats").expect("GET /api/stats");
+    serde_json::from_slice(&body).expect("stats JSON")
+}
+
+/// Waits for the real master's own (non-rival) entry and returns it.
+fn owner_entry(catalog: &CatalogServer, project: &str) -> MasterReport {
+    let list = wait_status(catalog, &anchored(project), "the master's entry", |l| {
+        l.iter().any(|m| !m.rival && m.seq > 0)
+    });
+    list.into_iter().find(|m| !m.rival).unwrap()
+}
+
+/// Runs one task through a `--project` worker and checks it reached
+/// `manager`; returns the worker's stderr.
+fn project_worker_runs_a_task(catalog: &CatalogServer, manager: &Manager, project: &str) -> String {
+    let worker = Worker::start_without_master(&[
+        "--catalog",
+        &catalog.addr,
+        "--project",
+        &anchored(project),
+        "--cores",
+        "1",
+    ]);
+    manager.submit(Task::new("echo reached")).unwrap();
+    let r = collect(manager, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(r.stdout.trim(), "reached");
+    let mut worker = worker;
+    let _ = worker.child.kill();
+    worker.wait_exit(Duration::from_secs(30)).1
+}
+
+#[test]
+fn spoofed_stop_rival_entry_and_flood_from_another_address_leave_the_master_listed() {
+    let catalog = CatalogServer::start(&[]);
+    let project = unique_project("spoof");
+    let manager = reporting_manager(&catalog, &project);
+    let real = owner_entry(&catalog, &project);
+    let spoofer = other_address();
+    let udp_target: std::net::SocketAddr = catalog.addr.parse().unwrap();
+
+    // A "stopped" report for the real entry with a far higher sequence number.
+    let mut stop = real.clone();
+    stop.stopped = true;
+    stop.seq += 1_000_000;
+    spoofer
+        .send_to(&serde_json::to_vec(&stop).unwrap(), udp_target)
+        .unwrap();
+    // A rival master for the same project: a port that accepts connections
+    // and never answers, so a worker sent there would never run the task.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut rival = real.clone();
+    rival.port = trap.local_addr().unwrap().port();
+    rival.run_id = 1;
+    rival.seq = 1;
+    spoofer
+        .send_to(&serde_json::to_vec(&rival).unwrap(), udp_target)
+        .unwrap();
+    let list = wait_status(&catalog, &anchored(&project), "both rivals", |l| {
+        l.iter().filter(|m| m.rival).count() == 2
+    });
+    for m in list.iter().filter(|m| m.rival) {
+        assert_eq!(m.source_addr, "127.0.0.2", "{m:?}");
+    }
+
+    // 10,000 fake projects, while the page keeps answering.
+    for i in 0..10_000 {
+        let fake = MasterReport::new_master(&format!("flood-{i}"), "127.0.0.2", 1);
+        let _ = spoofer.send_to(&serde_json::to_vec(&fake).unwrap(), udp_target);
+        if i % 2_000 == 0 {
+            catalog_stats(&catalog);
+        }
+    }
+    let stats = wait_until_stats(&catalog, "the flood to fill the table", |s| {
+        s.entries >= s.max_entries
+    });
+    assert!(stats.rivals >= 2, "{stats:?}");
+
+    // Later reports of the real master still count: not stale, not stopped.
+    let seq_before = owner_entry(&catalog, &project).seq;
+    let list = wait_status(&catalog, &anchored(&project), "fresh reports", |l| {
+        l.iter()
+            .any(|m| !m.rival && !m.stopped && m.seq > seq_before)
+    });
+    let owner = list.iter().find(|m| !m.rival).unwrap();
+    assert_eq!(owner.port, manager.port());
+    assert_eq!(owner.source_addr, "127.0.0.1");
+
+    let stderr = project_worker_runs_a_task(&catalog, &manager, &project);
+    assert!(stderr.contains("masters claim project"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{}", rival.port)),
+        "the worker names the rival: {stderr}"
+    );
+}
+
+fn wait_until_stats(
+    catalog: &CatalogServer,
+    what: &str,
+    pred: impl Fn(&drover_catalog::server::CatalogStats) -> bool,
+) -> drover_catalog::server::CatalogStats {
+    poll_until(what, || catalog_stats(catalog), pred)
+}
+
+#[test]
+fn a_catalog_with_a_key_drops_unsigned_and_wrongly_signed_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("catalog.key");
+    std::fs::write(&key_file, "the catalog key\n").unwrap();
+    let key_path = key_file.to_str().unwrap();
+    let catalog = CatalogServer::start(&["--catalog-key-file", key_path]);
+    let project = unique_project("signed");
+    let manager = Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .project(&project)
+        .catalog(&catalog.addr)
+        .catalog_interval(INTERVAL)
+        .catalog_key_file(&key_file)
+        .build()
+        .expect("start manager");
+    let real = owner_entry(&catalog, &project);
+    assert!(real.signed, "{real:?}");
+
+    let spoofer = other_address();
+    let target: std::net::SocketAddr = catalog.addr.parse().unwrap();
+    let mut stop = real.clone();
+    stop.stopped = true;
+    stop.seq += 1_000_000;
+    let json = serde_json::to_vec(&stop).unwrap();
+    spoofer.send_to(&json, target).unwrap();
+    let forged = drover_catalog::secret::sign(b"a guessed key", &json);
+    spoofer.send_to(&forged, target).unwrap();
+    let stats = wait_until_stats(&catalog, "both drops", |s| {
+        s.dropped_unsigned >= 1 && s.dropped_bad_signature >= 1
+    });
+    assert_eq!(stats.rivals, 0, "{stats:?}");
+    // The same by HTTP is refused, and says why.
+    let posted = drover_catalog::client::post_report(&catalog.addr, &stop).unwrap_err();
+    assert!(format!("{posted:#}").contains("not signed"), "{posted:#}");
+
+    let list = status_json(&catalog, &anchored(&project));
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert!(!list[0].stopped && list[0].signed, "{list:#?}");
+    project_worker_runs_a_task(&catalog, &manager, &project);
+}
+
+#[test]
+fn state_goes_under_xdg_state_home_and_bad_input_fails_at_start_in_one_line() {
+    let state_home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(drover_bin());
+    cmd.env("XDG_STATE_HOME", state_home.path())
+        .current_dir(cwd.path());
+    drop(CatalogServer::start_with(cmd));
+    assert!(state_home.path().join("drover").is_dir());
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+
+    let missing = cwd.path().join("no-such-dir").join("state.json");
+    let out = Command::new(drover_bin())
+        .args([
+            "catalog",
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--state-file",
+        ])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let out = Command::new(drover_bin())
+        .args(["status", "--catalog", "127.0.0.1:1", "--project", "("])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // clap's usage error: the first line says it all, once.
+    let first = stderr.lines().next().unwrap_or_default();
+    assert_eq!(first.matches("bad project regex").count(), 1, "{stderr}");
+    assert!(
+        first.contains("unclosed group") && !stderr.contains("\\n"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_password_or_key_file_others_can_read_is_named_in_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let worker_stderr_with_mode = |mode: u32| {
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = Command::new(drover_bin())
+            .args(["worker", "127.0.0.1:1", "--idle-timeout", "1", "--workdir"])
+            .arg(dir.path().join("work"))
+            .arg("--password-file")
+            .arg(&secret)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = worker_stderr_with_mode(0o644);
+    assert!(
+        stderr.contains("password file") && stderr.contains("read or written by others"),
+        "{stderr}"
+    );
+    let stderr = worker_stderr_with_mode(0o600);
+    assert!(!stderr.contains("by others"), "{stderr}");
 }

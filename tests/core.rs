@@ -529,14 +529,14 @@ fn drover_run_reports_failures_and_exits_non_zero() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("2 done, 1 failed, 3 tasks"), "{stderr}");
-    assert!(stderr.contains("drover-failed/task-"), "{stderr}");
-    let log = std::fs::read_dir(dir.path().join("drover-failed"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    assert!(std::fs::read_to_string(log).unwrap().contains("exit 3"));
+    // The failed task is named by its line in the file, not a submission index.
+    assert!(stderr.contains("tasks.txt:3: exit 3"), "{stderr}");
+    assert!(stderr.contains("drover-failed/line-3.log"), "{stderr}");
+    let failed = dir.path().join("drover-failed");
+    let log = std::fs::read_to_string(failed.join("line-3.log")).unwrap();
+    assert!(log.contains("exit 3"), "{log}");
+    let again = std::fs::read_to_string(failed.join("failed.txt")).unwrap();
+    assert_eq!(again, "exit 3\n", "the failed line, ready to run again");
 
     let ok = write_file(dir.path(), "ok.txt", b"true\ntrue\n");
     let status = std::process::Command::new(drover_bin())

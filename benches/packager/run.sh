@@ -16,8 +16,8 @@ REPS=${REPS:-3}   # unpack / first-task repetitions (median reported)
 HITS=${HITS:-20}  # cache-hit repetitions
 WORK=${WORK:-$(mktemp -d /tmp/drover-pack-bench.XXXXXX)}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build -q --release -p drover-packager --bin drover-pack
-BIN=$CARGO_TARGET_DIR/release/drover-pack
+cargo build -q --release --bin drover
+BIN=$CARGO_TARGET_DIR/release/drover
 PY=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
 spec_small() { echo "{\"python\":\"$PY\",\"requirements\":[\"six==1.17.0\"]}"; }
@@ -47,7 +47,7 @@ for env in $ENVS; do
     $(python3 -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["requirements"]))' "$d/spec.json")
 
   t=$(now)
-  "$BIN" --cache-dir "$d/cache" create -v "$d/spec.json" -o "$d/env.tar.gz" 2> "$d/create.log" >/dev/null
+  "$BIN" pack --cache-dir "$d/cache" create -v "$d/spec.json" -o "$d/env.tar.gz" 2> "$d/create.log" >/dev/null
   cold=$(since "$t")
   grep -q "built in" "$d/create.log"
   stats=$(grep -o '[0-9]* entries, [0-9.]* MB of files' "$d/create.log")
@@ -59,7 +59,7 @@ for env in $ENVS; do
 
   t=$(now)
   for _ in $(seq "$HITS"); do
-    "$BIN" --cache-dir "$d/cache" create "$d/spec.json" -o "$d/hit.tar.gz" 2> "$d/hit.log" >/dev/null
+    "$BIN" pack --cache-dir "$d/cache" create "$d/spec.json" -o "$d/hit.tar.gz" 2> "$d/hit.log" >/dev/null
     grep -q "cache hit" "$d/hit.log"
   done
   json drover-pack create-warm "$env" "$HITS" "$(since "$t")"
@@ -76,8 +76,8 @@ for env in $ENVS; do
   : > "$d/pack.t"; : > "$d/tar.t"; : > "$d/pack1.t"
   # The same with 1 writer thread instead of the default 4 (why 4 is the
   # default).
-  ours1() { t=$(now); DROVER_UNPACK_THREADS=1 "$BIN" run --unpack-dir "$d/w$1" "$hashed" -- true; since "$t" >> "$d/pack1.t"; echo >> "$d/pack1.t"; }
-  ours() { t=$(now); "$BIN" run --unpack-dir "$d/u$1" "$hashed" -- true; since "$t" >> "$d/pack.t"; echo >> "$d/pack.t"; }
+  ours1() { t=$(now); DROVER_UNPACK_THREADS=1 "$BIN" pack run --unpack-dir "$d/w$1" "$hashed" -- true; since "$t" >> "$d/pack1.t"; echo >> "$d/pack1.t"; }
+  ours() { t=$(now); "$BIN" pack run --unpack-dir "$d/u$1" "$hashed" -- true; since "$t" >> "$d/pack.t"; echo >> "$d/pack.t"; }
   theirs() { mkdir -p "$d/t$1"; t=$(now); tar -xzf "$hashed" -C "$d/t$1"; since "$t" >> "$d/tar.t"; echo >> "$d/tar.t"; }
   for i in $(seq "$REPS"); do
     if [ $((i % 2)) = 1 ]; then ours "$i"; theirs "$i"; ours1 "$i"; else ours1 "$i"; theirs "$i"; ours "$i"; fi
@@ -92,8 +92,8 @@ for env in $ENVS; do
   eval "imp=\$import_$env"
   : > "$d/first.t"; : > "$d/next.t"
   for i in $(seq "$REPS"); do
-    t=$(now); "$BIN" --cache-dir "$d/fresh$i" run "$hashed" -- python3 -c "$imp"; since "$t" >> "$d/first.t"; echo >> "$d/first.t"
-    t=$(now); "$BIN" --cache-dir "$d/fresh$i" run "$hashed" -- python3 -c "$imp"; since "$t" >> "$d/next.t"; echo >> "$d/next.t"
+    t=$(now); "$BIN" pack --cache-dir "$d/fresh$i" run "$hashed" -- python3 -c "$imp"; since "$t" >> "$d/first.t"; echo >> "$d/first.t"
+    t=$(now); "$BIN" pack --cache-dir "$d/fresh$i" run "$hashed" -- python3 -c "$imp"; since "$t" >> "$d/next.t"; echo >> "$d/next.t"
   done
   json drover-pack first-task "$env" 1 "$(median < "$d/first.t")" "\"reps\":$REPS"
   json drover-pack next-task "$env" 1 "$(median < "$d/next.t")" "\"reps\":$REPS"

@@ -48,6 +48,16 @@ pub struct MasterReport {
     pub source_addr: String,
     /// True in the last report a master sends as it shuts down.
     pub stopped: bool,
+    /// Reports received for this entry; set by the catalog. Under a flood the
+    /// entries with the fewest reports go first.
+    pub reports: u64,
+    /// True when the catalog checked this report's HMAC under its catalog
+    /// key; set by the catalog. Workers prefer signed masters.
+    pub signed: bool,
+    /// True for an entry whose project, host and port are already held by a
+    /// report from another address; set by the catalog. A rival never
+    /// replaces the first entry, and workers are told about both.
+    pub rival: bool,
     /// Random number naming one run of a master (a restart gets a new one,
     /// even on the same port in the same second). 0: unknown.
     pub run_id: u64,
@@ -159,6 +169,9 @@ pub struct EntryKey {
     pub port: u16,
     /// Reported project.
     pub project: String,
+    /// For a rival entry, the address its reports come from; empty for the
+    /// entry owned by the first address.
+    pub rival_from: String,
 }
 
 impl std::fmt::Display for EntryKey {
@@ -167,7 +180,11 @@ impl std::fmt::Display for EntryKey {
             f,
             "{}|{}|{}|{}",
             self.kind, self.host, self.port, self.project
-        )
+        )?;
+        if !self.rival_from.is_empty() {
+            write!(f, "|from {}", self.rival_from)?;
+        }
+        Ok(())
     }
 }
 
@@ -191,6 +208,11 @@ impl MasterReport {
             host: self.host.clone(),
             port: self.port,
             project: self.project.clone(),
+            rival_from: if self.rival {
+                self.source_addr.clone()
+            } else {
+                String::new()
+            },
         }
     }
 

@@ -19,40 +19,37 @@ use serde::{Deserialize, Serialize};
 use crate::report::{now_unix, MasterReport, MASTER_KIND};
 use crate::store::{load_state, save_state, StateFile, Store};
 
-/// Options of `drover catalog`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct CatalogArgs {
+/// What `drover catalog` serves and keeps; the binary fills it from its options.
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
     /// Port for both HTTP (TCP) and reports (UDP); 0 picks a free one, which
     /// is printed on stdout.
-    #[arg(long, default_value_t = crate::client::DEFAULT_PORT)]
     pub port: u16,
     /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
     /// Seconds an entry lives after its last report.
-    #[arg(long, default_value_t = 900)]
     pub expiry_secs: u64,
     /// Where entries are saved and reloaded from on start
-    /// [default: drover-catalog-PORT.json in the current directory].
-    #[arg(long)]
+    /// [default: drover-catalog-PORT.json in $XDG_STATE_HOME/drover or
+    /// ~/.local/state/drover].
     pub state_file: Option<PathBuf>,
     /// Keep entries in memory only.
-    #[arg(long, conflicts_with = "state_file")]
     pub no_state_file: bool,
     /// Most entries kept; when full, the least recently updated is dropped.
-    #[arg(long, default_value_t = 1000)]
     pub max_entries: usize,
     /// Largest report accepted, in bytes of JSON (UDP or POST).
-    #[arg(long, default_value_t = 64 * 1024)]
     pub max_report_bytes: usize,
     /// Seconds between saves of the state file (only when something changed).
-    #[arg(long, default_value_t = 10)]
     pub save_interval_secs: u64,
+    /// File holding the catalog key: reports must carry an HMAC under it
+    /// (masters sign with the same file); unsigned or wrongly signed reports
+    /// are dropped.
+    pub catalog_key_file: Option<PathBuf>,
 }
 
-impl Default for CatalogArgs {
+impl Default for CatalogConfig {
     fn default() -> Self {
-        CatalogArgs {
+        CatalogConfig {
             port: crate::client::DEFAULT_PORT,
             bind: IpAddr::from([0, 0, 0, 0]),
             expiry_secs: 900,
@@ -61,6 +58,7 @@ impl Default for CatalogArgs {
             max_entries: 1000,
             max_report_bytes: 64 * 1024,
             save_interval_secs: 10,
+            catalog_key_file: None,
         }
     }
 }
@@ -98,6 +96,16 @@ pub struct CatalogStats {
     pub dropped_stale: u64,
     /// Failed state file writes.
     pub save_errors: u64,
+    /// Reports without a signature, dropped by a catalog with a key.
+    pub dropped_unsigned: u64,
+    /// Reports whose signature did not match the catalog key.
+    pub dropped_bad_signature: u64,
+    /// New entries refused because the table was full of entries that all
+    /// reported within the last minute.
+    pub refused_full: u64,
+    /// Reports kept as rival entries because another address owns the
+    /// project, host and port they name.
+    pub rivals: u64,
 }
 
 #[derive(Default)]
@@ -107,12 +115,19 @@ struct Counters {
     dropped_malformed: AtomicU64,
     dropped_oversized: AtomicU64,
     save_errors: AtomicU64,
+    dropped_unsigned: AtomicU64,
+    dropped_bad_signature: AtomicU64,
+    /// Unix second of the last warning about a bad signature, so a flood of
+    /// forged reports logs one line a minute, not one per datagram.
+    last_signature_warning: AtomicU64,
 }
 
 struct Shared {
     store: Mutex<Store>,
     counters: Counters,
-    args: CatalogArgs,
+    args: CatalogConfig,
+    /// The catalog key; with one, only reports signed under it are taken.
+    key: Option<Vec<u8>>,
     start_time: u64,
     /// Serialized `/query.json`, reused briefly so that a page poll during a
     /// flood does not re-serialize a table that changes every microsecond.
@@ -133,8 +148,20 @@ impl Shared {
         if bytes.len() > self.args.max_report_bytes {
             return Err(Dropped::Oversized);
         }
+        let (tag, bytes) = crate::secret::split(bytes);
+        let signed = match (&self.key, tag) {
+            (None, _) => false,
+            (Some(_), None) => return Err(Dropped::Unsigned),
+            (Some(key), Some(tag)) => {
+                if !crate::secret::verify(key, tag, bytes) {
+                    return Err(Dropped::BadSignature);
+                }
+                true
+            }
+        };
         let mut report: MasterReport =
             serde_json::from_slice(bytes).map_err(|_| Dropped::Malformed)?;
+        report.signed = signed;
         if report.project.trim().is_empty() {
             return Err(Dropped::Malformed);
         }
@@ -152,18 +179,46 @@ impl Shared {
         Ok(())
     }
 
-    fn count_drop(&self, d: Dropped) {
-        let c = match d {
-            Dropped::Oversized => &self.counters.dropped_oversized,
-            Dropped::Malformed => &self.counters.dropped_malformed,
+    fn count_drop(&self, d: Dropped, from: IpAddr) {
+        let c = &self.counters;
+        let counter = match d {
+            Dropped::Oversized => &c.dropped_oversized,
+            Dropped::Malformed => &c.dropped_malformed,
+            Dropped::Unsigned => &c.dropped_unsigned,
+            Dropped::BadSignature => &c.dropped_bad_signature,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
+        if matches!(d, Dropped::Unsigned | Dropped::BadSignature) {
+            tracing::debug!(%from, "dropped a report: {}", d.reason());
+            let now = now_unix();
+            let last = c.last_signature_warning.load(Ordering::Relaxed);
+            if now >= last.saturating_add(60)
+                && c.last_signature_warning
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    %from,
+                    "dropping reports not signed with the catalog key ({} unsigned, {} with a \
+                     wrong signature so far; a master needs the same --catalog-key-file)",
+                    c.dropped_unsigned.load(Ordering::Relaxed),
+                    c.dropped_bad_signature.load(Ordering::Relaxed)
+                );
+            }
+        }
     }
 
     fn stats(&self) -> CatalogStats {
-        let (entries, evicted, expired, dropped_stale) = {
+        let (entries, evicted, expired, dropped_stale, refused_full, rivals) = {
             let s = self.store();
-            (s.len() as u64, s.evicted, s.expired, s.stale)
+            (
+                s.len() as u64,
+                s.evicted,
+                s.expired,
+                s.stale,
+                s.refused,
+                s.rivals,
+            )
         };
         let c = &self.counters;
         CatalogStats {
@@ -181,6 +236,10 @@ impl Shared {
             expired,
             dropped_stale,
             save_errors: c.save_errors.load(Ordering::Relaxed),
+            dropped_unsigned: c.dropped_unsigned.load(Ordering::Relaxed),
+            dropped_bad_signature: c.dropped_bad_signature.load(Ordering::Relaxed),
+            refused_full,
+            rivals,
         }
     }
 
@@ -203,6 +262,19 @@ impl Shared {
 enum Dropped {
     Oversized,
     Malformed,
+    Unsigned,
+    BadSignature,
+}
+
+impl Dropped {
+    fn reason(self) -> &'static str {
+        match self {
+            Dropped::Oversized => "report too large",
+            Dropped::Malformed => "report is not valid JSON with a project",
+            Dropped::Unsigned => "report is not signed and this catalog has a key",
+            Dropped::BadSignature => "report's signature does not match the catalog key",
+        }
+    }
 }
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {
@@ -214,7 +286,7 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 /// Runs the catalog until SIGINT or SIGTERM, then saves its state and returns
 /// the exit code. Builds its own tokio runtime, so call it from plain `main`.
-pub fn run(args: CatalogArgs) -> anyhow::Result<i32> {
+pub fn run(args: CatalogConfig) -> anyhow::Result<i32> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("drover-catalog")
@@ -223,16 +295,16 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<i32> {
     rt.block_on(serve(args))
 }
 
-fn state_path(args: &CatalogArgs, port: u16) -> Option<PathBuf> {
+fn state_path(args: &CatalogConfig, port: u16) -> anyhow::Result<Option<PathBuf>> {
     if args.no_state_file {
-        None
-    } else {
-        Some(
-            args.state_file
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("drover-catalog-{port}.json"))),
-        )
+        return Ok(None);
     }
+    let path = match &args.state_file {
+        Some(p) => p.clone(),
+        None => crate::paths::default_state_path(&format!("drover-catalog-{port}.json"))?,
+    };
+    crate::paths::check_parent_dir(&path, "state file")?;
+    Ok(Some(path))
 }
 
 /// Binds TCP and UDP on the same port; with port 0 it retries until a port
@@ -258,11 +330,15 @@ fn bind_both(
     }
 }
 
-async fn serve(args: CatalogArgs) -> anyhow::Result<i32> {
+async fn serve(args: CatalogConfig) -> anyhow::Result<i32> {
     let (tcp, udp) = bind_both(args.bind, args.port)?;
     let addr = tcp.local_addr()?;
-    let state_path = state_path(&args, addr.port());
+    let state_path = state_path(&args, addr.port())?;
 
+    let key = match &args.catalog_key_file {
+        Some(p) => Some(crate::secret::read_secret_file(p, "catalog key")?),
+        None => None,
+    };
     let mut store = Store::new(args.max_entries, args.expiry_secs);
     if let Some(path) = &state_path {
         match load_state(path) {
@@ -280,6 +356,7 @@ async fn serve(args: CatalogArgs) -> anyhow::Result<i32> {
         store: Mutex::new(store),
         counters: Counters::default(),
         args: args.clone(),
+        key,
         start_time: now_unix(),
         query_cache: Mutex::new(None),
     });
@@ -354,13 +431,21 @@ async fn udp_loop(udp: tokio::net::UdpSocket, shared: Arc<Shared>) {
     // One byte more than the limit, so an oversized datagram is seen as such
     // rather than silently truncated into something that might parse.
     let mut buf = vec![0u8; shared.args.max_report_bytes.saturating_add(1).min(65_536)];
+    let mut since_yield = 0u32;
     loop {
+        // Under a flood the socket is always ready; step aside now and then
+        // so HTTP requests on the same runtime are still answered.
+        since_yield += 1;
+        if since_yield == 64 {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
         match udp.recv_from(&mut buf).await {
             Ok((n, from)) => match shared.accept(&buf[..n], from.ip()) {
                 Ok(()) => {
                     shared.counters.udp_received.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(d) => shared.count_drop(d),
+                Err(d) => shared.count_drop(d, from.ip()),
             },
             // ICMP errors from earlier sends and the like; the socket is fine.
             Err(e) => {
@@ -563,7 +648,7 @@ async fn update(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        shared.count_drop(Dropped::Oversized);
+        shared.count_drop(Dropped::Oversized, peer.ip());
         return error(StatusCode::PAYLOAD_TOO_LARGE, "report too large");
     }
     let bytes = match axum::body::to_bytes(body, limit).await {
@@ -571,7 +656,7 @@ async fn update(
         Err(_) => {
             // Either past the limit (chunked) or the client went away; both
             // are input we drop.
-            shared.count_drop(Dropped::Oversized);
+            shared.count_drop(Dropped::Oversized, peer.ip());
             return error(StatusCode::PAYLOAD_TOO_LARGE, "report too large");
         }
     };
@@ -584,12 +669,13 @@ async fn update(
             json_response(StatusCode::OK, Bytes::from_static(b"{\"ok\":true}"))
         }
         Err(d) => {
-            shared.count_drop(d);
+            shared.count_drop(d, peer.ip());
             let status = match d {
                 Dropped::Oversized => StatusCode::PAYLOAD_TOO_LARGE,
                 Dropped::Malformed => StatusCode::BAD_REQUEST,
+                Dropped::Unsigned | Dropped::BadSignature => StatusCode::FORBIDDEN,
             };
-            error(status, "malformed report")
+            error(status, d.reason())
         }
     }
 }
@@ -599,7 +685,11 @@ mod tests {
     use super::*;
 
     fn shared(max_entries: usize) -> Shared {
-        let args = CatalogArgs {
+        shared_with_key(max_entries, None)
+    }
+
+    fn shared_with_key(max_entries: usize, key: Option<&[u8]>) -> Shared {
+        let args = CatalogConfig {
             max_entries,
             max_report_bytes: 1000,
             ..Default::default()
@@ -608,6 +698,7 @@ mod tests {
             store: Mutex::new(Store::new(max_entries, args.expiry_secs)),
             counters: Counters::default(),
             args,
+            key: key.map(|k| k.to_vec()),
             start_time: 0,
             query_cache: Mutex::new(None),
         }
@@ -642,13 +733,31 @@ mod tests {
     }
 
     #[test]
-    fn default_state_path_follows_port() {
-        let mut a = CatalogArgs::default();
-        assert_eq!(
-            state_path(&a, 1234),
-            Some(PathBuf::from("drover-catalog-1234.json"))
-        );
+    fn a_catalog_with_a_key_takes_only_reports_signed_with_it() {
+        let s = shared_with_key(10, Some(b"key"));
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let json = br#"{"project":"p","port":5}"#;
+        assert!(matches!(s.accept(json, ip), Err(Dropped::Unsigned)));
+        let forged = crate::secret::sign(b"not the key", json);
+        assert!(matches!(s.accept(&forged, ip), Err(Dropped::BadSignature)));
+        s.accept(&crate::secret::sign(b"key", json), ip).unwrap();
+        assert!(s.store().live(now_unix())[0].signed);
+        // Without a key, a signature cannot be checked and proves nothing.
+        let plain = shared(10);
+        plain.accept(&forged, ip).unwrap();
+        assert!(!plain.store().live(now_unix())[0].signed);
+    }
+
+    #[test]
+    fn state_path_follows_port_and_checks_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = CatalogConfig {
+            state_file: Some(dir.path().join("missing").join("s.json")),
+            ..Default::default()
+        };
+        let e = state_path(&a, 1234).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
         a.no_state_file = true;
-        assert_eq!(state_path(&a, 1234), None);
+        assert_eq!(state_path(&a, 1234).unwrap(), None);
     }
 }

@@ -16,17 +16,14 @@ const PROJECT_WIDTH: usize = 32;
 /// Widest the host column gets before names are cut.
 const HOST_WIDTH: usize = 24;
 
-/// Options of `drover status`.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct StatusArgs {
+/// What `drover status` asks the catalog and how it prints the answer.
+#[derive(Debug, Clone, Default)]
+pub struct StatusQuery {
     /// Catalog to ask, HOST:PORT [default: $DROVER_CATALOG, else localhost:9097].
-    #[arg(long)]
     pub catalog: Option<String>,
     /// Only masters whose project matches this regex.
-    #[arg(long)]
     pub project: Option<String>,
     /// Print the reports as JSON instead of a table.
-    #[arg(long)]
     pub json: bool,
 }
 
@@ -40,8 +37,11 @@ pub fn catalog_address(explicit: Option<&str>) -> String {
 }
 
 /// Prints the masters the catalog knows; returns the exit code.
-pub fn run(args: StatusArgs) -> anyhow::Result<i32> {
+pub fn run(args: StatusQuery) -> anyhow::Result<i32> {
     let catalog = catalog_address(args.catalog.as_deref());
+    if let Some(p) = &args.project {
+        crate::client::check_project_regex(p)?;
+    }
     let masters = crate::client::query(&catalog, args.project.as_deref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&masters)?);

@@ -18,6 +18,10 @@ use crate::report::{EntryKey, MasterReport};
 pub struct Store {
     entries: HashMap<EntryKey, (u64, MasterReport)>,
     order: BTreeMap<u64, EntryKey>,
+    /// Per (kind, project): the address of the first entry to claim it and
+    /// how many non-rival entries it holds; a claim from another address is
+    /// a rival until these are gone.
+    owners: HashMap<(String, String), (String, usize)>,
     next_seq: u64,
     max_entries: usize,
     expiry_secs: u64,
@@ -29,7 +33,16 @@ pub struct Store {
     /// Reports dropped because a newer one of the same master run was
     /// already in.
     pub stale: u64,
+    /// New entries refused because the table was full of entries that all
+    /// reported recently.
+    pub refused: u64,
+    /// Reports kept as rival entries because another address owns the key.
+    pub rivals: u64,
 }
+
+/// An entry that reported within this many seconds is never evicted to make
+/// room for a new one.
+pub const PROTECTED_SECS: u64 = 60;
 
 impl Store {
     /// An empty store holding at most `max_entries` (at least 1) entries, each
@@ -38,6 +51,7 @@ impl Store {
         Store {
             entries: HashMap::new(),
             order: BTreeMap::new(),
+            owners: HashMap::new(),
             next_seq: 0,
             max_entries: max_entries.max(1),
             expiry_secs,
@@ -45,6 +59,8 @@ impl Store {
             evicted: 0,
             expired: 0,
             stale: 0,
+            refused: 0,
+            rivals: 0,
         }
     }
 
@@ -63,42 +79,129 @@ impl Store {
         self.generation
     }
 
-    /// Records a report received at `now`, replacing the entry with the same
-    /// key and evicting the least recently updated entry if the table is full.
-    /// Returns false, and keeps the entry, if the report is older than the
-    /// one held for the same master run (see [`MasterReport::seq`]).
+    /// Records a report received at `now`. Returns false, and keeps what is
+    /// held, if the report is older than the one held for the same master
+    /// run (see [`MasterReport::seq`]) or if the table is full of entries
+    /// that all reported within [`PROTECTED_SECS`].
+    ///
+    /// Without a signature, an entry belongs to the address it first came
+    /// from: a report for the same key from another address is kept as a
+    /// separate rival entry, so it can neither mark the owner stopped nor
+    /// redirect workers. A signed report (checked by the server under the
+    /// catalog key) may replace an entry from any address.
     pub fn insert(&mut self, mut report: MasterReport, now: u64) -> bool {
+        report.rival = false;
+        if !report.signed {
+            let owner = match self.entries.get(&report.key()) {
+                Some((_, held)) => Some(held.source_addr.as_str()),
+                None => self
+                    .owners
+                    .get(&(report.kind.clone(), report.project.clone()))
+                    .map(|(addr, _)| addr.as_str()),
+            };
+            if owner.is_some_and(|o| !o.is_empty() && o != report.source_addr) {
+                report.rival = true;
+                self.rivals += 1;
+            }
+        }
+        let mut reports = 1;
         if let Some((_, held)) = self.entries.get(&report.key()) {
             let same_run = report.run_id != 0 && held.run_id == report.run_id;
             if same_run && held.seq > report.seq {
                 self.stale += 1;
                 return false;
             }
+            reports = held.reports.saturating_add(1);
         }
         report.clamp();
         report.last_update = now;
-        self.insert_as_is(report);
-        true
+        report.reports = reports;
+        self.insert_as_is(report, now)
     }
 
-    fn insert_as_is(&mut self, report: MasterReport) {
+    /// Stores `report`, making room if it is new and the table is full.
+    /// Returns false if there is no room.
+    fn insert_as_is(&mut self, report: MasterReport, now: u64) -> bool {
         let key = report.key();
         if let Some((old_seq, _)) = self.entries.get(&key) {
             self.order.remove(old_seq);
         } else {
             while self.entries.len() >= self.max_entries {
-                let Some((_, oldest)) = self.order.pop_first() else {
-                    break;
-                };
-                self.entries.remove(&oldest);
-                self.evicted += 1;
+                if !self.evict_one(now) {
+                    self.refused += 1;
+                    return false;
+                }
             }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.order.insert(seq, key.clone());
-        self.entries.insert(key, (seq, report));
+        if !report.rival {
+            let owner = self
+                .owners
+                .entry((key.kind.clone(), key.project.clone()))
+                .or_insert_with(|| (report.source_addr.clone(), 0));
+            owner.1 += 1;
+        }
+        if let Some((_, old)) = self.entries.insert(key, (seq, report)) {
+            self.disown(&old);
+        }
         self.generation += 1;
+        true
+    }
+
+    /// Drops the entry with the fewest reports among those that have not
+    /// reported within [`PROTECTED_SECS`] (the least recently updated of
+    /// equals), so a flood of one-shot fake projects cannot push out a
+    /// master that keeps reporting. Returns false if every entry is
+    /// protected.
+    fn evict_one(&mut self, now: u64) -> bool {
+        // `order` is by last update, so the first entry that reported after
+        // the cutoff ends the search: every later one did too.
+        let mut victim: Option<(u64, u64)> = None;
+        for (&seq, key) in &self.order {
+            let Some((_, r)) = self.entries.get(key) else {
+                continue;
+            };
+            if r.last_update.saturating_add(PROTECTED_SECS) > now {
+                break;
+            }
+            let fewer = match victim {
+                None => true,
+                Some((_, fewest)) => r.reports < fewest,
+            };
+            if fewer {
+                victim = Some((seq, r.reports));
+            }
+        }
+        let Some((seq, _)) = victim else {
+            return false;
+        };
+        self.remove(seq);
+        self.evicted += 1;
+        true
+    }
+
+    fn remove(&mut self, seq: u64) {
+        if let Some(key) = self.order.remove(&seq) {
+            if let Some((_, old)) = self.entries.remove(&key) {
+                self.disown(&old);
+            }
+        }
+    }
+
+    /// Forgets `gone`'s share in its project's ownership.
+    fn disown(&mut self, gone: &MasterReport) {
+        if gone.rival {
+            return;
+        }
+        let k = (gone.kind.clone(), gone.project.clone());
+        if let Some(owner) = self.owners.get_mut(&k) {
+            owner.1 = owner.1.saturating_sub(1);
+            if owner.1 == 0 {
+                self.owners.remove(&k);
+            }
+        }
     }
 
     fn is_expired(&self, r: &MasterReport, now: u64) -> bool {
@@ -120,9 +223,7 @@ impl Store {
             if !expired {
                 break;
             }
-            if let Some(key) = self.order.remove(&seq) {
-                self.entries.remove(&key);
-            }
+            self.remove(seq);
             dropped += 1;
         }
         if dropped > 0 {
@@ -152,7 +253,7 @@ impl Store {
                 continue;
             }
             r.clamp();
-            self.insert_as_is(r);
+            self.insert_as_is(r, now);
         }
     }
 }
@@ -275,21 +376,73 @@ mod tests {
     }
 
     #[test]
-    fn cap_evicts_least_recently_updated() {
-        let mut s = Store::new(3, 100);
-        s.insert(rep("a", 1), 1);
+    fn flood_evicts_fewest_reports_and_never_a_recent_one() {
+        let mut s = Store::new(3, 10_000);
+        for t in 1..=5 {
+            s.insert(rep("real", 1), t);
+        }
         s.insert(rep("b", 1), 2);
         s.insert(rep("c", 1), 3);
-        s.insert(rep("a", 1), 4); // a is now newest; b is oldest
-        s.insert(rep("d", 1), 5);
-        assert_eq!(s.len(), 3);
+        // Everything reported within the last minute: a newcomer waits.
+        assert!(!s.insert(rep("d", 1), 10));
+        assert_eq!(s.refused, 1);
+        // Later, the one-report entries go first even though "real" is the
+        // least recently updated.
+        assert!(s.insert(rep("d", 1), 100));
         assert_eq!(s.evicted, 1);
-        let names: Vec<_> = s.live(5).iter().map(|r| r.project.clone()).collect();
-        assert_eq!(names, ["d", "a", "c"]);
         for i in 0..10_000 {
-            s.insert(rep(&format!("flood{i}"), 1), 6);
+            s.insert(rep(&format!("flood{i}"), 1), 200 + i / 100);
         }
         assert_eq!(s.len(), 3);
+        // A master that keeps reporting through the flood is never dropped.
+        let mut s = Store::new(3, 10_000);
+        for i in 0..10_000u64 {
+            if i % 30 == 0 {
+                s.insert(rep("real", 1), i);
+            }
+            s.insert(rep(&format!("flood{i}"), 1), i);
+        }
+        assert!(s.live(10_000).iter().any(|r| r.project == "real"));
+    }
+
+    fn from(mut r: MasterReport, addr: &str) -> MasterReport {
+        r.source_addr = addr.to_string();
+        r
+    }
+
+    #[test]
+    fn another_address_cannot_take_over_an_entry() {
+        let mut s = Store::new(10, 100);
+        let mut real = from(rep("p", 9), "10.0.0.1");
+        real.run_id = 5;
+        real.seq = 1;
+        assert!(s.insert(real.clone(), 1));
+        let mut spoof = from(real.clone(), "10.0.0.66");
+        spoof.seq = 1000;
+        spoof.stopped = true;
+        assert!(s.insert(spoof.clone(), 2));
+        assert_eq!(s.rivals, 1);
+        assert_eq!(s.len(), 2);
+        real.seq = 2;
+        assert!(s.insert(real, 3), "the owner's next report is not stale");
+        let live = s.live(3);
+        let owner = live.iter().find(|r| !r.rival).unwrap();
+        assert!(!owner.stopped);
+        assert_eq!(owner.reports, 2);
+        let rival = live.iter().find(|r| r.rival).unwrap();
+        assert_eq!(rival.source_addr, "10.0.0.66");
+        // Another port under the same project from elsewhere is a rival too.
+        let mut other_port = from(rep("p", 10), "10.0.0.66");
+        assert!(s.insert(other_port.clone(), 3));
+        assert!(s.live(3).iter().any(|r| r.rival && r.port == 10));
+        other_port.source_addr = "10.0.0.1".into();
+        other_port.port = 11;
+        assert!(s.insert(other_port, 3));
+        assert!(s.live(3).iter().any(|r| !r.rival && r.port == 11));
+        // A signed report may come from anywhere.
+        spoof.signed = true;
+        assert!(s.insert(spoof, 4));
+        assert!(s.live(4).iter().any(|r| !r.rival && r.stopped));
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub const REMOVE_WAIT: Duration = Duration::from_secs(60);
 pub const GENTLE_STOP: Duration = Duration::from_secs(5);
 
 /// The batch systems the factory can drive.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchKind {
     /// Slurm (sbatch, squeue, scancel).
     Slurm,
@@ -65,76 +65,55 @@ pub enum BatchKind {
     Local,
 }
 
-/// `drover factory` options.
-#[derive(clap::Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["master", "catalog"])))]
-pub struct FactoryArgs {
+/// What `drover factory` keeps running and where; the binary fills it from its options.
+#[derive(Debug, Clone)]
+pub struct FactoryConfig {
     /// The batch system to run workers in.
-    #[arg(long, value_enum)]
     pub batch: BatchKind,
     /// The master, as HOST:PORT (its worker port); the factory asks it for its status.
-    #[arg(long)]
     pub master: Option<String>,
     /// A catalog, as HOST:PORT, to find the master in by --project.
-    #[arg(long, requires = "project")]
     pub catalog: Option<String>,
     /// Regular expression matched against project names in the catalog.
-    #[arg(long, requires = "catalog")]
     pub project: Option<String>,
     /// Worker jobs kept even without demand.
-    #[arg(long, default_value_t = 0)]
     pub min_workers: usize,
     /// Most worker jobs at once, pending and running together.
-    #[arg(long)]
     pub max_workers: usize,
     /// Most jobs waiting in the batch queue at once (default: --max-workers).
     /// Keeps a busy cluster from collecting requests it cannot start.
-    #[arg(long)]
     pub max_pending: Option<usize>,
     /// Cores each worker offers (and its job asks for).
-    #[arg(long)]
     pub cores: u32,
     /// Memory each worker offers, MB.
-    #[arg(long)]
     pub memory: u64,
     /// Disk each worker offers, MB.
-    #[arg(long)]
     pub disk: u64,
     /// GPUs each worker offers.
-    #[arg(long, default_value_t = 0)]
     pub gpus: u32,
     /// Seconds without a task after which a worker exits (its --idle-timeout).
-    #[arg(long, default_value_t = 300)]
     pub worker_timeout: u64,
     /// Extra batch options: sbatch arguments for Slurm (shell-quoted), or
     /// `key = value` submit lines separated by ';' for HTCondor.
-    #[arg(long, allow_hyphen_values = true)]
     pub batch_options: Option<String>,
     /// The master's password file, handed to the workers.
-    #[arg(long)]
     pub password_file: Option<PathBuf>,
     /// Seconds between two looks at the master and the queue.
-    #[arg(long, default_value_t = 5.0)]
     pub interval: f64,
     /// Wall-time limit of each worker job, in seconds (default: the cluster's).
-    #[arg(long)]
     pub time_limit: Option<u64>,
-    /// Directory for job output and submit files (default: ./drover-factory-logs).
-    #[arg(long)]
+    /// Directory for job output and submit files (default: drover-factory-logs in $XDG_STATE_HOME/drover or
+    /// ~/.local/state/drover).
     pub log_dir: Option<PathBuf>,
     /// The drover binary and password file are on a filesystem the execute
     /// nodes share: HTCondor does not ship them.
-    #[arg(long)]
     pub shared_path: bool,
     /// The drover binary the jobs run (default: this one).
-    #[arg(long)]
     pub drover: Option<PathBuf>,
     /// Job name (batch name) that marks this factory's jobs (default:
     /// drover-factory-PID-RANDOM). Letters, digits, '.', '_' and '-'.
-    #[arg(long)]
     pub name: Option<String>,
     /// Print what one submission would be and exit.
-    #[arg(long)]
     pub dry_run: bool,
 }
 
@@ -167,7 +146,7 @@ struct Tracked {
 }
 
 /// Runs `drover factory` until SIGINT or SIGTERM; returns the exit code.
-pub fn run(args: FactoryArgs) -> anyhow::Result<i32> {
+pub fn run(args: FactoryConfig) -> anyhow::Result<i32> {
     let factory = Factory::new(args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -176,7 +155,7 @@ pub fn run(args: FactoryArgs) -> anyhow::Result<i32> {
 }
 
 struct Factory {
-    args: FactoryArgs,
+    args: FactoryConfig,
     source: Source,
     backend: Backend,
     limits: Limits,
@@ -196,7 +175,7 @@ struct Factory {
 }
 
 impl Factory {
-    fn new(args: FactoryArgs) -> anyhow::Result<Factory> {
+    fn new(args: FactoryConfig) -> anyhow::Result<Factory> {
         if args.cores == 0 {
             bail!("--cores must be at least 1");
         }
@@ -258,10 +237,10 @@ impl Factory {
                 .with_context(|| format!("--batch-options {options:?} has an unclosed quote"))?,
             _ => Vec::new(),
         };
-        let log_dir = args
-            .log_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("drover-factory-logs"));
+        let log_dir = args.log_dir.clone().unwrap_or_else(|| {
+            let name = "drover-factory-logs";
+            drover_catalog::paths::state_dir().map_or_else(|| PathBuf::from(name), |d| d.join(name))
+        });
         if !args.dry_run {
             std::fs::create_dir_all(&log_dir)
                 .with_context(|| format!("creating log directory {}", log_dir.display()))?;

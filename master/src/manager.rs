@@ -63,6 +63,7 @@ pub struct ManagerBuilder {
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     catalog: Option<String>,
+    catalog_key_file: Option<PathBuf>,
     catalog_interval: Duration,
     environment: Option<PathBuf>,
     prefetch: usize,
@@ -78,6 +79,7 @@ impl Default for ManagerBuilder {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
             catalog: None,
+            catalog_key_file: None,
             catalog_interval: crate::report::DEFAULT_CATALOG_INTERVAL,
             environment: None,
             prefetch: 2,
@@ -137,6 +139,13 @@ impl ManagerBuilder {
         self
     }
 
+    /// Sign catalog reports with the key in this file, for a catalog started
+    /// with the same `--catalog-key-file` (it drops unsigned reports).
+    pub fn catalog_key_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.catalog_key_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
     /// How often to report to the catalog (default 15 s).
     pub fn catalog_interval(mut self, interval: Duration) -> Self {
         self.catalog_interval = interval;
@@ -163,6 +172,13 @@ impl ManagerBuilder {
             drover_catalog::client::parse_catalog(c)
                 .map_err(|e| StartError::Config(format!("{e:#}")))?;
         }
+        let catalog_key = match &self.catalog_key_file {
+            Some(p) => Some(
+                drover_catalog::secret::read_secret_file(p, "catalog key")
+                    .map_err(StartError::Password)?,
+            ),
+            None => None,
+        };
         let password = match &self.password_file {
             Some(p) => Some(drover_protocol::read_password_file(p).map_err(StartError::Password)?),
             None => None,
@@ -210,6 +226,7 @@ impl ManagerBuilder {
                     self.catalog_interval,
                     commands.clone(),
                     report_identity.clone(),
+                    catalog_key,
                 )
                 .map_err(StartError::Runtime)?,
             ),

@@ -262,13 +262,14 @@ impl Reporter {
         interval: Duration,
         commands: mpsc::UnboundedSender<Command>,
         identity: Arc<MasterReport>,
+        catalog_key: Option<Vec<u8>>,
     ) -> std::io::Result<Reporter> {
         let (stop, stop_rx) = std_mpsc::channel();
         let (done_tx, done) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("drover-catalog-report".into())
             .spawn(move || {
-                let mut link = Link::new(catalog);
+                let mut link = Link::new(catalog, catalog_key);
                 let mut seq = 0;
                 loop {
                     if let Some(mut r) = snapshot(&commands, &identity) {
@@ -318,13 +319,16 @@ impl Reporter {
 /// interval, and says when it works again.
 struct Link {
     catalog: String,
+    /// The catalog key reports are signed with, if any.
+    key: Option<Vec<u8>>,
     failing: Option<String>,
 }
 
 impl Link {
-    fn new(catalog: String) -> Link {
+    fn new(catalog: String, key: Option<Vec<u8>>) -> Link {
         Link {
             catalog,
+            key,
             failing: None,
         }
     }
@@ -334,9 +338,9 @@ impl Link {
         // entry shows the master stopped); the periodic ones by UDP, which
         // costs the catalog and the master next to nothing.
         let sent = if last {
-            drover_catalog::client::post_report(&self.catalog, report)
+            drover_catalog::client::post_signed_report(&self.catalog, report, self.key.as_deref())
         } else {
-            drover_catalog::client::send_report(&self.catalog, report)
+            drover_catalog::client::send_signed_report(&self.catalog, report, self.key.as_deref())
         };
         match sent {
             Ok(()) => {

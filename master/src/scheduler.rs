@@ -958,7 +958,11 @@ mod tests {
         s.set_class_request(7, fixed(1));
         s.enqueue_class(2, 7, 0, 2, &[]);
         assert_eq!(tasks(&run(&mut s)), vec![1]);
-        assert_eq!(s.prefetch(1, 1), None, "a class is not let go ahead by default");
+        assert_eq!(
+            s.prefetch(1, 1),
+            None,
+            "a class is not let go ahead by default"
+        );
         // A class the master lets go ahead (it holds no growth room) is.
         s.set_class_may_go_ahead(7, true);
         assert_eq!(s.prefetch(1, 1).map(|p| p.task), Some(2));

@@ -21,47 +21,25 @@ use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-/// How to find the task's processes.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
-pub enum MethodArg {
-    /// A cgroup v2 group when one can be created, else /proc sampling.
-    #[default]
-    Auto,
-    /// /proc sampling only.
-    Proc,
-}
-
-/// Arguments of `drover monitor`.
-#[derive(clap::Args, Debug)]
-pub struct MonitorArgs {
+/// What `drover monitor` runs and how; the binary fills it from its options.
+#[derive(Debug)]
+pub struct MonitorConfig {
     /// Limits; the whole tree is killed when memory (MB), disk (MB, of the
     /// sandbox) or wall_time (s) goes over, and the exit status is 147.
     /// cores throttles when possible and is advisory otherwise.
-    #[arg(long, value_name = "memory=MB,disk=MB,wall_time=S,cores=N")]
     pub limit: Option<Limits>,
     /// Milliseconds between samples.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub interval: u64,
     /// Write the JSON summary here instead of to stdout.
-    #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
     /// Write one JSON object per sample, one per line, here.
-    #[arg(long, value_name = "FILE")]
     pub series: Option<PathBuf>,
     /// Directory whose size is the task's disk usage (default: none, unless
     /// a disk limit is given, then the current directory).
-    #[arg(long, value_name = "DIR")]
     pub sandbox: Option<PathBuf>,
     /// How to find the command's processes.
-    #[arg(long, value_enum, default_value_t = MethodArg::Auto)]
-    pub method: MethodArg,
+    pub method: Method,
     /// The command and its arguments.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
     pub command: Vec<OsString>,
 }
 
@@ -127,7 +105,7 @@ fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<(bool, bool)> {
 }
 
 /// Runs `drover monitor`; returns the exit status to exit with.
-pub fn run(args: MonitorArgs) -> anyhow::Result<i32> {
+pub fn run(args: MonitorConfig) -> anyhow::Result<i32> {
     let limits = args.limit.clone().unwrap_or_default();
     let sandbox = match (&args.sandbox, limits.disk_mb) {
         (Some(d), _) => Some(d.clone()),
@@ -145,10 +123,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<i32> {
     };
     let monitor = Monitor::with_options(MonitorOptions {
         interval: Duration::from_millis(args.interval.max(1)),
-        method: match args.method {
-            MethodArg::Auto => Method::Auto,
-            MethodArg::Proc => Method::Proc,
-        },
+        method: args.method,
     });
     let signals = signal_pipe().context("installing signal handlers")?;
     let mut watched = match monitor.spawn_with(

@@ -395,70 +395,6 @@ fn many_short_tasks_are_reaped_without_waiting_for_samples() {
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
 }
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_drover-monitor"))
-}
-
-#[test]
-fn cli_exit_status_summary_and_series() {
-    let dir = tempfile::tempdir().unwrap();
-    let summary = dir.path().join("summary.json");
-    let series = dir.path().join("series.jsonl");
-    let st = bin()
-        .args(["--interval", "50", "--summary"])
-        .arg(&summary)
-        .arg("--series")
-        .arg(&series)
-        .args(["--", "sh", "-c", "sleep 0.5; exit 7"])
-        .status()
-        .unwrap();
-    assert_eq!(st.code(), Some(7));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
-    assert_eq!(v["exit_status"], 7);
-    assert_eq!(v["exit_type"], "normal");
-    assert_eq!(v["units"]["memory"], "MB");
-    let s: drover_monitor::Summary = serde_json::from_value(v).unwrap();
-    assert!(s.wall_time >= 0.5);
-    let lines = std::fs::read_to_string(&series).unwrap();
-    let n = lines.lines().count();
-    assert!(n >= 2, "series has {n} lines");
-    for l in lines.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        assert!(v["memory"].is_number() && v["wall_time"].is_number());
-    }
-
-    let out = bin()
-        .args([
-            "--limit",
-            "wall_time=0.5",
-            "--interval",
-            "50",
-            "--",
-            "sleep",
-            "30",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(drover_monitor::LIMIT_EXIT_STATUS));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["limits_exceeded"]["resource"], "wall_time");
-
-    let st = bin()
-        .args(["--", "/nonexistent/cmd"])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert_eq!(st.code(), Some(127));
-
-    let st = bin()
-        .args(["--limit", "bogus=1", "--", "true"])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert_eq!(st.code(), Some(2), "clap usage error");
-}
-
 /// `Exec` starts the child without fork: its arguments, environment,
 /// working directory, descriptors, session and signal dispositions must be
 /// what a `Command` would have given it.
@@ -900,39 +836,6 @@ fn a_grown_task_over_its_new_limit_is_caught_between_full_passes() {
         r.summary.limits_exceeded.map(|h| h.resource).as_deref(),
         Some("memory")
     );
-}
-
-/// `drover monitor` says on stderr what it killed a task for and what the
-/// task used, and its summary has no float noise (three decimals at most).
-#[test]
-fn cli_says_why_it_killed_and_prints_rounded_numbers() {
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("pids");
-    let out = bin()
-        .args(["--limit", "memory=100", "--interval", "50", "--"])
-        .arg(helper())
-        .args(["1", "300", "-", "0", "-1"])
-        .arg(&pidfile)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(drover_monitor::LIMIT_EXIT_STATUS));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("killed for going over its memory limit: ")
-            && stderr.contains(" MB used, 100 MB allowed"),
-        "{stderr}"
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for (field, value) in v.as_object().unwrap() {
-        if let Some(x) = value.as_f64() {
-            let decimals = value
-                .to_string()
-                .split_once('.')
-                .map_or(0, |(_, d)| d.len());
-            assert!(decimals <= 3, "{field}: {x} in {text}");
-        }
-    }
 }
 
 /// A task's processes are counted at the full passes and at its end, the

@@ -7,12 +7,13 @@
 //! - [`ensure_unpacked`] unpacks an environment once per worker (atomically,
 //!   safe under concurrency) and [`activation_env`] gives the variables to
 //!   run a command inside it.
-//! - [`cli`] is `drover pack analyze|create|run`.
+//! - [`run_in_environment`] runs one command inside an environment
+//!   (`drover pack run`).
 
 pub mod analyze;
 pub mod archive;
 pub mod cache;
-pub mod cli;
+mod command;
 pub mod create;
 pub mod elf;
 pub mod meta;
@@ -20,6 +21,7 @@ pub mod python;
 pub mod spec;
 mod unpack;
 
+pub use command::run_in_environment;
 pub use unpack::{
     activation_env, ensure_unpacked, hash_file, hash_from_name, unpack_once, Unpacked,
 };

@@ -66,20 +66,11 @@ pub const ROLE_WORKER: &str = "drover-worker";
 /// The master's role string (see [`ROLE_WORKER`]).
 pub const ROLE_MASTER: &str = "drover-master";
 
-/// Reads a password file: its content with one trailing newline removed.
+/// Reads a password file: its content with one trailing newline removed
+/// (a warning is logged when others can read it; see
+/// [`drover_catalog::secret::read_secret_file`]).
 pub fn read_password_file(path: &std::path::Path) -> io::Result<Vec<u8>> {
-    let mut bytes = std::fs::read(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("password file {}: {e}", path.display())))?;
-    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        bytes.pop();
-    }
-    if bytes.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("password file {} is empty", path.display()),
-        ));
-    }
-    Ok(bytes)
+    drover_catalog::secret::read_secret_file(path, "password")
 }
 
 /// Which end of a connection a party is.

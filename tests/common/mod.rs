@@ -140,40 +140,79 @@ pub struct CatalogServer {
 }
 
 impl CatalogServer {
-    /// Starts `drover catalog --port 0` with extra `args` and waits for the
-    /// line on stdout that names the port it got.
+    /// Starts `drover catalog --port 0 --no-state-file` with extra `args`.
     pub fn start(args: &[&str]) -> CatalogServer {
-        use std::io::BufRead;
-        let mut child = Command::new(drover_bin())
-            .args([
-                "catalog",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--no-state-file",
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start drover catalog");
-        let stdout = child.stdout.take().expect("catalog stdout");
-        let mut stdout = std::io::BufReader::new(stdout);
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read catalog stdout");
-        // "drover catalog listening on 127.0.0.1:PORT (HTTP and UDP)"
-        let addr = line
-            .split_whitespace()
-            .find(|w| w.starts_with("127.0.0.1:"))
-            .unwrap_or_else(|| panic!("catalog did not say where it listens: {line:?}"))
-            .to_string();
+        let mut all = vec!["--no-state-file"];
+        all.extend_from_slice(args);
+        let (child, addr, stdout) = start_catalog(&all);
         CatalogServer {
             child,
             addr,
             _stdout: stdout,
         }
     }
+
+    /// Like [`CatalogServer::start`] with the state file at its default
+    /// place; `cmd` (a `Command` for the drover binary) carries the extra
+    /// arguments, environment and working directory.
+    pub fn start_with(cmd: Command) -> CatalogServer {
+        // The subcommand and its fixed options go before whatever `cmd` has.
+        let extra: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
+        let mut full = Command::new(cmd.get_program());
+        full.args(["catalog", "--port", "0", "--bind", "127.0.0.1"])
+            .args(extra);
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => full.env(k, v),
+                None => full.env_remove(k),
+            };
+        }
+        if let Some(d) = cmd.get_current_dir() {
+            full.current_dir(d);
+        }
+        let (child, addr, stdout) = spawn_catalog(full);
+        CatalogServer {
+            child,
+            addr,
+            _stdout: stdout,
+        }
+    }
+}
+
+/// Starts `drover catalog` on a free loopback port with extra `args`, and
+/// waits for the line on stdout that names the port it got; returns the
+/// process, its `127.0.0.1:PORT` and its stdout.
+pub fn start_catalog(
+    args: &[&str],
+) -> (Child, String, std::io::BufReader<std::process::ChildStdout>) {
+    let mut cmd = Command::new(drover_bin());
+    cmd.args(["catalog", "--port", "0", "--bind", "127.0.0.1"])
+        .args(args);
+    spawn_catalog(cmd)
+}
+
+/// Starts a `drover catalog` command and waits for the line on stdout that
+/// names the address it got.
+fn spawn_catalog(
+    mut cmd: Command,
+) -> (Child, String, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start drover catalog");
+    let stdout = child.stdout.take().expect("catalog stdout");
+    let mut stdout = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read catalog stdout");
+    // "drover catalog listening on 127.0.0.1:PORT (HTTP and UDP)"
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("catalog did not say where it listens: {line:?}"))
+        .to_string();
+    (child, addr, stdout)
 }
 
 impl Drop for CatalogServer {
@@ -248,4 +287,16 @@ pub fn skip(why: &str) {
         .unwrap_or("a test")
         .to_string();
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+}
+
+/// Writes `spec.json` into `dir`: the host's `python3` and no requirements,
+/// so `drover pack create` builds it offline.
+pub fn write_stdlib_spec(dir: &Path) {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .output()
+        .expect("this test needs python3 on the host");
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let spec = serde_json::json!({"python": version, "requirements": []});
+    std::fs::write(dir.join("spec.json"), spec.to_string()).expect("write spec.json");
 }

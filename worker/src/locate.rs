@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Most masters matching a project that one connect attempt tries, newest
 /// first; more would only mean stale entries of masters long gone.
@@ -74,8 +74,12 @@ impl MasterSource {
                 .await
                 .context("catalog lookup panicked")?
                 .with_context(|| format!("asking catalog {catalog}"))?;
+                let (masters, warnings) = drover_catalog::client::rank_masters(masters);
+                for w in warnings {
+                    warn!("{w}");
+                }
                 let mut out = Vec::new();
-                for m in masters.iter().filter(|m| !m.stopped).take(MAX_CANDIDATES) {
+                for m in masters.iter().take(MAX_CANDIDATES) {
                     for a in std::iter::once(m.address()).chain(m.source_address()) {
                         if !out.contains(&a) {
                             out.push(a);

@@ -89,9 +89,10 @@ pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
                 if config.exit_on_disconnect {
                     bail!("{e}");
                 }
-                // Why a catalog lookup fails is news once, not at every retry.
-                if matches!(config.master, MasterSource::Catalog { .. }) && e != last_error {
-                    warn!("{e}; retrying");
+                // Why the master cannot be reached is news once, not at
+                // every retry; a user with nothing listening must see it.
+                if e != last_error {
+                    warn!("{e}; retrying until the idle timeout");
                 } else {
                     debug!("{e}");
                 }

@@ -1,6 +1,7 @@
 //! The flood test, in its own test binary so that it does not share the two
 //! cores with the other end-to-end tests while it measures.
 
+mod catalog_helpers;
 mod common;
 
 use std::net::UdpSocket;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{master, Catalog};
+use catalog_helpers::{master, Catalog};
 use drover_catalog::client;
 
 /// A local client floods 10,000 updates per second for a bounded time, many

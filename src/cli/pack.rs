@@ -1,4 +1,5 @@
-//! `drover pack ...`: analyze, create and run environments.
+//! `drover pack ...`: analyze, create and run environments with
+//! `drover_packager`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,9 +8,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-use crate::cache::Cache;
-use crate::create::{self, CreateOptions};
-use crate::spec::{FileSpec, Spec};
+use drover_packager::cache::Cache;
+use drover_packager::create::{self, CreateOptions};
+use drover_packager::spec::{FileSpec, Spec};
 
 /// Build and use self-contained, relocatable Python environments.
 #[derive(Debug, Args)]
@@ -17,19 +18,19 @@ pub struct PackArgs {
     /// Cache directory (default: $DROVER_CACHE_DIR/packager,
     /// $XDG_CACHE_HOME/drover/packager or ~/.cache/drover/packager).
     #[arg(long, global = true, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
-    pub command: PackCommand,
+    command: PackCommand,
 }
 
-/// The `drover pack` subcommands.
+/// The `drover pack` subcommands. Each says more with the global `-v`.
 #[derive(Debug, Subcommand)]
-pub enum PackCommand {
+enum PackCommand {
     /// Write a spec for a script from its imports and the installed packages.
     Analyze {
         /// The script(s) to analyze.
-        #[arg(required = true)]
+        #[arg(required = true, value_name = "SCRIPT")]
         scripts: Vec<PathBuf>,
         /// Where to write the spec (default: stdout).
         #[arg(short, long, value_name = "SPEC.json")]
@@ -44,17 +45,19 @@ pub enum PackCommand {
         #[arg(long = "env", value_name = "NAME=VALUE")]
         env: Vec<String>,
     },
-    /// Build the environment described by a spec.
+    /// Build the environment described by a spec (-v shows pip's output and
+    /// the time of each phase).
     Create {
         /// The spec (from `analyze`, or written by hand).
+        #[arg(value_name = "SPEC.json")]
         spec: PathBuf,
         /// Output file, or directory for `<hash>.tar.gz` (default:
         /// ./<hash>.tar.gz).
         #[arg(short, long, value_name = "ENV.tar.gz")]
         output: Option<PathBuf>,
         /// Host interpreter to copy (default: search for the spec's version).
-        #[arg(long, value_name = "PYTHON")]
-        python_exe: Option<PathBuf>,
+        #[arg(long, alias = "python-exe", value_name = "PYTHON")]
+        python: Option<PathBuf>,
         /// Build even if the cache has this spec (the result is still
         /// stored).
         #[arg(long)]
@@ -62,28 +65,24 @@ pub enum PackCommand {
         /// Deflate level 0-9.
         #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
         level: u32,
-        /// Show pip's output.
-        #[arg(short, long)]
-        verbose: bool,
     },
-    /// Run a command inside an environment, unpacking it first if needed.
+    /// Run a command inside an environment, unpacking it first if needed (-v
+    /// says whether it was unpacked or found).
     Run {
         /// The environment tarball.
+        #[arg(value_name = "ENV.tar.gz")]
         env: PathBuf,
         /// Where environments are unpacked (default: <cache>/unpacked).
         #[arg(long, value_name = "DIR")]
         unpack_dir: Option<PathBuf>,
-        /// Say on stderr whether the environment was unpacked or found.
-        #[arg(short, long)]
-        verbose: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
 }
 
-fn cache(args: &Option<PathBuf>) -> Result<Cache> {
-    match args {
+fn cache(dir: &Option<PathBuf>) -> Result<Cache> {
+    match dir {
         Some(d) => Ok(Cache::new(d.clone())),
         None => Cache::open_default(),
     }
@@ -98,8 +97,10 @@ fn parse_file(s: &str) -> Result<FileSpec> {
     Ok(FileSpec { src, dest })
 }
 
-/// Runs a `drover pack` command and returns the process exit code.
-pub fn run(args: PackArgs) -> Result<i32> {
+/// Runs a `drover pack` command and returns the process exit code; `verbose`
+/// is the global `-v` count.
+pub fn run(args: PackArgs, verbose: u8) -> Result<i32> {
+    let verbose = verbose > 0;
     match args.command {
         PackCommand::Analyze {
             scripts,
@@ -107,59 +108,19 @@ pub fn run(args: PackArgs) -> Result<i32> {
             python,
             files,
             env,
-        } => {
-            let analysis = crate::analyze::analyze(&scripts, &python)?;
-            let files = files
-                .iter()
-                .map(|f| parse_file(f))
-                .collect::<Result<Vec<_>>>()?;
-            let mut vars = BTreeMap::new();
-            for e in &env {
-                let Some((k, v)) = e.split_once('=') else {
-                    bail!("--env {e:?} must be NAME=VALUE");
-                };
-                vars.insert(k.to_string(), v.to_string());
-            }
-            let spec = analysis.to_spec(files, vars)?;
-            if !analysis.local.is_empty() {
-                eprintln!(
-                    "local modules (not packaged; ship them with the task or add --file): {}",
-                    analysis.local.join(", ")
-                );
-            }
-            if !analysis.unresolved.is_empty() {
-                eprintln!(
-                    "warning: no installed package provides {}; left out of the spec",
-                    analysis.unresolved.join(", ")
-                );
-            }
-            match output {
-                Some(path) => {
-                    spec.save(&path)?;
-                    eprintln!(
-                        "wrote {} (python {}, {} requirements)",
-                        path.display(),
-                        spec.python,
-                        spec.requirements.len()
-                    );
-                }
-                None => println!("{}", serde_json::to_string_pretty(&spec)?),
-            }
-            Ok(0)
-        }
+        } => analyze(&scripts, output, &python, &files, &env),
         PackCommand::Create {
             spec,
             output,
-            python_exe,
+            python,
             no_cache,
             level,
-            verbose,
         } => {
             let started = Instant::now();
             let spec = Spec::load(&spec)?;
             let mut opts = CreateOptions::new(cache(&args.cache_dir)?);
-            if python_exe.is_some() {
-                opts.python_exe = python_exe;
+            if python.is_some() {
+                opts.python_exe = python;
             }
             opts.use_cache = !no_cache;
             opts.level = level;
@@ -195,15 +156,16 @@ pub fn run(args: PackArgs) -> Result<i32> {
         PackCommand::Run {
             env,
             unpack_dir,
-            verbose,
             command,
         } => {
             let unpack_root = match unpack_dir {
                 Some(d) => d,
                 None => cache(&args.cache_dir)?.unpack_root(),
             };
-            let unpacked = crate::unpack_once(&env, &unpack_root)?;
-            if verbose {
+            drover_packager::run_in_environment(&env, &unpack_root, &command, |unpacked| {
+                if !verbose {
+                    return;
+                }
                 match &unpacked.stats {
                     Some(s) => eprintln!(
                         "unpacked environment {} ({} entries, {:.1} MB) in {:.3} s: {}",
@@ -219,32 +181,54 @@ pub fn run(args: PackArgs) -> Result<i32> {
                         unpacked.dir.display()
                     ),
                 }
-            }
-            let root = std::fs::canonicalize(&unpacked.dir)
-                .with_context(|| format!("cannot resolve {}", unpacked.dir.display()))?;
-            let path = std::env::var("PATH").unwrap_or_default();
-            let vars = crate::activation_env(&root, &path)?;
-            let Some((program, rest)) = command.split_first() else {
-                bail!("no command given");
-            };
-            let mut cmd = std::process::Command::new(program);
-            cmd.args(rest);
-            for (k, v) in &vars {
-                if k == "PYTHONHOME" && v.is_empty() {
-                    cmd.env_remove(k);
-                } else {
-                    cmd.env(k, v);
-                }
-            }
-            // Command resolves the program with the child's PATH once it is
-            // set, so `python3` finds the environment's interpreter.
-            let status = cmd
-                .status()
-                .with_context(|| format!("cannot run {program} in {}", root.display()))?;
-            use std::os::unix::process::ExitStatusExt;
-            Ok(status
-                .code()
-                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+            })
         }
     }
+}
+
+fn analyze(
+    scripts: &[PathBuf],
+    output: Option<PathBuf>,
+    python: &std::path::Path,
+    files: &[String],
+    env: &[String],
+) -> Result<i32> {
+    let analysis = drover_packager::analyze::analyze(scripts, python)?;
+    let files = files
+        .iter()
+        .map(|f| parse_file(f))
+        .collect::<Result<Vec<_>>>()?;
+    let mut vars = BTreeMap::new();
+    for e in env {
+        let Some((k, v)) = e.split_once('=') else {
+            bail!("--env {e:?} must be NAME=VALUE");
+        };
+        vars.insert(k.to_string(), v.to_string());
+    }
+    let spec = analysis.to_spec(files, vars)?;
+    if !analysis.local.is_empty() {
+        eprintln!(
+            "local modules (not packaged; ship them with the task or add --file): {}",
+            analysis.local.join(", ")
+        );
+    }
+    if !analysis.unresolved.is_empty() {
+        eprintln!(
+            "warning: no installed package provides {}; left out of the spec",
+            analysis.unresolved.join(", ")
+        );
+    }
+    match output {
+        Some(path) => {
+            spec.save(&path)?;
+            eprintln!(
+                "wrote {} (python {}, {} requirements)",
+                path.display(),
+                spec.python,
+                spec.requirements.len()
+            );
+        }
+        None => println!("{}", serde_json::to_string_pretty(&spec)?),
+    }
+    Ok(0)
 }

@@ -1,16 +1,17 @@
-//! Helpers shared by the end-to-end tests: start the real binary, build reports.
+//! Helpers of the catalog's end-to-end tests: start a real `drover catalog`,
+//! build reports.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use drover_catalog::client;
 use drover_catalog::report::{CategorySummary, MasterReport, WorkerSummary};
 use drover_catalog::server::CatalogStats;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_drover-catalog");
+/// The `drover` binary, whose `catalog` and `status` subcommands these drive.
+pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
 
 /// A catalog process that is stopped when the test ends, pass or fail.
 pub struct Catalog {
@@ -20,29 +21,10 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn start(extra: &[&str], state_file: &Path) -> Catalog {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--state-file",
-            ])
-            .arg(state_file)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start catalog");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read");
-        let addr = line
-            .split_whitespace()
-            .find(|w| w.starts_with("127.0.0.1:"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
+        let state = state_file.to_str().expect("state file path is UTF-8");
+        let mut args = vec!["--state-file", state];
+        args.extend_from_slice(extra);
+        let (child, addr, _) = crate::common::start_catalog(&args);
         Catalog { child, addr }
     }
 

@@ -1,5 +1,4 @@
-//! End-to-end tests of `drover pack` (the crate's `drover-pack` binary, the
-//! same code as `drover pack`): a real environment built from a real PyPI
+//! End-to-end tests of `drover pack` through the `drover` binary: a real environment built from a real PyPI
 //! package with the host's real interpreter, unpacked and run elsewhere.
 //!
 //! Needs: a CPython 3.7+ on the host as `python3` (pyenv's in CI) and access
@@ -16,19 +15,19 @@ const PACKAGE: &str = "six";
 const VERSION: &str = "1.17.0";
 
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drover-pack"))
+    PathBuf::from(env!("CARGO_BIN_EXE_drover"))
 }
 
-/// `drover-pack --cache-dir CACHE ARGS...` with the test's environment.
+/// `drover pack --cache-dir CACHE ARGS...` with the test's environment.
 fn pack(cache: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin());
-    cmd.arg("--cache-dir").arg(cache).args(args);
+    cmd.arg("pack").arg("--cache-dir").arg(cache).args(args);
     cmd.stdin(Stdio::null());
     cmd
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("cannot start drover-pack");
+    let out = cmd.output().expect("cannot start drover pack");
     eprintln!(
         "{cmd:?}\n--- exit {:?}\n--- stdout\n{}--- stderr\n{}",
         out.status.code(),
@@ -137,7 +136,7 @@ fn fixture() -> &'static Fixture {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("cannot start drover-pack");
+            .expect("cannot start drover pack");
         let o = run(pack(&cache, &["create"]).arg(&spec).arg("-o").arg(&out_dir));
         let second = second.wait_with_output().unwrap();
         std::fs::write(dir.join("second.log"), &second.stderr).unwrap();

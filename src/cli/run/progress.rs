@@ -1,0 +1,188 @@
+//! The progress of `drover run`: a bar on a terminal, a line every few
+//! seconds otherwise, with tasks running, workers connected, and a line
+//! whenever a worker joins or is lost. Workers are counted by polling the
+//! master, so one that joins and leaves between two polls goes unseen.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use drover_master::{Manager, Stats};
+
+/// How often the master is asked for its counts; each ask is a round trip
+/// to its engine, so not once per finished task.
+const POLL: Duration = Duration::from_millis(500);
+/// How often a progress line is printed when stderr is not a terminal.
+const LINE_EVERY: Duration = Duration::from_secs(5);
+
+enum View {
+    Bar(indicatif::ProgressBar),
+    Lines { last: Instant },
+}
+
+/// Progress display plus what it learned about workers.
+pub struct Progress {
+    view: View,
+    total: u64,
+    running: u64,
+    /// Workers connected at the last poll; `None` before the first.
+    workers: Option<u64>,
+    /// Say when a worker joins (remote workers), not only when one is lost.
+    announce_joins: bool,
+    last_poll: Option<Instant>,
+    /// Workers that went away during the run.
+    pub workers_lost: u64,
+}
+
+impl Progress {
+    /// A bar when stderr is a terminal, lines otherwise.
+    pub fn new(total: u64, announce_joins: bool) -> Progress {
+        let view = if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} ({rate}, eta {eta}) {msg}",
+            ) {
+                bar.set_style(style.with_key(
+                    "rate",
+                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.1}/s", s.per_sec());
+                    },
+                ));
+            }
+            View::Bar(bar)
+        } else {
+            View::Lines {
+                last: Instant::now(),
+            }
+        };
+        Progress {
+            view,
+            total,
+            running: 0,
+            workers: None,
+            announce_joins,
+            last_poll: None,
+            workers_lost: 0,
+        }
+    }
+
+    /// Asks the master for its counts when the last ask is old enough.
+    pub fn poll(&mut self, manager: &Manager) {
+        if self.last_poll.is_some_and(|t| t.elapsed() < POLL) {
+            return;
+        }
+        self.last_poll = Some(Instant::now());
+        self.observe(&manager.stats());
+    }
+
+    fn observe(&mut self, stats: &Stats) {
+        self.running = stats.tasks_running;
+        let now = stats.workers_connected;
+        if let Some(before) = self.workers {
+            if now < before {
+                self.workers_lost += before - now;
+                self.event(&format!(
+                    "{} lost ({now} connected)",
+                    plural(before - now, "worker")
+                ));
+            } else if now > before && self.announce_joins {
+                self.event(&format!(
+                    "{} joined ({now} connected)",
+                    plural(now - before, "worker")
+                ));
+            }
+        } else if now > 0 && self.announce_joins {
+            self.event(&format!("{} connected", plural(now, "worker")));
+        }
+        self.workers = Some(now);
+    }
+
+    /// Prints a line above the bar (or as a line of its own).
+    fn event(&self, what: &str) {
+        match &self.view {
+            View::Bar(bar) => bar.println(format!("drover: {what}")),
+            View::Lines { .. } => eprintln!("drover: {what}"),
+        }
+    }
+
+    fn status(&self, failed: u64, all_finished: bool) -> String {
+        let mut parts = Vec::new();
+        // Counts polled before the last task ended would be stale then.
+        if !all_finished {
+            parts.push(format!("{} running", self.running));
+            if let Some(w) = self.workers {
+                parts.push(plural(w, "worker"));
+            }
+        }
+        if failed > 0 {
+            parts.push(format!("{failed} failed"));
+        }
+        if parts.is_empty() {
+            return "none failed".into();
+        }
+        parts.join(", ")
+    }
+
+    /// Shows how many tasks have finished.
+    pub fn update(&mut self, done: u64, failed: u64) {
+        let status = self.status(failed, done + failed == self.total);
+        match &mut self.view {
+            View::Bar(bar) => {
+                bar.set_position(done + failed);
+                bar.set_message(status);
+            }
+            View::Lines { last } => {
+                if last.elapsed() >= LINE_EVERY || done + failed == self.total {
+                    eprintln!(
+                        "drover: {}/{} finished ({status})",
+                        done + failed,
+                        self.total
+                    );
+                    *last = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Clears the bar when the run finished; leaves it on its own line when
+    /// it was interrupted, so the user sees where it stopped.
+    pub fn finish(&self, interrupted: bool) {
+        if let View::Bar(bar) = &self.view {
+            if interrupted {
+                bar.abandon();
+            } else {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+/// "1 worker", "2 workers".
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_worker_is_counted_and_shown() {
+        let mut p = Progress::new(10, false);
+        let mut stats = Stats {
+            workers_connected: 2,
+            tasks_running: 3,
+            ..Default::default()
+        };
+        p.observe(&stats);
+        assert_eq!(p.status(0, false), "3 running, 2 workers");
+        stats.workers_connected = 1;
+        p.observe(&stats);
+        assert_eq!(p.workers_lost, 1);
+        assert_eq!(p.status(4, false), "3 running, 1 worker, 4 failed");
+        assert_eq!(p.status(4, true), "4 failed");
+    }
+}
