@@ -11,6 +11,7 @@
 //! master found through the catalog).
 mod env;
 mod exec;
+mod growth;
 mod host;
 pub mod locate;
 mod main_loop;

@@ -109,13 +109,7 @@ impl Tasks<'_> {
             return;
         };
         let free = self.free;
-        let grant = allocation.filter(|new| {
-            // The master's books match ours, but a worker never
-            // overcommits on anyone's word.
-            let extra = new.saturating_sub(&t.allocation);
-            t.allocation.fits_in(new) && new.gpus == t.allocation.gpus && extra.fits_in(&free)
-        });
-        match grant {
+        match crate::growth::grant(&t.allocation, allocation, &free) {
             Some(new) => {
                 self.free = free.saturating_sub(&new.saturating_sub(&t.allocation));
                 t.allocation = new;

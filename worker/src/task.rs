@@ -9,13 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use drover_monitor::{Exec, Limits, Monitor, Report, SpawnOptions};
 use drover_protocol::{
     self as protocol, Ending, LimitHit, Measured, OutputHeader, Resources, RunTask, TaskReport,
-    WorkerMsg,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::env::{EnvError, Environments};
 use crate::exec::Running;
+use crate::growth;
 use crate::sandbox::{self, InputError};
 use crate::slots;
 use crate::transfer::{Finished, Outgoing};
@@ -250,18 +250,10 @@ fn launch(
     for (k, v) in &activation {
         cmd.env(k, v);
     }
-    let mut opts = SpawnOptions::default();
-    if task.growable && limits.memory_mb.is_some() {
-        let (to_master, task_id, attempt) = (ctx.to_master.clone(), task.task_id, task.attempt);
-        opts.on_memory_limit = Some(Box::new(move |hit| {
-            let _ = to_master.send(Outgoing::Msg(WorkerMsg::Grow {
-                task_id,
-                attempt,
-                limit_mb: hit.limit,
-                used_mb: hit.value,
-            }));
-        }));
-    }
+    let opts = SpawnOptions {
+        on_memory_limit: growth::ask_hook(task, limits.memory_mb.is_some(), &ctx.to_master),
+        ..SpawnOptions::default()
+    };
     let child = Running::spawn(&ctx.monitor, cmd, &sandbox, limits, opts)?;
     Ok((child, (stdout, stderr)))
 }
@@ -295,8 +287,8 @@ async fn supervise(
                     ending = Ending::Killed;
                     child.kill();
                 }
-                Some(Control::Grow(allocation)) => child.grow_memory(allocation.memory_mb),
-                Some(Control::Refuse) => child.refuse_growth(),
+                Some(Control::Grow(allocation)) => growth::answer(&child, Some(allocation)),
+                Some(Control::Refuse) => growth::answer(&child, None),
             }
         }
     };
