@@ -500,14 +500,12 @@ fn drover_run_reports_failures_and_exits_non_zero() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("2 done, 1 failed, 3 tasks"), "{stderr}");
-    assert!(stderr.contains("drover-failed/task-"), "{stderr}");
-    let log = std::fs::read_dir(dir.path().join("drover-failed"))
+    assert!(stderr.contains("tasks.txt:3: exit 3"), "{stderr}");
+    assert!(stderr.contains("drover-failed/line-3.log"), "{stderr}");
+    let log = dir.path().join("drover-failed/line-3.log");
+    assert!(std::fs::read_to_string(log)
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    assert!(std::fs::read_to_string(log).unwrap().contains("exit 3"));
+        .contains("outcome:   exit 3"));
 
     let ok = write_file(dir.path(), "ok.txt", b"true\ntrue\n");
     let status = std::process::Command::new(drover_bin())
