@@ -38,7 +38,8 @@ impl CategoryState {
         }
         let due = if self.clustered {
             let held = self.window.len().min(self.config.window);
-            self.since_clustering >= (held / 4).max(1)
+            let spacing = self.stable_clusterings.min(MAX_SPACING_DOUBLINGS);
+            self.since_clustering >= (held / 4).max(1) << spacing
         } else {
             true
         };
@@ -60,6 +61,8 @@ impl CategoryState {
             b.high = max_sample(&b.high, &sample);
             return false;
         }
+        // The data moved past the buckets: cluster again at the usual pace.
+        self.stable_clusterings = 0;
         if self.extra < self.config.max_buckets {
             self.extra += 1;
             let b = self.make_bucket(sample, sample, 1);
@@ -283,6 +286,16 @@ impl CategoryState {
             }
         }
         if let Some((_, buckets, start)) = best {
+            let same = buckets.len() == self.buckets.len()
+                && buckets
+                    .iter()
+                    .zip(&self.buckets)
+                    .all(|(a, b)| close(&a.allocation, &b.allocation));
+            self.stable_clusterings = if same {
+                self.stable_clusterings.saturating_add(1)
+            } else {
+                0
+            };
             self.buckets = buckets;
             self.start = start;
         }
@@ -383,4 +396,17 @@ pub(super) fn count_distinct(samples: &[Sample], limit: usize) -> usize {
         }
     }
     seen.len()
+}
+
+/// Two allocations that differ by less than [`STABLE_WITHIN`] in every
+/// resource.
+fn close(a: &Resources, b: &Resources) -> bool {
+    let near = |x: u64, y: u64| {
+        let (x, y) = (x as f64, y as f64);
+        (x - y).abs() <= STABLE_WITHIN * x.max(y)
+    };
+    near(a.cores.into(), b.cores.into())
+        && near(a.memory_mb, b.memory_mb)
+        && near(a.disk_mb, b.disk_mb)
+        && a.gpus == b.gpus
 }

@@ -175,6 +175,11 @@ pub struct CategoryState {
     /// Buckets added for uncovered samples since the last clustering.
     pub(super) extra: usize,
     pub(super) since_clustering: usize,
+    /// Clusterings in a row that gave the same buckets (within
+    /// [`STABLE_WITHIN`]): each doubles the samples until the next one, up
+    /// to [`MAX_SPACING_DOUBLINGS`] times, since re-running k-means on data
+    /// that says the same thing cost a million-task run ~25 us per task.
+    pub(super) stable_clusterings: u32,
     pub(super) clustered: bool,
     /// Mean wall time of successful samples and of killed attempts, for `f`.
     pub(super) ok_time: Mean,
@@ -189,6 +194,13 @@ pub struct CategoryState {
     pub(super) largest: Resources,
     pub(super) stats: Counters,
 }
+
+/// Buckets whose allocations all moved less than this fraction count as
+/// the same (see `CategoryState::stable_clusterings`).
+pub(super) const STABLE_WITHIN: f64 = 0.05;
+/// At most this many doublings of the spacing between clusterings: with a
+/// window of 1,000 samples, every 8,000 samples once the buckets settle.
+pub(super) const MAX_SPACING_DOUBLINGS: u32 = 5;
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Counters {
@@ -328,6 +340,7 @@ impl CategoryState {
             start: 0,
             extra: 0,
             since_clustering: 0,
+            stable_clusterings: 0,
             clustered: false,
             ok_time: Mean::default(),
             killed_time: Mean::default(),
