@@ -65,9 +65,14 @@ pub struct MasterReport {
     /// a datagram that arrives after a newer report of the same run (a late
     /// periodic report must not undo the final "stopped" one). 0: unknown.
     pub seq: u64,
-    /// Tasks submitted and not yet dispatched.
+    /// Tasks not started yet: in the master's queue, or sent ahead to wait
+    /// on a full worker (`tasks_queued_on_workers` of them).
     pub tasks_waiting: u64,
-    /// Tasks dispatched to workers and not yet finished.
+    /// Of `tasks_waiting`, those sent ahead to wait on a worker: they need
+    /// no new worker.
+    #[serde(default)]
+    pub tasks_queued_on_workers: u64,
+    /// Tasks whose process runs on a worker now.
     pub tasks_running: u64,
     /// Tasks finished successfully.
     pub tasks_done: u64,

@@ -57,12 +57,16 @@ pub struct Decision {
 /// a master that sends no shapes but has waiting tasks is read as that many
 /// one-core tasks: the master's own default for a task that declares nothing.
 pub fn waiting_requests(report: &MasterReport) -> Vec<(Request, usize)> {
-    if report.waiting_shapes.is_empty() && report.tasks_waiting > 0 {
+    // Tasks sent ahead wait on a worker that will run them: no demand.
+    let in_queue = report
+        .tasks_waiting
+        .saturating_sub(report.tasks_queued_on_workers);
+    if report.waiting_shapes.is_empty() && in_queue > 0 {
         let one_core = Resources {
             cores: 1,
             ..Default::default()
         };
-        return vec![(Request::Fixed(one_core), to_usize(report.tasks_waiting))];
+        return vec![(Request::Fixed(one_core), to_usize(in_queue))];
     }
     report.waiting_shapes.iter().map(request_of).collect()
 }
@@ -252,5 +256,25 @@ mod tests {
         let mut old = report(&[]);
         old.tasks_waiting = 9;
         assert_eq!(decide(&l, Some(&old), jobs(0, 0, 0)).submit, 3);
+    }
+
+    #[test]
+    fn tasks_sent_ahead_are_no_demand() {
+        let r = MasterReport {
+            tasks_waiting: 4,
+            tasks_queued_on_workers: 4,
+            ..Default::default()
+        };
+        assert!(
+            waiting_requests(&r).is_empty(),
+            "they wait on workers already"
+        );
+        let r = MasterReport {
+            tasks_waiting: 6,
+            tasks_queued_on_workers: 4,
+            ..Default::default()
+        };
+        assert_eq!(waiting_requests(&r).len(), 1);
+        assert_eq!(waiting_requests(&r)[0].1, 2);
     }
 }

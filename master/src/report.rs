@@ -96,6 +96,7 @@ pub(crate) fn build_report(
     // A task sent ahead waits on its worker, not yet running: the page and
     // `drover status` count it as waiting, so "running" never exceeds cores.
     r.tasks_waiting = stats.tasks_waiting + stats.tasks_queued_on_workers;
+    r.tasks_queued_on_workers = stats.tasks_queued_on_workers;
     r.tasks_running = stats.tasks_running;
     r.tasks_done = stats.tasks_done;
     // Cancelled tasks did not succeed; counting them as failed keeps the
