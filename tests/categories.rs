@@ -486,6 +486,13 @@ fn tasks_declaring_only_cores_get_their_memory_learned_and_none_is_lost() {
             r.attempts
         );
         assert!(r.allocated.memory_mb >= 600, "{r:?}");
+        // Endings read as words, not Rust's debug forms.
+        assert!(
+            r.attempts.iter().all(|a| !a.ending.contains(['{', '('])),
+            "{:?}",
+            r.attempts
+        );
+        assert_eq!(r.attempts.last().map(|a| a.ending.as_str()), Some("done"));
     }
     let stats = m.category_stats("cores-only").unwrap();
     assert_eq!(stats.samples, 16);

@@ -201,6 +201,32 @@ pub enum Outcome {
     Cancelled,
 }
 
+impl Outcome {
+    /// How a task (or one attempt) ended, for people: "exit 3", "killed by
+    /// signal 9", "memory limit exceeded", "wall time exceeded", ...
+    ///
+    /// ```
+    /// use drover_master::Outcome;
+    /// assert_eq!(Outcome::Failed.words(Some(3), None), "exit 3");
+    /// ```
+    pub fn words(&self, exit_code: Option<i32>, signal: Option<i32>) -> String {
+        match self {
+            Outcome::Success => "done".into(),
+            Outcome::Failed => match (exit_code, signal) {
+                (_, Some(signal)) => format!("killed by signal {signal}"),
+                (Some(code), None) => format!("exit {code}"),
+                (None, None) => "failed".into(),
+            },
+            Outcome::InputMissing => "input missing".into(),
+            Outcome::OutputMissing => "output missing".into(),
+            Outcome::ResourceExhausted { resource } => format!("{resource} limit exceeded"),
+            Outcome::WallTimeExceeded => "wall time exceeded".into(),
+            Outcome::WorkerLost => "worker lost".into(),
+            Outcome::Cancelled => "cancelled".into(),
+        }
+    }
+}
+
 /// One try at running a task.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Attempt {

@@ -25,6 +25,31 @@ pub struct Resources {
     pub gpus: u32,
 }
 
+/// For people: "1 core, 100 MB memory, 50 MB disk" (parts that are 0 left
+/// out; "nothing" when all are).
+impl std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = |n: u64| if n == 1 { "" } else { "s" };
+        let mut parts = Vec::new();
+        if self.cores > 0 {
+            parts.push(format!("{} core{}", self.cores, plural(self.cores.into())));
+        }
+        if self.memory_mb > 0 {
+            parts.push(format!("{} MB memory", self.memory_mb));
+        }
+        if self.disk_mb > 0 {
+            parts.push(format!("{} MB disk", self.disk_mb));
+        }
+        if self.gpus > 0 {
+            parts.push(format!("{} GPU{}", self.gpus, plural(self.gpus.into())));
+        }
+        if parts.is_empty() {
+            return f.write_str("nothing");
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 impl Resources {
     /// True when every component of `self` is at most the same component of `available`.
     #[inline]

@@ -354,12 +354,23 @@ impl<O: Outbox> Engine<O> {
         let what = report
             .limit_exceeded
             .as_ref()
-            .map(|h| format!("{} over {} ({})", h.resource, h.limit, h.value))
+            .map(|h| {
+                format!(
+                    "{} {:.0} over its limit of {:.0}",
+                    h.resource, h.value, h.limit
+                )
+            })
             .unwrap_or_else(|| "over its allocation".into());
         task.attempts.push(Attempt {
             host: ended.host.clone(),
             allocation,
-            ending: format!("resource exhausted: {what}; retrying with {next:?}"),
+            ending: format!(
+                "resource exhausted: {what}; retrying with {}",
+                match next {
+                    Request::Fixed(r) => r.to_string(),
+                    Request::WholeWorker => "a whole worker".to_string(),
+                }
+            ),
         });
         task.rung = Some(next);
         task.resource_retries += 1;
@@ -438,7 +449,7 @@ impl<O: Outbox> Engine<O> {
         task.attempts.push(Attempt {
             host: host.clone(),
             allocation,
-            ending: format!("{outcome:?}"),
+            ending: outcome.words(report.exit_code, report.signal),
         });
         self.finish(id, outcome, Some((report, host)), error);
     }

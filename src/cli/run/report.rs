@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::Context;
-use drover_master::{Outcome, Resources, TaskResult};
+use drover_master::{Resources, TaskResult};
 
 /// Where a task came from in the task file.
 pub struct Origin<'a> {
@@ -22,45 +22,15 @@ pub struct Origin<'a> {
 /// How a task ended, in words: "exit 3", "killed by signal 9", "memory
 /// limit exceeded".
 pub fn outcome_words(r: &TaskResult) -> String {
-    match &r.outcome {
-        Outcome::Success => "done".into(),
-        Outcome::Failed => match (r.exit_code, r.signal) {
-            (_, Some(sig)) => format!("killed by signal {sig}"),
-            (Some(code), None) => format!("exit {code}"),
-            (None, None) => "failed".into(),
-        },
-        Outcome::InputMissing => "input missing".into(),
-        Outcome::OutputMissing => "output missing".into(),
-        Outcome::ResourceExhausted { resource } => format!("{resource} limit exceeded"),
-        Outcome::WallTimeExceeded => "wall time exceeded".into(),
-        Outcome::WorkerLost => "worker lost".into(),
-        Outcome::Cancelled => "cancelled".into(),
-    }
+    r.outcome.words(r.exit_code, r.signal)
 }
 
 /// "1 core, 100 MB memory, 50 MB disk" (parts that are 0 left out).
 pub fn resources_words(r: &Resources) -> String {
-    let mut parts = Vec::new();
-    if r.cores > 0 {
-        parts.push(format!(
-            "{} core{}",
-            r.cores,
-            if r.cores == 1 { "" } else { "s" }
-        ));
-    }
-    if r.memory_mb > 0 {
-        parts.push(format!("{} MB memory", r.memory_mb));
-    }
-    if r.disk_mb > 0 {
-        parts.push(format!("{} MB disk", r.disk_mb));
-    }
-    if r.gpus > 0 {
-        parts.push(format!("{} GPU", r.gpus));
-    }
-    if parts.is_empty() {
+    if r.is_zero() {
         return "nothing declared".into();
     }
-    parts.join(", ")
+    r.to_string()
 }
 
 /// An attempt's ending as the master wrote it, except that the last one,
@@ -178,6 +148,7 @@ pub fn save_failed_list(dir: &Path, lines: &mut [(usize, &str)]) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_master::Outcome;
 
     #[test]
     fn outcomes_read_as_words() {
