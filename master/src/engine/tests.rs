@@ -41,6 +41,39 @@ fn mb(cores: u32, memory_mb: u64) -> Resources {
     }
 }
 
+/// A worker of one core, 1,000 MB and 1,000 MB of disk.
+fn one_core_worker() -> Resources {
+    Resources {
+        disk_mb: 1000,
+        ..mb(1, 1000)
+    }
+}
+
+/// Joins worker 1, submits three tasks and places them: task 1 runs, task 2
+/// is sent ahead, task 3 waits.
+fn three_on_one_worker(h: &mut Harness, worker: Resources, task: Resources) {
+    h.join(1, worker);
+    for id in 1..=3 {
+        h.submit(id, "", task);
+    }
+    h.e.schedule();
+    let runs: Vec<(TaskId, bool)> = h
+        .runs()
+        .into_iter()
+        .map(|(_, r)| (r.task_id, r.queued))
+        .collect();
+    assert_eq!(runs, vec![(1, false), (2, true)]);
+}
+
+/// A task that declares every resource, so no category learns for it (and
+/// it may be sent ahead).
+fn declared_task() -> Resources {
+    Resources {
+        disk_mb: 1,
+        ..mb(1, 10)
+    }
+}
+
 struct Harness {
     e: Engine<Recorder>,
     start: Instant,
@@ -391,25 +424,9 @@ fn cancelling_a_frozen_task_kills_it_and_frees_its_room() {
 fn tasks_sent_ahead_to_a_lost_worker_are_queued_again() {
     let mut h = Harness::new(1);
     // Tasks that declare every resource: a learned task is never sent ahead.
-    let worker = Resources {
-        disk_mb: 1000,
-        ..mb(1, 1000)
-    };
-    let task = Resources {
-        disk_mb: 1,
-        ..mb(1, 10)
-    };
-    h.join(1, worker);
-    for id in 1..=3 {
-        h.submit(id, "", task);
-    }
-    h.e.schedule();
-    let runs: Vec<(TaskId, bool)> = h
-        .runs()
-        .into_iter()
-        .map(|(_, r)| (r.task_id, r.queued))
-        .collect();
-    assert_eq!(runs, vec![(1, false), (2, true)]);
+    let worker = one_core_worker();
+    let task = declared_task();
+    three_on_one_worker(&mut h, worker, task);
     assert_eq!(h.e.stats().tasks_sent_ahead, 1);
     // One runs; the one sent ahead waits on the worker and is not counted
     // as running until the worker says it started.
@@ -503,25 +520,9 @@ fn plans_and_runs(h: &mut Harness) -> Vec<(WorkerKey, &'static str, TaskId, u32)
 #[test]
 fn a_task_sent_ahead_counts_as_running_only_once_it_starts() {
     let mut h = Harness::new(1);
-    let worker = Resources {
-        disk_mb: 1000,
-        ..mb(1, 1000)
-    };
-    let task = Resources {
-        disk_mb: 1,
-        ..mb(1, 10)
-    };
-    h.join(1, worker);
-    for id in 1..=3 {
-        h.submit(id, "", task);
-    }
-    h.e.schedule();
-    let runs: Vec<(TaskId, bool)> = h
-        .runs()
-        .into_iter()
-        .map(|(_, r)| (r.task_id, r.queued))
-        .collect();
-    assert_eq!(runs, vec![(1, false), (2, true)]);
+    let worker = one_core_worker();
+    let task = declared_task();
+    three_on_one_worker(&mut h, worker, task);
     let counts = |h: &Harness| {
         let s = h.e.stats();
         (s.tasks_running, s.tasks_queued_on_workers)
@@ -559,14 +560,8 @@ fn refuse(h: &mut Harness, key: WorkerKey, task_id: TaskId, attempt: u32) {
 #[test]
 fn a_worker_that_refuses_is_kept_out_and_the_task_goes_elsewhere() {
     let mut h = Harness::new(0);
-    let worker = Resources {
-        disk_mb: 1000,
-        ..mb(1, 1000)
-    };
-    let task = Resources {
-        disk_mb: 1,
-        ..mb(1, 10)
-    };
+    let worker = one_core_worker();
+    let task = declared_task();
     h.join(1, worker);
     h.submit(1, "", task);
     h.e.schedule();
@@ -601,19 +596,9 @@ fn a_worker_that_refuses_is_kept_out_and_the_task_goes_elsewhere() {
 #[test]
 fn a_task_refused_again_and_again_ends_as_failed() {
     let mut h = Harness::new(0);
-    let worker = Resources {
-        disk_mb: 1000,
-        ..mb(1, 1000)
-    };
+    let worker = one_core_worker();
     h.join(1, worker);
-    h.submit(
-        1,
-        "",
-        Resources {
-            disk_mb: 1,
-            ..mb(1, 10)
-        },
-    );
+    h.submit(1, "", declared_task());
     let mut clock = 0.0;
     let mut pauses = Vec::new();
     loop {
