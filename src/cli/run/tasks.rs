@@ -98,10 +98,14 @@ pub fn parse_line(line: &str) -> anyhow::Result<(Task, Resources)> {
         task = task.gpus(g);
     }
     if let Some(w) = spec.wall_time {
-        if !(w.is_finite() && w > 0.0) {
-            bail!("wall_time must be a positive number of seconds");
-        }
-        task = task.wall_time(Duration::from_secs_f64(w));
+        // try_from: 1e300 is finite and positive, but no Duration holds it.
+        let limit = Duration::try_from_secs_f64(w)
+            .ok()
+            .filter(|d| w > 0.0 && !d.is_zero())
+            .ok_or_else(|| {
+                anyhow::anyhow!("wall_time must be a positive number of seconds, not {w:e}")
+            })?;
+        task = task.wall_time(limit);
     }
     if let Some(c) = spec.category {
         task = task.category(c);
@@ -210,6 +214,8 @@ mod tests {
         assert_eq!(declared.cores, 2);
         assert!(parse_line(r#"{"command":"x","bogus":1}"#).is_err());
         assert!(parse_line(r#"{"command":"x","wall_time":-1}"#).is_err());
+        assert!(parse_line(r#"{"command":"x","wall_time":1e300}"#).is_err());
+        assert!(parse_line(r#"{"command":"x","wall_time":0}"#).is_err());
         assert!(parse_line(r#"{"command":"x","environment":"/nonexistent.tar.gz"}"#).is_err());
     }
 
