@@ -215,6 +215,33 @@ fn mistakes_get_one_clear_line() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("has no port"), "{err}");
 
+    // A worker offering nothing, or more than any task may ask for.
+    for args in [
+        &["worker", "localhost:1", "--cores", "0"][..],
+        &["worker", "localhost:1", "--memory", "18446744073709551615"],
+        &["run", "t.txt", "--cores", "0"],
+        &[
+            "factory",
+            "--batch",
+            "local",
+            "--master",
+            "h:1",
+            "--max-workers",
+            "1",
+            "--cores",
+            "1",
+            "--memory",
+            "100",
+            "--disk",
+            "0",
+            "--dry-run",
+        ],
+    ] {
+        let (code, err) = failing(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("is not in 1.."), "{args:?}: {err}");
+    }
+
     let (code, err) = failing(&["status", "--project", "("]);
     assert_eq!(code, Some(2), "{err}");
     assert!(

@@ -45,13 +45,14 @@ pub struct FactoryArgs {
     #[arg(long, value_name = "N")]
     max_pending: Option<usize>,
     /// Cores each worker offers (and its job asks for).
-    #[arg(long, value_name = "N")]
+    // The same ranges as `drover worker`'s, which these are handed to.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     cores: u32,
     /// Memory each worker offers, MB.
-    #[arg(long, value_name = "MB")]
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     memory: u64,
     /// Disk each worker offers, MB.
-    #[arg(long, value_name = "MB")]
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     disk: u64,
     /// GPUs each worker offers.
     #[arg(long, value_name = "N", default_value_t = 0)]

@@ -19,13 +19,15 @@ pub mod worker;
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct Offer {
     /// Cores the worker offers (default: all of this machine's).
-    #[arg(long, value_name = "N")]
+    // A worker of 0 cores, or of more than the master accepts in a task,
+    // is a mistake: refused here, with the range.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     pub cores: Option<u32>,
     /// Memory the worker offers, MB (default: this machine's total).
-    #[arg(long, value_name = "MB")]
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     pub memory: Option<u64>,
     /// Disk the worker offers, MB (default: free space under its directory).
-    #[arg(long, value_name = "MB")]
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     pub disk: Option<u64>,
 }
 
