@@ -4,7 +4,8 @@
 # 10 / 100 / 1,000 workers (4 simulator processes), for each variant.
 # Prints a markdown table. Usage: benches/scale/run.sh [variants...]
 # (default: plain categories cached). SCALE_TASKS / SCALE_WORKERS override
-# the grid, e.g. SCALE_TASKS="10000 100000" to skip the 1M points.
+# the grid, e.g. SCALE_TASKS="10000 100000" to skip the 1M points; SCALE_BIN
+# runs a bench binary built earlier (benches/collect-bins.sh) instead of building.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 variants=("$@")
@@ -13,8 +14,11 @@ tasks=(${SCALE_TASKS:-10000 100000 1000000})
 workers=(${SCALE_WORKERS:-10 100 1000})
 procs=${SCALE_PROCS:-4}
 
-cargo build --release -q -p drover-master --bench scale
-bin=$(ls -t target/release/deps/scale-* | grep -v '\.d$' | head -1)
+bin=${SCALE_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release -q -p drover-master --bench scale
+  bin=$(ls -t target/release/deps/scale-* | grep -v '\.d$' | head -1)
+fi
 
 field() { sed -n "s/.*\"$1\":\"\{0,1\}\([^,\"}]*\).*/\1/p"; }
 

@@ -87,9 +87,20 @@ where
 
 /// Encodes `msg` as a frame and appends it to `out` (no I/O, so callers can batch frames).
 pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> io::Result<()> {
+    encode_frame_with(out, |out| {
+        serde_json::to_writer(out, msg).map_err(io::Error::other)
+    })
+}
+
+/// Appends a frame whose body `body` writes (a hand-written encoder of a
+/// hot message; it must write what serde would) to `out`.
+pub fn encode_frame_with(
+    out: &mut Vec<u8>,
+    body: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+) -> io::Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut *out, msg).map_err(io::Error::other)?;
+    body(out)?;
     let len = out.len() - start - 4;
     let len = u32::try_from(len)
         .ok()

@@ -47,8 +47,8 @@ pub use auth::{
 };
 pub use body::{copy_body, pad, BODY_CHUNK_BYTES};
 pub use frame::{
-    encode_frame, read_frame, read_frame_body, read_frame_within, write_frame, write_frame_in,
-    FrameError, HANDSHAKE_FRAME_BYTES, MAX_FRAME_BYTES,
+    encode_frame, encode_frame_with, read_frame, read_frame_body, read_frame_within, write_frame,
+    write_frame_in, FrameError, HANDSHAKE_FRAME_BYTES, MAX_FRAME_BYTES,
 };
 pub use host::hostname;
 pub use messages::{

@@ -213,7 +213,7 @@ pub(super) async fn write_loop(
             match item {
                 Outgoing::Msg(msg) => {
                     frame.clear();
-                    protocol::encode_frame(&msg, &mut frame)?;
+                    crate::wire::encode_master_frame(&msg, &mut frame)?;
                     writer.write_all(&frame).await?;
                 }
                 Outgoing::File { id, cache, source } => {
