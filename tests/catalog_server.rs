@@ -215,6 +215,7 @@ fn bad_input_is_dropped_and_counted() {
             cores: 4,
             memory_mb: 4096,
             running: 1,
+            ..Default::default()
         })
         .collect();
     assert!(serde_json::to_vec(&large).unwrap().len() > client::MAX_DATAGRAM_BYTES);

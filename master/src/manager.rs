@@ -225,7 +225,6 @@ impl ManagerBuilder {
                     c.clone(),
                     self.catalog_interval,
                     commands.clone(),
-                    report_identity.clone(),
                     catalog_key,
                 )
                 .map_err(StartError::Runtime)?,
@@ -276,7 +275,7 @@ impl Manager {
     /// whether or not the manager reports to a catalog; factories use it to
     /// see what the queue needs.
     pub fn status_report(&self) -> drover_catalog::MasterReport {
-        crate::report::snapshot(&self.commands, &self.report_identity).unwrap_or_else(|| {
+        crate::report::snapshot(&self.commands).unwrap_or_else(|| {
             let mut r = (*self.report_identity).clone();
             r.stopped = true;
             r
