@@ -277,7 +277,22 @@ impl<O: Outbox> Engine<O> {
                     memory_mb: r.memory_mb,
                     disk_mb: r.disk_mb,
                     gpus: r.gpus.into(),
-                    running: w.running.len() as u64,
+                    // Tasks sent ahead wait there; they are not running.
+                    running: w
+                        .running
+                        .iter()
+                        .filter(|id| {
+                            self.tasks.get(id).is_some_and(|t| {
+                                matches!(
+                                    t.state,
+                                    TaskState::Running {
+                                        on_worker_queue: false,
+                                        ..
+                                    }
+                                )
+                            })
+                        })
+                        .count() as u64,
                     cores_inuse: self.in_use(key).cores.into(),
                     tasks_ended: w.tasks_ended,
                     connected_secs: self.now.saturating_duration_since(w.joined).as_secs(),
