@@ -172,6 +172,12 @@ fn ctrl_c_cancels_the_rest_and_still_summarizes() {
         err.contains("0 done, 0 failed, 4 cancelled, 4 tasks"),
         "{err}"
     );
+    // Not a terminal: no colour codes, and the summary starts its own line.
+    assert!(!err.contains('\x1b'), "{err:?}");
+    assert!(
+        err.lines().any(|l| l.starts_with("drover: interrupted")),
+        "{err}"
+    );
     common::assert_none_left(&format!("sleep {mark}"));
 }
 

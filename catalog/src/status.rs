@@ -289,7 +289,9 @@ pub fn format_tasks(masters: &[MasterReport]) -> String {
 pub fn format_able(masters: &[MasterReport]) -> String {
     let rows = masters.iter().flat_map(|m| {
         able(m).into_iter().map(move |a| {
-            let fit = if a.workers.is_empty() {
+            let fit = if a.of == 0 {
+                "no worker connected".to_string()
+            } else if a.workers.is_empty() {
                 format!("none of {} (fits no worker)", a.of)
             } else {
                 format!("{} of {}: {}", a.workers.len(), a.of, a.workers.join(", "))

@@ -34,6 +34,9 @@ pub(crate) struct CategoryCounts {
     pub done: u64,
     /// Ended in any other way, cancelled included (as the report counts).
     pub failed: u64,
+    /// Tasks ever submitted whose size the category learns (they did not
+    /// declare everything); 0 means the category sizes nothing.
+    pub learned: u64,
 }
 
 /// See the module's comment.
@@ -111,9 +114,11 @@ impl History {
         self.events.push_back(e);
     }
 
-    /// A task of `category` was submitted.
-    pub(crate) fn submitted(&mut self, category: &str) {
-        self.category(category).live += 1;
+    /// A task of `category` was submitted; `learned`: its category sizes it.
+    pub(crate) fn submitted(&mut self, category: &str, learned: bool) {
+        let c = self.category(category);
+        c.live += 1;
+        c.learned += u64::from(learned);
     }
 
     /// A task of `category` ended, successfully or not.
@@ -245,9 +250,9 @@ mod tests {
         assert!(ev
             .iter()
             .all(|e| e.detail.len() <= MAX_EVENT_TEXT && e.time > 0));
-        h.submitted("a");
-        h.submitted("a");
-        h.submitted("b");
+        h.submitted("a", false);
+        h.submitted("a", false);
+        h.submitted("b", true);
         h.ended("a", true);
         h.ended("b", false);
         assert_eq!(
@@ -255,7 +260,8 @@ mod tests {
             CategoryCounts {
                 live: 1,
                 done: 1,
-                failed: 0
+                failed: 0,
+                learned: 0
             }
         );
         assert_eq!(h.categories()["b"].failed, 1);

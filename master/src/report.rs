@@ -166,10 +166,11 @@ pub(crate) fn category_summaries(
                 done: Some(n.done),
                 failed: Some(n.failed),
                 allocation: Some(match sizing.get(name) {
-                    Some(c) if c.samples > 0 || n.live + n.done + n.failed == 0 => {
+                    // A category none of whose tasks it sized (they declared
+                    // what they need) would read "learning" for ever.
+                    Some(c) if n.learned > 0 || n.live + n.done + n.failed == 0 => {
                         describe_allocation(c)
                     }
-                    // Nothing learned from it: its tasks declared what they need.
                     _ => "as declared by each task".to_string(),
                 }),
             }
@@ -656,6 +657,7 @@ mod tests {
                 live: 5,
                 done: 7,
                 failed: 1,
+                learned: 0,
             },
         );
         counts.insert("idle".to_string(), CategoryCounts::default());

@@ -14,8 +14,9 @@ impl<O: Outbox> Engine<O> {
             }
         }
         let id = spec.id;
-        self.history.submitted(&spec.category);
         let sizing = self.categories.sizing(&spec.category, &spec.resources);
+        self.history
+            .submitted(&spec.category, matches!(sizing, Sizing::Learned { .. }));
         if let Sizing::Learned { cat, class } = sizing {
             let request = self.categories.prime(cat, class);
             self.apply_class_requests(request);
