@@ -157,7 +157,7 @@ impl Progress {
 }
 
 /// "1 worker", "2 workers".
-fn plural(n: u64, what: &str) -> String {
+pub(crate) fn plural(n: u64, what: &str) -> String {
     if n == 1 {
         format!("1 {what}")
     } else {
