@@ -218,5 +218,10 @@ fn a_lost_worker_is_reported_and_its_task_runs_elsewhere() {
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(err.contains("1 worker lost (1 connected)"), "{err}");
+    // The line names the worker: its host, its address and why.
+    assert!(
+        err.contains("1 worker lost (1 connected): ") && err.contains(" 127.0.0.1:"),
+        "{err}"
+    );
     assert!(err.contains("2 done, 0 failed; 1 worker lost"), "{err}");
 }

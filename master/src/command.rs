@@ -21,4 +21,9 @@ pub(crate) enum Command {
     /// The whole status report (counts, workers, history, events), as a
     /// status query gets it.
     Report(oneshot::Sender<drover_catalog::MasterReport>),
+    /// Events from the given number on (see `Manager::events_since`).
+    EventsSince(
+        u64,
+        oneshot::Sender<(u64, Vec<drover_catalog::EventSummary>)>,
+    ),
 }

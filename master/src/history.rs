@@ -51,6 +51,8 @@ pub(crate) struct History {
     /// Unix time of the newest sample.
     last_unix: u64,
     events: VecDeque<EventSummary>,
+    /// Events ever recorded; the newest has number `events_total - 1`.
+    events_total: u64,
     categories: HashMap<String, CategoryCounts>,
 }
 
@@ -63,6 +65,7 @@ impl History {
             dropped: (0, 0),
             last_unix: 0,
             events: VecDeque::with_capacity(MAX_EVENTS),
+            events_total: 0,
             categories: HashMap::default(),
         }
     }
@@ -112,6 +115,18 @@ impl History {
             self.events.pop_front();
         }
         self.events.push_back(e);
+        self.events_total += 1;
+    }
+
+    /// The events numbered `seen` and later that are still kept, and the
+    /// number to ask from next time.
+    pub(crate) fn events_since(&self, seen: u64) -> (u64, Vec<EventSummary>) {
+        let first_kept = self.events_total - self.events.len() as u64;
+        let skip = seen.saturating_sub(first_kept) as usize;
+        (
+            self.events_total,
+            self.events.iter().skip(skip).cloned().collect(),
+        )
     }
 
     /// A task of `category` was submitted; `learned`: its category sizes it.
@@ -246,6 +261,11 @@ mod tests {
         }
         let ev = h.events();
         assert_eq!(ev.len(), MAX_EVENTS);
+        let (next, newer) = h.events_since(MAX_EVENTS as u64 + 3);
+        assert_eq!(next, MAX_EVENTS as u64 + 5);
+        assert_eq!(newer.len(), 2);
+        assert_eq!(h.events_since(0).1.len(), MAX_EVENTS);
+        assert!(h.events_since(next).1.is_empty());
         assert_eq!(ev[0].task, Some(5));
         assert!(ev
             .iter()

@@ -282,6 +282,17 @@ impl Manager {
         })
     }
 
+    /// What happened since event number `seen` (workers joined and lost,
+    /// tasks failed; the last 40 are kept), and the number to pass next
+    /// time. Start with 0. Empty once the manager has stopped.
+    pub fn events_since(&self, seen: u64) -> (u64, Vec<drover_catalog::EventSummary>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.commands.send(Command::EventsSince(seen, tx)).is_err() {
+            return (seen, Vec::new());
+        }
+        rx.blocking_recv().unwrap_or((seen, Vec::new()))
+    }
+
     /// A builder with the defaults.
     pub fn builder() -> ManagerBuilder {
         ManagerBuilder::default()

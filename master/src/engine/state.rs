@@ -187,6 +187,9 @@ impl<O: Outbox> Engine<O> {
             Command::Report(reply) => {
                 let _ = reply.send(self.status_report());
             }
+            Command::EventsSince(seen, reply) => {
+                let _ = reply.send(self.history.events_since(seen));
+            }
             Command::Shutdown(done) => return Some(done),
         }
         None
