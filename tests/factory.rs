@@ -318,6 +318,9 @@ fn slurm_factory_killed_with_sigterm_removes_its_pending_and_running_jobs() {
     let (code, out, err) = factory.terminate(Duration::from_secs(90));
     assert_eq!(code, Some(0), "factory stderr:\n{err}");
     assert_eq!(summary(&out)["submitted"], 3);
+    // The running and pending jobs it removed are counted (not as "cancelled",
+    // which is pending jobs dropped as demand fell).
+    assert_eq!(summary(&out)["removed_at_stop"], 3, "{out}");
     let left = squeue(&name);
     assert!(left.is_empty(), "jobs left behind: {left:?}");
     // The killed workers said goodbye or dropped; the master lost no task.

@@ -172,6 +172,12 @@ fn ctrl_c_cancels_the_rest_and_still_summarizes() {
         err.contains("0 done, 0 failed, 4 cancelled, 4 tasks"),
         "{err}"
     );
+    // Not a terminal: no colour codes, and the summary starts its own line.
+    assert!(!err.contains('\x1b'), "{err:?}");
+    assert!(
+        err.lines().any(|l| l.starts_with("drover: interrupted")),
+        "{err}"
+    );
     common::assert_none_left(&format!("sleep {mark}"));
 }
 
@@ -212,5 +218,10 @@ fn a_lost_worker_is_reported_and_its_task_runs_elsewhere() {
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(err.contains("1 worker lost (1 connected)"), "{err}");
+    // The line names the worker: its host, its address and why.
+    assert!(
+        err.contains("1 worker lost (1 connected): ") && err.contains(" 127.0.0.1:"),
+        "{err}"
+    );
     assert!(err.contains("2 done, 0 failed; 1 worker lost"), "{err}");
 }

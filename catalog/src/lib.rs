@@ -17,4 +17,6 @@ pub mod server;
 pub mod status;
 pub mod store;
 
-pub use report::{CategorySummary, MasterReport, ShapeCount, WorkerSummary};
+pub use report::{
+    CategorySummary, EventSummary, History, MasterReport, RunningTask, ShapeCount, WorkerSummary,
+};

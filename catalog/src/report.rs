@@ -22,6 +22,18 @@ pub const MAX_FIELD_LEN: usize = 256;
 /// Most waiting-task shapes a report keeps.
 pub const MAX_SHAPES: usize = 200;
 
+/// Most seconds of history a report keeps (ten minutes at one a second).
+pub const MAX_HISTORY: usize = 600;
+
+/// Most recent events a report keeps.
+pub const MAX_EVENTS: usize = 40;
+
+/// Most running tasks a report lists (the oldest ones).
+pub const MAX_RUNNING_LISTED: usize = 50;
+
+/// Longest event text (a failed task's stderr tail and the like), in bytes.
+pub const MAX_EVENT_TEXT: usize = 400;
+
 /// One master's status.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(default)]
@@ -101,6 +113,125 @@ pub struct MasterReport {
     /// Waiting tasks grouped by the resources they ask for, at most
     /// [`MAX_SHAPES`]: what a factory needs to decide which workers to start.
     pub waiting_shapes: Vec<ShapeCount>,
+    /// The master's recent counts, one sample a second; `None` from masters
+    /// that keep no history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<History>,
+    /// Recent events (workers joining and lost, tasks failing), oldest
+    /// first, at most [`MAX_EVENTS`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventSummary>,
+    /// Running tasks, longest running first, at most [`MAX_RUNNING_LISTED`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub running: Vec<RunningTask>,
+}
+
+/// A master's counts over its last minutes, one sample per `step_secs`,
+/// as columns of equal length (the last one is the sample at `end_time`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct History {
+    /// Unix time of the last sample.
+    pub end_time: u64,
+    /// Seconds between samples.
+    pub step_secs: u64,
+    /// Tasks that succeeded during each step.
+    pub done: Vec<u64>,
+    /// Tasks that failed during each step.
+    pub failed: Vec<u64>,
+    /// Tasks running at each sample.
+    pub running: Vec<u64>,
+    /// Tasks waiting (in the queue or sent ahead) at each sample.
+    pub waiting: Vec<u64>,
+    /// Workers connected at each sample.
+    pub workers: Vec<u64>,
+    /// Cores allocated to running tasks at each sample.
+    pub cores_inuse: Vec<u64>,
+}
+
+impl History {
+    /// Samples held (the length of every column).
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    /// True with no samples.
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+
+    fn columns_mut(&mut self) -> [&mut Vec<u64>; 6] {
+        [
+            &mut self.done,
+            &mut self.failed,
+            &mut self.running,
+            &mut self.waiting,
+            &mut self.workers,
+            &mut self.cores_inuse,
+        ]
+    }
+
+    /// Keeps the newest `n` samples at most, and makes every column as long
+    /// as the shortest (a hostile or broken report may send uneven ones).
+    pub fn keep_last(&mut self, n: usize) {
+        let shortest = self
+            .columns_mut()
+            .iter()
+            .map(|c| c.len())
+            .min()
+            .unwrap_or(0);
+        let keep = shortest.min(n);
+        for c in self.columns_mut() {
+            let cut = c.len() - keep;
+            c.drain(..cut);
+        }
+    }
+}
+
+/// What happened at a master that people watching it want to see.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct EventSummary {
+    /// Unix time of the event.
+    pub time: u64,
+    /// `worker joined`, `worker lost` or `task failed`.
+    pub kind: String,
+    /// The worker's host name, if a worker is concerned.
+    pub host: String,
+    /// The worker's address (`IP:PORT`), if a worker is concerned.
+    pub addr: String,
+    /// The task's id, for task events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<u64>,
+    /// The task's tag, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// In words: why a worker was lost, how a task ended and its stderr's
+    /// last lines. At most [`MAX_EVENT_TEXT`] bytes.
+    pub detail: String,
+}
+
+/// One running task, as the page and `drover status --tasks` list it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct RunningTask {
+    /// The task's id.
+    pub id: u64,
+    /// Its tag, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Its category.
+    pub category: String,
+    /// Host name of the worker it runs on.
+    pub host: String,
+    /// Address of that worker.
+    pub addr: String,
+    /// Seconds since it was placed.
+    pub age_secs: u64,
+    /// Cores it holds.
+    pub cores: u64,
+    /// Memory it holds, in MB.
+    pub memory_mb: u64,
 }
 
 /// How many waiting tasks ask for one shape of resources.
@@ -161,6 +292,19 @@ pub struct WorkerSummary {
     pub memory_mb: u64,
     /// Tasks running on the worker.
     pub running: u64,
+    /// The worker's address as the master sees it (`IP:PORT`): tells apart
+    /// workers on one host.
+    pub addr: String,
+    /// Disk the worker offers, in MB.
+    pub disk_mb: u64,
+    /// GPUs the worker offers.
+    pub gpus: u64,
+    /// Cores allocated to tasks on it now.
+    pub cores_inuse: u64,
+    /// Tasks that ended on it (any outcome) since it joined.
+    pub tasks_ended: u64,
+    /// Seconds since it joined.
+    pub connected_secs: u64,
 }
 
 /// The identity of an entry: the catalog keeps only the newest report per key.
@@ -276,7 +420,47 @@ impl MasterReport {
         self.waiting_shapes.truncate(MAX_SHAPES);
         for w in &mut self.workers {
             truncate_utf8(&mut w.host, MAX_FIELD_LEN);
+            truncate_utf8(&mut w.addr, MAX_FIELD_LEN);
         }
+        if let Some(h) = self.history.as_mut() {
+            h.keep_last(MAX_HISTORY);
+        }
+        let extra = self.events.len().saturating_sub(MAX_EVENTS);
+        self.events.drain(..extra);
+        for e in &mut self.events {
+            for s in [&mut e.kind, &mut e.host, &mut e.addr] {
+                truncate_utf8(s, MAX_FIELD_LEN);
+            }
+            if let Some(t) = e.tag.as_mut() {
+                truncate_utf8(t, MAX_FIELD_LEN);
+            }
+            truncate_utf8(&mut e.detail, MAX_EVENT_TEXT);
+        }
+        self.running.truncate(MAX_RUNNING_LISTED);
+        for t in &mut self.running {
+            for s in [&mut t.category, &mut t.host, &mut t.addr] {
+                truncate_utf8(s, MAX_FIELD_LEN);
+            }
+            if let Some(tag) = t.tag.as_mut() {
+                truncate_utf8(tag, MAX_FIELD_LEN);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl History {
+    fn columns_mut_len_equal(&self) -> bool {
+        let n = self.done.len();
+        [
+            &self.failed,
+            &self.running,
+            &self.waiting,
+            &self.workers,
+            &self.cores_inuse,
+        ]
+        .iter()
+        .all(|c| c.len() == n)
     }
 }
 
@@ -289,7 +473,7 @@ fn join_host_port(host: &str, port: u16) -> String {
 }
 
 /// Truncates `s` to at most `max` bytes without splitting a character.
-pub(crate) fn truncate_utf8(s: &mut String, max: usize) {
+pub fn truncate_utf8(s: &mut String, max: usize) {
     if s.len() <= max {
         return;
     }
@@ -342,6 +526,7 @@ mod tests {
             cores: 4,
             memory_mb: 100,
             running: 1,
+            ..Default::default()
         });
         r.waiting_shapes.push(ShapeCount {
             cores: 2,
@@ -359,7 +544,31 @@ mod tests {
         r.workers = vec![WorkerSummary::default(); 1000];
         r.categories = vec![CategorySummary::default(); 1000];
         r.waiting_shapes = vec![ShapeCount::default(); 1000];
+        r.events = vec![
+            EventSummary {
+                detail: "x".repeat(10_000),
+                ..Default::default()
+            };
+            1000
+        ];
+        r.running = vec![RunningTask::default(); 1000];
+        r.history = Some(History {
+            done: vec![1; 5000],
+            failed: vec![0; 5000],
+            running: vec![2; 10],
+            waiting: vec![3; 5000],
+            workers: vec![1; 5000],
+            cores_inuse: vec![1; 5000],
+            ..Default::default()
+        });
         r.clamp();
+        assert_eq!(r.events.len(), MAX_EVENTS);
+        assert!(r.events.iter().all(|e| e.detail.len() == MAX_EVENT_TEXT));
+        assert_eq!(r.running.len(), MAX_RUNNING_LISTED);
+        let h = r.history.as_ref().unwrap();
+        // Uneven columns are cut to the shortest.
+        assert_eq!(h.len(), 10);
+        assert!(h.columns_mut_len_equal());
         assert!(r.project.len() <= MAX_FIELD_LEN);
         assert!(r.project.chars().all(|c| c == 'é'));
         assert_eq!(r.workers.len(), MAX_WORKERS);

@@ -25,6 +25,22 @@ pub struct StatusQuery {
     pub project: Option<String>,
     /// Print the reports as JSON instead of a table.
     pub json: bool,
+    /// Which view of the masters to print.
+    pub view: View,
+}
+
+/// The views of `drover status`, after work_queue_status' `-W`, `-T`, `-A`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum View {
+    /// One line per master: its counts.
+    #[default]
+    Masters,
+    /// One line per connected worker of each master.
+    Workers,
+    /// Tasks by category and state, then the running tasks.
+    Tasks,
+    /// Each size of waiting task and the workers able to run it.
+    Able,
 }
 
 /// The catalog `--catalog` names, else `$DROVER_CATALOG`, else the default;
@@ -43,12 +59,283 @@ pub fn run(args: StatusQuery) -> anyhow::Result<i32> {
         crate::client::check_project_regex(p)?;
     }
     let masters = crate::client::query(&catalog, args.project.as_deref())?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&masters)?);
-    } else {
-        print!("{}", format_table(&masters, now_unix()));
-    }
+    print!("{}", render(&masters, args.view, args.json, now_unix())?);
     Ok(0)
+}
+
+/// `masters` in `view`, as a table or as JSON.
+pub fn render(
+    masters: &[MasterReport],
+    view: View,
+    json: bool,
+    now: u64,
+) -> anyhow::Result<String> {
+    if json {
+        let v = match view {
+            View::Masters => serde_json::to_value(masters)?,
+            View::Workers => per_master(masters, |m| serde_json::json!({ "workers": m.workers })),
+            View::Tasks => per_master(
+                masters,
+                |m| serde_json::json!({ "categories": m.categories, "running": m.running }),
+            ),
+            View::Able => per_master(masters, |m| serde_json::json!({ "able": able(m) })),
+        };
+        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+    }
+    Ok(match view {
+        View::Masters => format_table(masters, now),
+        View::Workers => format_workers(masters),
+        View::Tasks => format_tasks(masters),
+        View::Able => format_able(masters),
+    })
+}
+
+/// A JSON array of one object per master: its project and address, and
+/// the fields `part` gives.
+fn per_master(
+    masters: &[MasterReport],
+    part: impl Fn(&MasterReport) -> serde_json::Value,
+) -> serde_json::Value {
+    masters
+        .iter()
+        .map(|m| {
+            let mut v = serde_json::json!({ "project": m.project, "address": m.address() });
+            if let (Some(o), serde_json::Value::Object(p)) = (v.as_object_mut(), part(m)) {
+                o.extend(p);
+            }
+            v
+        })
+        .collect()
+}
+
+/// How many of `m`'s workers could run a task of each waiting shape:
+/// the shape, the tasks waiting for it and the workers big enough.
+#[derive(serde::Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct Able {
+    /// The size each task asks for, in words.
+    pub needs: String,
+    /// Tasks of this size waiting.
+    pub waiting: u64,
+    /// Addresses (else host names) of the connected workers it fits on,
+    /// by what they offer (not what is free now).
+    pub workers: Vec<String>,
+    /// Connected workers in all (of those the report lists).
+    pub of: usize,
+}
+
+/// See [`Able`].
+pub fn able(m: &MasterReport) -> Vec<Able> {
+    m.waiting_shapes
+        .iter()
+        .map(|s| {
+            let workers = m
+                .workers
+                .iter()
+                .filter(|w| {
+                    s.whole_worker
+                        || (w.cores >= s.cores
+                            && (s.memory_mb == 0 || w.memory_mb >= s.memory_mb)
+                            && (s.disk_mb == 0 || w.disk_mb == 0 || w.disk_mb >= s.disk_mb)
+                            && w.gpus >= s.gpus)
+                })
+                .map(|w| {
+                    if w.addr.is_empty() {
+                        w.host.clone()
+                    } else {
+                        w.addr.clone()
+                    }
+                })
+                .collect();
+            Able {
+                needs: shape_words(s),
+                waiting: s.count,
+                workers,
+                of: m.workers.len(),
+            }
+        })
+        .collect()
+}
+
+fn shape_words(s: &crate::ShapeCount) -> String {
+    if s.whole_worker {
+        return "a whole worker".into();
+    }
+    let mut parts = vec![format!(
+        "{} core{}",
+        s.cores,
+        if s.cores == 1 { "" } else { "s" }
+    )];
+    if s.memory_mb > 0 {
+        parts.push(format!("{} MB memory", s.memory_mb));
+    }
+    if s.disk_mb > 0 {
+        parts.push(format!("{} MB disk", s.disk_mb));
+    }
+    if s.gpus > 0 {
+        parts.push(format!(
+            "{} GPU{}",
+            s.gpus,
+            if s.gpus == 1 { "" } else { "s" }
+        ));
+    }
+    parts.join(", ")
+}
+
+fn master_name(m: &MasterReport) -> String {
+    let mut s = format!(
+        "{}@{}",
+        cut(&terminal_safe(&m.project), PROJECT_WIDTH),
+        m.address()
+    );
+    if m.stopped {
+        s.push_str(" (stopped)");
+    }
+    s
+}
+
+/// One line per worker of each master, like `work_queue_status -W`.
+pub fn format_workers(masters: &[MasterReport]) -> String {
+    let rows = masters.iter().flat_map(|m| {
+        m.workers.iter().map(move |w| {
+            vec![
+                master_name(m),
+                cut(&terminal_safe(&w.host), HOST_WIDTH),
+                terminal_safe(&w.addr),
+                format!("{}/{}", w.cores_inuse, w.cores),
+                format!("{} MB", w.memory_mb),
+                w.running.to_string(),
+                w.tasks_ended.to_string(),
+                age(w.connected_secs).trim_end_matches(" ago").to_string(),
+            ]
+        })
+    });
+    table(
+        &[
+            "MASTER",
+            "HOST",
+            "ADDRESS",
+            "CORES",
+            "MEMORY",
+            "RUNNING",
+            "ENDED",
+            "CONNECTED",
+        ],
+        3,
+        rows.collect(),
+    )
+}
+
+/// Tasks by category and state, then the running tasks with their worker
+/// and age, like `work_queue_status -T`.
+pub fn format_tasks(masters: &[MasterReport]) -> String {
+    let cats = masters.iter().flat_map(|m| {
+        let dash = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
+        m.categories.iter().map(move |c| {
+            vec![
+                master_name(m),
+                cut(&terminal_safe(&c.name), PROJECT_WIDTH),
+                dash(c.waiting),
+                dash(c.running),
+                dash(c.done),
+                dash(c.failed),
+                terminal_safe(c.allocation.as_deref().unwrap_or("-")),
+            ]
+        })
+    });
+    let mut out = table(
+        &[
+            "MASTER", "CATEGORY", "WAITING", "RUNNING", "DONE", "FAILED", "SIZING",
+        ],
+        2,
+        cats.collect(),
+    );
+    let running: Vec<Vec<String>> = masters
+        .iter()
+        .flat_map(|m| {
+            m.running.iter().map(move |t| {
+                vec![
+                    master_name(m),
+                    t.id.to_string(),
+                    terminal_safe(t.tag.as_deref().unwrap_or("-")),
+                    cut(&terminal_safe(&t.category), PROJECT_WIDTH),
+                    terminal_safe(&t.addr),
+                    t.cores.to_string(),
+                    age(t.age_secs).trim_end_matches(" ago").to_string(),
+                ]
+            })
+        })
+        .collect();
+    if !running.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "MASTER",
+                "TASK",
+                "TAG",
+                "CATEGORY",
+                "WORKER",
+                "CORES",
+                "RUNNING FOR",
+            ],
+            1,
+            running,
+        ));
+    }
+    out
+}
+
+/// Each size of waiting task and the workers that could run it, like
+/// `work_queue_status -A`; a size no worker fits says so.
+pub fn format_able(masters: &[MasterReport]) -> String {
+    let rows = masters.iter().flat_map(|m| {
+        able(m).into_iter().map(move |a| {
+            let fit = if a.of == 0 {
+                "no worker connected".to_string()
+            } else if a.workers.is_empty() {
+                format!("none of {} (fits no worker)", a.of)
+            } else {
+                format!("{} of {}: {}", a.workers.len(), a.of, a.workers.join(", "))
+            };
+            vec![master_name(m), a.needs, a.waiting.to_string(), fit]
+        })
+    });
+    table(
+        &["MASTER", "EACH TASK NEEDS", "WAITING", "WORKERS ABLE"],
+        2,
+        rows.collect(),
+    )
+}
+
+/// A fixed-width table: the first `text_columns` columns align left, the
+/// rest right, except the last, which is free text.
+fn table(headers: &[&str], text_columns: usize, rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let last = headers.len() - 1;
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            let pad = " ".repeat(w.saturating_sub(cell.chars().count()));
+            if i < text_columns || i == last {
+                let _ = write!(l, "{cell}{pad}");
+            } else {
+                let _ = write!(l, "{pad}{cell}");
+            }
+            if i < last {
+                l.push_str("  ");
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
 }
 
 /// Renders masters as a fixed-width table in the spirit of

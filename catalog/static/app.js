@@ -299,7 +299,8 @@
     $('empty').hidden = shown.length > 0;
     $('empty').textContent = state.masters.length
       ? 'No master matches this filter.'
-      : 'No master is reporting to this catalog yet.';
+      : 'No master is reporting to this catalog yet. Point one at it: drover run --catalog '
+        + location.host + ' --project NAME tasks.txt';
     $('shown').textContent = shown.length === state.masters.length
       ? fmtInt(shown.length) + (shown.length === 1 ? ' master' : ' masters')
       : fmtInt(shown.length) + ' of ' + fmtInt(state.masters.length) + ' masters';
@@ -317,6 +318,118 @@
     return el('div', { cls: 'tile ' + (cls || '') }, el('div', { cls: 'tile-value' }, value), el('div', { cls: 'tile-label' }, label));
   }
 
+  // ---- history charts (inline SVG, drawn from the report's columns) ----
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  function svg(tag, attrs) {
+    const e = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+    return e;
+  }
+
+  function column(h, name) {
+    const c = h && Array.isArray(h[name]) ? h[name].map(num) : [];
+    return c;
+  }
+
+  // One small chart: each series a line (the first also filled), over the
+  // history's time span, with its latest value and the peak in the legend.
+  function chart(id, title, h, series, yMax) {
+    const W = 320, H = 90, n = Math.max(0, ...series.map(s => s.values.length));
+    const peak = Math.max(1, yMax || 0, ...series.flatMap(s => s.values));
+    const x = i => n <= 1 ? W : i / (n - 1) * W;
+    const y = v => H - 2 - v / peak * (H - 6);
+    const box = svg('svg', { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', class: 'chart-svg',
+      role: 'img', 'aria-label': title });
+    for (const f of [0.5]) box.append(svg('line', { x1: 0, x2: W, y1: y(peak * f), y2: y(peak * f), class: 'chart-grid' }));
+    series.forEach((s, k) => {
+      if (!s.values.length) return;
+      const pts = s.values.map((v, i) => x(i).toFixed(1) + ',' + y(v).toFixed(1));
+      if (k === 0) box.append(svg('path', { d: `M0,${H} L${pts.join(' L')} L${W},${H} Z`, class: 'chart-area ' + s.cls }));
+      box.append(svg('polyline', { points: pts.join(' '), class: 'chart-line ' + s.cls }));
+    });
+    const legend = el('div', { cls: 'chart-legend' }, ...series.map(s => el('span', { cls: 'lg ' + s.lg,
+      attrs: { 'data-series': s.name } }, s.label + ' ' + fmtInt(s.values.length ? s.values[s.values.length - 1] : 0))));
+    const span = n * num(h && h.step_secs || 1);
+    return el('figure', { cls: 'chart', attrs: { 'data-chart': id } },
+      el('figcaption', null, el('span', null, title), el('span', { cls: 'muted' }, 'peak ' + fmtInt(peak) + ' · last ' + fmtDuration(span))),
+      box, legend);
+  }
+
+  // Tasks ended per second over the last minute of history, and when the
+  // rest would be done at that pace.
+  function throughput(m) {
+    const h = m.history;
+    const done = column(h, 'done'), failed = column(h, 'failed');
+    const last = done.slice(-60), lastF = failed.slice(-60);
+    const secs = last.length * num(h && h.step_secs || 1);
+    if (!secs) return null;
+    const rate = (last.reduce((a, b) => a + b, 0) + lastF.reduce((a, b) => a + b, 0)) / secs;
+    const left = num(m.tasks_waiting) + num(m.tasks_running);
+    return { rate, eta: rate > 0 && left ? left / rate : null };
+  }
+
+  function historyPanel(m) {
+    const h = m.history;
+    if (!h || !column(h, 'done').length) {
+      return el('p', { cls: 'muted' }, 'This master sends no history (an older drover).');
+    }
+    return el('div', { cls: 'charts' },
+      chart('done', 'Tasks ended per second', h, [
+        { name: 'done', label: 'done', values: column(h, 'done'), cls: 's-done', lg: 'lg-done' },
+        { name: 'failed', label: 'failed', values: column(h, 'failed'), cls: 's-failed', lg: 'lg-failed' }]),
+      chart('tasks', 'Tasks running and waiting', h, [
+        { name: 'running', label: 'running', values: column(h, 'running'), cls: 's-running', lg: 'lg-running' },
+        { name: 'waiting', label: 'waiting', values: column(h, 'waiting'), cls: 's-waiting', lg: 'lg-waiting' }]),
+      chart('workers', 'Workers connected', h, [
+        { name: 'workers', label: 'workers', values: column(h, 'workers'), cls: 's-workers', lg: 'lg-workers' }]),
+      chart('cores', 'Cores in use', h, [
+        { name: 'cores', label: 'cores', values: column(h, 'cores_inuse'), cls: 's-cores', lg: 'lg-cores' }], num(m.cores_total)));
+  }
+
+  function eventsPanel(m, now) {
+    const events = Array.isArray(m.events) ? m.events.slice().reverse() : [];
+    if (!events.length) return el('p', { cls: 'muted' }, 'Nothing happened yet.');
+    const kindCls = k => k === 'task failed' ? 'ev-failed' : k === 'worker lost' ? 'ev-lost' : 'ev-joined';
+    return el('ol', { cls: 'events' }, ...events.map(e => {
+      const who = [];
+      if (e.task != null) who.push('task ' + num(e.task) + (e.tag ? ' (' + String(e.tag) + ')' : ''));
+      if (e.host) who.push('on ' + String(e.host));
+      if (e.addr) who.push(String(e.addr));
+      return el('li', { cls: 'event ' + kindCls(String(e.kind)), attrs: { 'data-kind': String(e.kind) } },
+        el('time', { cls: 'muted', title: new Date(num(e.time) * 1000).toLocaleString() }, fmtAge(now - num(e.time))),
+        el('span', { cls: 'ev-kind' }, String(e.kind)),
+        el('span', { cls: 'ev-who mono' }, who.join(' · ')),
+        e.detail ? el('div', { cls: 'ev-detail mono' }, String(e.detail)) : null);
+    }));
+  }
+
+  function runningPanel(m) {
+    const tasks = Array.isArray(m.running) ? m.running : [];
+    if (!tasks.length) return el('p', { cls: 'muted' }, 'No task is running.');
+    const more = num(m.tasks_running) > tasks.length
+      ? el('p', { cls: 'muted' }, 'The ' + fmtInt(tasks.length) + ' longest running of ' + fmtInt(m.tasks_running) + '.') : null;
+    return el('div', null, el('table', { cls: 'sub running-tasks' },
+      el('thead', null, el('tr', null, ...['Task', 'Tag', 'Category', 'Worker', 'Cores', 'Running for']
+        .map((h, i) => el('th', { cls: i === 0 || i >= 4 ? 'num' : '' }, h)))),
+      el('tbody', null, ...tasks.map(t => el('tr', null,
+        el('td', { cls: 'num', attrs: { 'data-label': 'Task' } }, fmtInt(t.id)),
+        el('td', { attrs: { 'data-label': 'Tag' } }, t.tag == null ? '—' : String(t.tag)),
+        el('td', { attrs: { 'data-label': 'Category' } }, String(t.category || '—')),
+        el('td', { cls: 'mono', attrs: { 'data-label': 'Worker' } }, String(t.host) + (t.addr ? ' (' + String(t.addr) + ')' : '')),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Cores' } }, fmtInt(t.cores)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Running for' } }, fmtDuration(num(t.age_secs))))))), more);
+  }
+
+  function shapeWords(s) {
+    if (s.whole_worker) return 'a whole worker';
+    const parts = [fmtInt(s.cores) + (num(s.cores) === 1 ? ' core' : ' cores')];
+    if (num(s.memory_mb)) parts.push(fmtMem(s.memory_mb));
+    if (num(s.disk_mb)) parts.push(fmtMem(s.disk_mb) + ' disk');
+    if (num(s.gpus)) parts.push(fmtInt(s.gpus) + (num(s.gpus) === 1 ? ' GPU' : ' GPUs'));
+    return parts.join(', ');
+  }
+
   function renderDetail(key) {
     const box = $('detail');
     const m = state.masters.find(x => keyOf(x) === key);
@@ -326,23 +439,31 @@
       return;
     }
     const now = nowServer();
+    // A stopped master's clock stopped with its last report.
+    const until = m.stopped ? num(m.last_update) : now;
+    const finished = m.stopped && !num(m.tasks_waiting) && !num(m.tasks_running);
     const head = el('div', { cls: 'detail-head' },
       el('h1', { cls: 'detail-title' }, String(m.project)),
       m.stopped ? el('span', { cls: 'badge badge-stopped' }, 'stopped') : null,
-      el('span', { cls: 'detail-pct' }, pct(progress(m)) + ' done'));
+      el('span', { cls: 'detail-pct' }, finished
+        ? 'finished: ' + fmtInt(m.tasks_done) + ' done, ' + fmtInt(m.tasks_failed) + ' failed'
+        : pct(progress(m)) + ' done'));
+    const tp = throughput(m);
     const meta = el('dl', { cls: 'meta' },
       kv('Address', address(m), true),
       m.source_addr && m.source_addr !== m.host ? kv('Seen from', String(m.source_addr), true) : null,
       kv('Owner', String(m.owner || '—')),
       kv('Version', String(m.version || '—')),
-      kv('Running for', num(m.start_time) ? fmtDuration(now - num(m.start_time)) : '—'),
+      kv(m.stopped ? 'Ran for' : 'Running for', num(m.start_time) ? fmtDuration(until - num(m.start_time)) : '—'),
       kv('Last report', fmtAge(now - num(m.last_update))));
     const tiles = el('div', { cls: 'tiles' },
       statTile('waiting', fmtInt(m.tasks_waiting), 'accent-waiting'),
       statTile('running', fmtInt(m.tasks_running), 'accent-running'),
       statTile('done', fmtInt(m.tasks_done), 'accent-done'),
       statTile('failed', fmtInt(m.tasks_failed), 'accent-failed'),
-      statTile('workers busy / connected', fmtInt(m.workers_busy) + ' / ' + fmtInt(m.workers_connected)));
+      statTile('workers busy / connected', fmtInt(m.workers_busy) + ' / ' + fmtInt(m.workers_connected)),
+      tp && !m.stopped ? statTile('tasks / s (last minute)', tp.rate.toFixed(tp.rate >= 10 ? 0 : 1), 'tile-rate') : null,
+      tp && tp.eta != null && !m.stopped ? statTile('left at this pace', fmtDuration(tp.eta), 'tile-eta') : null);
     const meters = el('div', { cls: 'meters' },
       meter('Cores', m.cores_inuse, m.cores_total, fmtInt),
       meter('Memory', m.memory_inuse_mb, m.memory_total_mb, fmtMem),
@@ -370,14 +491,18 @@
       }))) : el('p', { cls: 'muted' }, 'No categories reported.');
 
     const workers = Array.isArray(m.workers) ? m.workers : [];
-    const workerTable = workers.length ? el('table', { cls: 'sub' },
-      el('thead', null, el('tr', null, ...['Worker', 'Cores', 'Memory', 'Tasks running']
-        .map((h, i) => el('th', { cls: i ? 'num' : '' }, h)))),
+    const workerTable = workers.length ? el('table', { cls: 'sub workers' },
+      el('thead', null, el('tr', null, ...['Worker', 'Address', 'Cores used / offered', 'Memory', 'Disk', 'Tasks running', 'Tasks ended', 'Connected for']
+        .map((h, i) => el('th', { cls: i >= 2 ? 'num' : '' }, h)))),
       el('tbody', null, ...workers.map(w => el('tr', null,
         el('td', { cls: 'mono', attrs: { 'data-label': 'Worker' } }, String(w.host)),
-        el('td', { cls: 'num', attrs: { 'data-label': 'Cores' } }, fmtInt(w.cores)),
+        el('td', { cls: 'mono', attrs: { 'data-label': 'Address' } }, w.addr ? String(w.addr) : '—'),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Cores used / offered' } }, (w.addr ? fmtInt(w.cores_inuse) + ' / ' : '') + fmtInt(w.cores)),
         el('td', { cls: 'num', attrs: { 'data-label': 'Memory' } }, fmtMem(w.memory_mb)),
-        el('td', { cls: 'num', attrs: { 'data-label': 'Tasks running' } }, fmtInt(w.running)))))) :
+        el('td', { cls: 'num', attrs: { 'data-label': 'Disk' } }, num(w.disk_mb) ? fmtMem(w.disk_mb) : '—'),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Tasks running' } }, fmtInt(w.running)),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Tasks ended' } }, w.addr ? fmtInt(w.tasks_ended) : '—'),
+        el('td', { cls: 'num', attrs: { 'data-label': 'Connected for' } }, w.addr ? fmtDuration(num(w.connected_secs)) : '—'))))) :
       el('p', { cls: 'muted' }, 'No workers connected.');
     const moreWorkers = num(m.workers_connected) > workers.length && workers.length
       ? el('p', { cls: 'muted' }, 'Showing ' + fmtInt(workers.length) + ' of ' + fmtInt(m.workers_connected) + ' workers.') : null;
@@ -389,7 +514,7 @@
       el('thead', null, el('tr', null, ...['Each task needs', 'Cores', 'Memory', 'Disk', 'GPUs', 'Tasks waiting']
         .map((h, i) => el('th', { cls: i ? 'num' : '' }, h)))),
       el('tbody', null, ...shapes.map(s => el('tr', null,
-        el('td', { attrs: { 'data-label': 'Each task needs' } }, s.whole_worker ? 'a whole worker' : 'resources'),
+        el('td', { attrs: { 'data-label': 'Each task needs' } }, shapeWords(s)),
         el('td', { cls: 'num', attrs: { 'data-label': 'Cores' } }, s.whole_worker ? '—' : fmtInt(s.cores)),
         el('td', { cls: 'num', attrs: { 'data-label': 'Memory' } }, s.whole_worker || !num(s.memory_mb) ? '—' : fmtMem(s.memory_mb)),
         el('td', { cls: 'num', attrs: { 'data-label': 'Disk' } }, s.whole_worker || !num(s.disk_mb) ? '—' : fmtMem(s.disk_mb)),
@@ -406,8 +531,12 @@
       el('div', { cls: 'detail-grid' },
         el('section', { cls: 'panel' }, el('h2', null, 'Resources'), meters),
         el('section', { cls: 'panel' }, el('h2', null, 'Master'), meta)),
-      el('section', { cls: 'panel' }, el('h2', null, 'Categories'), catTable),
-      el('section', { cls: 'panel' }, el('h2', null, 'Workers'), workerTable, moreWorkers),
+      el('section', { cls: 'panel', attrs: { id: 'panel-history' } }, el('h2', null, 'History'), historyPanel(m)),
+      el('div', { cls: 'detail-grid' },
+        el('section', { cls: 'panel', attrs: { id: 'panel-events' } }, el('h2', null, 'Recent events'), eventsPanel(m, now)),
+        el('section', { cls: 'panel', attrs: { id: 'panel-running' } }, el('h2', null, 'Running tasks'), runningPanel(m))),
+      el('section', { cls: 'panel', attrs: { id: 'panel-categories' } }, el('h2', null, 'Categories'), catTable),
+      el('section', { cls: 'panel', attrs: { id: 'panel-workers' } }, el('h2', null, 'Workers'), workerTable, moreWorkers),
       ...(shapeTable ? [el('section', { cls: 'panel' }, el('h2', null, 'Waiting tasks by size'), shapeTable)] : []));
     document.title = String(m.project) + ' · drover catalog';
   }

@@ -340,8 +340,17 @@ impl Factory {
                 _ = tokio::time::sleep(self.interval) => {}
             }
         }
-        info!(name = %self.name, "stopping: removing this factory's jobs");
-        let cleaned = self.remove_everything().await;
+        // Jobs still in the batch system when told to stop: running ones
+        // too, which the "cancelled" count (pending jobs cancelled as
+        // demand fell) does not include.
+        let (cleaned, removed) = if self.summary.submitted == 0 {
+            info!(name = %self.name, "stopping (this factory submitted no jobs)");
+            (Ok(()), 0)
+        } else {
+            info!(name = %self.name, "stopping: removing this factory's jobs");
+            let listed = self.backend.remaining().await.unwrap_or(0);
+            (self.remove_everything().await, listed)
+        };
         let s = &self.summary;
         println!(
             "{}",
@@ -349,6 +358,7 @@ impl Factory {
                 "factory": self.name,
                 "submitted": s.submitted,
                 "cancelled": s.cancelled,
+                "removed_at_stop": removed,
                 "started": s.started,
                 "failed": s.failed,
                 "submit_errors": s.submit_errors,

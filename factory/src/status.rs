@@ -36,7 +36,7 @@ async fn query_master_inner(addr: &str, password: Option<&[u8]>) -> anyhow::Resu
         Ok(Answer::Welcome { .. }) => bail!("master {addr} welcomed a status query as a worker"),
         Err(AuthError::Refused(reason)) => bail!("master {addr} refused the query: {reason}"),
         Err(AuthError::Password(why)) => {
-            bail!("master {addr}: {why} (the factory's --password-file)")
+            bail!("master {addr}: {why} (check --password-file)")
         }
         Err(e) => Err(e).with_context(|| format!("reading the answer of master {addr}")),
     }

@@ -3,7 +3,6 @@
 use tokio::sync::oneshot;
 
 use crate::category::{CategoryConfig, CategoryStats};
-use crate::scheduler::Request;
 use crate::stats::{Stats, WorkerInfo};
 use crate::task::{Prepared, TaskId};
 
@@ -19,6 +18,12 @@ pub(crate) enum Command {
     SetCategory(String, Box<CategoryConfig>, oneshot::Sender<()>),
     /// Statistics of one category (`Some(name)`) or of all.
     CategoryStats(Option<String>, oneshot::Sender<Vec<CategoryStats>>),
-    /// Waiting tasks by request, for the factory's share of a status report.
-    Demand(oneshot::Sender<Vec<(Request, usize)>>),
+    /// The whole status report (counts, workers, history, events), as a
+    /// status query gets it.
+    Report(oneshot::Sender<drover_catalog::MasterReport>),
+    /// Events from the given number on (see `Manager::events_since`).
+    EventsSince(
+        u64,
+        oneshot::Sender<(u64, Vec<drover_catalog::EventSummary>)>,
+    ),
 }

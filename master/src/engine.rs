@@ -228,6 +228,7 @@ pub(crate) async fn run(
             }
         }
         engine.schedule();
+        engine.sample_history();
     }
     engine.shutdown();
     accept.abort();

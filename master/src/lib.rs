@@ -20,6 +20,7 @@ pub mod category;
 mod command;
 mod engine;
 mod files;
+mod history;
 mod manager;
 mod report;
 pub mod scheduler;

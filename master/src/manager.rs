@@ -225,7 +225,6 @@ impl ManagerBuilder {
                     c.clone(),
                     self.catalog_interval,
                     commands.clone(),
-                    report_identity.clone(),
                     catalog_key,
                 )
                 .map_err(StartError::Runtime)?,
@@ -276,11 +275,22 @@ impl Manager {
     /// whether or not the manager reports to a catalog; factories use it to
     /// see what the queue needs.
     pub fn status_report(&self) -> drover_catalog::MasterReport {
-        crate::report::snapshot(&self.commands, &self.report_identity).unwrap_or_else(|| {
+        crate::report::snapshot(&self.commands).unwrap_or_else(|| {
             let mut r = (*self.report_identity).clone();
             r.stopped = true;
             r
         })
+    }
+
+    /// What happened since event number `seen` (workers joined and lost,
+    /// tasks failed; the last 40 are kept), and the number to pass next
+    /// time. Start with 0. Empty once the manager has stopped.
+    pub fn events_since(&self, seen: u64) -> (u64, Vec<drover_catalog::EventSummary>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.commands.send(Command::EventsSince(seen, tx)).is_err() {
+            return (seen, Vec::new());
+        }
+        rx.blocking_recv().unwrap_or((seen, Vec::new()))
     }
 
     /// A builder with the defaults.

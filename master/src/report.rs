@@ -6,20 +6,23 @@
 //! that is slow, unreachable or gone costs the engine nothing.
 
 use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_catalog::report::{MAX_CATEGORIES, MAX_WORKERS};
-use drover_catalog::{CategorySummary, MasterReport, ShapeCount, WorkerSummary};
-use drover_protocol::Resources;
+use drover_catalog::{
+    CategorySummary, EventSummary, MasterReport, RunningTask, ShapeCount, WorkerSummary,
+};
+use drover_protocol::{Resources, TaskReport};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::category::{AllocationMode, CategoryStats};
 use crate::command::Command;
+use crate::history::CategoryCounts;
 use crate::scheduler::Request;
 use crate::stats::{Stats, WorkerInfo};
+use crate::task::Attempt;
 
 /// How often a master reports unless told otherwise (as CCTools masters do).
 pub const DEFAULT_CATALOG_INTERVAL: Duration = Duration::from_secs(15);
@@ -122,27 +125,142 @@ pub(crate) fn build_report(
             cores: w.resources.cores.into(),
             memory_mb: w.resources.memory_mb,
             running: w.running as u64,
+            addr: w.addr.clone(),
+            ..Default::default()
         })
         .collect();
     r
 }
 
-/// Per-category summaries: each category's name and, for people, how it
-/// sizes its tasks.
-///
-/// HOOK: the engine does not count tasks per category yet, so the counts are
-/// left out (`None`; the page shows a dash). When `CategoryStats` (or `Stats`)
-/// gains waiting/running/done/failed per category, fill them in here.
-pub(crate) fn category_summaries(categories: &[CategoryStats]) -> Vec<CategorySummary> {
-    categories
-        .iter()
-        .take(MAX_CATEGORIES)
-        .map(|c| CategorySummary {
-            name: c.name.clone(),
-            allocation: Some(describe_allocation(c)),
-            ..Default::default()
+/// Per-category summaries: each category's task counts and, for people,
+/// how it sizes its tasks. `counts` are the engine's per-category tallies
+/// (see `History`), `running` the tasks running now; a category with
+/// counts but no sizing state (its tasks all declared what they need) is
+/// listed too, and categories with live tasks come first.
+pub(crate) fn category_summaries(
+    categories: &[CategoryStats],
+    counts: &rustc_hash::FxHashMap<String, CategoryCounts>,
+    running: &[RunningTask],
+) -> Vec<CategorySummary> {
+    let mut running_by: rustc_hash::FxHashMap<&str, u64> = Default::default();
+    for t in running {
+        *running_by.entry(t.category.as_str()).or_default() += 1;
+    }
+    let mut names: Vec<&str> = counts.keys().map(String::as_str).collect();
+    for c in categories {
+        if !counts.contains_key(&c.name) {
+            names.push(&c.name);
+        }
+    }
+    let sizing: rustc_hash::FxHashMap<&str, &CategoryStats> =
+        categories.iter().map(|c| (c.name.as_str(), c)).collect();
+    let mut out: Vec<CategorySummary> = names
+        .into_iter()
+        .map(|name| {
+            let n = counts.get(name).copied().unwrap_or_default();
+            let running = running_by.get(name).copied().unwrap_or(0);
+            CategorySummary {
+                name: name.to_string(),
+                waiting: Some(n.live.saturating_sub(running)),
+                running: Some(running),
+                done: Some(n.done),
+                failed: Some(n.failed),
+                allocation: Some(match sizing.get(name) {
+                    // A category none of whose tasks it sized (they declared
+                    // what they need) would read "learning" for ever.
+                    Some(c) if n.learned > 0 || n.live + n.done + n.failed == 0 => {
+                        describe_allocation(c)
+                    }
+                    _ => "as declared by each task".to_string(),
+                }),
+            }
         })
-        .collect()
+        .collect();
+    out.sort_by(|a, b| {
+        let live = |c: &CategorySummary| c.waiting.unwrap_or(0) + c.running.unwrap_or(0);
+        live(b).cmp(&live(a)).then_with(|| a.name.cmp(&b.name))
+    });
+    out.truncate(MAX_CATEGORIES);
+    out
+}
+
+/// Most bytes of a failed task's stderr an event keeps (its last lines,
+/// where the error usually is).
+const STDERR_TAIL: usize = 240;
+
+/// The event of a task that failed: how it ended and its stderr's tail.
+pub(crate) fn failure_event(
+    id: u64,
+    tag: &Option<String>,
+    attempts: &[Attempt],
+    error: Option<&str>,
+    report: Option<&TaskReport>,
+) -> EventSummary {
+    let last = attempts.last();
+    let mut detail = last
+        .map(|a| a.ending.clone())
+        .unwrap_or_else(|| "never ran".to_string());
+    if let Some(e) = error {
+        detail.push_str(": ");
+        detail.push_str(e);
+    }
+    if let Some(r) = report {
+        let tail = tail_of(r.stderr.trim_end(), STDERR_TAIL);
+        if !tail.is_empty() {
+            detail.push_str("; stderr: ");
+            detail.push_str(tail);
+        }
+    }
+    EventSummary {
+        kind: "task failed".into(),
+        host: last.map(|a| a.host.clone()).unwrap_or_default(),
+        task: Some(id),
+        tag: tag.clone(),
+        detail,
+        ..Default::default()
+    }
+}
+
+/// The last `max` bytes of `s` at most, not splitting a character.
+fn tail_of(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Largest report the master sends, in bytes of JSON: under the catalog's
+/// default limit (64 KiB), so a busy master's report is never dropped.
+pub(crate) const MAX_REPORT_BYTES: usize = 60 * 1024;
+
+/// Cuts a report to [`MAX_REPORT_BYTES`]: history first (its oldest half
+/// at a time), then running tasks, events and workers, the parts that
+/// grow with a master's size.
+pub(crate) fn fit(r: &mut MasterReport) {
+    let size = |r: &MasterReport| serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0);
+    let mut guard = 0;
+    while size(r) > MAX_REPORT_BYTES && guard < 64 {
+        guard += 1;
+        if let Some(h) = r.history.as_mut().filter(|h| h.len() > 60) {
+            let n = (h.len() / 2).max(60);
+            h.keep_last(n);
+        } else if r.running.len() > 5 {
+            r.running.truncate(r.running.len() / 2);
+        } else if r.events.len() > 5 {
+            let n = r.events.len() / 2;
+            r.events.drain(..n);
+        } else if r.workers.len() > 10 {
+            r.workers.truncate(r.workers.len() / 2);
+        } else if r.categories.len() > 10 {
+            r.categories.truncate(r.categories.len() / 2);
+        } else {
+            break;
+        }
+    }
 }
 
 /// "bucketing: 3 buckets; next 2 cores, 1200 MB", and the like.
@@ -234,18 +352,10 @@ fn ask<T>(
 
 /// The master's report as of now; `None` once the engine has stopped.
 /// Blocks on the engine's answer, so never call it from inside the runtime.
-pub(crate) fn snapshot(
-    commands: &mpsc::UnboundedSender<Command>,
-    identity: &MasterReport,
-) -> Option<MasterReport> {
-    let stats = ask(commands, Command::Stats)?;
-    let workers = ask(commands, Command::Workers)?;
-    let demand = ask(commands, Command::Demand)?;
-    let categories = ask(commands, |tx| Command::CategoryStats(None, tx))?;
-    let mut r = build_report(identity, &stats, &workers);
-    r.waiting_shapes = waiting_shapes(&demand);
-    r.categories = category_summaries(&categories);
-    Some(r)
+pub(crate) fn snapshot(commands: &mpsc::UnboundedSender<Command>) -> Option<MasterReport> {
+    // One round trip: the engine builds the whole report in one step, so
+    // its counts, history and events agree with each other.
+    ask(commands, Command::Report)
 }
 
 /// The thread that reports a master to a catalog every interval, and once
@@ -264,7 +374,6 @@ impl Reporter {
         catalog: String,
         interval: Duration,
         commands: mpsc::UnboundedSender<Command>,
-        identity: Arc<MasterReport>,
         catalog_key: Option<Vec<u8>>,
     ) -> std::io::Result<Reporter> {
         let (stop, stop_rx) = std_mpsc::channel();
@@ -275,7 +384,7 @@ impl Reporter {
                 let mut link = Link::new(catalog, catalog_key);
                 let mut seq = 0;
                 loop {
-                    if let Some(mut r) = snapshot(&commands, &identity) {
+                    if let Some(mut r) = snapshot(&commands) {
                         seq += 1;
                         r.seq = seq;
                         link.send(&r, false);
@@ -285,7 +394,7 @@ impl Reporter {
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
                     }
                 }
-                if let Some(mut r) = snapshot(&commands, &identity) {
+                if let Some(mut r) = snapshot(&commands) {
                     r.stopped = true;
                     r.seq = seq + 1;
                     link.send(&r, true);
@@ -523,18 +632,110 @@ mod tests {
             gpus: 1,
         });
         learned.exhausted = 2;
-        let cats = category_summaries(&[fixed, learning, learned]);
+        let cats = category_summaries(&[fixed, learning, learned], &Default::default(), &[]);
         assert_eq!(cats.len(), 3);
-        assert_eq!(cats[0].name, "render");
-        assert!(cats[0].allocation.as_deref().unwrap().starts_with("fixed"));
-        let a = cats[1].allocation.as_deref().unwrap();
+        assert_eq!(cats[2].name, "render");
+        assert!(cats[2].allocation.as_deref().unwrap().starts_with("fixed"));
+        let a = cats[0].allocation.as_deref().unwrap();
         assert!(a.starts_with("bucketing: learning (3 of "), "{a}");
         assert_eq!(
-            cats[2].allocation.as_deref(),
+            cats[1].allocation.as_deref(),
             Some("bucketing: 3 buckets; next 2 cores, 1200 MB, 1 gpu; 2 exhausted")
         );
-        // Counts are unknown per category, so they are left out, not zero.
-        assert!(cats.iter().all(|c| c.done.is_none() && c.waiting.is_none()));
+        assert!(cats
+            .iter()
+            .all(|c| c.done == Some(0) && c.waiting == Some(0)));
+    }
+
+    #[test]
+    fn categories_count_their_tasks_and_declared_ones_say_so() {
+        use crate::history::CategoryCounts;
+        let mut counts = rustc_hash::FxHashMap::default();
+        counts.insert(
+            "sim".to_string(),
+            CategoryCounts {
+                live: 5,
+                done: 7,
+                failed: 1,
+                learned: 0,
+            },
+        );
+        counts.insert("idle".to_string(), CategoryCounts::default());
+        let running = vec![
+            RunningTask {
+                category: "sim".into(),
+                ..Default::default()
+            };
+            2
+        ];
+        let cats = category_summaries(&[], &counts, &running);
+        assert_eq!(cats[0].name, "sim");
+        assert_eq!(
+            (
+                cats[0].waiting,
+                cats[0].running,
+                cats[0].done,
+                cats[0].failed
+            ),
+            (Some(3), Some(2), Some(7), Some(1))
+        );
+        assert_eq!(
+            cats[0].allocation.as_deref(),
+            Some("as declared by each task")
+        );
+        assert_eq!(cats[1].name, "idle");
+    }
+
+    #[test]
+    fn a_failure_event_has_the_ending_and_the_stderr_tail() {
+        let attempts = vec![Attempt {
+            host: "node1".into(),
+            allocation: Resources::default(),
+            ending: "exit 3".into(),
+        }];
+        let mut report = TaskReport::never_started(4, 1, drover_protocol::Ending::Exited, 0);
+        report.stderr = format!("{}\nlast: no such file\n", "x".repeat(1000));
+        let e = failure_event(4, &Some("sample-7".into()), &attempts, None, Some(&report));
+        assert_eq!(e.kind, "task failed");
+        assert_eq!(
+            (e.task, e.tag.as_deref(), e.host.as_str()),
+            (Some(4), Some("sample-7"), "node1")
+        );
+        assert!(e.detail.starts_with("exit 3; stderr: "), "{}", e.detail);
+        assert!(e.detail.ends_with("last: no such file"), "{}", e.detail);
+        assert!(e.detail.len() < 300);
+    }
+
+    #[test]
+    fn fit_keeps_a_huge_report_under_the_limit() {
+        let mut r = identity("p", "h", 1, SystemTime::now());
+        r.history = Some(drover_catalog::History {
+            done: vec![u64::MAX; 600],
+            failed: vec![u64::MAX; 600],
+            running: vec![u64::MAX; 600],
+            waiting: vec![u64::MAX; 600],
+            workers: vec![u64::MAX; 600],
+            cores_inuse: vec![u64::MAX; 600],
+            ..Default::default()
+        });
+        r.events = vec![
+            EventSummary {
+                detail: "d".repeat(400),
+                ..Default::default()
+            };
+            40
+        ];
+        r.workers = vec![
+            WorkerSummary {
+                host: "h".repeat(200),
+                ..Default::default()
+            };
+            200
+        ];
+        fit(&mut r);
+        assert!(serde_json::to_vec(&r).unwrap().len() <= MAX_REPORT_BYTES);
+        // The newest history is what is kept.
+        assert_eq!(r.history.as_ref().unwrap().len(), 60);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct FactoryArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     min_workers: usize,
     /// Most worker jobs at once, pending and running together.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", default_value_t = 10)]
     max_workers: usize,
     /// Most jobs waiting in the batch queue at once (default: --max-workers).
     /// Keeps a busy cluster from collecting requests it cannot start.
@@ -46,13 +46,13 @@ pub struct FactoryArgs {
     max_pending: Option<usize>,
     /// Cores each worker offers (and its job asks for).
     // The same ranges as `drover worker`'s, which these are handed to.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     cores: u32,
     /// Memory each worker offers, MB.
-    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    #[arg(long, value_name = "MB", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     memory: u64,
     /// Disk each worker offers, MB.
-    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    #[arg(long, value_name = "MB", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     disk: u64,
     /// GPUs each worker offers.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -92,8 +92,30 @@ pub struct FactoryArgs {
     dry_run: bool,
 }
 
+/// True for an address that names this machine only: a compute node
+/// given it would look for the master on itself.
+fn is_loopback(host_port: &str) -> bool {
+    let host = host_port
+        .rsplit_once(':')
+        .map_or(host_port, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Runs `drover factory` until SIGINT or SIGTERM.
 pub fn run(args: FactoryArgs) -> anyhow::Result<i32> {
+    if let (Some(m), false) = (&args.master, matches!(args.batch, BatchArg::Local)) {
+        if is_loopback(m) {
+            tracing::warn!(
+                "--master {m} is this machine's loopback address: workers on compute nodes \
+                 will look for the master on themselves; give the master's host name"
+            );
+        }
+    }
     drover_factory::run(FactoryConfig {
         batch: match args.batch {
             BatchArg::Slurm => BatchKind::Slurm,
@@ -121,4 +143,19 @@ pub fn run(args: FactoryArgs) -> anyhow::Result<i32> {
         name: args.name,
         dry_run: args.dry_run,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn loopback_masters_are_recognised() {
+        for a in ["localhost:9123", "127.0.0.1:1", "[::1]:5", "LOCALHOST:2"] {
+            assert!(is_loopback(a), "{a}");
+        }
+        for a in ["node7:9123", "10.0.0.5:1", "[2001:db8::1]:5"] {
+            assert!(!is_loopback(a), "{a}");
+        }
+    }
 }

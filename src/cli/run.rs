@@ -302,16 +302,15 @@ fn summarize(
     };
     if c.workers_lost > 0 {
         extra.push_str(&format!(
-            "; {} worker{} lost",
-            c.workers_lost,
-            if c.workers_lost == 1 { "" } else { "s" }
+            "; {} lost",
+            progress::plural(c.workers_lost, "worker")
         ));
     }
     eprintln!(
-        "drover: {} done, {} failed{extra}, {} tasks in {wall:.1} s ({:.1} tasks/s)",
+        "drover: {} done, {} failed{extra}, {} in {wall:.1} s ({:.1} tasks/s)",
         c.done,
         c.failed,
-        c.total,
+        progress::plural(c.total, "task"),
         if wall > 0.0 {
             finished as f64 / wall
         } else {

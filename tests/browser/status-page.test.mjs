@@ -262,7 +262,7 @@ test('filter, sort and the detail view', async () => {
   const shapes = detail.locator('table.shapes tbody tr');
   assert.equal(await shapes.count(), 3);
   assert.deepEqual(await shapes.nth(0).locator('td').allTextContents(),
-    ['resources', '1', '2.0 GB', '—', '0', '13']); // 20 waiting (the first test's last report) - 7
+    ['1 core, 2.0 GB', '1', '2.0 GB', '—', '0', '13']); // 20 waiting (the first test's last report) - 7
   assert.equal(await shapes.nth(2).locator('td').first().textContent(), 'a whole worker');
   await page.waitForTimeout(300);
   await page.screenshot({ path: path.join(artifacts, 'status-page-detail.png'), fullPage: true });
@@ -346,6 +346,133 @@ test('a real drover run reports to the catalog and the page follows its tasks', 
   } finally {
     await context.close();
     if (run.exitCode === null) run.kill();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// The detail panels as the page shows them, read inside the page.
+function detailPanels(page) {
+  return page.evaluate(() => {
+    const rows = sel => [...document.querySelectorAll(sel)].map(tr =>
+      [...tr.querySelectorAll('td')].map(td => td.textContent));
+    return {
+      events: [...document.querySelectorAll('#panel-events .event')].map(li => ({
+        kind: li.dataset.kind, text: li.textContent })),
+      running: rows('#panel-running tbody tr'),
+      workers: rows('#panel-workers tbody tr'),
+      categories: rows('#panel-categories tbody tr'),
+      charts: [...document.querySelectorAll('#panel-history [data-chart]')].map(f => ({
+        id: f.dataset.chart,
+        legend: [...f.querySelectorAll('[data-series]')].map(s => s.textContent),
+        points: f.querySelector('polyline')?.getAttribute('points')?.split(' ').length || 0,
+      })),
+    };
+  });
+}
+
+async function waitForPanels(page, what, pred) {
+  let last = null;
+  for (let i = 0; i < 600; i++) {
+    last = await detailPanels(page);
+    if (pred(last)) return last;
+    await page.waitForTimeout(100);
+  }
+  throw new Error(`the page never showed ${what}; last: ${JSON.stringify(last)}`);
+}
+
+function waitForLine(child, re, what) {
+  return new Promise((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`no ${what} in: ${out}`)), 30000);
+    child.stderr.on('data', d => {
+      out += d;
+      const m = out.match(re);
+      if (m) { clearTimeout(timer); resolve(m); }
+    });
+  });
+}
+
+test('each panel of a real run: history, events with a killed worker and a failed task, running tasks, workers, categories', async () => {
+  // A real master waiting for remote workers, two real worker processes of
+  // 2 cores each. One task fails at once with a message on stderr, two
+  // succeed, three hold cores until a gate file appears (one core stays
+  // free, so the quick ones never wait behind them); then a worker is killed.
+  const dir = mkdtempSync(path.join(tmpdir(), 'drover-browser-panels-'));
+  const gate = path.join(dir, 'gate');
+  const lines = [JSON.stringify({ command: 'echo reading sample 7 >&2; echo no such input: s7.fq >&2; exit 3', tag: 'bad-sample', category: 'align' })];
+  for (let i = 0; i < 2; i++) lines.push(JSON.stringify({ command: 'true', category: 'align' }));
+  for (let i = 0; i < 3; i++) lines.push(JSON.stringify({ command: `while [ ! -e '${gate}' ]; do sleep 0.05; done`, category: 'sim', cores: 1 }));
+  writeFileSync(path.join(dir, 'tasks.jsonl'), lines.join('\n') + '\n');
+  const project = `panels-${process.pid}`;
+  const bin = droverBin();
+  const run = spawn(bin, ['run', '--workers', '0', '--port', '0',
+    '--catalog', `127.0.0.1:${port}`, '--project', project, '--catalog-interval', '0.2',
+    '--failed-dir', path.join(dir, 'failed'), path.join(dir, 'tasks.jsonl')],
+  { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+  const exited = new Promise(resolve => run.once('exit', code => resolve(code)));
+  const workers = [];
+  const { page, context, errors } = await openPage({ width: 1280, height: 900 });
+  try {
+    const [, masterPort] = await waitForLine(run, /waiting for workers on port (\d+)/, 'port');
+    for (const name of ['a', 'b']) {
+      mkdirSync(path.join(dir, 'w-' + name));
+      workers.push(spawn(bin, ['worker', `127.0.0.1:${masterPort}`, '--cores', '2', '--memory', '1000',
+        '--workdir', path.join(dir, 'w-' + name)], { stdio: 'ignore' }));
+    }
+    const entry = await waitForEntry(project);
+    await page.goto(`http://127.0.0.1:${port}/#/master/` + encodeURIComponent(
+      [entry.kind, entry.host, entry.port, entry.project].join('|')));
+    const busy = await waitForPanels(page, 'the failed task, two done and three running',
+      p => p.running.length === 3 && p.events.some(e => e.kind === 'task failed')
+        && p.events.filter(e => e.kind === 'worker joined').length === 2
+        && p.categories.some(r => r[0] === 'align' && r[3] === '2'));
+    const failed = busy.events.find(e => e.kind === 'task failed');
+    assert.match(failed.text, /bad-sample/);
+    assert.match(failed.text, /exit 3/);
+    assert.match(failed.text, /no such input: s7\.fq/);
+    // Two workers on one host told apart by their address.
+    assert.equal(busy.workers.length, 2);
+    assert.notEqual(busy.workers[0][1], busy.workers[1][1]);
+    assert.match(busy.workers[0][1], /^127\.0\.0\.1:\d+$/);
+    // Busiest first; running means started (nothing is sent ahead here).
+    assert.equal(busy.workers[0][2], '2 / 2');
+    assert.deepEqual(busy.workers.map(w => w[5]), ['2', '1']);
+    // Every running task names its worker; all are the gate tasks of 'sim'.
+    assert.ok(busy.running.every(r => r[2] === 'sim' && /127\.0\.0\.1:\d+/.test(r[3])), JSON.stringify(busy.running));
+    // Per-category counts, not dashes.
+    const cat = name => busy.categories.find(r => r[0] === name);
+    assert.deepEqual(cat('align').slice(1, 5), ['0', '0', '2', '1']);
+    assert.deepEqual(cat('sim').slice(1, 5), ['0', '3', '0', '0']);
+    assert.deepEqual(busy.charts.map(c => c.id), ['done', 'tasks', 'workers', 'cores']);
+
+    // Kill one worker: the page says which one was lost, and its tasks wait again.
+    const victim = workers[1];
+    victim.kill('SIGKILL');
+    const after = await waitForPanels(page, 'the lost worker',
+      p => p.events.some(e => e.kind === 'worker lost') && p.workers.length === 1
+        && p.charts.find(c => c.id === 'workers')?.legend[0] === 'workers 1');
+    const lost = after.events.find(e => e.kind === 'worker lost');
+    const survivor = after.workers[0][1];
+    const gone = busy.workers.map(w => w[1]).find(a => a !== survivor);
+    assert.ok(lost.text.includes(gone), `${lost.text} should name ${gone}`);
+    // The newest event is listed first.
+    assert.equal(after.events[0].kind, 'worker lost');
+    const chart = after.charts.find(c => c.id === 'workers');
+    assert.ok(chart.points >= 2, JSON.stringify(chart));
+    await page.waitForTimeout(1800);
+    await page.screenshot({ path: path.join(artifacts, 'status-page-panels.png'), fullPage: true });
+    // The picture README shows (docs/status-page.jpg is a copy of this one).
+    await page.screenshot({ path: path.join(artifacts, 'status-page-panels.jpg'), fullPage: true,
+      type: 'jpeg', quality: 70 });
+
+    writeFileSync(gate, '');
+    assert.equal(await exited, 1);
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.close();
+    writeFileSync(gate, '');
+    if (run.exitCode === null) run.kill();
+    for (const w of workers) if (w.exitCode === null && w.signalCode === null) w.kill();
     rmSync(dir, { recursive: true, force: true });
   }
 });

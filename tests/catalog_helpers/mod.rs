@@ -84,6 +84,7 @@ pub fn master(project: &str, port: u16, done: u64) -> MasterReport {
         cores: 4,
         memory_mb: 1024,
         running: 4,
+        ..Default::default()
     }];
     r
 }

@@ -15,6 +15,8 @@ impl<O: Outbox> Engine<O> {
         }
         let id = spec.id;
         let sizing = self.categories.sizing(&spec.category, &spec.resources);
+        self.history
+            .submitted(&spec.category, matches!(sizing, Sizing::Learned { .. }));
         if let Sizing::Learned { cat, class } = sizing {
             let request = self.categories.prime(cat, class);
             self.apply_class_requests(request);
@@ -99,6 +101,13 @@ impl<O: Outbox> Engine<O> {
             return;
         };
         info!(worker = %worker.addr, "worker left: {reason}");
+        self.history.event(drover_catalog::EventSummary {
+            kind: "worker lost".into(),
+            host: worker.hello.hostname.clone(),
+            addr: worker.addr.to_string(),
+            detail: format!("{reason}; {} task(s) were on it", worker.running.len()),
+            ..Default::default()
+        });
         self.growing_workers.remove(&key);
         self.sched.remove_worker(key);
         self.refresh_largest();
@@ -275,6 +284,7 @@ impl<O: Outbox> Engine<O> {
         let host = self.release_attempt(key, id, allocation);
         self.touched.push(key);
         if let Some(w) = self.workers.get_mut(&key) {
+            w.tasks_ended += 1;
             // A task that got as far as running clears the worker's record.
             if report.ending != Ending::SetupFailed {
                 w.refusals_in_row = 0;
@@ -468,6 +478,17 @@ impl<O: Outbox> Engine<O> {
             Outcome::Success => self.stats.tasks_done += 1,
             Outcome::Cancelled => self.stats.tasks_cancelled += 1,
             _ => self.stats.tasks_failed += 1,
+        }
+        self.history
+            .ended(&task.spec.category, outcome == Outcome::Success);
+        if !matches!(outcome, Outcome::Success | Outcome::Cancelled) {
+            self.history.event(crate::report::failure_event(
+                id,
+                &task.spec.tag,
+                &task.attempts,
+                error.as_deref(),
+                report.as_ref().map(|(r, _)| r),
+            ));
         }
         let spec = task.spec;
         let allocated = task

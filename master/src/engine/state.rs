@@ -66,6 +66,10 @@ pub(super) struct WorkerEntry {
     pub(super) refusals_in_row: u32,
     /// Kept out of placement until then, after refusing a task.
     pub(super) blocked_until: Option<Instant>,
+    /// When it joined (the engine's clock).
+    pub(super) joined: Instant,
+    /// Tasks whose attempt ended on it, any way.
+    pub(super) tasks_ended: u64,
 }
 
 pub(super) struct Engine<O: Outbox> {
@@ -96,6 +100,8 @@ pub(super) struct Engine<O: Outbox> {
     /// Workers that freed or filled up since the last scheduling pass:
     /// where sending a task ahead may now be useful.
     pub(super) touched: Vec<WorkerKey>,
+    /// Per-second counts, recent events, tasks per category.
+    pub(super) history: crate::history::History,
 }
 
 impl<O: Outbox> Engine<O> {
@@ -104,9 +110,10 @@ impl<O: Outbox> Engine<O> {
         report_identity: Arc<drover_catalog::MasterReport>,
         prefetch: usize,
     ) -> Self {
+        let now = Instant::now();
         Engine {
             out,
-            now: Instant::now(),
+            now,
             sched: Scheduler::new(),
             tasks: HashMap::default(),
             workers: HashMap::default(),
@@ -123,6 +130,7 @@ impl<O: Outbox> Engine<O> {
             blocked_workers: HashSet::default(),
             prefetch,
             touched: Vec::new(),
+            history: crate::history::History::new(now),
         }
     }
 
@@ -176,8 +184,11 @@ impl<O: Outbox> Engine<O> {
                 };
                 let _ = reply.send(stats);
             }
-            Command::Demand(reply) => {
-                let _ = reply.send(self.sched.demand());
+            Command::Report(reply) => {
+                let _ = reply.send(self.status_report());
+            }
+            Command::EventsSince(seen, reply) => {
+                let _ = reply.send(self.history.events_since(seen));
             }
             Command::Shutdown(done) => return Some(done),
         }
@@ -211,14 +222,122 @@ impl<O: Outbox> Engine<O> {
             .collect()
     }
 
-    /// The report a status query gets: the catalog's report plus the waiting
-    /// tasks by shape, built here in one step since the asker waits on the
-    /// network anyway. Costs O(workers + shapes), once per query.
-    pub(super) fn status_report(&self) -> drover_catalog::MasterReport {
+    /// The whole status report, for the catalog and for status queries:
+    /// counts, workers, waiting shapes, categories with their counts,
+    /// history, recent events and the running tasks. Costs O(workers +
+    /// running tasks + shapes + categories), once per report.
+    pub(super) fn status_report(&mut self) -> drover_catalog::MasterReport {
+        self.sample_history();
         let mut r =
             crate::report::build_report(&self.report_identity, &self.stats(), &self.worker_infos());
         r.waiting_shapes = crate::report::waiting_shapes(&self.sched.demand());
+        r.workers = self.worker_summaries();
+        let running = self.running_tasks();
+        r.categories = crate::report::category_summaries(
+            &self.categories.all_stats(),
+            self.history.categories(),
+            &running,
+        );
+        r.running = running
+            .into_iter()
+            .take(drover_catalog::report::MAX_RUNNING_LISTED)
+            .collect();
+        r.history = self.history.report();
+        r.events = self.history.events();
+        crate::report::fit(&mut r);
         r
+    }
+
+    /// Takes this second's sample of the counts, once a second at most.
+    pub(super) fn sample_history(&mut self) {
+        if !self.history.due(self.now) {
+            return;
+        }
+        let s = self.stats();
+        let sample = crate::history::Sample {
+            done: s.tasks_done,
+            failed: s.tasks_failed + s.tasks_cancelled,
+            running: s.tasks_running,
+            waiting: s.tasks_waiting + s.tasks_queued_on_workers,
+            workers: s.workers_connected,
+            cores_inuse: s.resources_in_use.cores.into(),
+        };
+        self.history.record(self.now, sample);
+    }
+
+    /// Connected workers for the report, busiest first, with their
+    /// address (two workers on one host are told apart) and what they did.
+    fn worker_summaries(&self) -> Vec<drover_catalog::WorkerSummary> {
+        let mut ws: Vec<drover_catalog::WorkerSummary> = self
+            .workers
+            .iter()
+            .map(|(&key, w)| {
+                let r = &w.hello.resources;
+                drover_catalog::WorkerSummary {
+                    host: w.hello.hostname.clone(),
+                    addr: w.addr.to_string(),
+                    cores: r.cores.into(),
+                    memory_mb: r.memory_mb,
+                    disk_mb: r.disk_mb,
+                    gpus: r.gpus.into(),
+                    // Tasks sent ahead wait there; they are not running.
+                    running: w
+                        .running
+                        .iter()
+                        .filter(|id| {
+                            self.tasks.get(id).is_some_and(|t| {
+                                matches!(
+                                    t.state,
+                                    TaskState::Running {
+                                        on_worker_queue: false,
+                                        ..
+                                    }
+                                )
+                            })
+                        })
+                        .count() as u64,
+                    cores_inuse: self.in_use(key).cores.into(),
+                    tasks_ended: w.tasks_ended,
+                    connected_secs: self.now.saturating_duration_since(w.joined).as_secs(),
+                }
+            })
+            .collect();
+        ws.sort_by(|a, b| b.running.cmp(&a.running).then_with(|| a.addr.cmp(&b.addr)));
+        ws.truncate(drover_catalog::report::MAX_WORKERS);
+        ws
+    }
+
+    /// Tasks running now (not those sent ahead), longest running first.
+    fn running_tasks(&self) -> Vec<drover_catalog::RunningTask> {
+        let mut out = Vec::new();
+        for w in self.workers.values() {
+            for id in &w.running {
+                let Some(t) = self.tasks.get(id) else {
+                    continue;
+                };
+                let TaskState::Running {
+                    allocation,
+                    started,
+                    on_worker_queue: false,
+                    ..
+                } = t.state
+                else {
+                    continue;
+                };
+                out.push(drover_catalog::RunningTask {
+                    id: *id,
+                    tag: t.spec.tag.clone(),
+                    category: t.spec.category.clone(),
+                    host: w.hello.hostname.clone(),
+                    addr: w.addr.to_string(),
+                    age_secs: self.now.saturating_duration_since(started).as_secs(),
+                    cores: allocation.cores.into(),
+                    memory_mb: allocation.memory_mb,
+                });
+            }
+        }
+        out.sort_by(|a, b| b.age_secs.cmp(&a.age_secs).then(a.id.cmp(&b.id)));
+        out
     }
 
     pub(super) fn stats(&self) -> Stats {
@@ -244,6 +363,13 @@ impl<O: Outbox> Engine<O> {
         {
             {
                 info!(worker = %addr, host = %hello.hostname, resources = ?hello.resources, "worker joined");
+                self.history.event(drover_catalog::EventSummary {
+                    kind: "worker joined".into(),
+                    host: hello.hostname.clone(),
+                    addr: addr.to_string(),
+                    detail: hello.resources.to_string(),
+                    ..Default::default()
+                });
                 self.sched.add_worker(key, hello.resources);
                 let mut files = HashSet::default();
                 for id in &hello.cached {
@@ -266,6 +392,8 @@ impl<O: Outbox> Engine<O> {
                         growth: WorkerGrowth::default(),
                         refusals_in_row: 0,
                         blocked_until: None,
+                        joined: self.now,
+                        tasks_ended: 0,
                     },
                 );
                 self.refresh_largest();

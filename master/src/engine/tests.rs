@@ -623,3 +623,76 @@ fn a_task_refused_again_and_again_ends_as_failed() {
     assert!(error.contains("refused by workers 10 times"), "{error}");
     assert_eq!(h.e.stats().tasks_waiting, 0);
 }
+
+#[test]
+fn the_report_carries_history_events_categories_and_running_tasks() {
+    let mut h = Harness::new(0);
+    h.e.sample_history();
+    h.join(1, one_core_worker());
+    h.join(2, one_core_worker());
+    for id in 1..=3 {
+        h.submit(id, "sim", declared_task());
+    }
+    h.e.schedule();
+    assert_eq!(h.runs().len(), 2);
+    h.at(1.0);
+    h.e.sample_history();
+    let mut failed = ended(1, 1, Ending::Exited, 5.0);
+    failed.exit_code = Some(3);
+    failed.stderr = "reading input\nerror: no such file\n".into();
+    h.done(1, failed);
+    h.e.schedule();
+    h.at(2.5);
+    let r = h.e.status_report();
+    // Task 2 ran 2.5 s on w2, task 3 runs on w1 since its first failure.
+    let running: Vec<(u64, &str, u64)> = r
+        .running
+        .iter()
+        .map(|t| (t.id, t.host.as_str(), t.age_secs))
+        .collect();
+    assert_eq!(running, vec![(2, "w2", 2), (3, "w1", 1)]);
+    h.e.worker_gone(2, "connection reset");
+    h.at(4.0);
+    let r = h.e.status_report();
+    let kinds: Vec<&str> = r.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "worker joined",
+            "worker joined",
+            "task failed",
+            "worker lost"
+        ]
+    );
+    let fail = &r.events[2];
+    assert_eq!((fail.task, fail.host.as_str()), (Some(1), "w1"));
+    assert!(fail.detail.starts_with("exit 3"), "{}", fail.detail);
+    assert!(
+        fail.detail.ends_with("error: no such file"),
+        "{}",
+        fail.detail
+    );
+    let lost = &r.events[3];
+    assert_eq!(
+        (lost.host.as_str(), lost.addr.as_str()),
+        ("w2", "127.0.0.1:9002")
+    );
+    assert!(lost.detail.contains("connection reset"), "{}", lost.detail);
+    // One sample a second from 0 to 4, the idle third second included.
+    let hist = r.history.expect("history");
+    assert_eq!(hist.len(), 5);
+    assert_eq!(hist.failed.iter().sum::<u64>(), 1);
+    assert_eq!(hist.workers, vec![0, 2, 2, 2, 1]);
+    let sim = &r.categories[0];
+    assert_eq!(sim.name, "sim");
+    // Task 2 waits again (its worker was lost), task 3 runs, task 1 failed.
+    assert_eq!(
+        (sim.waiting, sim.running, sim.done, sim.failed),
+        (Some(1), Some(1), Some(0), Some(1))
+    );
+    assert_eq!(r.workers.len(), 1);
+    assert_eq!(
+        (r.workers[0].addr.as_str(), r.workers[0].tasks_ended),
+        ("127.0.0.1:9001", 1)
+    );
+}

@@ -11,6 +11,8 @@ use drover_master::{Manager, Stats};
 /// How often the master is asked for its counts; each ask is a round trip
 /// to its engine, so not once per finished task.
 const POLL: Duration = Duration::from_millis(500);
+/// Most worker events kept to be named on the next joined/lost line.
+const MAX_NAMED: usize = 8;
 /// How often a progress line is printed when stderr is not a terminal.
 const LINE_EVERY: Duration = Duration::from_secs(5);
 
@@ -31,6 +33,11 @@ pub struct Progress {
     last_poll: Option<Instant>,
     /// Workers that went away during the run.
     pub workers_lost: u64,
+    /// The master's next event number (see `Manager::events_since`).
+    events_seen: u64,
+    /// Worker events not yet named on a line, in words (at most
+    /// [`MAX_NAMED`]), to say who joined or left.
+    worker_events: Vec<String>,
 }
 
 impl Progress {
@@ -62,6 +69,8 @@ impl Progress {
             announce_joins,
             last_poll: None,
             workers_lost: 0,
+            events_seen: 0,
+            worker_events: Vec::new(),
         }
     }
 
@@ -71,7 +80,20 @@ impl Progress {
             return;
         }
         self.last_poll = Some(Instant::now());
-        self.observe(&manager.stats());
+        // Counts first: a loss they show is already among the events asked
+        // for next, so the line can name the worker.
+        let stats = manager.stats();
+        let (next, events) = manager.events_since(self.events_seen);
+        self.events_seen = next;
+        self.worker_events.extend(
+            events
+                .iter()
+                .filter(|e| e.kind.starts_with("worker"))
+                .map(|e| format!("{} {} {} ({})", e.kind, e.host, e.addr, e.detail)),
+        );
+        let extra = self.worker_events.len().saturating_sub(MAX_NAMED);
+        self.worker_events.drain(..extra);
+        self.observe(&stats);
     }
 
     fn observe(&mut self, stats: &Stats) {
@@ -80,20 +102,42 @@ impl Progress {
         if let Some(before) = self.workers {
             if now < before {
                 self.workers_lost += before - now;
+                let who = self.who("worker lost");
                 self.event(&format!(
-                    "{} lost ({now} connected)",
+                    "{} lost ({now} connected){who}",
                     plural(before - now, "worker")
                 ));
             } else if now > before && self.announce_joins {
+                let who = self.who("worker joined");
                 self.event(&format!(
-                    "{} joined ({now} connected)",
+                    "{} joined ({now} connected){who}",
                     plural(now - before, "worker")
                 ));
+            }
+            if now != before {
+                // Each worker is named once, on the line of its change.
+                self.worker_events.clear();
             }
         } else if now > 0 && self.announce_joins {
             self.event(&format!("{} connected", plural(now, "worker")));
         }
         self.workers = Some(now);
+    }
+
+    /// ": " and the workers of the unnamed `kind` events, separated by
+    /// "; "; empty when the master named none.
+    fn who(&self, kind: &str) -> String {
+        let named: Vec<&str> = self
+            .worker_events
+            .iter()
+            .filter_map(|e| e.strip_prefix(kind))
+            .map(str::trim_start)
+            .collect();
+        if named.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", named.join("; "))
+        }
     }
 
     /// Prints a line above the bar (or as a line of its own).
@@ -157,7 +201,7 @@ impl Progress {
 }
 
 /// "1 worker", "2 workers".
-fn plural(n: u64, what: &str) -> String {
+pub(crate) fn plural(n: u64, what: &str) -> String {
     if n == 1 {
         format!("1 {what}")
     } else {
@@ -180,6 +224,9 @@ mod tests {
         p.observe(&stats);
         assert_eq!(p.status(0, false), "3 running, 2 workers");
         stats.workers_connected = 1;
+        p.worker_events = vec!["worker lost vm 127.0.0.1:5 (connection closed)".into()];
+        assert_eq!(p.who("worker lost"), ": vm 127.0.0.1:5 (connection closed)");
+        assert_eq!(p.who("worker joined"), "");
         p.observe(&stats);
         assert_eq!(p.workers_lost, 1);
         assert_eq!(p.status(4, false), "3 running, 1 worker, 4 failed");
