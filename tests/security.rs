@@ -464,3 +464,26 @@ fn stalled_connections_declaring_big_frames_cost_the_master_no_memory() {
         "master RSS went from {before} kB to {during} kB"
     );
 }
+
+#[test]
+fn drover_run_gives_its_local_worker_the_certificate_to_trust() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, cert, key, _) = tls_init(dir.path());
+    let pw = write_file(dir.path(), "pw", b"secret\n");
+    let tasks = write_file(dir.path(), "tasks.txt", b"echo over-tls\n");
+    let out = std::process::Command::new(drover_bin())
+        .arg("run")
+        .arg(&tasks)
+        .args(["--show-output", "--listen", "127.0.0.1", "--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--password-file")
+        .arg(&pw)
+        .current_dir(dir.path())
+        .output()
+        .expect("run drover run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("over-tls"), "{stdout}");
+}

@@ -107,6 +107,13 @@ fn start_local_workers(
         .prefix("drover-run-")
         .tempdir()
         .context("creating a worker directory")?;
+    // Local workers reach the master where it listens: loopback unless
+    // --listen named one address.
+    let host = match args.listen.as_deref() {
+        Some(a) if a != "0.0.0.0" && a != "::" && a.contains(':') => format!("[{a}]"),
+        Some(a) if a != "0.0.0.0" && a != "::" => a.to_string(),
+        _ => "127.0.0.1".to_string(),
+    };
     // A local worker trusts exactly the certificate its master serves.
     let tls_pin = match &args.tls_cert {
         Some(cert) => Some(drover_worker::protocol::tls::cert_file_fingerprint(cert)?),
@@ -116,7 +123,7 @@ fn start_local_workers(
     for _ in 0..args.workers {
         let mut cmd = Command::new(&exe);
         cmd.arg("worker")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{host}:{port}"))
             .arg("--exit-on-disconnect");
         cmd.arg("--workdir").arg(workdir.path());
         cmd.arg("--idle-timeout").arg("86400");

@@ -304,3 +304,27 @@ async fn read_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_cap_the_oldest_handshake_is_dropped_first() {
+        let mut h = Handshakes::default();
+        let mut rxs: Vec<_> = (0..MAX_HANDSHAKING).map(|_| h.enter()).collect();
+        // One finishes in time: it leaves and is never dropped.
+        let (done, _) = rxs.remove(3);
+        h.leave(done);
+        let (_, mut newest) = h.enter();
+        assert!(
+            rxs.iter_mut().all(|(_, rx)| rx.try_recv().is_err()),
+            "room was left"
+        );
+        let _ = h.enter();
+        assert!(rxs[0].1.try_recv().is_ok(), "the oldest was not dropped");
+        assert!(rxs[1].1.try_recv().is_err(), "a younger one was dropped");
+        assert!(newest.try_recv().is_err());
+        assert_eq!(h.open.len(), MAX_HANDSHAKING);
+    }
+}
