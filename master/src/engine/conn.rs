@@ -177,7 +177,13 @@ async fn handshake(
         .await
         .map_err(|e: AuthError| anyhow::anyhow!(e))?;
     debug!(peer = %addr, tls = conn.binding().is_some(), "handshake done");
-    let (reader, writer) = conn.finish(hs.session_keys(), End::Master);
+    // A status client reads the answer as the last message of its handshake,
+    // unsealed (over TLS it is protected all the same).
+    let keys = match greeting {
+        Greeting::Worker(_) => hs.session_keys(),
+        Greeting::Status { .. } => None,
+    };
+    let (reader, writer) = conn.finish(keys, End::Master);
     Ok((greeting, reader, writer))
 }
 
