@@ -41,6 +41,8 @@ enum Commands {
     Status(cli::status::StatusArgs),
     /// Keep worker jobs in Slurm, HTCondor or local processes as a master's demand rises and falls.
     Factory(cli::factory::FactoryArgs),
+    /// Make the certificates for TLS between a master and its workers.
+    Tls(cli::tls::TlsArgs),
 }
 
 /// Logs go to stderr, coloured only when stderr is a terminal, so a log
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
         Commands::Catalog(args) => logged(v, "info", cli::catalog::run, args),
         Commands::Status(args) => logged(v, "warn", cli::status::run, args),
         Commands::Factory(args) => logged(v, "info", cli::factory::run, args),
+        Commands::Tls(args) => logged(v, "warn", cli::tls::run, args),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -138,6 +141,7 @@ mod tests {
             "pack create spec.json -o env.tar.gz -v",
             "pack -v run env.tar.gz -- python3 script.py",
             "catalog --port 0",
+            "tls init certs --host node1",
             "status --project demo --json",
             "factory --batch local --master h:1 --max-workers 1 --cores 1 --memory 100 --disk 100",
         ];

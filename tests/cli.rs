@@ -178,6 +178,17 @@ fn cases() -> BTreeMap<&'static str, fn(&Path)> {
         let out = ok(d, &args.split_whitespace().collect::<Vec<_>>());
         assert!(String::from_utf8_lossy(&out.stdout).contains("worker"));
     });
+    m.insert("tls init", |d| {
+        let out = ok(d, &["tls", "init", "certs", "--host", "node1"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("--tls-ca") && stdout.contains("node1"),
+            "{stdout}"
+        );
+        for f in ["ca.pem", "master.pem", "master-key.pem"] {
+            assert!(d.join("certs").join(f).exists(), "{f} missing");
+        }
+    });
     m
 }
 

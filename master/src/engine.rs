@@ -32,13 +32,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use drover_protocol::stream::{Reader, Writer};
 use drover_protocol::Resources;
 use drover_protocol::{
     self as protocol, Ending, FrameError, Hello, MasterMsg, OutputHeader, RunTask, TaskReport,
     WorkerMsg,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -59,6 +59,7 @@ mod state;
 mod transfer;
 
 use conn::accept_loop;
+pub(crate) use conn::raise_fd_limit;
 use growth::WorkerGrowth;
 use state::{Engine, TaskEntry, TaskState};
 use transfer::{receive_outputs, write_loop};
@@ -161,6 +162,8 @@ pub(crate) struct EngineConfig {
     pub report_identity: Arc<drover_catalog::MasterReport>,
     /// Tasks a full worker may hold waiting (see `ManagerBuilder::prefetch`).
     pub prefetch: usize,
+    /// Serve workers over TLS with this configuration.
+    pub tls: Option<Arc<drover_protocol::tls::rustls::ServerConfig>>,
 }
 
 /// Starts the engine on `listener`; returns when told to shut down.
@@ -173,7 +176,14 @@ pub(crate) async fn run(
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let password = config.password.clone().map(Arc::<[u8]>::from);
     let keepalive = (config.keepalive_interval, config.keepalive_timeout);
-    let accept = tokio::spawn(accept_loop(listener, events_tx, password, keepalive));
+    let security = conn::Security {
+        password,
+        tls: config
+            .tls
+            .clone()
+            .map(drover_protocol::tls::tokio_rustls::TlsAcceptor::from),
+    };
+    let accept = tokio::spawn(accept_loop(listener, events_tx, security, keepalive));
     let links = Links {
         links: HashMap::default(),
         results,

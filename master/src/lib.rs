@@ -27,6 +27,8 @@ pub mod scheduler;
 mod stats;
 mod task;
 mod wire;
+#[cfg(test)]
+mod wire_fuzz;
 
 pub use category::{AllocationMode, CategoryConfig, CategoryStats};
 pub use drover_catalog::MasterReport;

@@ -67,6 +67,7 @@ pub struct ManagerBuilder {
     catalog_interval: Duration,
     environment: Option<PathBuf>,
     prefetch: usize,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ManagerBuilder {
@@ -83,6 +84,7 @@ impl Default for ManagerBuilder {
             catalog_interval: crate::report::DEFAULT_CATALOG_INTERVAL,
             environment: None,
             prefetch: 2,
+            tls: None,
         }
     }
 }
@@ -160,6 +162,15 @@ impl ManagerBuilder {
         self
     }
 
+    /// Serve workers over TLS with this certificate (chain) and private key,
+    /// both PEM (`drover tls init` makes a pair). Workers then need
+    /// `--tls-ca` or `--tls-fingerprint`; with a password too, its proof is
+    /// bound to each TLS session.
+    pub fn tls(mut self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Self {
+        self.tls = Some((cert.as_ref().to_path_buf(), key.as_ref().to_path_buf()));
+        self
+    }
+
     /// Starts listening and returns the manager.
     pub fn build(self) -> Result<Manager, StartError> {
         if let Some(c) = &self.catalog {
@@ -183,6 +194,14 @@ impl ManagerBuilder {
             Some(p) => Some(drover_protocol::read_password_file(p).map_err(StartError::Password)?),
             None => None,
         };
+        let tls = match &self.tls {
+            Some((cert, key)) => Some(
+                drover_protocol::tls::server_config(cert, key)
+                    .map_err(|e| StartError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        crate::engine::raise_fd_limit();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("drover-master")
@@ -217,6 +236,7 @@ impl ManagerBuilder {
             keepalive_timeout: self.keepalive_timeout,
             report_identity: report_identity.clone(),
             prefetch: self.prefetch,
+            tls,
         };
         runtime.spawn(engine::run(listener, config, commands_rx, results_tx));
         let reporter = match &self.catalog {

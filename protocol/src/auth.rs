@@ -31,6 +31,7 @@ use crate::frame::{
     read_frame_within, write_frame, FrameError, HANDSHAKE_FRAME_BYTES, MAX_FRAME_BYTES,
 };
 use crate::messages::{Hello, MasterMsg, WorkerMsg, PROTOCOL_VERSION};
+use crate::stream::SessionKeys;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -41,24 +42,54 @@ pub fn new_nonce() -> String {
 
 /// The proof that `role` knows `password`, bound to both nonces.
 pub fn auth_proof(password: &[u8], role: &str, first: &str, second: &str) -> String {
+    hex::encode(
+        proof_mac(password, role, first, second, None)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// Checks a proof in constant time.
+pub fn verify_proof(password: &[u8], role: &str, first: &str, second: &str, proof: &str) -> bool {
+    verify_bound(password, role, first, second, None, proof)
+}
+
+/// The MAC of a proof; `binding` (a TLS session's exported value) ties it
+/// to one TLS session, so a relay that terminates TLS on both sides cannot
+/// pass a proof on.
+fn proof_mac(
+    password: &[u8],
+    role: &str,
+    first: &str,
+    second: &str,
+    binding: Option<&[u8; 32]>,
+) -> HmacSha256 {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac = HmacSha256::new_from_slice(password).expect("HMAC takes any key length");
     mac.update(role.as_bytes());
     mac.update(first.as_bytes());
     mac.update(second.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    if let Some(b) = binding {
+        mac.update(b"tls-binding");
+        mac.update(b);
+    }
+    mac
 }
 
-/// Checks a proof in constant time.
-pub fn verify_proof(password: &[u8], role: &str, first: &str, second: &str, proof: &str) -> bool {
+fn verify_bound(
+    password: &[u8],
+    role: &str,
+    first: &str,
+    second: &str,
+    binding: Option<&[u8; 32]>,
+    proof: &str,
+) -> bool {
     let Ok(given) = hex::decode(proof) else {
         return false;
     };
-    let mut mac = HmacSha256::new_from_slice(password).expect("HMAC takes any key length");
-    mac.update(role.as_bytes());
-    mac.update(first.as_bytes());
-    mac.update(second.as_bytes());
-    mac.verify_slice(&given).is_ok()
+    proof_mac(password, role, first, second, binding)
+        .verify_slice(&given)
+        .is_ok()
 }
 
 /// Role strings bound into the proofs, so a worker's proof can't be reflected back as the master's.
@@ -106,6 +137,7 @@ pub struct Proofs {
     side: Side,
     mine: String,
     theirs: String,
+    binding: Option<[u8; 32]>,
 }
 
 impl Proofs {
@@ -115,6 +147,21 @@ impl Proofs {
             side,
             mine: new_nonce(),
             theirs,
+            binding: None,
+        }
+    }
+
+    /// Ties both proofs to a TLS session (see [`crate::tls::binding`]).
+    pub fn bind(mut self, binding: Option<[u8; 32]>) -> Proofs {
+        self.binding = binding;
+        self
+    }
+
+    /// The record keys of this connection (see [`SessionKeys`]).
+    pub fn session_keys(&self, password: &[u8]) -> SessionKeys {
+        match self.side {
+            Side::Master => SessionKeys::derive(password, &self.mine, &self.theirs),
+            Side::Worker => SessionKeys::derive(password, &self.theirs, &self.mine),
         }
     }
 
@@ -125,16 +172,24 @@ impl Proofs {
 
     /// This party's proof that it knows `password`.
     pub fn prove(&self, password: &[u8]) -> String {
-        auth_proof(password, self.side.role(), &self.theirs, &self.mine)
+        let mac = proof_mac(
+            password,
+            self.side.role(),
+            &self.theirs,
+            &self.mine,
+            self.binding.as_ref(),
+        );
+        hex::encode(mac.finalize().into_bytes())
     }
 
     /// Whether the peer's `proof` shows that it knows `password`.
     pub fn check(&self, password: &[u8], proof: &str) -> bool {
-        verify_proof(
+        verify_bound(
             password,
             self.side.peer().role(),
             &self.mine,
             &self.theirs,
+            self.binding.as_ref(),
             proof,
         )
     }
@@ -272,6 +327,8 @@ pub struct MasterHandshake<'a> {
     password: Option<&'a [u8]>,
     keepalive_interval_s: f64,
     state: MasterState,
+    binding: Option<[u8; 32]>,
+    keys: Option<SessionKeys>,
 }
 
 impl<'a> MasterHandshake<'a> {
@@ -282,7 +339,21 @@ impl<'a> MasterHandshake<'a> {
             password,
             keepalive_interval_s,
             state: MasterState::Hello,
+            binding: None,
+            keys: None,
         }
+    }
+
+    /// Ties the proofs to the TLS session the handshake runs in.
+    pub fn bound_to(mut self, binding: Option<[u8; 32]>) -> Self {
+        self.binding = binding;
+        self
+    }
+
+    /// The record keys of this connection, once the peer proved that it
+    /// knows the password (`None` without one).
+    pub fn session_keys(&self) -> Option<SessionKeys> {
+        self.keys.clone()
     }
 
     fn refuse(reason: String) -> Step<MasterMsg, Greeting> {
@@ -340,7 +411,7 @@ impl<'a> MasterHandshake<'a> {
         if self.password.is_none() {
             return self.accept(first, None);
         }
-        let proofs = Proofs::new(Side::Master, String::new());
+        let proofs = Proofs::new(Side::Master, String::new()).bind(self.binding);
         let nonce = proofs.nonce().to_string();
         self.state = MasterState::Proof { proofs, first };
         Step::Reply(MasterMsg::Challenge { nonce })
@@ -374,6 +445,7 @@ impl<'a> MasterHandshake<'a> {
                 error: AuthError::Password(format!("{who} gave a wrong password")),
             };
         }
+        self.keys = Some(proofs.session_keys(password));
         self.accept(first, Some(proofs.prove(password)))
     }
 
@@ -454,6 +526,7 @@ pub struct PeerHandshake<'a> {
     password: Option<&'a [u8]>,
     proofs: Option<Proofs>,
     cached: Option<Vec<String>>,
+    binding: Option<[u8; 32]>,
 }
 
 impl<'a> PeerHandshake<'a> {
@@ -468,6 +541,7 @@ impl<'a> PeerHandshake<'a> {
             password,
             proofs: None,
             cached: Some(cached),
+            binding: None,
         };
         (hs, WorkerMsg::Hello(Box::new(hello)))
     }
@@ -478,12 +552,28 @@ impl<'a> PeerHandshake<'a> {
             password,
             proofs: None,
             cached: None,
+            binding: None,
         };
         let query = WorkerMsg::StatusQuery {
             protocol: PROTOCOL_VERSION,
             password: password.is_some(),
         };
         (hs, query)
+    }
+
+    /// Ties the proofs to the TLS session the handshake runs in.
+    pub fn bound_to(mut self, binding: Option<[u8; 32]>) -> Self {
+        self.binding = binding;
+        self
+    }
+
+    /// The record keys of this connection, once the master proved that it
+    /// knows the password (`None` without one, or before).
+    pub fn session_keys(&self) -> Option<SessionKeys> {
+        match (self.password, &self.proofs) {
+            (Some(pw), Some(proofs)) => Some(proofs.session_keys(pw)),
+            _ => None,
+        }
     }
 
     fn fail(error: AuthError) -> Step<WorkerMsg, Answer> {
@@ -526,7 +616,7 @@ impl Handshake for PeerHandshake<'_> {
                 if self.proofs.is_some() {
                     return Self::fail(AuthError::Unexpected("a second challenge".into()));
                 }
-                let proofs = Proofs::new(Side::Worker, nonce);
+                let proofs = Proofs::new(Side::Worker, nonce).bind(self.binding);
                 let reply = WorkerMsg::AuthProof {
                     nonce: proofs.nonce().to_string(),
                     proof: proofs.prove(password),

@@ -30,7 +30,10 @@
 //! (how a message is delimited on the wire), [`body`] (file bodies after a
 //! frame), [`auth`] (the password handshake), [`names`] (sandbox name rules,
 //! output cap), [`resources`] (the resource vector), [`packing`] (how many
-//! workers a set of waiting tasks can use), [`host`] (this machine's name).
+//! workers a set of waiting tasks can use), [`host`] (this machine's name),
+//! [`stream`] (a connection's byte streams after the handshake: plain,
+//! sealed records under the password, or TLS), [`tls`] (certificates and
+//! trust).
 
 pub mod auth;
 pub mod body;
@@ -40,6 +43,8 @@ pub mod messages;
 pub mod names;
 pub mod packing;
 pub mod resources;
+pub mod stream;
+pub mod tls;
 
 pub use auth::{
     auth_proof, new_nonce, read_password_file, verify_proof, AuthError, Greeting, MasterHandshake,

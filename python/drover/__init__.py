@@ -105,6 +105,9 @@ class Manager:
     the project name workers and ``drover status`` find the master by
     through the ``catalog`` ("HOST:PORT", which needs a name).
     ``password_file`` makes workers prove they know its contents.
+    ``tls_cert`` and ``tls_key`` (PEM files, ``drover tls init`` makes them)
+    serve workers over TLS; workers then need ``--tls-ca`` or
+    ``--tls-fingerprint``.
 
     Work Queue users will recognise the loop::
 
@@ -118,9 +121,9 @@ class Manager:
 
     def __init__(self, port=0, name=None, password_file=None, catalog=None, *,
                  bind="0.0.0.0", keepalive_interval=10.0, keepalive_timeout=60.0,
-                 catalog_interval=15.0):
+                 catalog_interval=15.0, tls_cert=None, tls_key=None):
         self._m = _Manager(port, name, password_file, catalog, bind, keepalive_interval,
-                           keepalive_timeout, catalog_interval)
+                           keepalive_timeout, catalog_interval, tls_cert, tls_key)
         # Submitted objects by id, so wait() can hand them back; the lock keeps
         # a fast task's result from overtaking the insert of its own entry.
         self._tasks = {}

@@ -174,6 +174,8 @@ class Manager:
         keepalive_interval: float = ...,
         keepalive_timeout: float = ...,
         catalog_interval: float = ...,
+        tls_cert: Optional[_Path] = ...,
+        tls_key: Optional[_Path] = ...,
     ) -> None: ...
     @property
     def port(self) -> int: ...

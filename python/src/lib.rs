@@ -503,7 +503,8 @@ impl PyManager {
 impl PyManager {
     #[new]
     #[pyo3(signature = (port=0, name=None, password_file=None, catalog=None, bind="0.0.0.0".to_string(),
-        keepalive_interval=10.0, keepalive_timeout=60.0, catalog_interval=15.0))]
+        keepalive_interval=10.0, keepalive_timeout=60.0, catalog_interval=15.0, tls_cert=None,
+        tls_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -515,6 +516,8 @@ impl PyManager {
         keepalive_interval: f64,
         keepalive_timeout: f64,
         catalog_interval: f64,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
     ) -> PyResult<Self> {
         let mut b = Manager::builder().port(port).bind(bind).keepalive(
             seconds(keepalive_interval, "keepalive_interval")?,
@@ -525,6 +528,15 @@ impl PyManager {
         }
         if let Some(p) = password_file {
             b = b.password_file(p);
+        }
+        match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => b = b.tls(cert, key),
+            (None, None) => {}
+            _ => {
+                return Err(DroverError::new_err(
+                    "tls_cert and tls_key go together (drover tls init makes both)",
+                ))
+            }
         }
         if let Some(c) = catalog {
             b = b

@@ -12,6 +12,7 @@ pub mod monitor;
 pub mod pack;
 pub mod run;
 pub mod status;
+pub mod tls;
 pub mod worker;
 
 /// What a worker offers; shared by `drover worker` and the local workers

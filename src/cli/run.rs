@@ -38,6 +38,17 @@ pub struct RunArgs {
     /// What each local worker offers.
     #[command(flatten)]
     offer: Offer,
+    /// Address to listen on for workers [default: 127.0.0.1 when only local
+    /// workers come (--workers N without --port), else all interfaces].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Serve workers over TLS with this certificate (PEM; `drover tls init`
+    /// makes one). Needs --tls-key; local workers are given its fingerprint.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Port to listen on for workers (0: any free port).
     #[arg(long, value_name = "PORT", default_value_t = 0)]
     port: u16,
@@ -96,11 +107,23 @@ fn start_local_workers(
         .prefix("drover-run-")
         .tempdir()
         .context("creating a worker directory")?;
+    // Local workers reach the master where it listens: loopback unless
+    // --listen named one address.
+    let host = match args.listen.as_deref() {
+        Some(a) if a != "0.0.0.0" && a != "::" && a.contains(':') => format!("[{a}]"),
+        Some(a) if a != "0.0.0.0" && a != "::" => a.to_string(),
+        _ => "127.0.0.1".to_string(),
+    };
+    // A local worker trusts exactly the certificate its master serves.
+    let tls_pin = match &args.tls_cert {
+        Some(cert) => Some(drover_worker::protocol::tls::cert_file_fingerprint(cert)?),
+        None => None,
+    };
     let mut children = Vec::new();
     for _ in 0..args.workers {
         let mut cmd = Command::new(&exe);
         cmd.arg("worker")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{host}:{port}"))
             .arg("--exit-on-disconnect");
         cmd.arg("--workdir").arg(workdir.path());
         cmd.arg("--idle-timeout").arg("86400");
@@ -109,6 +132,9 @@ fn start_local_workers(
         cmd.arg("--disk").arg(resources.disk_mb.to_string());
         if let Some(p) = &args.password_file {
             cmd.arg("--password-file").arg(p);
+        }
+        if let Some(pin) = &tls_pin {
+            cmd.arg("--tls-fingerprint").arg(pin);
         }
         cmd.env(
             "RUST_LOG",
@@ -152,8 +178,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let total = entries.len() as u64;
     let mut builder = Manager::builder().port(args.port);
-    if local_only {
-        builder = builder.bind("127.0.0.1");
+    match &args.listen {
+        Some(addr) => builder = builder.bind(addr.as_str()),
+        None if local_only => builder = builder.bind("127.0.0.1"),
+        None => {}
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        builder = builder.tls(cert, key);
     }
     if let Some(p) = &args.project {
         builder = builder.project(p);

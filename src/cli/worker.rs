@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use drover_worker::protocol::tls::{client_config, Trust};
 use drover_worker::{run_worker, MasterSource, WorkerConfig};
 
 use super::{host_port, project_regex, Offer, HOST_PORT, PROJECT};
@@ -34,6 +35,14 @@ pub struct WorkerArgs {
     /// File holding the master's password.
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
+    /// Reach the master over TLS and trust its certificate if this CA (PEM,
+    /// `ca.pem` of `drover tls init`) signed it for the master's host name.
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_fingerprint")]
+    tls_ca: Option<PathBuf>,
+    /// Reach the master over TLS and trust only the certificate with this
+    /// SHA-256 fingerprint (hex, colons allowed; `drover tls init` prints it).
+    #[arg(long, value_name = "SHA256")]
+    tls_fingerprint: Option<String>,
     /// Exit after this many seconds without a task (or without a master).
     #[arg(long, value_name = "SECONDS", default_value_t = 900)]
     idle_timeout: u64,
@@ -75,6 +84,12 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<i32> {
         // clap enforces exactly one of them.
         _ => anyhow::bail!("give exactly one of the master's HOST:PORT and --project"),
     };
+    let trust = match (&args.tls_ca, &args.tls_fingerprint) {
+        (Some(ca), _) => Some(Trust::Ca(ca.clone())),
+        (None, Some(pin)) => Some(Trust::fingerprint(pin)?),
+        (None, None) => None,
+    };
+    let tls = trust.as_ref().map(client_config).transpose()?;
     let config = WorkerConfig {
         master,
         resources,
@@ -82,6 +97,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<i32> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         workdir,
         exit_on_disconnect: args.exit_on_disconnect,
+        tls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

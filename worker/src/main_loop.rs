@@ -30,6 +30,8 @@ pub struct WorkerConfig {
     pub workdir: PathBuf,
     /// Exit when the connection ends instead of reconnecting (embedded local workers).
     pub exit_on_disconnect: bool,
+    /// Reach the master over TLS, trusting it as this configuration says.
+    pub tls: Option<std::sync::Arc<drover_protocol::tls::rustls::ClientConfig>>,
 }
 
 /// Why a worker stopped.
@@ -71,7 +73,7 @@ pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
                 let _ = stream.set_nodelay(true);
                 info!(master = %addr, "connected");
                 let outcome = Session::new(&config, &dirs, &shared)
-                    .run(stream, &mut last_busy)
+                    .run(stream, &addr, &mut last_busy)
                     .await;
                 match outcome {
                     Ok(StopReason::Disconnected) => {

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use drover_protocol::auth::{self, Answer, AuthError, PeerHandshake};
+use drover_protocol::stream::{End, Handshaking, Reader, Writer};
+use drover_protocol::tls::tokio_rustls::TlsConnector;
 use drover_protocol::{
     hostname, Ending, Hello, MasterMsg, Resources, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
 };
-use tokio::io::{BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -218,12 +218,10 @@ impl<'a> Session<'a> {
     pub(crate) async fn run(
         &self,
         stream: TcpStream,
+        addr: &str,
         last_busy: &mut Instant,
     ) -> anyhow::Result<StopReason> {
-        let (read_half, write_half) = stream.into_split();
-        let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-        let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
-        let keepalive = self.handshake(&mut reader, &mut writer).await?;
+        let (keepalive, reader, writer) = self.handshake(stream, addr).await?;
 
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
         // Finished tasks pass through this loop before the writer, so their
@@ -309,11 +307,28 @@ impl<'a> Session<'a> {
         Ok(reason)
     }
 
+    /// TLS (when configured), then the password handshake; hands on the
+    /// master's keepalive interval and the connection's streams, sealed when
+    /// there is a password but no TLS.
     async fn handshake(
         &self,
-        reader: &mut BufReader<OwnedReadHalf>,
-        writer: &mut BufWriter<OwnedWriteHalf>,
-    ) -> anyhow::Result<f64> {
+        stream: TcpStream,
+        addr: &str,
+    ) -> anyhow::Result<(f64, Reader, Writer)> {
+        let mut conn = match &self.config.tls {
+            Some(config) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let name = drover_protocol::tls::server_name(host)?;
+                let tls = TlsConnector::from(Arc::clone(config))
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("TLS handshake with the master at {addr} failed: {e}")
+                    })?;
+                Handshaking::tls(tls.into())?
+            }
+            None => Handshaking::plain(stream),
+        };
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             drover_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -324,15 +339,26 @@ impl<'a> Session<'a> {
             password: self.config.password.is_some(),
             cached: Vec::new(),
         };
-        let (mut handshake, first) = PeerHandshake::worker(
+        let (handshake, first) = PeerHandshake::worker(
             self.config.password.as_deref(),
             hello,
             self.dirs.cached_ids(),
         );
-        match auth::run(&mut handshake, reader, writer, Some(first)).await {
+        let mut handshake = handshake.bound_to(conn.binding());
+        let answer = auth::run(
+            &mut handshake,
+            &mut conn.reader,
+            &mut conn.writer,
+            Some(first),
+        )
+        .await;
+        match answer {
             Ok(Answer::Welcome {
                 keepalive_interval_s,
-            }) => Ok(keepalive_interval_s),
+            }) => {
+                let (reader, writer) = conn.finish(handshake.session_keys(), End::Worker);
+                Ok((keepalive_interval_s, reader, writer))
+            }
             Ok(Answer::Status(_)) => bail!("the master answered a hello with its status"),
             Err(AuthError::Closed) => {
                 bail!("the master closed the connection during the handshake")

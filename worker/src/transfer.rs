@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use drover_protocol::stream::{is_auth_failure, Reader, Writer};
 use drover_protocol::Resources;
 use drover_protocol::{
     self as protocol, read_frame, FrameError, MasterMsg, OutputHeader, TaskReport, WorkerMsg,
 };
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
+use tracing::error;
 use tracing::warn;
 
 use crate::slots::{Slot, Slots};
@@ -37,7 +38,7 @@ pub(crate) enum Outgoing {
 /// Reads frames from the master. File bodies are streamed to disk here, so
 /// that the main loop only sees small messages.
 pub(crate) async fn read_loop(
-    mut reader: BufReader<OwnedReadHalf>,
+    mut reader: Reader,
     msgs: mpsc::UnboundedSender<MasterMsg>,
     cache: PathBuf,
     transfer: PathBuf,
@@ -47,6 +48,11 @@ pub(crate) async fn read_loop(
         let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
             Ok(m) => m,
             Err(FrameError::Closed) => return,
+            Err(FrameError::Io(e)) if is_auth_failure(&e) => {
+                // Not a glitch: someone on the path is tampering with the connection.
+                error!("frame authentication failed from the master: {e}; dropping the connection");
+                return;
+            }
             Err(e) => {
                 warn!("bad frame from the master, dropping the connection: {e}");
                 return;
@@ -73,12 +79,7 @@ pub(crate) async fn read_loop(
 
 /// Streams `size` bytes into `dir/id` through a temporary name, checking the
 /// content hash for content-named files so a corrupt transfer never enters the cache.
-async fn receive_file(
-    reader: &mut BufReader<OwnedReadHalf>,
-    dir: &Path,
-    id: &str,
-    size: u64,
-) -> anyhow::Result<()> {
+async fn receive_file(reader: &mut Reader, dir: &Path, id: &str, size: u64) -> anyhow::Result<()> {
     if id.is_empty() || id.contains('/') || id.starts_with('.') {
         bail!("invalid file id {id:?}");
     }
@@ -118,7 +119,7 @@ async fn receive_file(
 }
 
 pub(crate) async fn write_loop(
-    mut writer: BufWriter<OwnedWriteHalf>,
+    mut writer: Writer,
     mut out: mpsc::UnboundedReceiver<Outgoing>,
     slots: Arc<Slots>,
 ) -> anyhow::Result<()> {
@@ -180,11 +181,7 @@ pub(crate) async fn write_loop(
 
 /// Streams exactly `size` bytes of `path`: if the file changed size since the
 /// header was written, it is cut or zero-padded so the stream stays in step.
-async fn stream_file(
-    writer: &mut BufWriter<OwnedWriteHalf>,
-    path: &Path,
-    size: u64,
-) -> anyhow::Result<()> {
+async fn stream_file(writer: &mut Writer, path: &Path, size: u64) -> anyhow::Result<()> {
     let mut sent = 0u64;
     if let Ok(mut file) = tokio::fs::File::open(path).await {
         sent = protocol::copy_body(&mut file, writer, size, |_| {}).await?;

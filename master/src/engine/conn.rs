@@ -5,15 +5,101 @@
 
 use super::*;
 use drover_protocol::auth::{self, AuthError, Greeting, MasterHandshake};
+use drover_protocol::stream::{is_auth_failure, End, Handshaking};
+use drover_protocol::tls::tokio_rustls::TlsAcceptor;
+use tracing::error;
 
 static NEXT_WORKER: AtomicU32 = AtomicU32::new(1);
+
+/// How long a connection has to finish its handshake (TLS and password):
+/// a real worker needs a few round trips, and a connection that stalls
+/// holds a descriptor until then.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Connections that may be in their handshake at once. A new one past this
+/// drops the oldest, so stalled connections cannot shut real workers out:
+/// a real worker finishes in milliseconds and is never the oldest for long.
+const MAX_HANDSHAKING: usize = 256;
+
+/// What a connection must show before it is a worker.
+#[derive(Clone)]
+pub(super) struct Security {
+    pub password: Option<Arc<[u8]>>,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Connections in their handshake, oldest first, each with the means to
+/// drop it.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    open: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+impl Handshakes {
+    /// Registers a new connection; drops the oldest if there are too many.
+    fn enter(&mut self) -> (u64, oneshot::Receiver<()>) {
+        if self.open.len() >= MAX_HANDSHAKING {
+            if let Some((_, drop_it)) = self.open.pop_front() {
+                let _ = drop_it.send(());
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = self.next;
+        self.next += 1;
+        self.open.push_back((id, tx));
+        (id, rx)
+    }
+
+    fn leave(&mut self, id: u64) {
+        if let Some(i) = self.open.iter().position(|(k, _)| *k == id) {
+            self.open.remove(i);
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, so
+/// that a crowd of connections (stalled or real) does not run the master
+/// out of descriptors, and says so in the log.
+pub(crate) fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct given.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            info!(
+                limit = lim.rlim_cur,
+                "open file limit is already at its hard limit"
+            );
+            return;
+        }
+        let old = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            info!(
+                from = old,
+                to = lim.rlim_max,
+                "raised the open file limit to its hard limit"
+            );
+        } else {
+            warn!(
+                limit = old,
+                "could not raise the open file limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
     events: mpsc::UnboundedSender<Event>,
-    password: Option<Arc<[u8]>>,
+    security: Security,
     keepalive: (Duration, Duration),
 ) {
+    let handshakes = Arc::new(std::sync::Mutex::new(Handshakes::default()));
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -26,37 +112,94 @@ pub(super) async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let events = events.clone();
-        let password = password.clone();
+        let security = security.clone();
+        let (id, dropped) = match handshakes.lock() {
+            Ok(mut h) => h.enter(),
+            Err(_) => return,
+        };
+        let handshakes = Arc::clone(&handshakes);
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, addr, events, password, keepalive).await {
+            let greeted = tokio::select! {
+                r = tokio::time::timeout(
+                    HANDSHAKE_DEADLINE,
+                    handshake(stream, addr, &security, keepalive.0),
+                ) => r,
+                _ = dropped => {
+                    debug!(peer = %addr, "dropped in its handshake: {MAX_HANDSHAKING} newer connections were in theirs");
+                    return;
+                }
+            };
+            if let Ok(mut h) = handshakes.lock() {
+                h.leave(id);
+            }
+            let (greeting, reader, writer) = match greeted {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    warn!(peer = %addr, "refused connection from {addr}: {e:#}");
+                    return;
+                }
+                Err(_) => {
+                    warn!(
+                        peer = %addr,
+                        "connection from {addr} did not complete the handshake in {HANDSHAKE_DEADLINE:?}"
+                    );
+                    return;
+                }
+            };
+            if let Err(e) = connection(greeting, reader, writer, addr, events, keepalive).await {
                 warn!(peer = %addr, "{e}");
             }
         });
     }
 }
 
-async fn connection(
+/// TLS (if the master has it), then the password handshake; hands on the
+/// connection's streams, sealed when there is a password but no TLS.
+async fn handshake(
     stream: TcpStream,
     addr: SocketAddr,
+    security: &Security,
+    keepalive: Duration,
+) -> anyhow::Result<(Greeting, Reader, Writer)> {
+    let mut conn = match &security.tls {
+        Some(acceptor) => {
+            let tls = acceptor
+                .accept(stream)
+                .await
+                .map_err(|e| anyhow::anyhow!("TLS handshake failed: {e}"))?;
+            Handshaking::tls(tls.into())?
+        }
+        None => Handshaking::plain(stream),
+    };
+    let mut hs = MasterHandshake::new(security.password.as_deref(), keepalive.as_secs_f64())
+        .bound_to(conn.binding());
+    let greeting = auth::run(&mut hs, &mut conn.reader, &mut conn.writer, None)
+        .await
+        .map_err(|e: AuthError| anyhow::anyhow!(e))?;
+    debug!(peer = %addr, tls = conn.binding().is_some(), "handshake done");
+    // A status client reads the answer as the last message of its handshake,
+    // unsealed (over TLS it is protected all the same).
+    let keys = match greeting {
+        Greeting::Worker(_) => hs.session_keys(),
+        Greeting::Status { .. } => None,
+    };
+    let (reader, writer) = conn.finish(keys, End::Master);
+    Ok((greeting, reader, writer))
+}
+
+async fn connection(
+    greeting: Greeting,
+    mut reader: Reader,
+    mut writer: Writer,
+    addr: SocketAddr,
     events: mpsc::UnboundedSender<Event>,
-    password: Option<Arc<[u8]>>,
     (interval, timeout): (Duration, Duration),
 ) -> anyhow::Result<()> {
-    let (r, w) = stream.into_split();
-    let mut reader = BufReader::with_capacity(64 * 1024, r);
-    let mut writer = BufWriter::with_capacity(64 * 1024, w);
-    let hello = match tokio::time::timeout(
-        Duration::from_secs(30),
-        handshake(&mut reader, &mut writer, password.as_deref(), interval),
-    )
-    .await
-    {
-        Ok(Ok(Greeting::Worker(hello))) => hello,
-        Ok(Ok(Greeting::Status { proof })) => {
+    let hello = match greeting {
+        Greeting::Worker(hello) => hello,
+        Greeting::Status { proof } => {
             return answer_status(&mut writer, &events, proof).await;
         }
-        Ok(Err(e)) => anyhow::bail!("refused connection from {addr}: {e}"),
-        Err(_) => anyhow::bail!("connection from {addr} did not complete the handshake in 30 s"),
     };
     let key = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -74,14 +217,22 @@ async fn connection(
     }
     let writer_task = tokio::spawn(write_loop(writer, rx, interval));
     let reason = read_loop(&mut reader, key, &events, &mut plans_rx, timeout).await;
+    if reason.starts_with(AUTH_FAILED) {
+        // Not a glitch: someone on the path is tampering with the connection.
+        error!(peer = %addr, "frame authentication failed from {addr}: {reason}");
+    }
     writer_task.abort();
     let _ = events.send(Event::Gone { key, reason });
     Ok(())
 }
 
+/// How a reason for losing a worker starts when one of its frames failed
+/// authentication.
+const AUTH_FAILED: &str = "frame authentication failed";
+
 /// Sends a status client the master's report and ends the connection.
 async fn answer_status(
-    writer: &mut BufWriter<OwnedWriteHalf>,
+    writer: &mut Writer,
     events: &mpsc::UnboundedSender<Event>,
     proof: Option<String>,
 ) -> anyhow::Result<()> {
@@ -104,18 +255,8 @@ async fn answer_status(
     Ok(())
 }
 
-async fn handshake(
-    reader: &mut BufReader<OwnedReadHalf>,
-    writer: &mut BufWriter<OwnedWriteHalf>,
-    password: Option<&[u8]>,
-    keepalive: Duration,
-) -> Result<Greeting, AuthError> {
-    let mut handshake = MasterHandshake::new(password, keepalive.as_secs_f64());
-    auth::run(&mut handshake, reader, writer, None).await
-}
-
 async fn read_loop(
-    reader: &mut BufReader<OwnedReadHalf>,
+    reader: &mut Reader,
     key: WorkerKey,
     events: &mpsc::UnboundedSender<Event>,
     plans: &mut mpsc::UnboundedReceiver<Outgoing>,
@@ -130,6 +271,9 @@ async fn read_loop(
             {
                 Err(_) => return format!("no message for {timeout:?}"),
                 Ok(Err(FrameError::Closed)) => return "connection closed".into(),
+                Ok(Err(FrameError::Io(e))) if is_auth_failure(&e) => {
+                    return format!("{AUTH_FAILED}: {e}")
+                }
                 Ok(Err(e)) => return format!("protocol error: {e}"),
                 Ok(Ok(m)) => m,
             };
@@ -152,11 +296,41 @@ async fn read_loop(
             }
             let dests = expected.remove(&(report.task_id, report.attempt));
             if let Err(e) = receive_outputs(reader, outputs, dests.as_deref()).await {
+                if is_auth_failure(e.as_ref()) {
+                    return format!(
+                        "{AUTH_FAILED}: receiving outputs of task {}: {e}",
+                        report.task_id
+                    );
+                }
                 return format!("receiving outputs of task {}: {e}", report.task_id);
             }
         }
         if events.send(Event::Msg { key, msg }).is_err() {
             return "master shutting down".into();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_cap_the_oldest_handshake_is_dropped_first() {
+        let mut h = Handshakes::default();
+        let mut rxs: Vec<_> = (0..MAX_HANDSHAKING).map(|_| h.enter()).collect();
+        // One finishes in time: it leaves and is never dropped.
+        let (done, _) = rxs.remove(3);
+        h.leave(done);
+        let (_, mut newest) = h.enter();
+        assert!(
+            rxs.iter_mut().all(|(_, rx)| rx.try_recv().is_err()),
+            "room was left"
+        );
+        let _ = h.enter();
+        assert!(rxs[0].1.try_recv().is_ok(), "the oldest was not dropped");
+        assert!(rxs[1].1.try_recv().is_err(), "a younger one was dropped");
+        assert!(newest.try_recv().is_err());
+        assert_eq!(h.open.len(), MAX_HANDSHAKING);
     }
 }

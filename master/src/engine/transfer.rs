@@ -133,7 +133,7 @@ impl<O: Outbox> Engine<O> {
 /// Streams each output body to its local path through a temporary name. Bodies
 /// nobody expects (a stale attempt, a name the task did not declare) are read and dropped.
 pub(super) async fn receive_outputs(
-    reader: &mut BufReader<OwnedReadHalf>,
+    reader: &mut Reader,
     outputs: &[OutputHeader],
     dests: Option<&[(String, PathBuf)]>,
 ) -> anyhow::Result<()> {
@@ -182,7 +182,7 @@ pub(super) async fn receive_outputs(
 }
 
 pub(super) async fn write_loop(
-    mut writer: BufWriter<OwnedWriteHalf>,
+    mut writer: Writer,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     interval: Duration,
 ) -> anyhow::Result<()> {
@@ -230,7 +230,7 @@ pub(super) async fn write_loop(
 }
 
 pub(super) async fn send_file(
-    writer: &mut BufWriter<OwnedWriteHalf>,
+    writer: &mut Writer,
     frame: &mut Vec<u8>,
     id: String,
     cache: bool,
