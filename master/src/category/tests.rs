@@ -662,3 +662,28 @@ fn k_follows_the_data_on_w4_and_three_random_modes() {
         assert!(first.memory_mb < 400, "three modes start small: {first:?}");
     }
 }
+
+/// Tasks that grow in place a moment after they start lose little when
+/// they start in a bucket too small for them: with that measured, the cost
+/// model cuts the big mode finer (each big task books closer to its own
+/// peak), still starting in the small bucket.
+#[test]
+fn misses_that_grow_early_make_finer_buckets() {
+    let w = worker();
+    let w4 = drawn(&[(300.0, 600.0, 0.7), (2500.0, 4000.0, 0.3)], 120, 3);
+    let mut c = CategoryState::new("a", CategoryConfig::bucketing());
+    for s in &w4 {
+        c.record(*s, &w);
+    }
+    c.rebuild();
+    let coarse = c.bucket_allocations();
+    for _ in 0..10 {
+        c.note_growth_age(0.1);
+    }
+    c.rebuild();
+    let fine = c.bucket_allocations();
+    assert_eq!(coarse.len(), 2, "{coarse:?}");
+    assert!(fine.len() > coarse.len(), "{fine:?}");
+    let first = fixed(c.first(&Resources::default(), &w));
+    assert!(first.memory_mb < 1000, "{first:?}");
+}
