@@ -7,6 +7,18 @@ mod common;
 use common::*;
 use drover_master::{CategoryConfig, Manager, Outcome, Resources, Task, TaskId, TaskResult};
 
+/// Every attempt of `r` after the first booked more memory than the one
+/// before it.
+fn assert_each_retry_has_more_memory(r: &TaskResult) {
+    for pair in r.attempts.windows(2) {
+        assert!(
+            pair[1].allocation.memory_mb > pair[0].allocation.memory_mb,
+            "each retry has more memory: {:?}",
+            r.attempts
+        );
+    }
+}
+
 /// A command that writes `mb` MB (so they are resident) and holds them a
 /// moment so the monitor sees the peak.
 fn use_mb(mb: u64) -> String {
@@ -46,13 +58,7 @@ fn a_task_over_its_learned_allocation_climbs_the_ladder_and_succeeds() {
     }
     let b = results.iter().find(|r| r.id == big).unwrap();
     assert!(b.attempts.len() >= 2, "{:?}", b.attempts);
-    for pair in b.attempts.windows(2) {
-        assert!(
-            pair[1].allocation.memory_mb > pair[0].allocation.memory_mb,
-            "each retry is bigger: {:?}",
-            b.attempts
-        );
-    }
+    assert_each_retry_has_more_memory(b);
     assert!(b.attempts[0].ending.contains("resource exhausted"));
     assert!(b.measured.memory_mb >= 600.0);
     let stats = m.category_stats("learn").unwrap();
@@ -500,4 +506,129 @@ fn tasks_declaring_only_cores_get_their_memory_learned_and_none_is_lost() {
         !stats.buckets.is_empty(),
         "the buckets are reported: {stats:?}"
     );
+}
+
+/// A shell snippet that puts the shell under a memory cap of `cap_mb` MB
+/// that drover knows nothing of (as a batch system's job cgroup would):
+/// its own cgroup v2 group's `memory.max` where that can be written, else a
+/// v1 memory group `group` of its own. Exits 99 where neither can.
+fn outside_memory_cap(cap_mb: u64, group: &str) -> String {
+    format!(
+        r#"own=$(sed -n 's/^0:://p' /proc/self/cgroup)
+v2=$(awk '$(NF-2) == "cgroup2" {{print $5; exit}}' /proc/self/mountinfo)
+if [ -n "$v2" ] && [ -w "$v2$own/memory.max" ]; then
+  echo {cap_mb}M > "$v2$own/memory.max" || exit 99
+else
+  v1=$(awk '$(NF-2) == "cgroup" && $NF ~ /(^|,)memory(,|$)/ {{print $5; exit}}' /proc/self/mountinfo)
+  [ -n "$v1" ] || exit 99
+  mkdir -p "$v1/{group}" && echo {cap_mb}M > "$v1/{group}/memory.limit_in_bytes" \
+    && echo $$ > "$v1/{group}/cgroup.procs" || exit 99
+fi
+"#
+    )
+}
+
+/// Removes the v1 memory group `group` made by [`outside_memory_cap`], if
+/// there is one (its processes are gone by then).
+fn remove_v1_group(group: &str) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let n = f.len();
+        if n > 5 && f[n - 3] == "cgroup" && f[n - 1].split(',').any(|o| o == "memory") {
+            let _ = std::fs::remove_dir(std::path::Path::new(f[4]).join(group));
+        }
+    }
+}
+
+/// Issue 21: tasks that declare only `cores(1)`, so that drover enforces
+/// no memory on their first attempt, are OOM-killed by the kernel under a
+/// cap drover did not set. That is memory exhaustion, not a plain failure:
+/// the task is retried with more memory. One is capped on its first
+/// attempt only and succeeds on a later one; the other is capped on every
+/// attempt, climbs the whole ladder, and is reported as
+/// `ResourceExhausted { memory }` with the kernel's OOM kill as evidence.
+/// (The kernel's OOM killer is made to act by a cgroup memory cap; a plain
+/// SIGKILL from outside, with no OOM kill anywhere and a peak far from the
+/// machine's available memory, is rightly not taken as exhaustion.)
+#[test]
+fn tasks_oom_killed_by_the_kernel_are_retried_with_more_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "2", "--memory", "1000"]);
+    let config = CategoryConfig::bucketing().grow_in_place(false);
+    m.set_category("oom-once", config.clone()).unwrap();
+    m.set_category("oom-always", config).unwrap();
+    let group = |name: &str| format!("drover-e2e-{name}-{}", std::process::id());
+    let use_300 = "exec python3 -c 'import time; b = b\"x\" * (300 << 20); time.sleep(1.0)'";
+    let flag = dir.path().join("capped-once");
+    let once = format!(
+        "if [ ! -e {flag} ]; then : > {flag}\n{cap}fi\n{use_300}",
+        flag = flag.display(),
+        cap = outside_memory_cap(100, &group("once")),
+    );
+    let always = format!(
+        "{cap}{use_300}",
+        cap = outside_memory_cap(100, &group("always"))
+    );
+    let a = m
+        .submit(Task::new(once).cores(1).category("oom-once"))
+        .unwrap();
+    let b = m
+        .submit(Task::new(always).cores(1).category("oom-always"))
+        .unwrap();
+    let results = collect(&m, 2);
+    remove_v1_group(&group("once"));
+    remove_v1_group(&group("always"));
+    let of = |id| results.iter().find(|r| r.id == id).unwrap();
+    let (a, b) = (of(a), of(b));
+    if a.exit_code == Some(99) || b.exit_code == Some(99) {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: tasks_oom_killed_by_the_kernel_are_retried_with_more_memory: \
+             no writable memory cgroup (v2 memory.max or v1 memory hierarchy) here"
+        );
+        return;
+    }
+
+    assert_eq!(a.outcome, Outcome::Success, "{a:?}");
+    assert!(a.attempts.len() >= 2, "{:?}", a.attempts);
+    assert_eq!(
+        a.attempts[0].allocation.memory_mb, 0,
+        "not enforced at first"
+    );
+    assert!(
+        a.attempts[0].ending.contains("resource exhausted"),
+        "the kernel's kill is memory exhaustion: {:?}",
+        a.attempts
+    );
+    // Nothing was booked at first; the retry books more than the cap it
+    // died under (what it was seen using, plus the margin).
+    assert!(
+        a.attempts[1].allocation.memory_mb > 100,
+        "retried with more: {:?}",
+        a.attempts
+    );
+
+    assert_eq!(
+        b.outcome,
+        Outcome::ResourceExhausted {
+            resource: "memory".into()
+        },
+        "{b:?}"
+    );
+    assert!(b.attempts.len() >= 3, "{:?}", b.attempts);
+    assert_each_retry_has_more_memory(b);
+    let error = b.error.as_deref().unwrap_or_default();
+    assert!(error.starts_with("ran out of memory: "), "error: {error:?}");
+    let summary = b.measured.summary.as_ref().expect("the monitor's summary");
+    let evidence = summary["memory_exhausted"]["evidence"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(evidence.contains("oom_kill"), "{summary}");
+    let stats = m.category_stats("oom-always").unwrap();
+    assert_eq!(stats.retries.memory as usize, b.attempts.len() - 1);
 }

@@ -723,3 +723,61 @@ fn absurd_requests_are_refused_at_submit_and_the_rest_runs() {
     assert_eq!(r.outcome, Outcome::Success, "{r:?}");
     assert!(m.is_empty(), "nothing refused was queued");
 }
+
+/// Issue 21: a task sent ahead to a full worker is not running until its
+/// process starts there: the stats say one runs on a one-core worker, and
+/// the result's `started` is when the process started, after the task
+/// before it ended, not when it was sent.
+#[test]
+fn a_task_sent_ahead_is_not_running_and_started_is_its_process_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    let declared = |cmd: &str| Task::new(cmd).cores(1).memory_mb(50).disk_mb(10);
+    // Holds the worker until the test says go, then 1 s more.
+    let hold = |name: &str| {
+        let go = dir.path().join(name);
+        let cmd = format!(
+            "while [ ! -e {} ]; do sleep 0.05; done; sleep 1",
+            go.display()
+        );
+        (go, cmd)
+    };
+    let (go1, first) = hold("go1");
+    let (go2, second) = hold("go2");
+    m.submit(declared(&first)).unwrap();
+    wait_until(&m, "the first task to start", |s| s.tasks_running == 1);
+    let second = m.submit(declared(&second)).unwrap();
+    let rest = [
+        m.submit(declared("true")).unwrap(),
+        m.submit(declared("true")).unwrap(),
+    ];
+    // Tasks are sent ahead to a worker that frees: when the first ends the
+    // second starts and one more is sent ahead to wait behind it.
+    std::fs::write(&go1, b"").unwrap();
+    wait_until(&m, "a task sent ahead", |s| s.tasks_sent_ahead >= 1);
+    let s = m.stats();
+    assert_eq!(
+        (s.tasks_running, s.tasks_queued_on_workers),
+        (1, 1),
+        "one core, one running, one sent ahead: {s:?}"
+    );
+    std::fs::write(&go2, b"").unwrap();
+    let results = collect(&m, 4);
+    let started = |id| {
+        results
+            .iter()
+            .find(|r| r.id == id)
+            .and_then(|r| r.started)
+            .expect("every task started")
+    };
+    for id in rest {
+        let gap = started(id)
+            .duration_since(started(second))
+            .expect("the rest started after the second");
+        assert!(
+            gap >= Duration::from_millis(950),
+            "a process started only once the second (1 s after its go) ended, {gap:?} after it"
+        );
+    }
+}

@@ -89,7 +89,12 @@ pub(crate) async fn run_task(
         }
     };
     let (child, output_files) = match launch(&task, &ctx, ready) {
-        Ok(started) => started,
+        Ok(started) => {
+            // `started` is when the command's process started, not when
+            // its sandbox and inputs were being made ready.
+            report.started_ms = now_ms();
+            started
+        }
         Err(e) => {
             report.error = Some(format!("cannot start the command: {e}"));
             return ctx.finished(&task, report, Vec::new(), None);

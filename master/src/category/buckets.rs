@@ -242,7 +242,8 @@ impl CategoryState {
         self.start = self.best_start(&self.buckets).0;
     }
 
-    /// k-means for k = 1..=max_buckets; keeps the cheapest bucket set.
+    /// k-means for k = 1, 2, ... while a larger k may still lower the
+    /// modelled cost (see [`K_PATIENCE`]); keeps the cheapest bucket set.
     pub(super) fn cluster(&mut self) {
         self.stats.clusterings += 1;
         self.since_clustering = 0;
@@ -260,7 +261,14 @@ impl CategoryState {
         let distinct = count_distinct(&samples, self.config.max_buckets);
         let kmax = self.config.max_buckets.min(distinct).max(1);
         let mut best: Option<(f64, Vec<Bucket>, usize)> = None;
+        let mut best_k = 1;
         for k in 1..=kmax {
+            // k is the data's choice, not a cap's: the search goes on while
+            // some k in the last few lowered the modelled cost. k-means is
+            // not monotone in k, so one worse k does not end it.
+            if k > best_k + K_PATIENCE {
+                break;
+            }
             let labels: Vec<usize> = if k == 1 {
                 vec![0; n]
             } else {
@@ -283,6 +291,7 @@ impl CategoryState {
             // A new bucket must pay for itself: 1% better or it is noise.
             if best.as_ref().is_none_or(|(c, _, _)| cost < c * 0.99) {
                 best = Some((cost, buckets, start));
+                best_k = k;
             }
         }
         if let Some((_, buckets, start)) = best {
@@ -339,42 +348,78 @@ impl CategoryState {
         buckets
     }
 
-    /// The start bucket with the lowest expected resource-time per task,
-    /// and that cost. See the module documentation for the model.
+    /// The start bucket with the lowest expected cost per task, and that
+    /// cost. See the module documentation for the model.
     pub(super) fn best_start(&self, buckets: &[Bucket]) -> (usize, f64) {
         if buckets.is_empty() {
             return (0, f64::INFINITY);
         }
         let f = self.kill_fraction();
+        let uses: Vec<[f64; 3]> = buckets.iter().map(|b| self.use_of(&b.allocation)).collect();
         let top = match self.max_allocation(&self.largest) {
-            Some(max) => self.share(&max),
-            None => 1.0_f64.max(buckets.last().map_or(1.0, |b| b.share)),
+            Some(max) => self.use_of(&max),
+            None => [1.0; 3],
         };
         let mut best = (0, f64::INFINITY);
         for start in 0..buckets.len() {
-            let mut cost = 0.0;
+            let mut total = [0.0; 3];
+            let mut add = |u: &[f64; 3], t: f64| {
+                for (a, x) in total.iter_mut().zip(u) {
+                    *a += x * t;
+                }
+            };
             for s in &self.window {
                 let t = s.wall_s.max(1e-3);
-                let mut c = 0.0;
                 let mut placed = false;
-                for b in &buckets[start..] {
-                    if covers(&b.allocation, s) {
-                        c += b.share * t;
+                for (b, u) in buckets[start..].iter().zip(&uses[start..]) {
+                    if self.fits(&b.allocation, s) {
+                        add(u, t);
                         placed = true;
                         break;
                     }
-                    c += b.share * f * t;
+                    add(u, f * t);
                 }
                 if !placed {
-                    c += top * t;
+                    add(&top, t);
                 }
-                cost += c;
             }
+            // The resource that runs out first bounds the throughput: a
+            // bucket is as costly as the worker-time it holds of that one.
+            let cost = total.iter().copied().fold(0.0, f64::max);
             if cost < best.1 {
                 best = (start, cost);
             }
         }
         (best.0, best.1 / self.window.len().max(1) as f64)
+    }
+}
+
+impl CategoryState {
+    /// True when the cost model counts a task with peak `s` as fitting
+    /// allocation `a`: its peak plus the category's margin, the room every
+    /// bucket is given for members not yet seen (never more than the cap).
+    /// Counting the bare peak let a bucket cut from the lower part of a mode
+    /// "cover" the whole mode with its margin, so splitting any mode looked
+    /// cheaper in the model and k grew past the number of modes (4 buckets
+    /// for 3 modes, 5 for 2); out of sample those extra buckets are kills.
+    pub(super) fn fits(&self, a: &Resources, s: &Sample) -> bool {
+        let m = 1.0 + self.config.margin;
+        let cap = self.cap(&self.largest);
+        let ok = |limit: u64, cap: u64, used: f64| {
+            limit == 0 || (used * m).min(cap as f64).max(used) <= limit as f64 + 1e-3
+        };
+        ok(a.memory_mb, cap.memory_mb, s.memory_mb) && ok(a.disk_mb, cap.disk_mb, s.disk_mb)
+    }
+
+    /// `r` as fractions of the largest worker, per resource (cores, memory,
+    /// disk; see [`scale`](Self::scale)).
+    pub(super) fn use_of(&self, r: &Resources) -> [f64; 3] {
+        let scale = self.scale();
+        [
+            f64::from(r.cores) / scale[0],
+            r.memory_mb as f64 / scale[1],
+            r.disk_mb as f64 / scale[2],
+        ]
     }
 }
 

@@ -45,7 +45,9 @@ pub struct CategoryConfig {
     pub min_samples: usize,
     /// How many recent samples are kept (default 2,048).
     pub window: usize,
-    /// Most buckets k-means may make (default 8).
+    /// Most buckets k-means may make (default 64, the most accepted): an
+    /// upper bound only; the number of buckets is the one with the lowest
+    /// modelled cost (see the module documentation of `category`).
     pub max_buckets: usize,
     /// Seed of the k-means initialisation.
     pub seed: u64,
@@ -66,7 +68,7 @@ impl Default for CategoryConfig {
             margin: 0.1,
             min_samples: 10,
             window: 2048,
-            max_buckets: 8,
+            max_buckets: 64,
             seed: 0,
             grow_in_place: true,
         }

@@ -119,11 +119,22 @@ impl CategoryState {
         Some(Request::WholeWorker)
     }
 
-    /// `f` of the cost model: how long a killed attempt lasts, as a fraction
-    /// of a successful run (1 until both have been seen).
+    /// `f` of the cost model: how long an attempt that did not fit its
+    /// bucket held that bucket, as a fraction of a successful run (1 until
+    /// both have been seen). A killed attempt held it until it was killed; a
+    /// task that grew in place held it until it first asked to grow, and
+    /// then goes on in the bigger allocation without starting again, which
+    /// is what the model's next bucket charges. Counting only kills charged
+    /// a miss as a whole run even where misses grow in a moment, so the
+    /// model kept too few buckets and every task booked for the top of its
+    /// mode.
     pub(super) fn kill_fraction(&self) -> f64 {
-        match (self.killed_time.get(), self.ok_time.get()) {
-            (Some(k), Some(ok)) if ok > 0.0 => (k / ok).clamp(0.01, 1.0),
+        let grown: f64 = self.growth_ages.iter().sum();
+        let n = self.killed_time.n + self.growth_ages.len() as u64;
+        match self.ok_time.get() {
+            Some(ok) if ok > 0.0 && n > 0 => {
+                ((self.killed_time.sum + grown) / n as f64 / ok).clamp(0.01, 1.0)
+            }
             _ => 1.0,
         }
     }

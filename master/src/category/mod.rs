@@ -15,7 +15,8 @@
 //! * [`AllocationMode::Max`]: the largest peak seen so far in the category,
 //!   plus the margin.
 //! * [`AllocationMode::Bucketing`] (the default): the peaks are clustered
-//!   with k-means (linfa-clustering) into at most `max_buckets` buckets; a
+//!   with k-means (linfa-clustering) into as many buckets as the cost
+//!   model below picks; a
 //!   bucket's allocation is an estimate of the largest member its
 //!   population can have, plus the margin: for a bucket of n ≥ 2 members
 //!   spread over [low, high], high + (high − low) / (n − 1) (the unbiased
@@ -38,19 +39,26 @@
 //!
 //! Every task of a category looks the same before it runs, so the choice is
 //! where to start it on the ladder of buckets. For each candidate start the
-//! allocator computes, over the sample window, the expected resource-time a
-//! task ties up: an attempt in bucket `b` that fits costs
-//! `share(b) * t`, one that does not costs `share(b) * f * t` and goes on to
-//! the next bucket, and past the last bucket the task takes the top rung
-//! (the category maximum or a whole worker). `share(b)` is the bucket's
-//! dominant share of the largest worker (cores, memory, disk), `t` the
-//! sample's wall time and `f` the measured fraction of a successful run's
-//! time that a killed attempt lasted (1 until a kill is seen). The start with
-//! the lowest expected cost has the highest expected throughput (tasks per
-//! unit of worker time), the criterion of Work Queue's max-throughput mode,
-//! here applied to k-means buckets with retries counted. The number of
-//! buckets is chosen the same way: k = 1..=`max_buckets` are tried and the
-//! cheapest kept (fewer buckets on ties).
+//! allocator computes, over the sample window, the expected worker-time a
+//! task ties up, per resource: an attempt in bucket `b` that fits holds
+//! `b`'s cores, memory and disk (as fractions of the largest worker) for
+//! `t`, one that does not holds them for `f * t` and goes on to the next
+//! bucket, and past the last bucket the task takes the top rung (the
+//! category maximum or a whole worker). A sample fits a bucket when its peak
+//! plus the margin does (the margin is the room kept for members not yet
+//! seen, so it is not counted as waste that a smaller bucket could save).
+//! `t` is the sample's wall time and `f` the measured fraction of a
+//! successful run's time that a killed attempt lasted (1 until a kill is
+//! seen). The cost is the largest of the three totals: the resource that runs
+//! out first bounds the throughput, so booking more of the others is free
+//! (a 200 MB and a 1,500 MB one-core task are not the same cost on a 12-core,
+//! 12,000 MB worker, though each is 1/12 of its cores). The start with the
+//! lowest expected cost has the highest expected throughput, the criterion
+//! of Work Queue's max-throughput mode, here applied to k-means buckets with
+//! retries counted. The number of buckets is chosen by the same cost: k = 1,
+//! 2, ... are tried while one of the last [`K_PATIENCE`] + 1 lowered it by
+//! 1% or more, and the cheapest kept (fewer buckets on ties); `max_buckets`
+//! is only a bound the user may set.
 //!
 //! # Bounded cost
 //!
@@ -201,6 +209,9 @@ pub(super) const STABLE_WITHIN: f64 = 0.05;
 /// At most this many doublings of the spacing between clusterings: with a
 /// window of 1,000 samples, every 8,000 samples once the buckets settle.
 pub(super) const MAX_SPACING_DOUBLINGS: u32 = 5;
+/// k-means goes on to k + this many past the best k so far before the
+/// search for the cheapest number of buckets stops.
+pub(super) const K_PATIENCE: usize = 2;
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Counters {

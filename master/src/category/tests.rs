@@ -548,3 +548,142 @@ fn settled_buckets_are_clustered_less_often() {
     c.record(mem(5000.0), &w);
     assert_eq!(c.stable_clusterings, 0);
 }
+
+/// Samples of `modes` (MB centre, count), each spread ±5% around its
+/// centre, interleaved as a workflow would produce them.
+fn modes_of(modes: &[(f64, usize)], wall_s: f64) -> Vec<Sample> {
+    let n: usize = modes.iter().map(|m| m.1).sum();
+    let mut left: Vec<usize> = modes.iter().map(|m| m.1).collect();
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0usize;
+    while out.len() < n {
+        let m = i % modes.len();
+        if left[m] > 0 {
+            let (centre, count) = modes[m];
+            let j = count - left[m];
+            let spread = ((j * 7) % 11) as f64 / 10.0 - 0.5; // -0.5..0.5
+            out.push(Sample {
+                wall_s,
+                ..mem(centre * (1.0 + 0.1 * spread))
+            });
+            left[m] -= 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+fn buckets_for(samples: &[Sample]) -> (Vec<Resources>, Resources) {
+    let w = worker();
+    let mut c = CategoryState::new("a", CategoryConfig::bucketing());
+    for s in samples {
+        c.record(*s, &w);
+    }
+    c.rebuild();
+    (
+        c.bucket_allocations(),
+        fixed(c.first(&Resources::default(), &w)),
+    )
+}
+
+#[test]
+fn k_follows_the_data_three_modes_three_buckets() {
+    let (b, first) = buckets_for(&modes_of(&[(300.0, 60), (1500.0, 30), (3800.0, 10)], 10.0));
+    assert_eq!(b.len(), 3, "{b:?}");
+    assert!(
+        first.memory_mb < 400,
+        "starts in the small bucket: {first:?}"
+    );
+}
+
+#[test]
+fn k_follows_the_data_one_mode_one_bucket() {
+    let (b, first) = buckets_for(&modes_of(&[(800.0, 100)], 10.0));
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert!(first.memory_mb < 1000, "{first:?}");
+}
+
+#[test]
+fn k_follows_the_data_two_modes_two_buckets() {
+    let (b, first) = buckets_for(&modes_of(&[(200.0, 70), (2500.0, 30)], 10.0));
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert!(first.memory_mb < 300, "{first:?}");
+}
+
+/// Uniform draws from `modes` (low MB, high MB, weight), a fixed LCG so the
+/// test is the same everywhere.
+fn drawn(modes: &[(f64, f64, f64)], n: usize, seed: u64) -> Vec<Sample> {
+    let mut x = seed;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let total: f64 = modes.iter().map(|m| m.2).sum();
+    (0..n)
+        .map(|_| {
+            let mut u = next() * total;
+            let mut pick = modes[modes.len() - 1];
+            for m in modes {
+                if u < m.2 {
+                    pick = *m;
+                    break;
+                }
+                u -= m.2;
+            }
+            let wall_s = 1.0 + next();
+            Sample {
+                wall_s,
+                ..mem(pick.0 + (pick.1 - pick.0) * next())
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn k_follows_the_data_on_w4_and_three_random_modes() {
+    for seed in 1..=5 {
+        let w4 = drawn(&[(300.0, 600.0, 0.7), (2500.0, 4000.0, 0.3)], 120, seed);
+        let (b, first) = buckets_for(&w4);
+        assert_eq!(b.len(), 2, "W4, seed {seed}: {b:?}");
+        assert!(first.memory_mb < 1000, "W4 starts small: {first:?}");
+        let three = drawn(
+            &[
+                (150.0, 250.0, 0.4),
+                (1200.0, 1500.0, 0.35),
+                (3200.0, 3800.0, 0.25),
+            ],
+            120,
+            seed,
+        );
+        let (b, first) = buckets_for(&three);
+        assert_eq!(b.len(), 3, "three modes, seed {seed}: {b:?}");
+        assert!(first.memory_mb < 400, "three modes start small: {first:?}");
+    }
+}
+
+/// Tasks that grow in place a moment after they start lose little when
+/// they start in a bucket too small for them: with that measured, the cost
+/// model cuts the big mode finer (each big task books closer to its own
+/// peak), still starting in the small bucket.
+#[test]
+fn misses_that_grow_early_make_finer_buckets() {
+    let w = worker();
+    let w4 = drawn(&[(300.0, 600.0, 0.7), (2500.0, 4000.0, 0.3)], 120, 3);
+    let mut c = CategoryState::new("a", CategoryConfig::bucketing());
+    for s in &w4 {
+        c.record(*s, &w);
+    }
+    c.rebuild();
+    let coarse = c.bucket_allocations();
+    for _ in 0..10 {
+        c.note_growth_age(0.1);
+    }
+    c.rebuild();
+    let fine = c.bucket_allocations();
+    assert_eq!(coarse.len(), 2, "{coarse:?}");
+    assert!(fine.len() > coarse.len(), "{fine:?}");
+    let first = fixed(c.first(&Resources::default(), &w));
+    assert!(first.memory_mb < 1000, "{first:?}");
+}
