@@ -77,6 +77,9 @@ class LocalWorker:
                 cwd=str(self.workdir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True)
             env["DROVER_PY_FORKSERVER"] = fifo
+        else:
+            # Nor the one a `drover worker` starts for itself.
+            env["DROVER_FUNCTION_SERVER"] = "0"
         out = open(log, "ab") if log else subprocess.DEVNULL
         try:
             # Its own session: Ctrl-C in the terminal reaches the Python

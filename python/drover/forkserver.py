@@ -33,9 +33,9 @@ import sys
 import threading
 import time
 
-try:
-    from drover.remote import run
-except ImportError:  # started from a copy of this file next to remote.py
+if __package__:
+    from .remote import run
+else:  # a copy of this file next to remote.py (a `drover worker`'s own server)
     from remote import run
 
 _imported = set()
@@ -180,6 +180,10 @@ def serve(fifo, cleanup=()):
 
     # O_RDWR: the server is also a writer, so the FIFO never reports EOF.
     fd = os.open(fifo, os.O_RDWR)
+    if os.environ.pop("DROVER_FORKSERVER_READY", None):
+        # The worker that started this server waits for this line.
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
     buf = b""
     while True:
         chunk = os.read(fd, 65536)

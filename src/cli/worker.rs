@@ -99,6 +99,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<i32> {
         exit_on_disconnect: args.exit_on_disconnect,
         tls,
     };
+    // Before the runtime's threads: it sets the variable tasks find it by.
+    let _functions = drover_worker::functions::FunctionServer::start_for_worker(&config.workdir);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

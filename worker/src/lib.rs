@@ -5,12 +5,13 @@
 //! Modules: `main_loop` (connect, reconnect with backoff), `session` (one
 //! connection's handshake and message loop), `transfer` (files in and out of
 //! a connection), `task` (one task: prepare, launch, supervise, report),
-//! `sandbox` (inputs placed, outputs checked), `host` (this machine's
+//! [`functions`] (the Python function server), `sandbox` (inputs placed, outputs checked), `host` (this machine's
 //! resources), `env` (packaged environments), `slots` (task directories
 //! reused), `exec` (a task's process under the monitor), [`locate`] (a
 //! master found through the catalog).
 mod env;
 mod exec;
+pub mod functions;
 mod growth;
 mod host;
 pub mod locate;
