@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 // master's instructions per task (scale bench).
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,7 +37,7 @@ use drover_protocol::{
     self as protocol, Ending, FrameError, Hello, MasterMsg, OutputHeader, RunTask, TaskReport,
     WorkerMsg,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -61,6 +61,7 @@ mod transfer;
 use conn::accept_loop;
 use growth::WorkerGrowth;
 use state::{Engine, TaskEntry, TaskState};
+pub(crate) use transfer::part_path;
 use transfer::{receive_outputs, write_loop};
 
 enum Event {
@@ -80,6 +81,12 @@ enum Event {
     },
     /// A status client (`drover factory`) passed the handshake and wants the report.
     Status(oneshot::Sender<drover_catalog::MasterReport>),
+    /// An attempt's outputs could not be written here; its report follows.
+    OutputsFailed {
+        task: TaskId,
+        attempt: u32,
+        error: String,
+    },
 }
 
 /// (name in the sandbox, local destination) for each declared output.
@@ -252,6 +259,13 @@ impl Engine<Links> {
             }
             Event::Status(reply) => {
                 let _ = reply.send(self.status_report());
+            }
+            Event::OutputsFailed {
+                task,
+                attempt,
+                error,
+            } => {
+                self.failed_writes.insert((task, attempt), error);
             }
         }
     }

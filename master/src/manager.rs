@@ -363,8 +363,11 @@ impl Manager {
                 },
             });
         }
-        for (remote, _) in &task.outputs {
+        for (remote, local) in &task.outputs {
             check_sandbox_name(remote).map_err(SubmitError::InvalidName)?;
+            // What an interrupted transfer of an earlier run left beside
+            // the user's file goes before this run writes there.
+            let _ = std::fs::remove_file(crate::engine::part_path(local));
         }
         let environment = match task
             .environment

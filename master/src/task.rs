@@ -199,6 +199,10 @@ pub enum Outcome {
     WorkerLost,
     /// Cancelled by the user.
     Cancelled,
+    /// The command succeeded but the master could not write an output
+    /// locally (a full disk, no permission, a directory in the way); the
+    /// user's file, if any, is left as it was. `error` is the OS's word.
+    OutputWriteFailed { error: String },
 }
 
 impl Outcome {
@@ -223,6 +227,7 @@ impl Outcome {
             Outcome::WallTimeExceeded => "wall time exceeded".into(),
             Outcome::WorkerLost => "worker lost".into(),
             Outcome::Cancelled => "cancelled".into(),
+            Outcome::OutputWriteFailed { error } => format!("output write failed: {error}"),
         }
     }
 }

@@ -268,10 +268,27 @@ impl<O: Outbox> Engine<O> {
     /// allocation, or again if an input went missing; else finish it.
     pub(super) fn task_done(&mut self, key: WorkerKey, report: TaskReport) {
         let id = report.task_id;
+        let write_error = self.failed_writes.remove(&(id, report.attempt));
         let Some(allocation) = self.running_attempt(key, id, report.attempt) else {
             debug!(task = id, "ignoring a stale report");
             return;
         };
+        if let Some(reason) = worker_fault(&report) {
+            let cancelling = self.tasks.get(&id).is_some_and(|t| t.cancelling);
+            if !cancelling {
+                // The worker could not even set the task up: that is the
+                // worker's failing (a broken node, a full disk), like a
+                // refusal, and the task goes elsewhere.
+                self.worker_refused(key, id, report.attempt, &reason);
+                return;
+            }
+        }
+        if report.ending == Ending::InputMissing {
+            // Its cache lost an input: the task is retried (below), and the
+            // worker that lost it counts it against itself.
+            let reason = report.error.as_deref().unwrap_or("input missing");
+            self.block_worker(key, id, reason);
+        }
         let host = self.release_attempt(key, id, allocation);
         self.touched.push(key);
         if let Some(w) = self.workers.get_mut(&key) {
@@ -298,7 +315,7 @@ impl<O: Outbox> Engine<O> {
             return;
         }
         let host = ended.host;
-        self.finish_reported(id, host, allocation, report);
+        self.finish_reported(id, host, allocation, report, write_error);
     }
 
     /// A learned task's category records the attempt; `Some` with its new
@@ -434,12 +451,18 @@ impl<O: Outbox> Engine<O> {
         host: String,
         allocation: Resources,
         report: TaskReport,
+        write_error: Option<String>,
     ) {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        let outcome = outcome_of(&report, task.cancelling);
+        let mut outcome = outcome_of(&report, task.cancelling);
         let mut error = report.error.clone();
+        if let (Outcome::Success, Some(e)) = (&outcome, write_error) {
+            warn!(task = id, "{e}");
+            outcome = Outcome::OutputWriteFailed { error: e.clone() };
+            error = Some(e);
+        }
         if outcome == Outcome::OutputMissing && error.is_none() {
             error = Some(format!(
                 "missing outputs: {}",
@@ -631,6 +654,20 @@ fn outcome_of(report: &TaskReport, cancelling: bool) -> Outcome {
     }
 }
 
+/// Why a report is the worker's failing rather than the task's: it could
+/// not set the task up (its sandbox, an input, the environment). A command
+/// that cannot be started (a program that does not exist) is the task's.
+fn worker_fault(report: &TaskReport) -> Option<String> {
+    if report.ending != Ending::SetupFailed {
+        return None;
+    }
+    let error = report.error.as_deref().unwrap_or("task setup failed");
+    if error.starts_with("cannot start the command") {
+        return None;
+    }
+    Some(format!("setup failed: {error}"))
+}
+
 /// A worker that refuses a task is kept out of placement this long, doubled
 /// for each further refusal in a row, up to [`REFUSAL_PAUSE_MAX`].
 const REFUSAL_PAUSE_FIRST: Duration = Duration::from_secs(1);
@@ -656,23 +693,7 @@ impl<O: Outbox> Engine<O> {
         if self.running_attempt(key, id, attempt).is_none() {
             return;
         }
-        if let Some(w) = self.workers.get_mut(&key) {
-            w.refusals_in_row += 1;
-            let doublings = (w.refusals_in_row - 1).min(16);
-            let pause = REFUSAL_PAUSE_FIRST
-                .saturating_mul(1 << doublings)
-                .min(REFUSAL_PAUSE_MAX);
-            w.blocked_until = Some(self.now + pause);
-            warn!(
-                worker = %w.addr,
-                host = %w.hello.hostname,
-                "worker refused task {id}: {reason}; no new task goes there for {pause:?} \
-                 ({} refusals in a row)",
-                w.refusals_in_row
-            );
-            self.sched.set_blocked(key, true);
-            self.blocked_workers.insert(key);
-        }
+        self.block_worker(key, id, reason);
         let refusals = self.tasks.get_mut(&id).map_or(0, |t| {
             t.refusals += 1;
             t.refusals
@@ -689,6 +710,29 @@ impl<O: Outbox> Engine<O> {
                 let error = format!("refused by workers {refusals} times, last: {reason}");
                 self.finish(id, Outcome::Failed, None, Some(error));
             }
+        }
+    }
+
+    /// Counts a failing against worker `key` (it refused task `id`, could
+    /// not set it up, or lost its input): it is kept out of placement for
+    /// a while, doubling with each failing in a row.
+    fn block_worker(&mut self, key: WorkerKey, id: TaskId, reason: &str) {
+        if let Some(w) = self.workers.get_mut(&key) {
+            w.refusals_in_row += 1;
+            let doublings = (w.refusals_in_row - 1).min(16);
+            let pause = REFUSAL_PAUSE_FIRST
+                .saturating_mul(1 << doublings)
+                .min(REFUSAL_PAUSE_MAX);
+            w.blocked_until = Some(self.now + pause);
+            warn!(
+                worker = %w.addr,
+                host = %w.hello.hostname,
+                "worker refused task {id}: {reason}; no new task goes there for {pause:?} \
+                 ({} refusals in a row)",
+                w.refusals_in_row
+            );
+            self.sched.set_blocked(key, true);
+            self.blocked_workers.insert(key);
         }
     }
 

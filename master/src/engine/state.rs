@@ -96,6 +96,9 @@ pub(super) struct Engine<O: Outbox> {
     /// Workers that freed or filled up since the last scheduling pass:
     /// where sending a task ahead may now be useful.
     pub(super) touched: Vec<WorkerKey>,
+    /// Attempts whose outputs could not be written here (the connection's
+    /// reader says so before their report): the OS error, for the outcome.
+    pub(super) failed_writes: HashMap<(TaskId, u32), String>,
 }
 
 impl<O: Outbox> Engine<O> {
@@ -123,6 +126,7 @@ impl<O: Outbox> Engine<O> {
             blocked_workers: HashSet::default(),
             prefetch,
             touched: Vec::new(),
+            failed_writes: HashMap::default(),
         }
     }
 

@@ -1,0 +1,141 @@
+//! Faults on the master's side of outputs (issue 19): a local write that
+//! fails is the task's outcome, with the OS error; no failed, killed or
+//! partial attempt's output replaces a user's file; a `.drover-part` left
+//! by an interrupted transfer goes when the task is submitted again.
+//! Real `drover worker` processes against a `Manager` in this process.
+
+mod common;
+
+use std::path::Path;
+
+use common::{collect, manager, Worker};
+use drover_master::{Outcome, Task, TaskResult};
+
+/// Runs `task` on one fresh worker and returns its result.
+fn run_one(task: Task) -> TaskResult {
+    let manager = manager();
+    let _worker = Worker::start(manager.port(), &["--cores", "1"]);
+    manager.submit(task).expect("submit");
+    collect(&manager, 1).remove(0)
+}
+
+fn output_write_error(r: &TaskResult) -> &str {
+    match &r.outcome {
+        Outcome::OutputWriteFailed { error } => error,
+        other => panic!("expected OutputWriteFailed, got {other:?}: {r:?}"),
+    }
+}
+
+fn no_part_files_in(dir: &Path) {
+    let parts: Vec<_> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".drover-part"))
+        .map(|e| e.path())
+        .collect();
+    assert!(parts.is_empty(), "temporary files left: {parts:?}");
+}
+
+/// An output whose local directory is a regular file cannot be written,
+/// even by root: the task fails with the OS's word for it, not Success.
+#[test]
+fn an_output_that_cannot_be_written_fails_the_task_with_the_os_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let not_a_dir = dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, "I am a file").expect("write");
+    let r =
+        run_one(Task::new("echo hi > out.txt").output_file("out.txt", not_a_dir.join("out.txt")));
+    let error = output_write_error(&r);
+    assert!(error.contains("Not a directory"), "{error}");
+    assert!(
+        r.error.as_deref().is_some_and(|e| e.contains("out.txt")),
+        "{r:?}"
+    );
+    assert!(!r.succeeded());
+    assert_eq!(
+        r.outcome.words(r.exit_code, r.signal),
+        format!("output write failed: {error}")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&not_a_dir).expect("read"),
+        "I am a file"
+    );
+}
+
+/// A directory where the output should go stops the rename: the task
+/// fails, the directory stays, and no temporary file is left beside it.
+#[test]
+fn a_directory_in_the_way_of_an_output_fails_the_task_and_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let in_the_way = dir.path().join("out.txt");
+    std::fs::create_dir(&in_the_way).expect("mkdir");
+    std::fs::write(in_the_way.join("keep"), "kept").expect("write");
+    let r = run_one(Task::new("echo hi > out.txt").output_file("out.txt", &in_the_way));
+    let error = output_write_error(&r);
+    assert!(error.contains("directory"), "{error}");
+    assert_eq!(
+        std::fs::read_to_string(in_the_way.join("keep")).expect("read"),
+        "kept"
+    );
+    no_part_files_in(dir.path());
+}
+
+/// A task killed at its disk limit wrote part of its output: that part
+/// never replaces the user's file.
+#[test]
+fn a_killed_tasks_partial_output_leaves_the_users_file_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("big.bin");
+    std::fs::write(&users, "the user's precious file").expect("write");
+    let task = Task::new("head -c 40000000 /dev/zero > big.bin; sleep 30")
+        .cores(1)
+        .memory_mb(100)
+        .disk_mb(8)
+        .output_file("big.bin", &users);
+    let r = run_one(task);
+    assert!(
+        matches!(&r.outcome, Outcome::ResourceExhausted { resource } if resource == "disk"),
+        "{r:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&users).expect("read"),
+        "the user's precious file"
+    );
+    no_part_files_in(dir.path());
+}
+
+/// A task that fails after writing its output leaves the user's file as it was.
+#[test]
+fn a_failed_tasks_output_leaves_the_users_file_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("out.txt");
+    std::fs::write(&users, "before").expect("write");
+    let r =
+        run_one(Task::new("sh -c 'echo after > out.txt; exit 3'").output_file("out.txt", &users));
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert_eq!(std::fs::read_to_string(&users).expect("read"), "before");
+    no_part_files_in(dir.path());
+}
+
+/// What an interrupted transfer of an earlier run left beside the output
+/// is gone once the task is submitted again, and the output arrives whole.
+#[test]
+fn a_stale_part_file_goes_when_the_task_is_submitted_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dest = dir.path().join("out.txt");
+    let stale = dir.path().join(".out.txt.drover-part");
+    std::fs::write(&stale, "half of an old transf").expect("write");
+    let manager = manager();
+    manager
+        .submit(Task::new("echo whole > out.txt").output_file("out.txt", &dest))
+        .expect("submit");
+    assert!(
+        !stale.exists(),
+        "the stale part file is still there after submit"
+    );
+    let _worker = Worker::start(manager.port(), &["--cores", "1"]);
+    let r = collect(&manager, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(std::fs::read_to_string(&dest).expect("read"), "whole\n");
+    no_part_files_in(dir.path());
+}
