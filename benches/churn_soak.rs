@@ -171,7 +171,13 @@ fn main() -> anyhow::Result<()> {
                         .or_insert(0) += 1;
                 }
             }
-            if finished >= submitted {
+            // Back to submitting, killing and sampling on time.
+            let due = if kill_every > 0 {
+                next_kill.min(next_sample)
+            } else {
+                next_sample
+            };
+            if finished >= submitted || submitted - finished < window / 2 || Instant::now() >= due {
                 break;
             }
         }

@@ -36,6 +36,12 @@ fn no_part_files_in(dir: &Path) {
     assert!(parts.is_empty(), "temporary files left: {parts:?}");
 }
 
+/// `file` still holds `content`, and no temporary file is left in `dir`.
+fn assert_left_alone(dir: &Path, file: &Path, content: &str) {
+    assert_eq!(std::fs::read_to_string(file).expect("read"), content);
+    no_part_files_in(dir);
+}
+
 /// An output whose local directory is a regular file cannot be written,
 /// even by root: the task fails with the OS's word for it, not Success.
 #[test]
@@ -73,11 +79,7 @@ fn a_directory_in_the_way_of_an_output_fails_the_task_and_stays() {
     let r = run_one(Task::new("echo hi > out.txt").output_file("out.txt", &in_the_way));
     let error = output_write_error(&r);
     assert!(error.contains("directory"), "{error}");
-    assert_eq!(
-        std::fs::read_to_string(in_the_way.join("keep")).expect("read"),
-        "kept"
-    );
-    no_part_files_in(dir.path());
+    assert_left_alone(dir.path(), &in_the_way.join("keep"), "kept");
 }
 
 /// A task killed at its disk limit wrote part of its output: that part
@@ -97,11 +99,7 @@ fn a_killed_tasks_partial_output_leaves_the_users_file_alone() {
         matches!(&r.outcome, Outcome::ResourceExhausted { resource } if resource == "disk"),
         "{r:?}"
     );
-    assert_eq!(
-        std::fs::read_to_string(&users).expect("read"),
-        "the user's precious file"
-    );
-    no_part_files_in(dir.path());
+    assert_left_alone(dir.path(), &users, "the user's precious file");
 }
 
 /// A task that fails after writing its output leaves the user's file as it was.
@@ -113,8 +111,7 @@ fn a_failed_tasks_output_leaves_the_users_file_alone() {
     let r =
         run_one(Task::new("sh -c 'echo after > out.txt; exit 3'").output_file("out.txt", &users));
     assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
-    assert_eq!(std::fs::read_to_string(&users).expect("read"), "before");
-    no_part_files_in(dir.path());
+    assert_left_alone(dir.path(), &users, "before");
 }
 
 /// What an interrupted transfer of an earlier run left beside the output
