@@ -59,13 +59,7 @@ fn every_task_of_a_chaotic_run_ends_once_with_the_right_outcome() {
 
     let bad = Worker::start(port, &["--cores", "2"]);
     wait_until(&manager, "the bad worker", |s| s.workers_connected == 1);
-    let tasks_dir = bad
-        .workdir
-        .path()
-        .join(format!("w{}", bad.pid()))
-        .join("tasks");
-    std::fs::remove_dir_all(&tasks_dir).expect("remove the task directory");
-    std::fs::write(&tasks_dir, "a file where a directory should be").expect("break it");
+    bad.break_task_dir();
     let _good = Worker::start(port, &["--cores", "2"]);
     let _tiny = Worker::start(port, &["--cores", "1", "--disk", "12"]);
     let doomed = Worker::start(port, &["--cores", "2"]);

@@ -74,13 +74,7 @@ fn a_worker_that_fails_every_task_is_blocked_and_the_good_worker_runs_them_all()
     let before = cpu_time();
     let bad = Worker::start(manager.port(), &["--cores", "2"]);
     wait_until(&manager, "the bad worker", |s| s.workers_connected == 1);
-    let tasks_dir = bad
-        .workdir
-        .path()
-        .join(format!("w{}", bad.pid()))
-        .join("tasks");
-    std::fs::remove_dir_all(&tasks_dir).expect("remove the bad worker's task directory");
-    std::fs::write(&tasks_dir, "a file where a directory should be").expect("break it");
+    bad.break_task_dir();
 
     submit_all(&manager, &marker);
     // With only the bad worker, the tasks go there, fail to set up, and
