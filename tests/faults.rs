@@ -136,3 +136,63 @@ fn a_stale_part_file_goes_when_the_task_is_submitted_again() {
     assert_eq!(std::fs::read_to_string(&dest).expect("read"), "whole\n");
     no_part_files_in(dir.path());
 }
+
+/// A task that declares more than any connected worker has is counted as
+/// fitting no worker, and ends with an outcome that says why once it has
+/// waited `fits_no_worker_wait` since the last worker joined; the task
+/// beside it runs.
+#[test]
+fn a_task_that_fits_no_worker_is_counted_and_ends_after_the_wait() {
+    let manager = drover_master::Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .fits_no_worker_wait(Some(std::time::Duration::from_secs(2)))
+        .build()
+        .expect("start manager");
+    let _worker = Worker::start(manager.port(), &["--cores", "2"]);
+    common::wait_until(&manager, "the worker", |s| s.workers_connected == 1);
+    let huge = manager
+        .submit(Task::new("echo never").cores(64))
+        .expect("submit");
+    manager
+        .submit(Task::new("echo hi").cores(1))
+        .expect("submit");
+    common::wait_until(&manager, "the task counted", |s| s.tasks_fit_no_worker == 1);
+    let results = collect(&manager, 2);
+    let r = results.iter().find(|r| r.id == huge).expect("its result");
+    assert_eq!(
+        r.outcome,
+        Outcome::FitsNoWorker {
+            need: "needs 64 cores, largest worker has 2".into()
+        },
+        "{r:?}"
+    );
+    assert_eq!(
+        r.outcome.words(None, None),
+        "fits no worker: needs 64 cores, largest worker has 2"
+    );
+    assert!(results.iter().any(|r| r.id != huge && r.succeeded()));
+    assert_eq!(manager.stats().tasks_fit_no_worker, 0);
+}
+
+/// With no wait set (a factory may start bigger workers), the task stays
+/// counted and waiting; a bigger worker joining runs it.
+#[test]
+fn a_task_that_fits_no_worker_runs_when_a_big_enough_worker_joins() {
+    let manager = drover_master::Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .fits_no_worker_wait(None)
+        .build()
+        .expect("start manager");
+    let _small = Worker::start(manager.port(), &["--cores", "1"]);
+    common::wait_until(&manager, "the worker", |s| s.workers_connected == 1);
+    manager
+        .submit(Task::new("echo big").cores(2))
+        .expect("submit");
+    common::wait_until(&manager, "the task counted", |s| s.tasks_fit_no_worker == 1);
+    let _big = Worker::start(manager.port(), &["--cores", "2"]);
+    let r = collect(&manager, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(manager.stats().tasks_fit_no_worker, 0);
+}

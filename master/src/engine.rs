@@ -168,6 +168,8 @@ pub(crate) struct EngineConfig {
     pub report_identity: Arc<drover_catalog::MasterReport>,
     /// Tasks a full worker may hold waiting (see `ManagerBuilder::prefetch`).
     pub prefetch: usize,
+    /// See `ManagerBuilder::fits_no_worker_wait`.
+    pub fits_no_worker_wait: Option<Duration>,
 }
 
 /// Starts the engine on `listener`; returns when told to shut down.
@@ -186,6 +188,7 @@ pub(crate) async fn run(
         results,
     };
     let mut engine = Engine::new(links, config.report_identity.clone(), config.prefetch);
+    engine.fits_no_worker_wait = config.fits_no_worker_wait;
     let mut grow_tick = tokio::time::interval(Duration::from_millis(200));
     grow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reserve_tick = tokio::time::interval(Duration::from_millis(100));
@@ -228,10 +231,12 @@ pub(crate) async fn run(
                 engine.grow_timeouts();
             }
             _ = reserve_tick.tick(), if !engine.reserving_workers.is_empty()
-                || !engine.blocked_workers.is_empty() => {
+                || !engine.blocked_workers.is_empty()
+                || !engine.unfit.is_empty() => {
                 engine.now = Instant::now();
                 engine.let_go_of_aged_reserves();
                 engine.unblock_workers();
+                engine.end_unfit_tasks();
             }
         }
         engine.schedule();

@@ -67,6 +67,7 @@ pub struct ManagerBuilder {
     catalog_interval: Duration,
     environment: Option<PathBuf>,
     prefetch: usize,
+    fits_no_worker_wait: Option<Duration>,
 }
 
 impl Default for ManagerBuilder {
@@ -83,6 +84,7 @@ impl Default for ManagerBuilder {
             catalog_interval: crate::report::DEFAULT_CATALOG_INTERVAL,
             environment: None,
             prefetch: 2,
+            fits_no_worker_wait: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -121,6 +123,17 @@ impl ManagerBuilder {
     /// one a category is still learning). 0 turns it off.
     pub fn prefetch(mut self, tasks: usize) -> Self {
         self.prefetch = tasks;
+        self
+    }
+
+    /// How long a task that fits no connected worker (it declares more
+    /// cores, memory, disk or gpus than the largest has) waits, counted
+    /// from the last worker that joined, before it ends with
+    /// [`crate::Outcome::FitsNoWorker`]. Until then it is counted in
+    /// `Stats::tasks_fit_no_worker`. `None` waits for ever: use it when
+    /// a factory may yet start bigger workers. Default 60 s.
+    pub fn fits_no_worker_wait(mut self, wait: Option<Duration>) -> Self {
+        self.fits_no_worker_wait = wait;
         self
     }
 
@@ -217,6 +230,7 @@ impl ManagerBuilder {
             keepalive_timeout: self.keepalive_timeout,
             report_identity: report_identity.clone(),
             prefetch: self.prefetch,
+            fits_no_worker_wait: self.fits_no_worker_wait,
         };
         runtime.spawn(engine::run(listener, config, commands_rx, results_tx));
         let reporter = match &self.catalog {

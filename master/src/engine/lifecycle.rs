@@ -40,6 +40,7 @@ impl<O: Outbox> Engine<O> {
         );
         self.enqueue_task(id);
         self.stats.tasks_waiting += 1;
+        self.check_fit(id);
     }
 
     /// Puts a task in the scheduler with its current request: its ladder
@@ -487,6 +488,9 @@ impl<O: Outbox> Engine<O> {
         let Some(task) = self.tasks.remove(&id) else {
             return;
         };
+        if self.unfit.remove(&id) {
+            self.stats.tasks_fit_no_worker -= 1;
+        }
         match outcome {
             Outcome::Success => self.stats.tasks_done += 1,
             Outcome::Cancelled => self.stats.tasks_cancelled += 1,
@@ -758,4 +762,78 @@ impl<O: Outbox> Engine<O> {
             }
         }
     }
+}
+
+impl<O: Outbox> Engine<O> {
+    /// Counts waiting task `id` as fitting no worker if it declares more
+    /// than the largest connected one has (nothing is said with no worker).
+    pub(super) fn check_fit(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let unfit = !self.workers.is_empty()
+            && matches!(task.state, TaskState::Waiting)
+            && shortfall(&task.spec.resources, &self.largest).is_some();
+        if unfit {
+            if self.unfit.insert(id) {
+                self.stats.tasks_fit_no_worker += 1;
+            }
+        } else if self.unfit.remove(&id) {
+            self.stats.tasks_fit_no_worker -= 1;
+        }
+    }
+
+    /// The largest worker changed: every waiting task is looked at again.
+    /// A pass over the tasks, only when a worker of a new largest size
+    /// joins or the last of one leaves, not per task or per worker.
+    pub(super) fn recheck_unfit(&mut self) {
+        let ids: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| matches!(t.state, TaskState::Waiting))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.check_fit(id);
+        }
+    }
+
+    /// Ends the tasks that fit no worker once they have waited long enough
+    /// since the last worker joined.
+    pub(super) fn end_unfit_tasks(&mut self) {
+        let Some(wait) = self.fits_no_worker_wait else {
+            return;
+        };
+        if self.unfit.is_empty() || self.now < self.last_joined + wait {
+            return;
+        }
+        let largest = self.largest;
+        let ids: Vec<TaskId> = self.unfit.iter().copied().collect();
+        for id in ids {
+            let Some(need) = self
+                .tasks
+                .get(&id)
+                .and_then(|t| shortfall(&t.spec.resources, &largest))
+            else {
+                continue;
+            };
+            warn!(task = id, "fits no worker: {need}");
+            self.sched.remove_waiting(id);
+            self.stats.tasks_waiting -= 1;
+            let error = format!("fits no worker: {need}");
+            self.finish(id, Outcome::FitsNoWorker { need }, None, Some(error));
+        }
+    }
+}
+
+/// What `need` declares beyond `have`, in words ("needs 64 cores, largest
+/// worker has 2"), or `None` if it fits.
+fn shortfall(need: &Resources, have: &Resources) -> Option<String> {
+    let over = |what: &str, n: u64, h: u64, unit: &str| {
+        (n > h).then(|| format!("needs {n}{unit} {what}, largest worker has {h}{unit}"))
+    };
+    over("cores", need.cores.into(), have.cores.into(), "")
+        .or_else(|| over("memory", need.memory_mb, have.memory_mb, " MB"))
+        .or_else(|| over("disk", need.disk_mb, have.disk_mb, " MB"))
+        .or_else(|| over("gpus", need.gpus.into(), have.gpus.into(), ""))
 }

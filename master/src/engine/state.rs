@@ -99,6 +99,14 @@ pub(super) struct Engine<O: Outbox> {
     /// Attempts whose outputs could not be written here (the connection's
     /// reader says so before their report): the OS error, for the outcome.
     pub(super) failed_writes: HashMap<(TaskId, u32), String>,
+    /// Component-wise largest connected worker.
+    pub(super) largest: Resources,
+    /// Waiting tasks that declare more than `largest` (see
+    /// `ManagerBuilder::fits_no_worker_wait`).
+    pub(super) unfit: HashSet<TaskId>,
+    pub(super) fits_no_worker_wait: Option<Duration>,
+    /// When the last worker joined: the wait of unfit tasks counts from it.
+    pub(super) last_joined: Instant,
 }
 
 impl<O: Outbox> Engine<O> {
@@ -127,6 +135,10 @@ impl<O: Outbox> Engine<O> {
             prefetch,
             touched: Vec::new(),
             failed_writes: HashMap::default(),
+            largest: Resources::default(),
+            unfit: HashSet::default(),
+            fits_no_worker_wait: None,
+            last_joined: Instant::now(),
         }
     }
 
@@ -201,6 +213,10 @@ impl<O: Outbox> Engine<O> {
         });
         let requests = self.categories.set_largest(largest);
         self.apply_class_requests(requests);
+        if largest != self.largest {
+            self.largest = largest;
+            self.recheck_unfit();
+        }
     }
 
     pub(super) fn worker_infos(&self) -> Vec<WorkerInfo> {
@@ -272,6 +288,7 @@ impl<O: Outbox> Engine<O> {
                         blocked_until: None,
                     },
                 );
+                self.last_joined = self.now;
                 self.refresh_largest();
             }
         }
