@@ -196,3 +196,30 @@ fn a_task_that_fits_no_worker_runs_when_a_big_enough_worker_joins() {
     assert_eq!(r.outcome, Outcome::Success, "{r:?}");
     assert_eq!(manager.stats().tasks_fit_no_worker, 0);
 }
+
+/// `drover run` with an output it cannot write exits non-zero and says
+/// why in its summary, instead of exit 0 and a WARN line.
+#[test]
+fn drover_run_exits_non_zero_when_an_output_cannot_be_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("plain-file"), "not a directory").expect("write");
+    let line = serde_json::json!({
+        "command": "echo x > o",
+        "outputs": [{"remote": "o", "local": dir.path().join("plain-file/o")}],
+    });
+    let tasks = common::write_file(dir.path(), "tasks.txt", format!("{line}\n").as_bytes());
+    let out = std::process::Command::new(common::drover_bin())
+        .arg("run")
+        .arg(&tasks)
+        .arg("--failed-dir")
+        .arg(dir.path().join("failed"))
+        .output()
+        .expect("run drover run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("output write failed"), "{text}");
+}
