@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 // master's instructions per task (scale bench).
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -62,6 +62,7 @@ use conn::accept_loop;
 pub(crate) use conn::raise_fd_limit;
 use growth::WorkerGrowth;
 use state::{Engine, TaskEntry, TaskState};
+pub(crate) use transfer::part_path;
 use transfer::{receive_outputs, write_loop};
 
 enum Event {
@@ -81,6 +82,12 @@ enum Event {
     },
     /// A status client (`drover factory`) passed the handshake and wants the report.
     Status(oneshot::Sender<drover_catalog::MasterReport>),
+    /// An attempt's outputs could not be written here; its report follows.
+    OutputsFailed {
+        task: TaskId,
+        attempt: u32,
+        error: String,
+    },
 }
 
 /// (name in the sandbox, local destination) for each declared output.
@@ -164,6 +171,8 @@ pub(crate) struct EngineConfig {
     pub prefetch: usize,
     /// Serve workers over TLS with this configuration.
     pub tls: Option<Arc<drover_protocol::tls::rustls::ServerConfig>>,
+    /// See `ManagerBuilder::fits_no_worker_wait`.
+    pub fits_no_worker_wait: Option<Duration>,
 }
 
 /// Starts the engine on `listener`; returns when told to shut down.
@@ -189,6 +198,7 @@ pub(crate) async fn run(
         results,
     };
     let mut engine = Engine::new(links, config.report_identity.clone(), config.prefetch);
+    engine.fits_no_worker_wait = config.fits_no_worker_wait;
     let mut grow_tick = tokio::time::interval(Duration::from_millis(200));
     grow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reserve_tick = tokio::time::interval(Duration::from_millis(100));
@@ -231,10 +241,12 @@ pub(crate) async fn run(
                 engine.grow_timeouts();
             }
             _ = reserve_tick.tick(), if !engine.reserving_workers.is_empty()
-                || !engine.blocked_workers.is_empty() => {
+                || !engine.blocked_workers.is_empty()
+                || !engine.unfit.is_empty() => {
                 engine.now = Instant::now();
                 engine.let_go_of_aged_reserves();
                 engine.unblock_workers();
+                engine.end_unfit_tasks();
             }
         }
         engine.schedule();
@@ -263,6 +275,13 @@ impl Engine<Links> {
             }
             Event::Status(reply) => {
                 let _ = reply.send(self.status_report());
+            }
+            Event::OutputsFailed {
+                task,
+                attempt,
+                error,
+            } => {
+                self.failed_writes.insert((task, attempt), error);
             }
         }
     }

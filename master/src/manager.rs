@@ -68,6 +68,7 @@ pub struct ManagerBuilder {
     environment: Option<PathBuf>,
     prefetch: usize,
     tls: Option<(PathBuf, PathBuf)>,
+    fits_no_worker_wait: Option<Duration>,
 }
 
 impl Default for ManagerBuilder {
@@ -85,6 +86,7 @@ impl Default for ManagerBuilder {
             environment: None,
             prefetch: 2,
             tls: None,
+            fits_no_worker_wait: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -123,6 +125,17 @@ impl ManagerBuilder {
     /// one a category is still learning). 0 turns it off.
     pub fn prefetch(mut self, tasks: usize) -> Self {
         self.prefetch = tasks;
+        self
+    }
+
+    /// How long a task that fits no connected worker (it declares more
+    /// cores, memory, disk or gpus than the largest has) waits, counted
+    /// from the last worker that joined, before it ends with
+    /// [`crate::Outcome::FitsNoWorker`]. Until then it is counted in
+    /// `Stats::tasks_fit_no_worker`. `None` waits for ever: use it when
+    /// a factory may yet start bigger workers. Default 60 s.
+    pub fn fits_no_worker_wait(mut self, wait: Option<Duration>) -> Self {
+        self.fits_no_worker_wait = wait;
         self
     }
 
@@ -237,6 +250,7 @@ impl ManagerBuilder {
             report_identity: report_identity.clone(),
             prefetch: self.prefetch,
             tls,
+            fits_no_worker_wait: self.fits_no_worker_wait,
         };
         runtime.spawn(engine::run(listener, config, commands_rx, results_tx));
         let reporter = match &self.catalog {
@@ -393,8 +407,11 @@ impl Manager {
                 },
             });
         }
-        for (remote, _) in &task.outputs {
+        for (remote, local) in &task.outputs {
             check_sandbox_name(remote).map_err(SubmitError::InvalidName)?;
+            // What an interrupted transfer of an earlier run left beside
+            // the user's file goes before this run writes there.
+            let _ = std::fs::remove_file(crate::engine::part_path(local));
         }
         let environment = match task
             .environment

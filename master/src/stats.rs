@@ -34,6 +34,9 @@ pub struct Stats {
     /// Times a task was sent ahead to wait on a full worker (see
     /// [`crate::ManagerBuilder::prefetch`]).
     pub tasks_sent_ahead: u64,
+    /// Waiting tasks that declare more than any connected worker has (see
+    /// [`crate::ManagerBuilder::fits_no_worker_wait`]).
+    pub tasks_fit_no_worker: u64,
 }
 
 impl Stats {

@@ -199,6 +199,14 @@ pub enum Outcome {
     WorkerLost,
     /// Cancelled by the user.
     Cancelled,
+    /// The command succeeded but the master could not write an output
+    /// locally (a full disk, no permission, a directory in the way); the
+    /// user's file, if any, is left as it was. `error` is the OS's word.
+    OutputWriteFailed { error: String },
+    /// No connected worker could ever run it, for as long as
+    /// `ManagerBuilder::fits_no_worker_wait`; `need` says what it lacked,
+    /// e.g. "needs 64 cores, largest worker has 2".
+    FitsNoWorker { need: String },
 }
 
 impl Outcome {
@@ -223,6 +231,8 @@ impl Outcome {
             Outcome::WallTimeExceeded => "wall time exceeded".into(),
             Outcome::WorkerLost => "worker lost".into(),
             Outcome::Cancelled => "cancelled".into(),
+            Outcome::OutputWriteFailed { error } => format!("output write failed: {error}"),
+            Outcome::FitsNoWorker { need } => format!("fits no worker: {need}"),
         }
     }
 }

@@ -300,3 +300,19 @@ pub fn write_stdlib_spec(dir: &Path) {
     let spec = serde_json::json!({"python": version, "requirements": []});
     std::fs::write(dir.join("spec.json"), spec.to_string()).expect("write spec.json");
 }
+
+impl Worker {
+    /// Breaks this worker's disk under it, as a failing node's would be:
+    /// its task directory becomes a regular file, so it can set up no task
+    /// (not even as root) and fails every one it is sent. Call it once the
+    /// worker is connected (it made the directory at start).
+    pub fn break_task_dir(&self) {
+        let tasks = self
+            .workdir
+            .path()
+            .join(format!("w{}", self.pid()))
+            .join("tasks");
+        std::fs::remove_dir_all(&tasks).expect("remove the worker's task directory");
+        std::fs::write(&tasks, "a file where a directory should be").expect("break it");
+    }
+}

@@ -9,6 +9,10 @@ use drover_protocol::stream::{is_auth_failure, End, Handshaking};
 use drover_protocol::tls::tokio_rustls::TlsAcceptor;
 use tracing::error;
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicU64;
+use tokio::io::AsyncRead;
+
 static NEXT_WORKER: AtomicU32 = AtomicU32::new(1);
 
 /// How long a connection has to finish its handshake (TLS and password):
@@ -132,7 +136,7 @@ pub(super) async fn accept_loop(
             if let Ok(mut h) = handshakes.lock() {
                 h.leave(id);
             }
-            let (greeting, reader, writer) = match greeted {
+            let (greeting, reader, writer, fd) = match greeted {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
                     warn!(peer = %addr, "refused connection from {addr}: {e:#}");
@@ -146,7 +150,8 @@ pub(super) async fn accept_loop(
                     return;
                 }
             };
-            if let Err(e) = connection(greeting, reader, writer, addr, events, keepalive).await {
+            if let Err(e) = connection(greeting, reader, writer, fd, addr, events, keepalive).await
+            {
                 warn!(peer = %addr, "{e}");
             }
         });
@@ -160,7 +165,9 @@ async fn handshake(
     addr: SocketAddr,
     security: &Security,
     keepalive: Duration,
-) -> anyhow::Result<(Greeting, Reader, Writer)> {
+) -> anyhow::Result<(Greeting, Reader, Writer, RawFd)> {
+    // The socket itself, for the worker-loss clock to peek at (see `Silence`).
+    let fd = stream.as_raw_fd();
     let mut conn = match &security.tls {
         Some(acceptor) => {
             let tls = acceptor
@@ -184,13 +191,14 @@ async fn handshake(
         Greeting::Status { .. } => None,
     };
     let (reader, writer) = conn.finish(keys, End::Master);
-    Ok((greeting, reader, writer))
+    Ok((greeting, reader, writer, fd))
 }
 
 async fn connection(
     greeting: Greeting,
     mut reader: Reader,
     mut writer: Writer,
+    fd: RawFd,
     addr: SocketAddr,
     events: mpsc::UnboundedSender<Event>,
     (interval, timeout): (Duration, Duration),
@@ -216,7 +224,7 @@ async fn connection(
         return Ok(());
     }
     let writer_task = tokio::spawn(write_loop(writer, rx, interval));
-    let reason = read_loop(&mut reader, key, &events, &mut plans_rx, timeout).await;
+    let reason = read_loop(&mut reader, fd, key, &events, &mut plans_rx, timeout).await;
     if reason.starts_with(AUTH_FAILED) {
         // Not a glitch: someone on the path is tampering with the connection.
         error!(peer = %addr, "frame authentication failed from {addr}: {reason}");
@@ -257,6 +265,7 @@ async fn answer_status(
 
 async fn read_loop(
     reader: &mut Reader,
+    fd: RawFd,
     key: WorkerKey,
     events: &mpsc::UnboundedSender<Event>,
     plans: &mut mpsc::UnboundedReceiver<Outgoing>,
@@ -264,19 +273,33 @@ async fn read_loop(
 ) -> String {
     let mut buf = Vec::new();
     let mut expected: HashMap<(TaskId, u32), OutputPlan> = HashMap::default();
+    let silence = Silence::new(fd, timeout);
     loop {
-        let msg =
-            match tokio::time::timeout(timeout, crate::wire::read_worker_msg(reader, &mut buf))
-                .await
-            {
-                Err(_) => return format!("no message for {timeout:?}"),
-                Ok(Err(FrameError::Closed)) => return "connection closed".into(),
-                Ok(Err(FrameError::Io(e))) if is_auth_failure(&e) => {
-                    return format!("{AUTH_FAILED}: {e}")
-                }
-                Ok(Err(e)) => return format!("protocol error: {e}"),
-                Ok(Ok(m)) => m,
+        let msg = {
+            let mut touched = Touch {
+                inner: &mut *reader,
+                silence: &silence,
             };
+            let read = crate::wire::read_worker_msg(&mut touched, &mut buf);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut read => break r,
+                    _ = tokio::time::sleep_until(silence.deadline()) => {
+                        if silence.gone() {
+                            return format!("no byte for {timeout:?}");
+                        }
+                    }
+                }
+            }
+        };
+        let msg = match msg {
+            Err(FrameError::Closed) => return "connection closed".into(),
+            Err(FrameError::Io(e)) if is_auth_failure(&e) => return format!("{AUTH_FAILED}: {e}"),
+            Err(e) => return format!("protocol error: {e}"),
+            Ok(m) => m,
+        };
         if let WorkerMsg::TaskDone { report, outputs } = &msg {
             // The engine sent the plan before the task, so it is here by now.
             while let Ok(change) = plans.try_recv() {
@@ -295,19 +318,121 @@ async fn read_loop(
                 }
             }
             let dests = expected.remove(&(report.task_id, report.attempt));
-            if let Err(e) = receive_outputs(reader, outputs, dests.as_deref()).await {
-                if is_auth_failure(e.as_ref()) {
+            let keep = report.ending == Ending::Exited
+                && report.exit_code == Some(0)
+                && report.missing_outputs.is_empty();
+            match receive_outputs(&mut *reader, outputs, dests.as_deref(), keep).await {
+                Ok(None) => {}
+                Ok(Some(error)) => {
+                    let failed = Event::OutputsFailed {
+                        task: report.task_id,
+                        attempt: report.attempt,
+                        error,
+                    };
+                    if events.send(failed).is_err() {
+                        return "master shutting down".into();
+                    }
+                }
+                Err(e) if is_auth_failure(e.as_ref()) => {
                     return format!(
                         "{AUTH_FAILED}: receiving outputs of task {}: {e}",
                         report.task_id
                     );
                 }
-                return format!("receiving outputs of task {}: {e}", report.task_id);
+                Err(e) => return format!("receiving outputs of task {}: {e}", report.task_id),
             }
+            // Output bodies are read outside the clock: they may be long.
+            silence.heard();
         }
         if events.send(Event::Msg { key, msg }).is_err() {
             return "master shutting down".into();
         }
+    }
+}
+
+/// When a worker has been silent too long. The clock runs from the last
+/// byte read (see [`Touch`]), and before a worker is declared gone its
+/// socket is looked at: bytes (or its close) already waiting there were
+/// received in time, only not read yet, as when this process was stopped
+/// (SIGSTOP) for longer than the timeout. So a report that was waiting is
+/// read, not discarded.
+struct Silence {
+    fd: std::os::fd::RawFd,
+    timeout: Duration,
+    start: Instant,
+    /// Nanoseconds from `start` to the last byte read.
+    last_ns: AtomicU64,
+}
+
+impl Silence {
+    fn new(fd: RawFd, timeout: Duration) -> Silence {
+        Silence {
+            fd,
+            timeout,
+            start: Instant::now(),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn heard(&self) {
+        let ns = self.start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.last_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.last() + self.timeout)
+    }
+
+    /// True if nothing came for the timeout and nothing waits in the
+    /// socket; else the clock restarts from now.
+    fn gone(&self) -> bool {
+        if self.last().elapsed() < self.timeout {
+            return false;
+        }
+        let mut byte = 0u8;
+        // SAFETY: `fd` is the connection's socket, open for as long as the
+        // reader that borrows it here; MSG_PEEK | MSG_DONTWAIT neither
+        // consumes nor blocks, and the buffer is one valid byte.
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        // n == 0: the peer closed, which the reader then reports itself.
+        if n >= 0 {
+            self.heard();
+            return false;
+        }
+        true
+    }
+}
+
+/// A reader that tells its [`Silence`] whenever bytes come in, so a large
+/// frame that trickles in is not taken for silence.
+struct Touch<'a, R> {
+    inner: &'a mut R,
+    silence: &'a Silence,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Touch<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.silence.heard();
+        }
+        poll
     }
 }
 

@@ -42,6 +42,7 @@ impl<O: Outbox> Engine<O> {
         );
         self.enqueue_task(id);
         self.stats.tasks_waiting += 1;
+        self.check_fit(id);
     }
 
     /// Puts a task in the scheduler with its current request: its ladder
@@ -277,10 +278,27 @@ impl<O: Outbox> Engine<O> {
     /// allocation, or again if an input went missing; else finish it.
     pub(super) fn task_done(&mut self, key: WorkerKey, report: TaskReport) {
         let id = report.task_id;
+        let write_error = self.failed_writes.remove(&(id, report.attempt));
         let Some(allocation) = self.running_attempt(key, id, report.attempt) else {
             debug!(task = id, "ignoring a stale report");
             return;
         };
+        if let Some(reason) = worker_fault(&report) {
+            let cancelling = self.tasks.get(&id).is_some_and(|t| t.cancelling);
+            if !cancelling {
+                // The worker could not even set the task up: that is the
+                // worker's failing (a broken node, a full disk), like a
+                // refusal, and the task goes elsewhere.
+                self.worker_refused(key, id, report.attempt, &reason);
+                return;
+            }
+        }
+        if report.ending == Ending::InputMissing {
+            // Its cache lost an input: the task is retried (below), and the
+            // worker that lost it counts it against itself.
+            let reason = report.error.as_deref().unwrap_or("input missing");
+            self.block_worker(key, id, reason);
+        }
         let host = self.release_attempt(key, id, allocation);
         self.touched.push(key);
         if let Some(w) = self.workers.get_mut(&key) {
@@ -308,7 +326,7 @@ impl<O: Outbox> Engine<O> {
             return;
         }
         let host = ended.host;
-        self.finish_reported(id, host, allocation, report);
+        self.finish_reported(id, host, allocation, report, write_error);
     }
 
     /// A learned task's category records the attempt; `Some` with its new
@@ -444,12 +462,18 @@ impl<O: Outbox> Engine<O> {
         host: String,
         allocation: Resources,
         report: TaskReport,
+        write_error: Option<String>,
     ) {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        let outcome = outcome_of(&report, task.cancelling);
+        let mut outcome = outcome_of(&report, task.cancelling);
         let mut error = report.error.clone();
+        if let (Outcome::Success, Some(e)) = (&outcome, write_error) {
+            warn!(task = id, "{e}");
+            outcome = Outcome::OutputWriteFailed { error: e.clone() };
+            error = Some(e);
+        }
         if outcome == Outcome::OutputMissing && error.is_none() {
             error = Some(format!(
                 "missing outputs: {}",
@@ -474,6 +498,9 @@ impl<O: Outbox> Engine<O> {
         let Some(task) = self.tasks.remove(&id) else {
             return;
         };
+        if self.unfit.remove(&id) {
+            self.stats.tasks_fit_no_worker -= 1;
+        }
         match outcome {
             Outcome::Success => self.stats.tasks_done += 1,
             Outcome::Cancelled => self.stats.tasks_cancelled += 1,
@@ -652,6 +679,20 @@ fn outcome_of(report: &TaskReport, cancelling: bool) -> Outcome {
     }
 }
 
+/// Why a report is the worker's failing rather than the task's: it could
+/// not set the task up (its sandbox, an input, the environment). A command
+/// that cannot be started (a program that does not exist) is the task's.
+fn worker_fault(report: &TaskReport) -> Option<String> {
+    if report.ending != Ending::SetupFailed {
+        return None;
+    }
+    let error = report.error.as_deref().unwrap_or("task setup failed");
+    if error.starts_with("cannot start the command") {
+        return None;
+    }
+    Some(format!("setup failed: {error}"))
+}
+
 /// A worker that refuses a task is kept out of placement this long, doubled
 /// for each further refusal in a row, up to [`REFUSAL_PAUSE_MAX`].
 const REFUSAL_PAUSE_FIRST: Duration = Duration::from_secs(1);
@@ -677,23 +718,7 @@ impl<O: Outbox> Engine<O> {
         if self.running_attempt(key, id, attempt).is_none() {
             return;
         }
-        if let Some(w) = self.workers.get_mut(&key) {
-            w.refusals_in_row += 1;
-            let doublings = (w.refusals_in_row - 1).min(16);
-            let pause = REFUSAL_PAUSE_FIRST
-                .saturating_mul(1 << doublings)
-                .min(REFUSAL_PAUSE_MAX);
-            w.blocked_until = Some(self.now + pause);
-            warn!(
-                worker = %w.addr,
-                host = %w.hello.hostname,
-                "worker refused task {id}: {reason}; no new task goes there for {pause:?} \
-                 ({} refusals in a row)",
-                w.refusals_in_row
-            );
-            self.sched.set_blocked(key, true);
-            self.blocked_workers.insert(key);
-        }
+        self.block_worker(key, id, reason);
         let refusals = self.tasks.get_mut(&id).map_or(0, |t| {
             t.refusals += 1;
             t.refusals
@@ -710,6 +735,29 @@ impl<O: Outbox> Engine<O> {
                 let error = format!("refused by workers {refusals} times, last: {reason}");
                 self.finish(id, Outcome::Failed, None, Some(error));
             }
+        }
+    }
+
+    /// Counts a failing against worker `key` (it refused task `id`, could
+    /// not set it up, or lost its input): it is kept out of placement for
+    /// a while, doubling with each failing in a row.
+    fn block_worker(&mut self, key: WorkerKey, id: TaskId, reason: &str) {
+        if let Some(w) = self.workers.get_mut(&key) {
+            w.refusals_in_row += 1;
+            let doublings = (w.refusals_in_row - 1).min(16);
+            let pause = REFUSAL_PAUSE_FIRST
+                .saturating_mul(1 << doublings)
+                .min(REFUSAL_PAUSE_MAX);
+            w.blocked_until = Some(self.now + pause);
+            warn!(
+                worker = %w.addr,
+                host = %w.hello.hostname,
+                "worker refused task {id}: {reason}; no new task goes there for {pause:?} \
+                 ({} refusals in a row)",
+                w.refusals_in_row
+            );
+            self.sched.set_blocked(key, true);
+            self.blocked_workers.insert(key);
         }
     }
 
@@ -735,4 +783,78 @@ impl<O: Outbox> Engine<O> {
             }
         }
     }
+}
+
+impl<O: Outbox> Engine<O> {
+    /// Counts waiting task `id` as fitting no worker if it declares more
+    /// than the largest connected one has (nothing is said with no worker).
+    pub(super) fn check_fit(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let unfit = !self.workers.is_empty()
+            && matches!(task.state, TaskState::Waiting)
+            && shortfall(&task.spec.resources, &self.largest).is_some();
+        if unfit {
+            if self.unfit.insert(id) {
+                self.stats.tasks_fit_no_worker += 1;
+            }
+        } else if self.unfit.remove(&id) {
+            self.stats.tasks_fit_no_worker -= 1;
+        }
+    }
+
+    /// The largest worker changed: every waiting task is looked at again.
+    /// A pass over the tasks, only when a worker of a new largest size
+    /// joins or the last of one leaves, not per task or per worker.
+    pub(super) fn recheck_unfit(&mut self) {
+        let ids: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| matches!(t.state, TaskState::Waiting))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.check_fit(id);
+        }
+    }
+
+    /// Ends the tasks that fit no worker once they have waited long enough
+    /// since the last worker joined.
+    pub(super) fn end_unfit_tasks(&mut self) {
+        let Some(wait) = self.fits_no_worker_wait else {
+            return;
+        };
+        if self.unfit.is_empty() || self.now < self.last_joined + wait {
+            return;
+        }
+        let largest = self.largest;
+        let ids: Vec<TaskId> = self.unfit.iter().copied().collect();
+        for id in ids {
+            let Some(need) = self
+                .tasks
+                .get(&id)
+                .and_then(|t| shortfall(&t.spec.resources, &largest))
+            else {
+                continue;
+            };
+            warn!(task = id, "fits no worker: {need}");
+            self.sched.remove_waiting(id);
+            self.stats.tasks_waiting -= 1;
+            let error = format!("fits no worker: {need}");
+            self.finish(id, Outcome::FitsNoWorker { need }, None, Some(error));
+        }
+    }
+}
+
+/// What `need` declares beyond `have`, in words ("needs 64 cores, largest
+/// worker has 2"), or `None` if it fits.
+fn shortfall(need: &Resources, have: &Resources) -> Option<String> {
+    let over = |what: &str, n: u64, h: u64, unit: &str| {
+        (n > h).then(|| format!("needs {n}{unit} {what}, largest worker has {h}{unit}"))
+    };
+    over("cores", need.cores.into(), have.cores.into(), "")
+        .or_else(|| over("memory", need.memory_mb, have.memory_mb, " MB"))
+        .or_else(|| over("disk", need.disk_mb, have.disk_mb, " MB"))
+        .or_else(|| over("gpus", need.gpus.into(), have.gpus.into(), ""))
 }

@@ -102,6 +102,17 @@ pub(super) struct Engine<O: Outbox> {
     pub(super) touched: Vec<WorkerKey>,
     /// Per-second counts, recent events, tasks per category.
     pub(super) history: crate::history::History,
+    /// Attempts whose outputs could not be written here (the connection's
+    /// reader says so before their report): the OS error, for the outcome.
+    pub(super) failed_writes: HashMap<(TaskId, u32), String>,
+    /// Component-wise largest connected worker.
+    pub(super) largest: Resources,
+    /// Waiting tasks that declare more than `largest` (see
+    /// `ManagerBuilder::fits_no_worker_wait`).
+    pub(super) unfit: HashSet<TaskId>,
+    pub(super) fits_no_worker_wait: Option<Duration>,
+    /// When the last worker joined: the wait of unfit tasks counts from it.
+    pub(super) last_joined: Instant,
 }
 
 impl<O: Outbox> Engine<O> {
@@ -131,6 +142,11 @@ impl<O: Outbox> Engine<O> {
             prefetch,
             touched: Vec::new(),
             history: crate::history::History::new(now),
+            failed_writes: HashMap::default(),
+            largest: Resources::default(),
+            unfit: HashSet::default(),
+            fits_no_worker_wait: None,
+            last_joined: Instant::now(),
         }
     }
 
@@ -208,6 +224,10 @@ impl<O: Outbox> Engine<O> {
         });
         let requests = self.categories.set_largest(largest);
         self.apply_class_requests(requests);
+        if largest != self.largest {
+            self.largest = largest;
+            self.recheck_unfit();
+        }
     }
 
     pub(super) fn worker_infos(&self) -> Vec<WorkerInfo> {
@@ -396,6 +416,7 @@ impl<O: Outbox> Engine<O> {
                         tasks_ended: 0,
                     },
                 );
+                self.last_joined = self.now;
                 self.refresh_largest();
             }
         }

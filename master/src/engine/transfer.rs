@@ -130,55 +130,101 @@ impl<O: Outbox> Engine<O> {
     }
 }
 
-/// Streams each output body to its local path through a temporary name. Bodies
-/// nobody expects (a stale attempt, a name the task did not declare) are read and dropped.
-pub(super) async fn receive_outputs(
-    reader: &mut Reader,
+/// Receives one attempt's output bodies. When `keep` (the attempt
+/// succeeded) each expected body is written to a temporary name beside its
+/// destination and, once every body is in, renamed over it; otherwise, and
+/// for bodies nobody expects (a stale attempt, a name the task did not
+/// declare), they are read and dropped. So neither a failed or killed
+/// attempt's output nor a partial body ever replaces a user's file. Returns
+/// the first local write failure (with the OS error), which is the task's
+/// outcome; an `Err` is the connection's.
+pub(super) async fn receive_outputs<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
     outputs: &[OutputHeader],
     dests: Option<&[(String, PathBuf)]>,
-) -> anyhow::Result<()> {
+    keep: bool,
+) -> anyhow::Result<Option<String>> {
+    let mut parts = PartFiles::default();
+    let mut failure: Option<String> = None;
     for header in outputs {
         let dest = dests
+            .filter(|_| keep && failure.is_none())
             .and_then(|d| d.iter().find(|(name, _)| *name == header.name))
             .map(|(_, p)| p);
         let mut body = (&mut *reader).take(header.size);
-        match dest {
-            Some(dest) => {
-                let tmp = dest.with_file_name(format!(
-                    ".{}.drover-part",
-                    dest.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                ));
-                let written = async {
-                    let mut file = tokio::fs::File::create(&tmp).await?;
-                    let n = protocol::copy_body(&mut body, &mut file, header.size, |_| {}).await?;
-                    file.flush().await?;
-                    Ok::<u64, std::io::Error>(n)
-                }
-                .await;
-                match written {
-                    Ok(n) if n == header.size => tokio::fs::rename(&tmp, dest).await?,
-                    Ok(_) => {
-                        anyhow::bail!("connection closed in the middle of output {}", header.name)
-                    }
-                    Err(e) => {
-                        warn!(
-                            "cannot write output {} to {}: {e}",
-                            header.name,
-                            dest.display()
-                        );
-                        let _ = tokio::fs::remove_file(&tmp).await;
-                        tokio::io::copy(&mut body, &mut tokio::io::sink()).await?;
-                    }
-                }
+        let Some(dest) = dest else {
+            tokio::io::copy(&mut body, &mut tokio::io::sink()).await?;
+            continue;
+        };
+        let tmp = part_path(dest);
+        parts.0.push((tmp.clone(), dest.clone()));
+        let written = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            let n = protocol::copy_body(&mut body, &mut file, header.size, |_| {}).await?;
+            file.flush().await?;
+            Ok::<u64, std::io::Error>(n)
+        }
+        .await;
+        match written {
+            Ok(n) if n == header.size => {}
+            Ok(_) => {
+                parts.remove_all().await;
+                anyhow::bail!("connection closed in the middle of output {}", header.name)
             }
-            None => {
-                tokio::io::copy(&mut body, &mut tokio::io::sink()).await?;
+            Err(e) => {
+                failure = Some(format!(
+                    "cannot write output {} to {}: {e}",
+                    header.name,
+                    dest.display()
+                ));
+                if let Err(e) = tokio::io::copy(&mut body, &mut tokio::io::sink()).await {
+                    parts.remove_all().await;
+                    return Err(e.into());
+                }
             }
         }
     }
-    Ok(())
+    if failure.is_none() {
+        failure = parts.rename_all().await;
+    }
+    parts.remove_all().await;
+    Ok(failure)
+}
+
+/// The temporary name an output is written to beside `dest` before it is
+/// renamed over it. Fixed per destination, so a retry overwrites what an
+/// interrupted transfer left, and `Manager::submit` can remove it.
+pub(crate) fn part_path(dest: &Path) -> PathBuf {
+    dest.with_file_name(format!(
+        ".{}.drover-part",
+        dest.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ))
+}
+
+/// One attempt's outputs written so far: (temporary name, destination).
+#[derive(Default)]
+struct PartFiles(Vec<(PathBuf, PathBuf)>);
+
+impl PartFiles {
+    /// Renames each over its destination; the first failure, if any.
+    async fn rename_all(&mut self) -> Option<String> {
+        for (tmp, dest) in self.0.drain(..) {
+            if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Some(format!("cannot write output to {}: {e}", dest.display()));
+            }
+        }
+        None
+    }
+
+    /// Removes what is left of them.
+    async fn remove_all(&mut self) {
+        for (tmp, _) in self.0.drain(..) {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+    }
 }
 
 pub(super) async fn write_loop(
