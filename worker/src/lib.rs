@@ -6,13 +6,14 @@
 //! connection's handshake and message loop), `transfer` (files in and out of
 //! a connection), `task` (one task: prepare, launch, supervise, report),
 //! `sandbox` (inputs placed, outputs checked), `host` (this machine's
-//! resources), `env` (packaged environments), `slots` (task directories
+//! resources), `leftovers` (what dead workers left in the workdir), `env` (packaged environments), `slots` (task directories
 //! reused), `exec` (a task's process under the monitor), [`locate`] (a
 //! master found through the catalog).
 mod env;
 mod exec;
 mod growth;
 mod host;
+mod leftovers;
 pub mod locate;
 mod main_loop;
 mod sandbox;

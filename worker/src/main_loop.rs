@@ -115,21 +115,27 @@ pub(crate) struct Dirs {
     pub(crate) cache: PathBuf,
     pub(crate) transfer: PathBuf,
     pub(crate) tasks: PathBuf,
+    /// Tells later workers on this workdir that this one is alive.
+    _lock: crate::leftovers::OwnLock,
 }
 
 impl Dirs {
     fn create(workdir: &Path) -> anyhow::Result<Dirs> {
         let cache = workdir.join("cache");
         let own = workdir.join(format!("w{}", std::process::id()));
-        let dirs = Dirs {
-            cache,
-            transfer: own.join("transfer"),
-            tasks: own.join("tasks"),
-        };
-        for d in [&dirs.cache, &dirs.transfer, &dirs.tasks] {
+        let (transfer, tasks) = (own.join("transfer"), own.join("tasks"));
+        for d in [&cache, &transfer, &tasks] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        Ok(dirs)
+        let lock = crate::leftovers::OwnLock::take(&own)
+            .with_context(|| format!("locking {}", own.display()))?;
+        crate::leftovers::remove_stale(workdir, &cache);
+        Ok(Dirs {
+            cache,
+            transfer,
+            tasks,
+            _lock: lock,
+        })
     }
 
     pub(crate) fn cached_ids(&self) -> Vec<String> {

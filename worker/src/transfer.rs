@@ -71,6 +71,26 @@ pub(crate) async fn read_loop(
     }
 }
 
+/// A file being received under a temporary name, removed when dropped
+/// unless kept: a failed transfer (short read, lost connection, full disk,
+/// bad content, or the read loop aborted with its session) leaves nothing.
+struct PartFile {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The temporary name a file is received under in its directory; the pid
+/// tells a later worker whose leftover it is (see `leftovers`).
+pub(crate) const PART_PREFIX: &str = ".part-";
+
 /// Streams `size` bytes into `dir/id` through a temporary name, checking the
 /// content hash for content-named files so a corrupt transfer never enters the cache.
 async fn receive_file(
@@ -82,19 +102,22 @@ async fn receive_file(
     if id.is_empty() || id.contains('/') || id.starts_with('.') {
         bail!("invalid file id {id:?}");
     }
-    let tmp = dir.join(format!(".part-{}-{id}", std::process::id()));
-    let mut file = tokio::fs::File::create(&tmp)
+    let mut part = PartFile {
+        path: dir.join(format!("{PART_PREFIX}{}-{id}", std::process::id())),
+        kept: false,
+    };
+    let mut file = tokio::fs::File::create(&part.path)
         .await
-        .with_context(|| format!("creating {}", tmp.display()))?;
+        .with_context(|| format!("creating {}", part.path.display()))?;
     let mut hasher = id.starts_with("b3-").then(blake3::Hasher::new);
     let got = protocol::copy_body(reader, &mut file, size, |chunk| {
         if let Some(h) = hasher.as_mut() {
             h.update(chunk);
         }
     })
-    .await?;
+    .await
+    .with_context(|| format!("writing {}", part.path.display()))?;
     if got < size {
-        let _ = tokio::fs::remove_file(&tmp).await;
         bail!(
             "connection closed with {} bytes of the file still to come",
             size - got
@@ -105,15 +128,15 @@ async fn receive_file(
     if let Some(h) = hasher {
         let got = h.finalize().to_hex();
         if id.strip_prefix("b3-") != Some(got.as_str()) {
-            let _ = tokio::fs::remove_file(&tmp).await;
             bail!("content of {id} does not match its name (got b3-{got})");
         }
     }
     // Read-only: cached inputs are hard-linked into sandboxes, and a task must not change what the next one reads.
-    let mut perms = tokio::fs::metadata(&tmp).await?.permissions();
+    let mut perms = tokio::fs::metadata(&part.path).await?.permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
-    tokio::fs::set_permissions(&tmp, perms).await?;
-    tokio::fs::rename(&tmp, dir.join(id)).await?;
+    tokio::fs::set_permissions(&part.path, perms).await?;
+    tokio::fs::rename(&part.path, dir.join(id)).await?;
+    part.kept = true;
     Ok(())
 }
 

@@ -1,0 +1,157 @@
+//! The worker when things go wrong around it: transfers that fail half way,
+//! what dead workers left in its workdir, a disk too small for an input or
+//! a task's output, absurd values from a master, and masters that cannot
+//! be reached or do not speak the protocol. Real `drover worker` processes
+//! against a real master, or against a plain TCP listener in the test that
+//! plays a (bad) master on purpose.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use drover_master::Task;
+
+/// `json` as a frame: its length (u32, big-endian), then its bytes.
+fn frame(json: &str) -> Vec<u8> {
+    let mut out = (json.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+/// The next frame's text, or None when the connection ended or stayed
+/// silent for 30 s.
+fn read_frame(stream: &mut TcpStream) -> Option<String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).ok()?;
+    String::from_utf8(body).ok()
+}
+
+/// Accepts the worker's next connection and plays the master's side of the
+/// handshake (no password), welcoming it with `keepalive_interval_s`
+/// (JSON text, so a test can send what no real master would).
+fn accept_worker(listener: &TcpListener, keepalive: &str) -> TcpStream {
+    let (mut s, _) = listener.accept().expect("the worker connects");
+    let hello = read_frame(&mut s).expect("a hello");
+    assert!(hello.contains("\"type\":\"hello\""), "{hello}");
+    s.write_all(&frame(&format!(
+        r#"{{"type":"welcome","proof":null,"keepalive_interval_s":{keepalive}}}"#
+    )))
+    .unwrap();
+    let cached = read_frame(&mut s).expect("the cache list");
+    assert!(cached.contains("\"type\":\"cached\""), "{cached}");
+    s
+}
+
+/// The names in `dir` that start with `prefix`.
+fn names_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (generously) for `cond`, panicking with `what` after a minute.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const ZERO_HASH: &str = "b3-0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A transfer cut off half way, and one whose content does not match its
+/// name, leave no part file in the cache; one a dead worker left there is
+/// removed when the next worker starts.
+#[test]
+fn failed_transfers_leave_no_part_files() {
+    let workdir = tempfile::tempdir().unwrap();
+    let cache = workdir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    // Pid 2^30 is past the kernel's maximum: its worker is surely dead.
+    let stale = cache.join(format!(".part-{}-{ZERO_HASH}", 1 << 30));
+    std::fs::write(&stale, b"half a file").unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _w = Worker::start_in(port, &["--cores", "1"], workdir);
+    let mut s = accept_worker(&listener, "5.0");
+    assert!(
+        !stale.exists(),
+        "a dead worker's part file is removed at start"
+    );
+
+    // Content that does not match its name: refused, nothing kept.
+    let body = vec![7u8; 100_000];
+    s.write_all(&frame(&format!(
+        r#"{{"type":"put_file","id":"{ZERO_HASH}","size":{},"cache":true}}"#,
+        body.len()
+    )))
+    .unwrap();
+    s.write_all(&body).unwrap();
+    s.write_all(&frame(r#"{"type":"ping"}"#)).unwrap();
+    // Either answer proves the file was dealt with: a pong, or the end of
+    // the connection and a new one.
+    if read_frame(&mut s).is_none() {
+        s = accept_worker(&listener, "5.0");
+    }
+    assert_eq!(names_starting(&cache, ".part-"), Vec::<String>::new());
+    assert!(!cache.join(ZERO_HASH).exists());
+
+    // Cut off after 1 MB of 8: the worker reconnects, and nothing is left.
+    s.write_all(&frame(&format!(
+        r#"{{"type":"put_file","id":"{ZERO_HASH}","size":{},"cache":true}}"#,
+        8 << 20
+    )))
+    .unwrap();
+    s.write_all(&vec![1u8; 1 << 20]).unwrap();
+    drop(s);
+    let _again = accept_worker(&listener, "5.0");
+    assert_eq!(names_starting(&cache, ".part-"), Vec::<String>::new());
+}
+
+/// A worker SIGKILLed mid-task cannot clean up; the next worker on the
+/// same workdir removes its directory (and leaves a live one's alone).
+#[test]
+fn a_killed_workers_directory_is_removed_by_the_next_worker() {
+    let m = manager();
+    let mut first = Worker::start(m.port(), &["--cores", "1"]);
+    let live = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new("sleep 300").cores(1)).unwrap();
+    m.submit(Task::new("sleep 300").cores(1)).unwrap();
+    wait_until(&m, "both tasks running", |s| s.tasks_running == 2);
+    let workdir = std::mem::replace(&mut first.workdir, tempfile::tempdir().unwrap());
+    let dead_dir = workdir.path().join(format!("w{}", first.pid()));
+    assert!(dead_dir.join("tasks").exists());
+    unsafe { libc::kill(first.pid(), libc::SIGKILL) };
+    let _ = first.child.wait();
+    assert!(dead_dir.exists(), "SIGKILL leaves it behind");
+
+    // A live worker's directory in the same workdir (linked in) stays.
+    let live_dir = live.workdir.path().join(format!("w{}", live.pid()));
+    let live_link = workdir.path().join(format!("w{}", live.pid()));
+    std::os::unix::fs::symlink(&live_dir, &live_link).unwrap();
+
+    let next = Worker::start_in(m.port(), &["--cores", "1"], workdir);
+    let own = next.workdir.path().join(format!("w{}", next.pid()));
+    eventually("the new worker's own directory", || own.exists());
+    eventually("the dead worker's directory to go", || !dead_dir.exists());
+    assert!(
+        live_dir.exists() && live_link.exists(),
+        "a live worker's stays"
+    );
+}
