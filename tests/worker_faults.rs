@@ -155,3 +155,109 @@ fn a_killed_workers_directory_is_removed_by_the_next_worker() {
         "a live worker's stays"
     );
 }
+
+/// What a bad master does to each connection.
+type BadMaster = fn(TcpStream);
+
+/// Plays a bad master on `listener` for every connection: `how` is done to
+/// each accepted stream in turn. Returns how many connections it saw once
+/// `stop` is set.
+fn bad_master(
+    listener: TcpListener,
+    how: BadMaster,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::thread::JoinHandle<()>,
+) {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&seen);
+    let handle = std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || how(s));
+        }
+    });
+    (seen, handle)
+}
+
+/// A master that closes at once, one that sends garbage, and one that
+/// accepts and never speaks: the worker retries each with backoff, says
+/// why at the default log level, and gives up at its idle timeout with a
+/// non-zero exit and the reason.
+#[test]
+fn a_bad_master_is_retried_until_the_idle_timeout() {
+    let cases: [(&str, BadMaster, &str); 3] = [
+        ("closes", drop, "closed the connection during the handshake"),
+        (
+            "garbage",
+            |mut s| {
+                let _ = s.write_all(&frame("this is not json"));
+                std::thread::sleep(Duration::from_secs(1));
+            },
+            "handshake with the master failed",
+        ),
+        (
+            "silent",
+            |s| {
+                std::thread::sleep(Duration::from_secs(60));
+                drop(s);
+            },
+            "did not finish the handshake within",
+        ),
+    ];
+    for (name, how, why) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, _) = bad_master(listener, how);
+        let w = Worker::start(port, &["--idle-timeout", "3"]);
+        let (code, stderr) = w.wait_exit(Duration::from_secs(60));
+        assert_eq!(code, Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains("no master reached within the idle timeout"),
+            "{name}: {stderr}"
+        );
+        assert!(stderr.contains(why), "{name}: {stderr}");
+        if name != "silent" {
+            // (A silent master holds each attempt for the handshake
+            // deadline, past the idle timeout: one attempt, no retry.)
+            assert!(
+                stderr.contains("WARN") && stderr.contains("retrying in"),
+                "{name}: {stderr}"
+            );
+            // 3 s of backoff from 1 s: at least a second attempt.
+            assert!(
+                seen.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+                "{name}: {stderr}"
+            );
+        }
+    }
+}
+
+/// A worker started before its master waits for it, and serves it once it
+/// is up; a master's address without a port is refused at start.
+#[test]
+fn a_worker_started_first_serves_its_master_once_it_is_up() {
+    // A free port, closed again for the master to take.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _w = Worker::start(port, &["--cores", "1"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = drover_master::Manager::builder()
+        .port(port)
+        .bind("127.0.0.1")
+        .build()
+        .expect("the master takes the port");
+    m.submit(Task::new("echo late master")).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.stdout, "late master\n", "{r:?}");
+
+    let out = std::process::Command::new(drover_bin())
+        .args(["worker", "localhost"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no port"));
+}

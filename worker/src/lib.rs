@@ -2,7 +2,7 @@
 //! cache, runs tasks in sandboxes within its declared resources, and reports
 //! back. The wire protocol it speaks is its own crate, `drover-protocol`.
 //!
-//! Modules: `main_loop` (connect, reconnect with backoff), `session` (one
+//! Modules: `main_loop` (connect, reconnect with backoff), `retry` (the backoff, which failures are worth retrying), `session` (one
 //! connection's handshake and message loop), `transfer` (files in and out of
 //! a connection), `task` (one task: prepare, launch, supervise, report),
 //! `sandbox` (inputs placed, outputs checked), `host` (this machine's
@@ -16,6 +16,7 @@ mod host;
 mod leftovers;
 pub mod locate;
 mod main_loop;
+mod retry;
 mod sandbox;
 mod session;
 mod slots;

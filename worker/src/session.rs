@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::main_loop::{Dirs, Shared, StopReason, WorkerConfig};
+use crate::retry::Fatal;
 use crate::task::{now_ms, run_task, Control, TaskContext};
 use crate::transfer::{read_loop, write_loop, Finished, Outgoing};
 
@@ -223,7 +224,18 @@ impl<'a> Session<'a> {
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::with_capacity(64 * 1024, read_half);
         let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
-        let keepalive = self.handshake(&mut reader, &mut writer).await?;
+        // A master that accepts and never speaks must not hold the worker.
+        let keepalive = tokio::time::timeout(
+            crate::retry::HANDSHAKE_DEADLINE,
+            self.handshake(&mut reader, &mut writer),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the master did not finish the handshake within {:?}",
+                crate::retry::HANDSHAKE_DEADLINE
+            )
+        })??;
 
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
         // Finished tasks pass through this loop before the writer, so their
@@ -337,7 +349,11 @@ impl<'a> Session<'a> {
             Err(AuthError::Closed) => {
                 bail!("the master closed the connection during the handshake")
             }
-            Err(AuthError::Refused(reason)) => bail!("the master refused this worker: {reason}"),
+            // Asking again would get the same answer.
+            Err(AuthError::Refused(reason)) => {
+                Err(Fatal(format!("the master refused this worker: {reason}")))?
+            }
+            Err(e @ AuthError::Password(_)) => Err(Fatal(e.to_string()))?,
             Err(e) => bail!("handshake with the master failed: {e}"),
         }
     }
