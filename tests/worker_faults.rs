@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use drover_master::Task;
+use drover_master::{Outcome, Task};
 
 /// `json` as a frame: its length (u32, big-endian), then its bytes.
 fn frame(json: &str) -> Vec<u8> {
@@ -260,4 +260,57 @@ fn a_worker_started_first_serves_its_master_once_it_is_up() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no port"));
+}
+
+/// An input larger than a worker's declared disk is refused by that worker
+/// without writing a byte (no part file, nothing cached), the task goes to
+/// a worker that can take it, and the refusing worker still runs what fits.
+#[test]
+fn an_input_too_big_for_a_worker_goes_elsewhere_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = write_file(dir.path(), "big.bin", &vec![3u8; 40 << 20]);
+    let m = manager();
+    let small = Worker::start(m.port(), &["--cores", "1", "--disk", "25"]);
+    m.submit(Task::new("wc -c < big.bin").input_file(&big, "big.bin", true))
+        .unwrap();
+    wait_until(&m, "the small worker to refuse the input", |s| {
+        s.workers_blocked >= 1
+    });
+    let cache = small.workdir.path().join("cache");
+    let stored = || names_starting(&cache, "");
+    assert_eq!(stored(), Vec::<String>::new(), "nothing written");
+
+    let large = Worker::start(m.port(), &["--cores", "1"]);
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(r.stdout.trim(), (40u64 << 20).to_string());
+    drop(large);
+
+    // The refusal left no state behind: the small worker runs what fits.
+    m.submit(Task::new("echo still here")).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_eq!(r.stdout, "still here\n");
+    assert_eq!(stored(), Vec::<String>::new());
+}
+
+/// A task's stdout is on the worker's disk, so it counts against the
+/// task's disk limit: endless output under a small limit ends as disk
+/// exhaustion, not as a full disk.
+#[test]
+fn stdout_counts_against_a_tasks_disk() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(
+        Task::new("while :; do head -c 1000000 /dev/zero; done")
+            .cores(1)
+            .disk_mb(20)
+            .max_retries(0)
+            // Only so that, were stdout not counted, the test ends.
+            .wall_time(Duration::from_secs(120)),
+    )
+    .unwrap();
+    let r = collect(&m, 1).remove(0);
+    let disk = matches!(&r.outcome, Outcome::ResourceExhausted { resource } if resource == "disk");
+    assert!(disk, "{r:?}");
 }

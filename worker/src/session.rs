@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::main_loop::{Dirs, Shared, StopReason, WorkerConfig};
 use crate::retry::Fatal;
 use crate::task::{now_ms, run_task, Control, TaskContext};
-use crate::transfer::{read_loop, write_loop, Finished, Outgoing};
+use crate::transfer::{read_loop, write_loop, Finished, Outgoing, ReadDirs};
 
 /// The session's view of a task it started.
 struct TaskHandle {
@@ -245,9 +245,12 @@ impl<'a> Session<'a> {
         let (fin_tx, mut fin_rx) = mpsc::unbounded_channel::<Box<Finished>>();
         let writer_task = tokio::spawn(write_loop(writer, out_rx, Arc::clone(&self.shared.slots)));
         let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<MasterMsg>();
-        let transfer = self.dirs.transfer.clone();
-        let cache = self.dirs.cache.clone();
-        let reader_task = tokio::spawn(read_loop(reader, msg_tx, cache, transfer));
+        let read_dirs = ReadDirs {
+            cache: self.dirs.cache.clone(),
+            transfer: self.dirs.transfer.clone(),
+            disk_mb: self.config.resources.disk_mb,
+        };
+        let reader_task = tokio::spawn(read_loop(reader, msg_tx, out_tx.clone(), read_dirs));
 
         let total = self.config.resources;
         let mut tasks = Tasks {

@@ -3,6 +3,7 @@
 //! on the small messages; the writer sends messages and each finished
 //! task's report followed by its output files.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::disk;
 use crate::slots::{Slot, Slots};
 
 /// What a finished task hands to the writer: the report frame and the output files to stream after it.
@@ -35,14 +37,21 @@ pub(crate) enum Outgoing {
 }
 
 /// Reads frames from the master. File bodies are streamed to disk here, so
-/// that the main loop only sees small messages.
+/// that the main loop only sees small messages. A file that cannot fit on
+/// this worker (over its declared disk, or over what is really free) is
+/// read past without writing a byte, and a task that needs it is rejected
+/// here with the reason (`out`), so the master sends it elsewhere.
 pub(crate) async fn read_loop(
     mut reader: BufReader<OwnedReadHalf>,
     msgs: mpsc::UnboundedSender<MasterMsg>,
-    cache: PathBuf,
-    transfer: PathBuf,
+    out: mpsc::UnboundedSender<Outgoing>,
+    dirs: ReadDirs,
 ) {
     let mut buf = Vec::new();
+    // Files refused on this connection, and why. A cached one stays
+    // refused (the master believes it sent it); a per-task one is
+    // forgotten with its task.
+    let mut refused: HashMap<String, String> = HashMap::new();
     loop {
         let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
             Ok(m) => m,
@@ -52,23 +61,68 @@ pub(crate) async fn read_loop(
                 return;
             }
         };
-        if let MasterMsg::PutFile {
-            id,
-            size,
-            cache: keep,
-        } = msg
-        {
-            let dir = if keep { &cache } else { &transfer };
-            if let Err(e) = receive_file(&mut reader, dir, &id, size).await {
-                warn!("receiving file {id}: {e}; dropping the connection");
-                return;
+        let task = match msg {
+            MasterMsg::PutFile {
+                id,
+                size,
+                cache: keep,
+            } => {
+                let dir = if keep { &dirs.cache } else { &dirs.transfer };
+                if let Err(why) = disk::room_for(dir, size, dirs.disk_mb) {
+                    warn!("refusing file {id}: {why}");
+                    refused.insert(id, why);
+                    let skipped =
+                        protocol::copy_body(&mut reader, &mut tokio::io::sink(), size, |_| {})
+                            .await;
+                    if !matches!(skipped, Ok(n) if n == size) {
+                        return;
+                    }
+                } else if let Err(e) = receive_file(&mut reader, dir, &id, size).await {
+                    warn!("receiving file {id}: {e}; dropping the connection");
+                    return;
+                }
+                continue;
             }
-            continue;
+            MasterMsg::Run(task) => task,
+            other => {
+                if msgs.send(other).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let needs = task.inputs.iter().map(|i| (&i.file_id, i.cached));
+        let needs = needs.chain(task.environment.iter().map(|e| (e, true)));
+        let mut why = None;
+        for (id, cached) in needs {
+            let reason = if cached {
+                refused.get(id).cloned()
+            } else {
+                refused.remove(id)
+            };
+            why = why.or(reason);
         }
-        if msgs.send(msg).is_err() {
+        let sent = match why {
+            Some(why) => out
+                .send(Outgoing::Msg(WorkerMsg::Rejected {
+                    task_id: task.task_id,
+                    attempt: task.attempt,
+                    reason: format!("an input cannot be stored here: {why}"),
+                }))
+                .is_ok(),
+            None => msgs.send(MasterMsg::Run(task)).is_ok(),
+        };
+        if !sent {
             return;
         }
     }
+}
+
+/// Where the read loop stores files, and the disk this worker declared.
+pub(crate) struct ReadDirs {
+    pub(crate) cache: PathBuf,
+    pub(crate) transfer: PathBuf,
+    pub(crate) disk_mb: u64,
 }
 
 /// A file being received under a temporary name, removed when dropped

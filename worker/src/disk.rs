@@ -1,0 +1,61 @@
+//! Free disk: what this machine really has under a directory, and whether
+//! a file of a given size may be stored there.
+
+use std::path::Path;
+
+/// Left free whatever the declared disk says: a disk filled to its last
+/// block fails every later task (even `echo`), not just the one that filled it.
+pub(crate) const RESERVE_BYTES: u64 = 16 << 20;
+
+/// Bytes free to an unprivileged user on the file system holding `path`
+/// (or its nearest existing ancestor).
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
+    let probe = std::iter::successors(Some(path), |p| p.parent()).find(|p| p.exists())?;
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills a plain struct from a valid C string path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Whether a file of `size` bytes may be stored in `dir` on a worker that
+/// declared `declared_mb` of disk: not over the declared disk, and not
+/// into the last [`RESERVE_BYTES`] really free. Checked at each file, so a
+/// worker whose disk filled takes files again once space is freed.
+pub(crate) fn room_for(dir: &Path, size: u64, declared_mb: u64) -> Result<(), String> {
+    let mb = |b: u64| b.div_ceil(1024 * 1024);
+    if size > declared_mb.saturating_mul(1024 * 1024) {
+        return Err(format!(
+            "{} MB is more than this worker's declared disk of {declared_mb} MB",
+            mb(size)
+        ));
+    }
+    if let Some(free) = free_bytes(dir) {
+        if size.saturating_add(RESERVE_BYTES) > free {
+            return Err(format!(
+                "{} MB does not fit in the {} MB free on this worker's disk",
+                mb(size),
+                mb(free.saturating_sub(RESERVE_BYTES))
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_over_the_declared_or_the_real_free_disk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(room_for(dir.path(), 1 << 20, 25).is_ok());
+        let over = room_for(dir.path(), 40 << 20, 25).unwrap_err();
+        assert!(over.contains("declared disk of 25 MB"), "{over}");
+        let free = free_bytes(dir.path()).expect("statvfs works here");
+        let huge = room_for(dir.path(), free, u64::MAX / (2 << 20)).unwrap_err();
+        assert!(huge.contains("free on this worker's disk"), "{huge}");
+    }
+}
