@@ -51,6 +51,17 @@ fn accept_worker(listener: &TcpListener, keepalive: &str) -> TcpStream {
     s
 }
 
+/// Frames from the worker until one contains `want` (pongs and the like
+/// are skipped); panics if the connection ends first.
+fn read_until(s: &mut TcpStream, want: &str) -> String {
+    loop {
+        let f = read_frame(s).unwrap_or_else(|| panic!("connection ended before {want:?}"));
+        if f.contains(want) {
+            return f;
+        }
+    }
+}
+
 /// The names in `dir` that start with `prefix`.
 fn names_starting(dir: &Path, prefix: &str) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -313,4 +324,36 @@ fn stdout_counts_against_a_tasks_disk() {
     let r = collect(&m, 1).remove(0);
     let disk = matches!(&r.outcome, Outcome::ResourceExhausted { resource } if resource == "disk");
     assert!(disk, "{r:?}");
+}
+
+/// A master's absurd numbers refuse the message they came in, with a
+/// reason, and cost the worker nothing: a wall time of 1e300 s or -1 s is
+/// a rejected task (no panic, no core held), and a keepalive interval of
+/// 1e300 s an unusable welcome, after which the worker connects again.
+#[test]
+fn absurd_numbers_from_a_master_are_refused_not_obeyed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _w = Worker::start(port, &["--cores", "1"]);
+    let first = accept_worker(&listener, "1e300");
+    // The worker drops that master and tries again.
+    let mut s = accept_worker(&listener, "5.0");
+    drop(first);
+    let run = |id: u32, wall: &str| {
+        frame(&format!(
+            r#"{{"type":"run","task_id":{id},"attempt":1,"command":"true","wall_time_s":{wall},"allocation":{{"cores":1,"memory_mb":0,"disk_mb":0,"gpus":0}}}}"#
+        ))
+    };
+    for (id, wall) in [(1, "1e300"), (2, "-1")] {
+        s.write_all(&run(id, wall)).unwrap();
+        let reply = read_until(&mut s, "rejected");
+        assert!(
+            reply.contains(&format!("\"task_id\":{id}")) && reply.contains("wall time"),
+            "{reply}"
+        );
+    }
+    // The one core is free: a sane task runs.
+    s.write_all(&run(3, "60")).unwrap();
+    let done = read_until(&mut s, "task_done");
+    assert!(done.contains("\"task_id\":3"), "{done}");
 }

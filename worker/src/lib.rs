@@ -6,9 +6,10 @@
 //! connection's handshake and message loop), `transfer` (files in and out of
 //! a connection), `task` (one task: prepare, launch, supervise, report),
 //! `sandbox` (inputs placed, outputs checked), `host` (this machine's
-//! resources), `disk` (free disk, room for a file), `leftovers` (what dead workers left in the workdir), `env` (packaged environments), `slots` (task directories
+//! resources), `disk` (free disk, room for a file), `checks` (numbers from the master checked), `leftovers` (what dead workers left in the workdir), `env` (packaged environments), `slots` (task directories
 //! reused), `exec` (a task's process under the monitor), [`locate`] (a
 //! master found through the catalog).
+mod checks;
 mod disk;
 mod env;
 mod exec;

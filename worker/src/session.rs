@@ -347,7 +347,8 @@ impl<'a> Session<'a> {
         match auth::run(&mut handshake, reader, writer, Some(first)).await {
             Ok(Answer::Welcome {
                 keepalive_interval_s,
-            }) => Ok(keepalive_interval_s),
+            }) => crate::checks::seconds("a keepalive interval", keepalive_interval_s)
+                .map_err(|e| anyhow::anyhow!("the master's welcome is unusable: {e}")),
             Ok(Answer::Status(_)) => bail!("the master answered a hello with its status"),
             Err(AuthError::Closed) => {
                 bail!("the master closed the connection during the handshake")

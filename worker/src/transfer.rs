@@ -37,7 +37,8 @@ pub(crate) enum Outgoing {
 }
 
 /// Reads frames from the master. File bodies are streamed to disk here, so
-/// that the main loop only sees small messages. A file that cannot fit on
+/// that the main loop only sees small messages. A task with an absurd
+/// number (`checks`) is rejected here, before it holds anything. A file that cannot fit on
 /// this worker (over its declared disk, or over what is really free) is
 /// read past without writing a byte, and a task that needs it is rejected
 /// here with the reason (`out`), so the master sends it elsewhere.
@@ -93,21 +94,21 @@ pub(crate) async fn read_loop(
         };
         let needs = task.inputs.iter().map(|i| (&i.file_id, i.cached));
         let needs = needs.chain(task.environment.iter().map(|e| (e, true)));
-        let mut why = None;
+        let mut why = crate::checks::run_task(&task).err();
         for (id, cached) in needs {
             let reason = if cached {
                 refused.get(id).cloned()
             } else {
                 refused.remove(id)
             };
-            why = why.or(reason);
+            why = why.or(reason.map(|r| format!("an input cannot be stored here: {r}")));
         }
         let sent = match why {
             Some(why) => out
                 .send(Outgoing::Msg(WorkerMsg::Rejected {
                     task_id: task.task_id,
                     attempt: task.attempt,
-                    reason: format!("an input cannot be stored here: {why}"),
+                    reason: why,
                 }))
                 .is_ok(),
             None => msgs.send(MasterMsg::Run(task)).is_ok(),
