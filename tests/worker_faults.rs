@@ -357,3 +357,16 @@ fn absurd_numbers_from_a_master_are_refused_not_obeyed() {
     let done = read_until(&mut s, "task_done");
     assert!(done.contains("\"task_id\":3"), "{done}");
 }
+
+/// A worker tells its master what disk it really has free, at most what
+/// it declared, with its keepalive answers.
+#[test]
+fn a_worker_reports_its_free_disk() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _w = Worker::start(port, &["--cores", "1", "--disk", "30"]);
+    let mut s = accept_worker(&listener, "5.0");
+    s.write_all(&frame(r#"{"type":"ping"}"#)).unwrap();
+    let report = read_until(&mut s, "disk_free");
+    assert!(report.contains("\"free_mb\":30"), "{report}");
+}

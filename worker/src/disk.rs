@@ -44,6 +44,32 @@ pub(crate) fn room_for(dir: &Path, size: u64, declared_mb: u64) -> Result<(), St
     Ok(())
 }
 
+/// What a worker tells its master it has free, MB: the really free disk
+/// under `dir` less the reserve, at most its declared disk.
+pub(crate) fn free_mb(dir: &Path, declared_mb: u64) -> u64 {
+    let free = free_bytes(dir).map_or(u64::MAX, |b| b.saturating_sub(RESERVE_BYTES));
+    (free / (1024 * 1024)).min(declared_mb)
+}
+
+/// Reports of free disk, sent when the figure moved by much since the last.
+#[derive(Default)]
+pub(crate) struct Pressure {
+    last: Option<u64>,
+}
+
+impl Pressure {
+    /// The free disk to report now, if it changed by an eighth or more
+    /// since the last report (or there was none).
+    pub(crate) fn report(&mut self, dir: &Path, declared_mb: u64) -> Option<u64> {
+        let now = free_mb(dir, declared_mb);
+        let moved = self.last.is_none_or(|last| now.abs_diff(last) > last / 8);
+        moved.then(|| {
+            self.last = Some(now);
+            now
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +83,18 @@ mod tests {
         let free = free_bytes(dir.path()).expect("statvfs works here");
         let huge = room_for(dir.path(), free, u64::MAX / (2 << 20)).unwrap_err();
         assert!(huge.contains("free on this worker's disk"), "{huge}");
+    }
+
+    #[test]
+    fn pressure_is_reported_first_then_only_when_it_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Pressure::default();
+        assert_eq!(
+            p.report(dir.path(), 25),
+            Some(25),
+            "at most the declared disk"
+        );
+        assert_eq!(p.report(dir.path(), 25), None);
+        assert_eq!(p.report(dir.path(), 10), Some(10));
     }
 }

@@ -53,6 +53,16 @@ pub(crate) async fn read_loop(
     // refused (the master believes it sent it); a per-task one is
     // forgotten with its task.
     let mut refused: HashMap<String, String> = HashMap::new();
+    let mut pressure = disk::Pressure::default();
+    let report_disk =
+        |pressure: &mut disk::Pressure| match pressure.report(&dirs.cache, dirs.disk_mb) {
+            Some(free_mb) => out
+                .send(Outgoing::Msg(WorkerMsg::DiskFree { free_mb }))
+                .is_ok(),
+            None => true,
+        };
+    // The first report goes with the first keepalive, not before: a
+    // master's first frames after the welcome are its own business.
     loop {
         let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
             Ok(m) => m,
@@ -75,7 +85,7 @@ pub(crate) async fn read_loop(
                     let skipped =
                         protocol::copy_body(&mut reader, &mut tokio::io::sink(), size, |_| {})
                             .await;
-                    if !matches!(skipped, Ok(n) if n == size) {
+                    if !matches!(skipped, Ok(n) if n == size) || !report_disk(&mut pressure) {
                         return;
                     }
                 } else if let Err(e) = receive_file(&mut reader, dir, &id, size).await {
@@ -85,6 +95,8 @@ pub(crate) async fn read_loop(
                 continue;
             }
             MasterMsg::Run(task) => task,
+            // At each keepalive: disk fills and frees between tasks too.
+            MasterMsg::Ping if !report_disk(&mut pressure) => return,
             other => {
                 if msgs.send(other).is_err() {
                     return;
