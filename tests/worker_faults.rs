@@ -135,6 +135,23 @@ fn failed_transfers_leave_no_part_files() {
     assert_eq!(names_starting(&cache, ".part-"), Vec::<String>::new());
 }
 
+/// Where the monitor of the worker with `pid` (started by this test
+/// process, so in its cgroup) keeps its task groups, on a cgroup2 host.
+fn monitor_cgroup(pid: i32) -> Option<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split(' ').nth(4))?
+    })?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut dir = std::path::PathBuf::from(mount);
+    dir.push(own.trim_start_matches('/'));
+    Some(dir.join(format!("drover-monitor-{pid}")))
+}
+
 /// A worker SIGKILLed mid-task cannot clean up; the next worker on the
 /// same workdir removes its directory (and leaves a live one's alone).
 #[test]
@@ -148,6 +165,7 @@ fn a_killed_workers_directory_is_removed_by_the_next_worker() {
     let workdir = std::mem::replace(&mut first.workdir, tempfile::tempdir().unwrap());
     let dead_dir = workdir.path().join(format!("w{}", first.pid()));
     assert!(dead_dir.join("tasks").exists());
+    let dead_group = monitor_cgroup(first.pid()).filter(|g| g.exists());
     unsafe { libc::kill(first.pid(), libc::SIGKILL) };
     let _ = first.child.wait();
     assert!(dead_dir.exists(), "SIGKILL leaves it behind");
@@ -165,6 +183,9 @@ fn a_killed_workers_directory_is_removed_by_the_next_worker() {
         live_dir.exists() && live_link.exists(),
         "a live worker's stays"
     );
+    if let Some(group) = dead_group {
+        eventually("the dead worker's cgroup to go", || !group.exists());
+    }
 }
 
 /// What a bad master does to each connection.
