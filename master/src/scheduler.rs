@@ -180,6 +180,9 @@ struct WorkerState {
     /// Kept out of the indexes by [`Scheduler::set_blocked`]: nothing new
     /// is placed or sent ahead here.
     blocked: bool,
+    /// The disk the worker last reported really free, MB
+    /// ([`Scheduler::set_disk_free`]); None until it reports.
+    disk_free: Option<u64>,
 }
 
 impl WorkerState {
@@ -194,6 +197,17 @@ impl WorkerState {
 
     fn index_key(&self, slot: usize) -> (u32, u32, usize) {
         (self.free.gpus, self.free.cores, slot)
+    }
+
+    /// What a new task may have here: what is free, its disk at most what
+    /// the worker reports really free (its cache and other users' files
+    /// take disk that no allocation accounts for).
+    fn room(&self) -> Resources {
+        let mut room = self.free;
+        if let Some(disk) = self.disk_free {
+            room.disk_mb = room.disk_mb.min(disk);
+        }
+        room
     }
 }
 
@@ -243,6 +257,7 @@ impl Scheduler {
             files: HashSet::default(),
             queued: VecDeque::new(),
             blocked: false,
+            disk_free: None,
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -583,6 +598,21 @@ impl Scheduler {
         true
     }
 
+    /// What `worker` reports really free on its disk, MB: a task whose disk
+    /// is more is not placed there; more room than before may let blocked
+    /// shapes in.
+    pub fn set_disk_free(&mut self, worker: WorkerKey, free_mb: u64) {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return;
+        };
+        let w = &mut self.workers[slot];
+        let grew = w.disk_free.is_some_and(|d| free_mb > d);
+        w.disk_free = Some(free_mb);
+        if grew && w.indexed() {
+            self.unblock_for(slot);
+        }
+    }
+
     /// Keeps `worker` out of placement (a worker that keeps refusing tasks)
     /// or lets it back in. What runs there goes on and is released as usual.
     pub fn set_blocked(&mut self, worker: WorkerKey, blocked: bool) {
@@ -788,7 +818,7 @@ impl Scheduler {
     /// now fit there back to `ready`.
     fn unblock_for(&mut self, slot: usize) {
         let w = &self.workers[slot];
-        let (free, idle) = (w.free, w.is_idle());
+        let (free, idle) = (w.room(), w.is_idle());
         let mut i = 0;
         while i < self.blocked.len() {
             let id = self.blocked[i];
@@ -816,7 +846,7 @@ impl Scheduler {
                 return false;
             }
             match request {
-                Request::Fixed(r) => r.fits_in(&w.free),
+                Request::Fixed(r) => r.fits_in(&w.room()),
                 Request::WholeWorker => w.is_idle(),
             }
         };
@@ -840,7 +870,7 @@ impl Scheduler {
         loop {
             let level = (gpus, r.cores, 0)..=(gpus, u32::MAX, usize::MAX);
             for &(_, _, slot) in self.by_free.range(level) {
-                if r.fits_in(&self.workers[slot].free) {
+                if r.fits_in(&self.workers[slot].room()) {
                     return Some(slot);
                 }
             }
@@ -1136,6 +1166,28 @@ mod tests {
         }
         assert_eq!(out[4].worker, 2);
         assert_eq!(s.waiting(), 2);
+    }
+
+    /// A worker whose disk is really fuller than its allocations say gets
+    /// no task whose disk cannot fit, and gets it once it reports room.
+    #[test]
+    fn reported_free_disk_keeps_tasks_that_cannot_fit_away() {
+        let mut s = Scheduler::new();
+        let total = Resources {
+            disk_mb: 1000,
+            ..res(4, 1000)
+        };
+        s.add_worker(1, total);
+        s.set_disk_free(1, 30);
+        let disk = |mb| Resources {
+            disk_mb: mb,
+            ..res(1, 0)
+        };
+        s.enqueue(1, Request::Fixed(disk(100)), 0, 1, &[]);
+        s.enqueue(2, Request::Fixed(disk(10)), 0, 2, &[]);
+        assert_eq!(tasks(&run(&mut s)), vec![2], "only what fits the real disk");
+        s.set_disk_free(1, 500);
+        assert_eq!(tasks(&run(&mut s)), vec![1], "placed once there is room");
     }
 
     #[test]

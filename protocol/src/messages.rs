@@ -100,6 +100,13 @@ pub enum WorkerMsg {
         protocol: u32,
         password: bool,
     },
+    /// Disk pressure: what this worker really has free for inputs and task
+    /// files, MB (the file system's free space, at most its declared disk).
+    /// Sent after the welcome and when it changes by much, so the master
+    /// places no task there whose disk cannot fit.
+    DiskFree {
+        free_mb: u64,
+    },
 }
 
 /// What a worker says about itself when it connects.

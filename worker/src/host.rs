@@ -33,12 +33,5 @@ impl MeminfoMb for procfs::Meminfo {
 }
 
 fn free_disk_mb(path: &Path) -> Option<u64> {
-    let probe = std::iter::successors(Some(path), |p| p.parent()).find(|p| p.exists())?;
-    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs fills a plain struct from a valid C string path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64 / (1024 * 1024))
+    crate::disk::free_bytes(path).map(|b| b / (1024 * 1024))
 }

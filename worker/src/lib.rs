@@ -2,20 +2,24 @@
 //! cache, runs tasks in sandboxes within its declared resources, and reports
 //! back. The wire protocol it speaks is its own crate, `drover-protocol`.
 //!
-//! Modules: `main_loop` (connect, reconnect with backoff), `session` (one
+//! Modules: `main_loop` (connect, reconnect with backoff), `retry` (the backoff, which failures are worth retrying), `session` (one
 //! connection's handshake and message loop), `transfer` (files in and out of
 //! a connection), `task` (one task: prepare, launch, supervise, report),
 //! [`functions`] (the Python function server), `sandbox` (inputs placed, outputs checked), `host` (this machine's
-//! resources), `env` (packaged environments), `slots` (task directories
+//! resources), `disk` (free disk, room for a file), `checks` (numbers from the master checked), `leftovers` (what dead workers left in the workdir), `env` (packaged environments), `slots` (task directories
 //! reused), `exec` (a task's process under the monitor), [`locate`] (a
 //! master found through the catalog).
+mod checks;
+mod disk;
 mod env;
 mod exec;
 pub mod functions;
 mod growth;
 mod host;
+mod leftovers;
 pub mod locate;
 mod main_loop;
+mod retry;
 mod sandbox;
 mod session;
 mod slots;

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use drover_monitor::Monitor;
 use drover_protocol::Resources;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::env::Environments;
 use crate::locate::MasterSource;
+use crate::retry::{self, Backoff};
 use crate::session::Session;
 use crate::slots::Slots;
 
@@ -60,16 +61,21 @@ pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
         )),
     };
     info!(method = shared.monitor.method(), "tasks run monitored");
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new();
     let mut last_busy = Instant::now();
-    let mut last_error = String::new();
+    let mut reached = false;
     loop {
         // A catalog is asked again at every attempt: the master may have
         // restarted elsewhere.
-        match config.master.connect().await {
+        let connect = tokio::time::timeout(retry::HANDSHAKE_DEADLINE, config.master.connect());
+        let connected = connect.await.unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "no connection within {:?}",
+                retry::HANDSHAKE_DEADLINE
+            ))
+        });
+        let failure = match connected {
             Ok((stream, addr)) => {
-                backoff = Duration::from_millis(250);
-                last_error.clear();
                 let _ = stream.set_nodelay(true);
                 info!(master = %addr, "connected");
                 let outcome = Session::new(&config, &dirs, &shared)
@@ -77,37 +83,43 @@ pub async fn run_worker(config: WorkerConfig) -> anyhow::Result<StopReason> {
                     .await;
                 match outcome {
                     Ok(StopReason::Disconnected) => {
+                        reached = true;
+                        backoff.reset();
                         warn!(master = %addr, "connection to the master ended");
                         if config.exit_on_disconnect {
                             return Ok(StopReason::Disconnected);
                         }
+                        None
                     }
                     Ok(reason) => return Ok(reason),
-                    Err(e) => return Err(e),
+                    Err(e) if !retry::is_retryable(&e) || config.exit_on_disconnect => {
+                        return Err(e)
+                    }
+                    Err(e) => Some(format!("{addr}: {e:#}")),
                 }
             }
-            Err(e) => {
-                let e = format!("{e:#}");
-                if config.exit_on_disconnect {
-                    bail!("{e}");
+            Err(e) if config.exit_on_disconnect => return Err(e),
+            Err(e) => Some(format!("{e:#}")),
+        };
+        let left = config.idle_timeout.saturating_sub(last_busy.elapsed());
+        if left.is_zero() {
+            return match failure {
+                // Never served a master: whoever started it should hear so.
+                Some(why) if !reached => bail!(
+                    "no master reached within the idle timeout ({:?}); last failure: {why}",
+                    config.idle_timeout
+                ),
+                _ => {
+                    info!("idle timeout reached while disconnected; exiting");
+                    Ok(StopReason::IdleTimeout)
                 }
-                // Why the master cannot be reached is news once, not at
-                // every retry; a user with nothing listening must see it.
-                if e != last_error {
-                    warn!("{e}; retrying until the idle timeout");
-                } else {
-                    debug!("{e}");
-                }
-                last_error = e;
-            }
+            };
         }
-        if last_busy.elapsed() >= config.idle_timeout {
-            info!("idle timeout reached while disconnected; exiting");
-            return Ok(StopReason::IdleTimeout);
+        let wait = backoff.next_wait().min(left);
+        if let Some(why) = failure {
+            warn!("{why}; retrying in {:.1} s", wait.as_secs_f64());
         }
-        tokio::time::sleep(backoff.min(config.idle_timeout.saturating_sub(last_busy.elapsed())))
-            .await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -117,21 +129,27 @@ pub(crate) struct Dirs {
     pub(crate) cache: PathBuf,
     pub(crate) transfer: PathBuf,
     pub(crate) tasks: PathBuf,
+    /// Tells later workers on this workdir that this one is alive.
+    _lock: crate::leftovers::OwnLock,
 }
 
 impl Dirs {
     fn create(workdir: &Path) -> anyhow::Result<Dirs> {
         let cache = workdir.join("cache");
         let own = workdir.join(format!("w{}", std::process::id()));
-        let dirs = Dirs {
-            cache,
-            transfer: own.join("transfer"),
-            tasks: own.join("tasks"),
-        };
-        for d in [&dirs.cache, &dirs.transfer, &dirs.tasks] {
+        let (transfer, tasks) = (own.join("transfer"), own.join("tasks"));
+        for d in [&cache, &transfer, &tasks] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        Ok(dirs)
+        let lock = crate::leftovers::OwnLock::take(&own)
+            .with_context(|| format!("locking {}", own.display()))?;
+        crate::leftovers::remove_stale(workdir, &cache);
+        Ok(Dirs {
+            cache,
+            transfer,
+            tasks,
+            _lock: lock,
+        })
     }
 
     pub(crate) fn cached_ids(&self) -> Vec<String> {

@@ -19,8 +19,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::main_loop::{Dirs, Shared, StopReason, WorkerConfig};
+use crate::retry::Fatal;
 use crate::task::{now_ms, run_task, Control, TaskContext};
-use crate::transfer::{read_loop, write_loop, Finished, Outgoing};
+use crate::transfer::{read_loop, write_loop, Finished, Outgoing, ReadDirs};
 
 /// The session's view of a task it started.
 struct TaskHandle {
@@ -221,7 +222,18 @@ impl<'a> Session<'a> {
         addr: &str,
         last_busy: &mut Instant,
     ) -> anyhow::Result<StopReason> {
-        let (keepalive, reader, writer) = self.handshake(stream, addr).await?;
+        // A master that accepts and never speaks must not hold the worker.
+        let (keepalive, reader, writer) = tokio::time::timeout(
+            crate::retry::HANDSHAKE_DEADLINE,
+            self.handshake(stream, addr),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the master did not finish the handshake within {:?}",
+                crate::retry::HANDSHAKE_DEADLINE
+            )
+        })??;
 
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
         // Finished tasks pass through this loop before the writer, so their
@@ -231,9 +243,12 @@ impl<'a> Session<'a> {
         let (fin_tx, mut fin_rx) = mpsc::unbounded_channel::<Box<Finished>>();
         let writer_task = tokio::spawn(write_loop(writer, out_rx, Arc::clone(&self.shared.slots)));
         let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<MasterMsg>();
-        let transfer = self.dirs.transfer.clone();
-        let cache = self.dirs.cache.clone();
-        let reader_task = tokio::spawn(read_loop(reader, msg_tx, cache, transfer));
+        let read_dirs = ReadDirs {
+            cache: self.dirs.cache.clone(),
+            transfer: self.dirs.transfer.clone(),
+            disk_mb: self.config.resources.disk_mb,
+        };
+        let reader_task = tokio::spawn(read_loop(reader, msg_tx, out_tx.clone(), read_dirs));
 
         let total = self.config.resources;
         let mut tasks = Tasks {
@@ -356,14 +371,21 @@ impl<'a> Session<'a> {
             Ok(Answer::Welcome {
                 keepalive_interval_s,
             }) => {
+                let keepalive =
+                    crate::checks::seconds("a keepalive interval", keepalive_interval_s)
+                        .map_err(|e| anyhow::anyhow!("the master's welcome is unusable: {e}"))?;
                 let (reader, writer) = conn.finish(handshake.session_keys(), End::Worker);
-                Ok((keepalive_interval_s, reader, writer))
+                Ok((keepalive, reader, writer))
             }
             Ok(Answer::Status(_)) => bail!("the master answered a hello with its status"),
             Err(AuthError::Closed) => {
                 bail!("the master closed the connection during the handshake")
             }
-            Err(AuthError::Refused(reason)) => bail!("the master refused this worker: {reason}"),
+            // Asking again would get the same answer.
+            Err(AuthError::Refused(reason)) => {
+                Err(Fatal(format!("the master refused this worker: {reason}")))?
+            }
+            Err(e @ AuthError::Password(_)) => Err(Fatal(e.to_string()))?,
             Err(e) => bail!("handshake with the master failed: {e}"),
         }
     }

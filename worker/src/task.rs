@@ -259,7 +259,9 @@ fn launch(
         on_memory_limit: growth::ask_hook(task, limits.memory_mb.is_some(), &ctx.to_master),
         ..SpawnOptions::default()
     };
-    let child = Running::spawn(&ctx.monitor, cmd, &sandbox, limits, opts)?;
+    // The task directory, not just the sandbox: its stdout and stderr are
+    // there too, and count against its disk like any file it writes.
+    let child = Running::spawn(&ctx.monitor, cmd, &ctx.task_dir, limits, opts)?;
     Ok((child, (stdout, stderr)))
 }
 

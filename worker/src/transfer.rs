@@ -3,6 +3,7 @@
 //! on the small messages; the writer sends messages and each finished
 //! task's report followed by its output files.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::error;
 use tracing::warn;
 
+use crate::disk;
 use crate::slots::{Slot, Slots};
 
 /// What a finished task hands to the writer: the report frame and the output files to stream after it.
@@ -36,14 +38,32 @@ pub(crate) enum Outgoing {
 }
 
 /// Reads frames from the master. File bodies are streamed to disk here, so
-/// that the main loop only sees small messages.
+/// that the main loop only sees small messages. A task with an absurd
+/// number (`checks`) is rejected here, before it holds anything. A file that cannot fit on
+/// this worker (over its declared disk, or over what is really free) is
+/// read past without writing a byte, and a task that needs it is rejected
+/// here with the reason (`out`), so the master sends it elsewhere.
 pub(crate) async fn read_loop(
     mut reader: Reader,
     msgs: mpsc::UnboundedSender<MasterMsg>,
-    cache: PathBuf,
-    transfer: PathBuf,
+    out: mpsc::UnboundedSender<Outgoing>,
+    dirs: ReadDirs,
 ) {
     let mut buf = Vec::new();
+    // Files refused on this connection, and why. A cached one stays
+    // refused (the master believes it sent it); a per-task one is
+    // forgotten with its task.
+    let mut refused: HashMap<String, String> = HashMap::new();
+    let mut pressure = disk::Pressure::default();
+    let report_disk =
+        |pressure: &mut disk::Pressure| match pressure.report(&dirs.cache, dirs.disk_mb) {
+            Some(free_mb) => out
+                .send(Outgoing::Msg(WorkerMsg::DiskFree { free_mb }))
+                .is_ok(),
+            None => true,
+        };
+    // The first report goes with the first keepalive, not before: a
+    // master's first frames after the welcome are its own business.
     loop {
         let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
             Ok(m) => m,
@@ -58,24 +78,91 @@ pub(crate) async fn read_loop(
                 return;
             }
         };
-        if let MasterMsg::PutFile {
-            id,
-            size,
-            cache: keep,
-        } = msg
-        {
-            let dir = if keep { &cache } else { &transfer };
-            if let Err(e) = receive_file(&mut reader, dir, &id, size).await {
-                warn!("receiving file {id}: {e}; dropping the connection");
-                return;
+        let task = match msg {
+            MasterMsg::PutFile {
+                id,
+                size,
+                cache: keep,
+            } => {
+                let dir = if keep { &dirs.cache } else { &dirs.transfer };
+                if let Err(why) = disk::room_for(dir, size, dirs.disk_mb) {
+                    warn!("refusing file {id}: {why}");
+                    refused.insert(id, why);
+                    let skipped =
+                        protocol::copy_body(&mut reader, &mut tokio::io::sink(), size, |_| {})
+                            .await;
+                    if !matches!(skipped, Ok(n) if n == size) || !report_disk(&mut pressure) {
+                        return;
+                    }
+                } else if let Err(e) = receive_file(&mut reader, dir, &id, size).await {
+                    warn!("receiving file {id}: {e}; dropping the connection");
+                    return;
+                }
+                continue;
             }
-            continue;
+            MasterMsg::Run(task) => task,
+            // At each keepalive: disk fills and frees between tasks too.
+            MasterMsg::Ping if !report_disk(&mut pressure) => return,
+            other => {
+                if msgs.send(other).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let needs = task.inputs.iter().map(|i| (&i.file_id, i.cached));
+        let needs = needs.chain(task.environment.iter().map(|e| (e, true)));
+        let mut why = crate::checks::run_task(&task).err();
+        for (id, cached) in needs {
+            let reason = if cached {
+                refused.get(id).cloned()
+            } else {
+                refused.remove(id)
+            };
+            why = why.or(reason.map(|r| format!("an input cannot be stored here: {r}")));
         }
-        if msgs.send(msg).is_err() {
+        let sent = match why {
+            Some(why) => out
+                .send(Outgoing::Msg(WorkerMsg::Rejected {
+                    task_id: task.task_id,
+                    attempt: task.attempt,
+                    reason: why,
+                }))
+                .is_ok(),
+            None => msgs.send(MasterMsg::Run(task)).is_ok(),
+        };
+        if !sent {
             return;
         }
     }
 }
+
+/// Where the read loop stores files, and the disk this worker declared.
+pub(crate) struct ReadDirs {
+    pub(crate) cache: PathBuf,
+    pub(crate) transfer: PathBuf,
+    pub(crate) disk_mb: u64,
+}
+
+/// A file being received under a temporary name, removed when dropped
+/// unless kept: a failed transfer (short read, lost connection, full disk,
+/// bad content, or the read loop aborted with its session) leaves nothing.
+struct PartFile {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The temporary name a file is received under in its directory; the pid
+/// tells a later worker whose leftover it is (see `leftovers`).
+pub(crate) const PART_PREFIX: &str = ".part-";
 
 /// Streams `size` bytes into `dir/id` through a temporary name, checking the
 /// content hash for content-named files so a corrupt transfer never enters the cache.
@@ -83,19 +170,22 @@ async fn receive_file(reader: &mut Reader, dir: &Path, id: &str, size: u64) -> a
     if id.is_empty() || id.contains('/') || id.starts_with('.') {
         bail!("invalid file id {id:?}");
     }
-    let tmp = dir.join(format!(".part-{}-{id}", std::process::id()));
-    let mut file = tokio::fs::File::create(&tmp)
+    let mut part = PartFile {
+        path: dir.join(format!("{PART_PREFIX}{}-{id}", std::process::id())),
+        kept: false,
+    };
+    let mut file = tokio::fs::File::create(&part.path)
         .await
-        .with_context(|| format!("creating {}", tmp.display()))?;
+        .with_context(|| format!("creating {}", part.path.display()))?;
     let mut hasher = id.starts_with("b3-").then(blake3::Hasher::new);
     let got = protocol::copy_body(reader, &mut file, size, |chunk| {
         if let Some(h) = hasher.as_mut() {
             h.update(chunk);
         }
     })
-    .await?;
+    .await
+    .with_context(|| format!("writing {}", part.path.display()))?;
     if got < size {
-        let _ = tokio::fs::remove_file(&tmp).await;
         bail!(
             "connection closed with {} bytes of the file still to come",
             size - got
@@ -106,15 +196,15 @@ async fn receive_file(reader: &mut Reader, dir: &Path, id: &str, size: u64) -> a
     if let Some(h) = hasher {
         let got = h.finalize().to_hex();
         if id.strip_prefix("b3-") != Some(got.as_str()) {
-            let _ = tokio::fs::remove_file(&tmp).await;
             bail!("content of {id} does not match its name (got b3-{got})");
         }
     }
     // Read-only: cached inputs are hard-linked into sandboxes, and a task must not change what the next one reads.
-    let mut perms = tokio::fs::metadata(&tmp).await?.permissions();
+    let mut perms = tokio::fs::metadata(&part.path).await?.permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
-    tokio::fs::set_permissions(&tmp, perms).await?;
-    tokio::fs::rename(&tmp, dir.join(id)).await?;
+    tokio::fs::set_permissions(&part.path, perms).await?;
+    tokio::fs::rename(&part.path, dir.join(id)).await?;
+    part.kept = true;
     Ok(())
 }
 

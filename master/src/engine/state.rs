@@ -441,6 +441,7 @@ impl<O: Outbox> Engine<O> {
                 } => self.grow_asked(key, task_id, attempt, used_mb),
                 WorkerMsg::Started { task_id, attempt } => self.started(key, task_id, attempt),
                 WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
+                WorkerMsg::DiskFree { free_mb } => self.sched.set_disk_free(key, free_mb),
                 WorkerMsg::Pong
                 | WorkerMsg::Hello(_)
                 | WorkerMsg::AuthProof { .. }
