@@ -84,6 +84,14 @@ pub struct MasterReport {
     /// no new worker.
     #[serde(default)]
     pub tasks_queued_on_workers: u64,
+    /// Of `tasks_waiting`, those bigger than every connected worker: they
+    /// wait for a bigger worker, or end as "fits no worker".
+    #[serde(default)]
+    pub tasks_fit_no_worker: u64,
+    /// Workers the master sends nothing to for a while, because they kept
+    /// refusing or failing to set up tasks.
+    #[serde(default)]
+    pub workers_blocked: u64,
     /// Tasks whose process runs on a worker now.
     pub tasks_running: u64,
     /// Tasks finished successfully.

@@ -338,6 +338,19 @@ fn table(headers: &[&str], text_columns: usize, rows: Vec<Vec<String>>) -> Strin
     out
 }
 
+/// The waiting count, with those that fit no connected worker named: a
+/// task that can never start must not pass for one still in line.
+fn waiting_cell(m: &MasterReport) -> String {
+    if m.tasks_fit_no_worker == 0 {
+        m.tasks_waiting.to_string()
+    } else {
+        format!(
+            "{} ({} fit no worker)",
+            m.tasks_waiting, m.tasks_fit_no_worker
+        )
+    }
+}
+
 /// Renders masters as a fixed-width table in the spirit of
 /// `work_queue_status`.
 pub fn format_table(masters: &[MasterReport], now: u64) -> String {
@@ -356,7 +369,7 @@ pub fn format_table(masters: &[MasterReport], now: u64) -> String {
                 project,
                 cut(&terminal_safe(&m.host), HOST_WIDTH),
                 m.port.to_string(),
-                m.tasks_waiting.to_string(),
+                waiting_cell(m),
                 m.tasks_running.to_string(),
                 m.tasks_done.to_string(),
                 m.tasks_failed.to_string(),
@@ -453,6 +466,15 @@ mod tests {
         assert!(!t.contains('\x1b') && !t.contains('\x07'));
         assert!(lines[2].contains("?]0;pwned?<script> (stopped)"));
         assert!(lines[2].ends_with("1m ago"));
+    }
+
+    #[test]
+    fn waiting_names_the_tasks_that_fit_no_worker() {
+        let mut m = MasterReport::new_master("genome", "h", 1);
+        m.tasks_waiting = 7;
+        assert!(!format_table(std::slice::from_ref(&m), 0).contains("fit no worker"));
+        m.tasks_fit_no_worker = 2;
+        assert!(format_table(&[m], 0).contains("7 (2 fit no worker)"));
     }
 
     #[test]

@@ -458,6 +458,8 @@
       kv('Last report', fmtAge(now - num(m.last_update))));
     const tiles = el('div', { cls: 'tiles' },
       statTile('waiting', fmtInt(m.tasks_waiting), 'accent-waiting'),
+      num(m.tasks_fit_no_worker) ? statTile('fit no worker', fmtInt(m.tasks_fit_no_worker), 'accent-failed tile-unfit') : null,
+      num(m.workers_blocked) ? statTile('workers blocked', fmtInt(m.workers_blocked), 'tile-blocked') : null,
       statTile('running', fmtInt(m.tasks_running), 'accent-running'),
       statTile('done', fmtInt(m.tasks_done), 'accent-done'),
       statTile('failed', fmtInt(m.tasks_failed), 'accent-failed'),

@@ -100,6 +100,8 @@ pub(crate) fn build_report(
     // `drover status` count it as waiting, so "running" never exceeds cores.
     r.tasks_waiting = stats.tasks_waiting + stats.tasks_queued_on_workers;
     r.tasks_queued_on_workers = stats.tasks_queued_on_workers;
+    r.tasks_fit_no_worker = stats.tasks_fit_no_worker;
+    r.workers_blocked = stats.workers_blocked;
     r.tasks_running = stats.tasks_running;
     r.tasks_done = stats.tasks_done;
     // Cancelled tasks did not succeed; counting them as failed keeps the
@@ -502,6 +504,8 @@ mod tests {
             tasks_done: 10,
             tasks_failed: 1,
             tasks_cancelled: 2,
+            tasks_fit_no_worker: 4,
+            workers_blocked: 1,
             workers_connected: 2,
             workers_busy: 1,
             resources_in_use: Resources {
@@ -525,6 +529,7 @@ mod tests {
             ("proj", "node1", 9123)
         );
         assert_eq!(r.start_time, 1_700_000_000);
+        assert_eq!((r.tasks_fit_no_worker, r.workers_blocked), (4, 1));
         assert!(!r.owner.is_empty());
         assert_eq!(r.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(

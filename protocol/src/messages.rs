@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::Resources;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Messages from the master to a worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
