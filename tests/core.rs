@@ -579,7 +579,7 @@ fn a_hung_worker_is_found_by_keepalive_and_its_tasks_move() {
     assert_eq!(r.outcome, Outcome::Success);
     assert_eq!(r.stdout, "finished\n");
     assert!(
-        r.attempts[0].ending.contains("no message"),
+        r.attempts[0].ending.contains("no byte for"),
         "{:?}",
         r.attempts
     );

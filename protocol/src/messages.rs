@@ -7,6 +7,29 @@ use crate::Resources;
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
 pub const PROTOCOL_VERSION: u32 = 4;
 
+/// How a worker's `SetupFailed` error starts when the task itself is at
+/// fault (its environment archive is corrupt), not the worker: such a task
+/// fails on every worker, so the master ends it instead of blocking the
+/// worker and trying the next one.
+pub const CORRUPT_ENVIRONMENT: &str = "corrupt environment";
+
+/// How a worker's error starts when the task's command cannot be started
+/// (a program that does not exist): the task's fault, like
+/// [`CORRUPT_ENVIRONMENT`].
+pub const CANNOT_START: &str = "cannot start the command";
+
+/// Whether a `SetupFailed` error is the task's own fault rather than the
+/// worker's (see [`CORRUPT_ENVIRONMENT`]).
+///
+/// ```
+/// use drover_protocol::messages::setup_failure_is_the_tasks;
+/// assert!(setup_failure_is_the_tasks("cannot start the command: No such file"));
+/// assert!(!setup_failure_is_the_tasks("preparing the sandbox: No space left on device"));
+/// ```
+pub fn setup_failure_is_the_tasks(error: &str) -> bool {
+    error.starts_with(CANNOT_START) || error.starts_with(CORRUPT_ENVIRONMENT)
+}
+
 /// Messages from the master to a worker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -67,14 +67,42 @@ impl Environments {
                 .await
                 .map_err(|e| EnvError::Setup(format!("unpacking environment {file_id}: {e}")))?
                 .map_err(|e| {
-                    EnvError::Setup(format!(
-                        "environment {file_id} cannot be used on this worker: {e:#}"
-                    ))
+                    if is_the_workers(&e) {
+                        EnvError::Setup(format!(
+                            "environment {file_id} cannot be used on this worker: {e:#}"
+                        ))
+                    } else {
+                        EnvError::Setup(format!(
+                            "{}: environment {file_id}: {e:#}",
+                            drover_protocol::messages::CORRUPT_ENVIRONMENT
+                        ))
+                    }
                 })
             })
             .await?;
         Ok(dir.clone())
     }
+}
+
+/// Whether an unpack failed because of this worker (its disk is full or
+/// read-only, a permission, an I/O error) rather than the archive: only
+/// then may another worker do better.
+fn is_the_workers(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.raw_os_error(),
+                Some(
+                    libc::ENOSPC
+                        | libc::EDQUOT
+                        | libc::EACCES
+                        | libc::EROFS
+                        | libc::EIO
+                        | libc::EMFILE
+                )
+            )
+        })
 }
 
 /// A name for the tarball that lets the packager find an unpacked copy

@@ -96,7 +96,7 @@ pub(crate) async fn run_task(
             started
         }
         Err(e) => {
-            report.error = Some(format!("cannot start the command: {e}"));
+            report.error = Some(format!("{}: {e}", drover_protocol::messages::CANNOT_START));
             return ctx.finished(&task, report, Vec::new(), None);
         }
     };

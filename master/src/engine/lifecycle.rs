@@ -680,14 +680,15 @@ fn outcome_of(report: &TaskReport, cancelling: bool) -> Outcome {
 }
 
 /// Why a report is the worker's failing rather than the task's: it could
-/// not set the task up (its sandbox, an input, the environment). A command
-/// that cannot be started (a program that does not exist) is the task's.
+/// not set the task up (its sandbox, an input, room for the environment). A
+/// command that cannot be started (a program that does not exist) or a
+/// corrupt environment archive is the task's.
 fn worker_fault(report: &TaskReport) -> Option<String> {
     if report.ending != Ending::SetupFailed {
         return None;
     }
     let error = report.error.as_deref().unwrap_or("task setup failed");
-    if error.starts_with("cannot start the command") {
+    if drover_protocol::messages::setup_failure_is_the_tasks(error) {
         return None;
     }
     Some(format!("setup failed: {error}"))
