@@ -724,6 +724,14 @@ impl<O: Outbox> Engine<O> {
             t.refusals += 1;
             t.refusals
         });
+        // A worker refuses a cached input it has no room for without keeping
+        // it: forget that it has the task's cached inputs, or they would never
+        // be sent again and it would refuse every task needing them.
+        if let (Some(task), Some(w)) = (self.tasks.get(&id), self.workers.get_mut(&key)) {
+            for k in &task.cached_keys {
+                w.files.remove(k);
+            }
+        }
         self.requeue(key, id, attempt, format!("refused: {reason}"), true);
         if refusals >= REFUSALS_MAX {
             let waiting = self

@@ -591,6 +591,56 @@ fn a_worker_that_refuses_is_kept_out_and_the_task_goes_elsewhere() {
     assert_eq!(h.e.stats().workers_blocked, 0);
 }
 
+/// Issue 19: a worker that refuses a task (say its cached input did not
+/// fit, so it kept nothing) is sent that cached input again when it next
+/// gets the task, instead of being thought to have it for ever.
+#[test]
+fn a_refused_tasks_cached_input_is_sent_again() {
+    let mut h = Harness::new(0);
+    h.join(1, one_core_worker());
+    h.e.on_command(Command::Submit(Box::new(Prepared {
+        id: 1,
+        command: "task 1".into(),
+        inputs: vec![crate::task::PreparedInput {
+            cache_id: Some(std::sync::Arc::from("c-big")),
+            source: crate::task::FileSource::Bytes(std::sync::Arc::from(&b"data"[..])),
+            remote: "in".into(),
+        }],
+        outputs: Vec::new(),
+        env: Vec::new(),
+        resources: declared_task(),
+        wall_time_s: None,
+        category: String::new(),
+        tag: None,
+        priority: 0,
+        max_retries: 5,
+        environment: None,
+        submitted: SystemTime::UNIX_EPOCH,
+    })));
+    let files_sent = |h: &mut Harness| {
+        let sent = std::mem::take(&mut h.e.out.sent);
+        let files = sent
+            .iter()
+            .filter(|(_, item)| matches!(item, Outgoing::File { id, .. } if id == "c-big"))
+            .count();
+        let attempt = sent.iter().find_map(|(_, item)| match item {
+            Outgoing::Msg(MasterMsg::Run(run)) => Some(run.attempt),
+            _ => None,
+        });
+        (files, attempt)
+    };
+    h.e.schedule();
+    let (files, attempt) = files_sent(&mut h);
+    assert_eq!(files, 1);
+    refuse(&mut h, 1, 1, attempt.expect("the task was sent"));
+    h.at(1.5);
+    h.e.unblock_workers();
+    h.e.schedule();
+    let (files, attempt) = files_sent(&mut h);
+    assert!(attempt.is_some(), "the task went back to the worker");
+    assert_eq!(files, 1, "the cached input was not sent again");
+}
+
 /// Issue 19: a task that every worker refuses ends, saying so, instead of
 /// going round for ever; each refusal in a row doubles the worker's pause.
 #[test]
