@@ -188,6 +188,12 @@ fn cases() -> BTreeMap<&'static str, fn(&Path)> {
         for f in ["ca.pem", "master.pem", "master-key.pem"] {
             assert!(d.join("certs").join(f).exists(), "{f} missing");
         }
+        // A directory that cannot be made is named in the error.
+        std::fs::write(d.join("a-file"), "").unwrap();
+        let out = drover(["tls", "init", "a-file/certs"], Some(d));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("a-file/certs"), "{stderr}");
     });
     m
 }

@@ -38,7 +38,12 @@ pub fn run(args: TlsArgs) -> anyhow::Result<i32> {
     } else {
         init.hosts
     };
-    let made = tls::init(&init.dir, &hosts)?;
+    let made = tls::init(&init.dir, &hosts).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot write a certificate authority and a master certificate into {}: {e}",
+            init.dir.display()
+        )
+    })?;
     let host = hosts.first().map_or("localhost", String::as_str);
     println!(
         "wrote {} (give it to workers), {} and {} (the master's; keep the key private)",
