@@ -42,6 +42,12 @@ pub struct RunArgs {
     /// workers come (--workers N without --port), else all interfaces].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Tasks a full worker may hold waiting to start, so it starts the next
+    /// one without a round trip to the master (good for short tasks); 0
+    /// keeps every waiting task in the master until a core is free.
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    prefetch: u16,
     /// Serve workers over TLS with this certificate (PEM; `drover tls init`
     /// makes one). Needs --tls-key; local workers are given its fingerprint.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -177,7 +183,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         tasks::check_fits(&args.file, &entries, &worker_resources)?;
     }
     let total = entries.len() as u64;
-    let mut builder = Manager::builder().port(args.port);
+    let mut builder = Manager::builder()
+        .port(args.port)
+        .prefetch(usize::from(args.prefetch));
     match &args.listen {
         Some(addr) => builder = builder.bind(addr.as_str()),
         None if local_only => builder = builder.bind("127.0.0.1"),
