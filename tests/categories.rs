@@ -204,11 +204,12 @@ fn when_frozen_tasks_fill_their_worker_the_newest_is_retried() {
     let rung = retried.allocated.memory_mb;
     assert!((200..=250).contains(&rung), "{:?}", retried.attempts);
     let s = m.stats();
-    // One kill. The task that grew may have grown twice: caught early in
-    // its allocation (on a loaded machine), it asks for 1.5x what it was
-    // seen using, which can fall short of its peak.
+    // One kill. The task that grew may have grown more than once: each
+    // time it asks for 1.5x what it was seen using, and how far its memory
+    // had got when it was seen depends on the machine's load (3 steps were
+    // seen in CI), so only "it grew" is the behaviour.
     assert_eq!(s.tasks_resized, 1, "{s:?}");
-    assert!((1..=2).contains(&s.tasks_grown), "{s:?}");
+    assert!(s.tasks_grown >= 1, "{s:?}");
     assert_eq!(s.resources_in_use, Resources::default());
 }
 
