@@ -318,9 +318,11 @@ async fn read_loop(
                 }
             }
             let dests = expected.remove(&(report.task_id, report.attempt));
-            let keep = report.ending == Ending::Exited
-                && report.exit_code == Some(0)
-                && report.missing_outputs.is_empty();
+            // A command that exited 0 wrote whole files, even if it left
+            // some declared outputs out (a Python call's result, which says
+            // why, comes back that way); a failed or killed one's are not
+            // trusted.
+            let keep = report.ending == Ending::Exited && report.exit_code == Some(0);
             match receive_outputs(&mut *reader, outputs, dests.as_deref(), keep).await {
                 Ok(None) => {}
                 Ok(Some(error)) => {
