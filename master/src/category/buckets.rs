@@ -24,8 +24,9 @@ impl CategoryState {
         self.ok_time.add(sample.wall_s);
         self.total += 1;
         self.note_max(&sample);
-        self.push(sample);
+        let dropped = self.push(sample);
         self.since_clustering += 1;
+        self.settled = self.settled.saturating_add(1);
         let largest_changed = *largest != self.largest;
         self.largest = *largest;
         let want_kmeans = self.config.mode == AllocationMode::Bucketing
@@ -33,17 +34,10 @@ impl CategoryState {
         if !want_kmeans {
             // Max mode, or still learning: one bucket, the largest seen.
             let before = self.buckets.first().map(|b| b.allocation);
-            self.rebuild_max_bucket();
+            self.follow_max_bucket(sample, dropped);
             return largest_changed || before != self.buckets.first().map(|b| b.allocation);
         }
-        let due = if self.clustered {
-            let held = self.window.len().min(self.config.window);
-            let spacing = self.stable_clusterings.min(MAX_SPACING_DOUBLINGS);
-            self.since_clustering >= (held / 4).max(1) << spacing
-        } else {
-            true
-        };
-        if due || largest_changed {
+        if self.clustering_due() || largest_changed {
             self.rebuild();
             return true;
         }
@@ -63,6 +57,7 @@ impl CategoryState {
         }
         // The data moved past the buckets: cluster again at the usual pace.
         self.stable_clusterings = 0;
+        self.settled = 0;
         if self.extra < self.config.max_buckets {
             self.extra += 1;
             let b = self.make_bucket(sample, sample, 1);
@@ -92,11 +87,15 @@ impl CategoryState {
         self.window.iter()
     }
 
-    pub(super) fn push(&mut self, sample: Sample) {
-        if self.window.len() >= self.config.window {
-            self.window.pop_front();
-        }
+    /// Adds `sample` to the window; returns the sample it pushed out, if any.
+    pub(super) fn push(&mut self, sample: Sample) -> Option<Sample> {
+        let dropped = if self.window.len() >= self.config.window {
+            self.window.pop_front()
+        } else {
+            None
+        };
         self.window.push_back(sample);
+        dropped
     }
 
     pub(super) fn note_max(&mut self, s: &Sample) {

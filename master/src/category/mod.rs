@@ -70,8 +70,12 @@
 //! covers in between gets a bucket of its own right away (up to
 //! `max_buckets` of them, after which the largest bucket grows to cover it),
 //! so every sample in the window is always covered and retries have a rung
-//! to go to. The cost per sample is therefore O(buckets) plus, amortised,
-//! one clustering of `window` points per `window / 4` samples.
+//! to go to. The spacing doubles while clusterings keep giving the same
+//! buckets, and is never less than a quarter of the samples seen since a
+//! sample last fell outside every bucket (`learn`), so noisy peaks that
+//! never give the same buckets twice still cost O(log N) clusterings over N
+//! samples. The cost per sample is therefore O(buckets) plus, amortised, a
+//! fraction of a clustering of `window` points that falls as the run goes on.
 //!
 //! # The retry ladder
 //!
@@ -110,6 +114,8 @@
 //! * [`stats`]: what a category reports (and the counters behind it).
 //! * `buckets`: the sample window and the k-means buckets.
 //! * `ladder`: the retry ladder after a kill.
+//! * `learn`: how often the buckets are recomputed, and the max bucket kept
+//!   up to date without a pass over the window per sample.
 //! * [`growth`]: what a task frozen over its memory grows to, and the room
 //!   held for it (the learning side; the engine's `engine::growth` acts on it).
 //! * `registry`: the engine's table of categories and their scheduler
@@ -126,6 +132,7 @@ mod buckets;
 pub mod config;
 pub mod growth;
 mod ladder;
+mod learn;
 pub(crate) mod registry;
 pub mod stats;
 #[cfg(test)]
@@ -188,6 +195,9 @@ pub struct CategoryState {
     /// to [`MAX_SPACING_DOUBLINGS`] times, since re-running k-means on data
     /// that says the same thing cost a million-task run ~25 us per task.
     pub(super) stable_clusterings: u32,
+    /// Samples since a sample last fell outside every bucket (see
+    /// `learn::CADENCE_DIVISOR`).
+    pub(super) settled: usize,
     pub(super) clustered: bool,
     /// Mean wall time of successful samples and of killed attempts, for `f`.
     pub(super) ok_time: Mean,
@@ -352,6 +362,7 @@ impl CategoryState {
             extra: 0,
             since_clustering: 0,
             stable_clusterings: 0,
+            settled: 0,
             clustered: false,
             ok_time: Mean::default(),
             killed_time: Mean::default(),

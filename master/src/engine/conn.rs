@@ -274,6 +274,10 @@ async fn read_loop(
     let mut buf = Vec::new();
     let mut expected: HashMap<(TaskId, u32), OutputPlan> = HashMap::default();
     let silence = Silence::new(fd, timeout);
+    // One timer for the connection's life, moved on only when it fires: a
+    // timer made per frame cost a timer-wheel insert and removal per task.
+    let watchdog = tokio::time::sleep_until(silence.deadline());
+    tokio::pin!(watchdog);
     loop {
         let msg = {
             let mut touched = Touch {
@@ -286,10 +290,11 @@ async fn read_loop(
                 tokio::select! {
                     biased;
                     r = &mut read => break r,
-                    _ = tokio::time::sleep_until(silence.deadline()) => {
+                    _ = &mut watchdog => {
                         if silence.gone() {
                             return format!("no byte for {timeout:?}");
                         }
+                        watchdog.as_mut().reset(silence.deadline());
                     }
                 }
             }

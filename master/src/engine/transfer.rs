@@ -233,24 +233,31 @@ pub(super) async fn write_loop(
     interval: Duration,
 ) -> anyhow::Result<()> {
     let mut frame = Vec::with_capacity(4096);
-    let mut last_write = Instant::now();
+    let mut last_write = tokio::time::Instant::now();
+    // One timer for the connection's life, moved on only when it fires (a
+    // timeout per wake-up cost a timer-wheel insert and removal per task):
+    // it pings when nothing was written for `interval`.
+    let ping = tokio::time::sleep_until(last_write + interval);
+    tokio::pin!(ping);
     loop {
-        let item = match tokio::time::timeout(
-            interval
-                .saturating_sub(last_write.elapsed())
-                .max(Duration::from_millis(10)),
-            rx.recv(),
-        )
-        .await
-        {
-            Ok(Some(item)) => item,
-            Ok(None) => break,
-            Err(_) => {
+        let item = tokio::select! {
+            biased;
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            _ = &mut ping => {
+                let now = tokio::time::Instant::now();
+                if now < last_write + interval {
+                    ping.as_mut().reset((last_write + interval).max(now + Duration::from_millis(10)));
+                    continue;
+                }
                 frame.clear();
                 protocol::encode_frame(&MasterMsg::Ping, &mut frame)?;
                 writer.write_all(&frame).await?;
                 writer.flush().await?;
-                last_write = Instant::now();
+                last_write = tokio::time::Instant::now();
+                ping.as_mut().reset(last_write + interval);
                 continue;
             }
         };
@@ -270,7 +277,7 @@ pub(super) async fn write_loop(
             next = rx.try_recv().ok();
         }
         writer.flush().await?;
-        last_write = Instant::now();
+        last_write = tokio::time::Instant::now();
     }
     Ok(())
 }
