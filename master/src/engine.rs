@@ -140,7 +140,18 @@ struct Link {
 /// results channel that `Manager::wait` reads.
 struct Links {
     links: HashMap<WorkerKey, Link>,
-    results: std::sync::mpsc::Sender<TaskResult>,
+    results: std::sync::mpsc::Sender<Vec<TaskResult>>,
+    /// Results of this engine pass, handed over together at its end
+    /// ([`Links::hand_over`]): one wake-up of the user's thread per pass.
+    finished: Vec<TaskResult>,
+}
+
+impl Links {
+    fn hand_over(&mut self) {
+        if !self.finished.is_empty() {
+            let _ = self.results.send(std::mem::take(&mut self.finished));
+        }
+    }
 }
 
 impl Outbox for Links {
@@ -157,7 +168,7 @@ impl Outbox for Links {
     }
 
     fn to_user(&mut self, result: TaskResult) {
-        let _ = self.results.send(result);
+        self.finished.push(result);
     }
 }
 
@@ -180,7 +191,7 @@ pub(crate) async fn run(
     listener: TcpListener,
     config: EngineConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    results: std::sync::mpsc::Sender<TaskResult>,
+    results: std::sync::mpsc::Sender<Vec<TaskResult>>,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let password = config.password.clone().map(Arc::<[u8]>::from);
@@ -196,6 +207,7 @@ pub(crate) async fn run(
     let links = Links {
         links: HashMap::default(),
         results,
+        finished: Vec::new(),
     };
     let mut engine = Engine::new(links, config.report_identity.clone(), config.prefetch);
     engine.fits_no_worker_wait = config.fits_no_worker_wait;
@@ -219,6 +231,7 @@ pub(crate) async fn run(
                 let Some(cmd) = cmd else { break };
                 engine.now = Instant::now();
                 if let Some(done) = engine.on_command(cmd) {
+                    engine.out.hand_over();
                     engine.shutdown();
                     accept.abort();
                     let _ = done.send(());
@@ -227,6 +240,7 @@ pub(crate) async fn run(
                 for _ in 0..4096 {
                     match commands.try_recv() {
                         Ok(cmd) => if let Some(done) = engine.on_command(cmd) {
+                            engine.out.hand_over();
                             engine.shutdown();
                             accept.abort();
                             let _ = done.send(());
@@ -251,7 +265,9 @@ pub(crate) async fn run(
         }
         engine.schedule();
         engine.sample_history();
+        engine.out.hand_over();
     }
+    engine.out.hand_over();
     engine.shutdown();
     accept.abort();
 }

@@ -272,7 +272,10 @@ impl ManagerBuilder {
             report_identity,
             reporter,
             commands,
-            results: Mutex::new(results),
+            results: Mutex::new(Results {
+                rx: results,
+                ready: std::collections::VecDeque::new(),
+            }),
             next_id: AtomicU64::new(1),
             outstanding: AtomicUsize::new(0),
             namer: FileNamer::default(),
@@ -280,6 +283,14 @@ impl ManagerBuilder {
             default_environment: self.environment,
         })
     }
+}
+
+/// The results the engine handed over, in batches of one engine pass (a
+/// wake-up of the user's thread per batch, not per task), and those of the
+/// last batch not yet taken.
+struct Results {
+    rx: std::sync::mpsc::Receiver<Vec<TaskResult>>,
+    ready: std::collections::VecDeque<TaskResult>,
 }
 
 /// A master: holds the task queue, accepts workers, hands back results.
@@ -294,7 +305,7 @@ pub struct Manager {
     pub(crate) report_identity: std::sync::Arc<drover_catalog::MasterReport>,
     reporter: Option<crate::report::Reporter>,
     pub(crate) commands: mpsc::UnboundedSender<Command>,
-    results: Mutex<std::sync::mpsc::Receiver<TaskResult>>,
+    results: Mutex<Results>,
     next_id: AtomicU64,
     outstanding: AtomicUsize,
     namer: FileNamer,
@@ -449,14 +460,20 @@ impl Manager {
 
     /// The next finished task, waiting at most `timeout` (None waits forever).
     pub fn wait(&self, timeout: Option<Duration>) -> Option<TaskResult> {
-        let results = self.results.lock().ok()?;
-        let got = match timeout {
-            Some(t) => match results.recv_timeout(t) {
-                Ok(r) => Some(r),
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
-            },
-            None => results.recv().ok(),
-        };
+        let mut results = self.results.lock().ok()?;
+        if results.ready.is_empty() {
+            let batch = match timeout {
+                Some(t) => match results.rx.recv_timeout(t) {
+                    Ok(batch) => batch,
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                        return None
+                    }
+                },
+                None => results.rx.recv().ok()?,
+            };
+            results.ready.extend(batch);
+        }
+        let got = results.ready.pop_front();
         if got.is_some() {
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
         }

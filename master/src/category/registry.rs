@@ -10,7 +10,9 @@
 //! a task killed early in a workflow may wait long, and the buckets known at
 //! its kill may by then be known to be too small for tasks like it.
 
-use std::collections::HashMap;
+// Keys are the master's own ids and its user's category names: SipHash's
+// defence against chosen keys buys nothing (see scheduler.rs).
+use rustc_hash::FxHashMap as HashMap;
 
 use drover_protocol::Measured;
 use drover_protocol::Resources;
@@ -95,7 +97,7 @@ impl Categories {
         self.states
             .push(CategoryState::new(name, CategoryConfig::default()));
         self.classes.push(Vec::new());
-        self.retrying.push(HashMap::new());
+        self.retrying.push(HashMap::default());
         self.ids.insert(name.to_string(), id);
         id
     }
@@ -206,7 +208,11 @@ impl Categories {
 
     /// `task` no longer waits for a rung (placed, finished or cancelled).
     pub(crate) fn forget_retrying(&mut self, cat: CatId, task: TaskId) {
-        self.retrying[cat as usize].remove(&task);
+        let retrying = &mut self.retrying[cat as usize];
+        // Almost always empty: skip the hashing once per task.
+        if !retrying.is_empty() {
+            retrying.remove(&task);
+        }
     }
 
     /// The rung each task retried in `cat` would get now, by task id;
