@@ -42,6 +42,13 @@ impl<O: Outbox> Engine<O> {
         );
         self.enqueue_task(id);
         self.stats.tasks_waiting += 1;
+        if let Some(task) = self.tasks.get(&id) {
+            let (m, r) = (&mut self.declared_max, &task.spec.resources);
+            m.cores = m.cores.max(r.cores);
+            m.memory_mb = m.memory_mb.max(r.memory_mb);
+            m.disk_mb = m.disk_mb.max(r.disk_mb);
+            m.gpus = m.gpus.max(r.gpus);
+        }
         self.check_fit(id);
     }
 
@@ -817,6 +824,14 @@ impl<O: Outbox> Engine<O> {
     /// A pass over the tasks, only when a worker of a new largest size
     /// joins or the last of one leaves, not per task or per worker.
     pub(super) fn recheck_unfit(&mut self) {
+        // Nothing marked and nothing that could be: skip the pass (at a
+        // million queued tasks, a cache miss each, it was 1.5% of a run).
+        if self.unfit.is_empty()
+            && !self.workers.is_empty()
+            && shortfall(&self.declared_max, &self.largest).is_none()
+        {
+            return;
+        }
         let ids: Vec<TaskId> = self
             .tasks
             .iter()

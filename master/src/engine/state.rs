@@ -110,6 +110,9 @@ pub(super) struct Engine<O: Outbox> {
     /// Waiting tasks that declare more than `largest` (see
     /// `ManagerBuilder::fits_no_worker_wait`).
     pub(super) unfit: HashSet<TaskId>,
+    /// Component-wise most any task submitted so far declared: while the
+    /// largest worker holds it, no task can be unfit (see `recheck_unfit`).
+    pub(super) declared_max: Resources,
     pub(super) fits_no_worker_wait: Option<Duration>,
     /// When the last worker joined: the wait of unfit tasks counts from it.
     pub(super) last_joined: Instant,
@@ -145,6 +148,7 @@ impl<O: Outbox> Engine<O> {
             failed_writes: HashMap::default(),
             largest: Resources::default(),
             unfit: HashSet::default(),
+            declared_max: Resources::default(),
             fits_no_worker_wait: None,
             last_joined: Instant::now(),
         }
