@@ -56,6 +56,7 @@ mod conn;
 mod growth;
 mod lifecycle;
 mod state;
+mod table;
 mod transfer;
 
 use conn::accept_loop;

@@ -6,8 +6,9 @@ use super::*;
 /// The master's tasks. Entries are boxed: a hash table keeps spare slots
 /// (up to half of them empty right after it doubles), and a slot holds a
 /// pointer instead of a whole entry of ~240 bytes. At 1M queued tasks this
-/// took the master from ~1,040 to ~800 bytes per task (scale bench).
-pub(super) type TaskTable = HashMap<TaskId, Box<TaskEntry>>;
+/// took the master from ~1,040 to ~800 bytes per task (scale bench). The
+/// table is indexed by id rather than hashed (see `table`).
+pub(super) type TaskTable = super::table::IdTable<Box<TaskEntry>>;
 
 pub(super) enum TaskState {
     Waiting,
@@ -129,7 +130,7 @@ impl<O: Outbox> Engine<O> {
             out,
             now,
             sched: Scheduler::new(),
-            tasks: HashMap::default(),
+            tasks: TaskTable::default(),
             workers: HashMap::default(),
             file_keys: HashMap::default(),
             file_names: Vec::new(),
