@@ -56,7 +56,6 @@ mod conn;
 mod growth;
 mod lifecycle;
 mod state;
-mod table;
 mod transfer;
 
 use conn::accept_loop;

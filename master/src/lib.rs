@@ -21,6 +21,7 @@ mod command;
 mod engine;
 mod files;
 mod history;
+mod idtable;
 mod manager;
 mod report;
 pub mod scheduler;

@@ -226,7 +226,8 @@ pub struct Scheduler {
     /// Heads of non-empty, unblocked shapes.
     ready: BTreeSet<(Waiting, ShapeId)>,
     blocked: Vec<ShapeId>,
-    tasks: HashMap<TaskId, Loc>,
+    /// Waiting tasks by id (indexed, not hashed: see `crate::idtable`).
+    tasks: crate::idtable::IdTable<Loc>,
 
     workers: Vec<WorkerState>,
     slots: HashMap<WorkerKey, usize>,

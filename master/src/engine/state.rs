@@ -7,8 +7,8 @@ use super::*;
 /// (up to half of them empty right after it doubles), and a slot holds a
 /// pointer instead of a whole entry of ~240 bytes. At 1M queued tasks this
 /// took the master from ~1,040 to ~800 bytes per task (scale bench). The
-/// table is indexed by id rather than hashed (see `table`).
-pub(super) type TaskTable = super::table::IdTable<Box<TaskEntry>>;
+/// table is indexed by id rather than hashed (see `crate::idtable`).
+pub(super) type TaskTable = crate::idtable::IdTable<Box<TaskEntry>>;
 
 pub(super) enum TaskState {
     Waiting,

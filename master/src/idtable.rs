@@ -1,5 +1,5 @@
-//! The engine's table of tasks by id, laid out for ids that the master
-//! hands out in order.
+//! A table of tasks by id, laid out for ids that the master hands out in
+//! order: the engine's tasks and the scheduler's waiting ones.
 //!
 //! A hash table of a million tasks costs each lookup a probe of a random
 //! group of its 16 MB of slots (a cache miss) before the entry itself;
@@ -22,6 +22,7 @@ use crate::task::TaskId;
 const SLACK: usize = 4096;
 
 /// A map from task id to `V` (see the module documentation).
+#[derive(Debug)]
 pub(crate) struct IdTable<V> {
     /// Id of `slots[0]`.
     base: TaskId,
@@ -147,7 +148,6 @@ impl<V> IdTable<V> {
     }
 
     /// How many entries there are.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.in_slots + self.far.len()
     }
