@@ -13,6 +13,7 @@ import types
 
 import cloudpickle
 
+from . import _reaper
 from ._drover import DroverError, Task
 
 #: The runner shipped to workers (pure Python, see remote.py).
@@ -32,6 +33,8 @@ def staging_dir():
 
             _staging_dir = tempfile.mkdtemp(prefix="drover-py-")
             atexit.register(shutil.rmtree, _staging_dir, True)
+            # atexit does not run when a signal ends this process.
+            _reaper.watch(path=_staging_dir)
         return _staging_dir
 
 
