@@ -90,7 +90,7 @@ def ship_by_value(fn):
     if not modname or modname == "__main__":
         return
     top = modname.split(".")[0]
-    if top in _by_value:
+    if top in _by_value or top == "drover":
         return
     mod = sys.modules.get(top)
     path = getattr(mod, "__file__", None)
