@@ -93,10 +93,12 @@ class PickledOnce:
 
     __slots__ = ("__wrapped__", "data")
 
-    def __init__(self, func):
-        ship_by_value(func)
+    def __init__(self, func, data=None):
+        if data is None:
+            ship_by_value(func)
+            data = cloudpickle.dumps(func)
         self.__wrapped__ = func
-        self.data = cloudpickle.dumps(func)
+        self.data = data
 
     def __call__(self, *args, **kwargs):
         return self.__wrapped__(*args, **kwargs)
@@ -115,26 +117,26 @@ class PickledOnce:
 
 
 class _PickleCache:
-    """PickledOnce per callable, held as long as the callable lives."""
+    """The pickle of each callable, kept while the callable lives (the
+    cache holds only bytes, so it keeps no callable alive)."""
 
     def __init__(self):
         self._by_func = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def get(self, func):
+        """A PickledOnce for `func`, or `func` itself when it cannot be cached."""
         try:
             with self._lock:
-                hit = self._by_func.get(func)
+                data = self._by_func.get(func)
         except TypeError:  # not hashable or not weakly referable: pickled with each call
             return func
-        if hit is None:
-            hit = PickledOnce(func)
-            try:
-                with self._lock:
-                    self._by_func[func] = hit
-            except TypeError:
-                pass
-        return hit
+        if data is not None:
+            return PickledOnce(func, data)
+        once = PickledOnce(func)
+        with self._lock:
+            self._by_func[func] = once.data
+        return once
 
 
 class DroverExecutor(ParslExecutor):

@@ -102,7 +102,7 @@ def test_an_apps_function_is_pickled_once_per_executor():
     ex = DroverExecutor()
     first = ex._pickled.get(scale)
     assert isinstance(first, PickledOnce)
-    assert ex._pickled.get(scale) is first
+    assert ex._pickled.get(scale).data is first.data
     assert first.__qualname__ == scale.__qualname__
     # Unpickled with pickle alone (as on a worker), it is the function itself.
     back = pickle.loads(pickle.dumps(first))
@@ -110,3 +110,11 @@ def test_an_apps_function_is_pickled_once_per_executor():
     # Callables that cannot be cached are passed through.
     unhashable = type("Unhashable", (), {"__call__": lambda self: 1, "__hash__": None})()
     assert ex._pickled.get(unhashable) is unhashable
+    # The cache keeps no callable alive.
+    import gc
+    import weakref
+
+    gone = weakref.ref(scale)
+    del scale, first, back
+    gc.collect()
+    assert gone() is None
