@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Parsl's config-agnostic test suite against a drover config, and with
 # PARSL_SUITE_COMPARE=1 the same against Parsl's own htex_local (pass
-# `--durations=0` for per-test times). Needs the drover package installed
+# `--durations=0` for per-test times; python/ci/suite-compare.py compares the
+# two per test, from JUnit files). Needs the drover package installed
 # and DROVER_BIN (or `drover` on PATH). Parsl's conftest needs pytest 7.
 #   python/ci/parsl-suite.sh [extra pytest args, e.g. -k test_python_apps]
 set -euo pipefail

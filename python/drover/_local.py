@@ -8,6 +8,8 @@ import sys
 import tempfile
 import weakref
 
+from . import _reaper
+
 
 def find_drover(binary=None):
     """Path of the `drover` executable: `binary`, else $DROVER_BIN, else `drover` on PATH."""
@@ -89,6 +91,11 @@ class LocalWorker:
         finally:
             if log:
                 out.close()
+        # Should this process die by a signal, the worker, its server and its
+        # workdir still go.
+        _reaper.watch(pid=self.process.pid, path=self.workdir if self._own_workdir else None)
+        if self.forkserver is not None:
+            _reaper.watch(pid=self.forkserver.pid)
         self._finalizer = weakref.finalize(self, LocalWorker._reap, self.process, self.forkserver,
                                            self.workdir if self._own_workdir else None)
 
@@ -110,6 +117,9 @@ class LocalWorker:
                 process.wait()
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        _reaper.forget(pid=process.pid, path=workdir)
+        if forkserver is not None:
+            _reaper.forget(pid=forkserver.pid)
 
     @property
     def pid(self):

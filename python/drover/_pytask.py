@@ -13,6 +13,7 @@ import types
 
 import cloudpickle
 
+from . import _reaper
 from ._drover import DroverError, Task
 
 #: The runner shipped to workers (pure Python, see remote.py).
@@ -32,6 +33,8 @@ def staging_dir():
 
             _staging_dir = tempfile.mkdtemp(prefix="drover-py-")
             atexit.register(shutil.rmtree, _staging_dir, True)
+            # atexit does not run when a signal ends this process.
+            _reaper.watch(path=_staging_dir)
         return _staging_dir
 
 
@@ -87,7 +90,7 @@ def ship_by_value(fn):
     if not modname or modname == "__main__":
         return
     top = modname.split(".")[0]
-    if top in _by_value:
+    if top in _by_value or top == "drover":
         return
     mod = sys.modules.get(top)
     path = getattr(mod, "__file__", None)

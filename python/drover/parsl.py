@@ -17,12 +17,17 @@ resources, wall-time limit and priority.
 
 import functools
 import os
+import pickle
+import threading
+import weakref
 
+import cloudpickle
 from parsl.executors.base import ParslExecutor
 from parsl.executors.errors import InvalidResourceSpecification
 
 from . import Manager, PythonTask
 from ._futures import Collector
+from ._pytask import ship_by_value
 
 _SPEC_KEYS = {"cores", "memory", "disk", "gpus", "running_time_min", "priority"}
 
@@ -77,6 +82,63 @@ def stage_files(task, kwargs):
                 task.add_input_buffer(b"", os.path.join(sub, ".drover-dir"))
 
 
+class PickledOnce:
+    """Stands for a callable whose pickle was made once: pickling this
+    copies those bytes, and unpickling them (on the worker, with pickle
+    alone) gives back the callable itself. Parsl hands the executor the
+    same wrapped function for every call of an app, and HTEX likewise
+    pickles a callable once (it assumes callables do not change), so a
+    call costs the pickling of its arguments only. ``__wrapped__`` lets
+    PythonTask find the modules the callable needs."""
+
+    __slots__ = ("__wrapped__", "data")
+
+    def __init__(self, func, data=None):
+        if data is None:
+            ship_by_value(func)
+            data = cloudpickle.dumps(func)
+        self.__wrapped__ = func
+        self.data = data
+
+    def __call__(self, *args, **kwargs):
+        return self.__wrapped__(*args, **kwargs)
+
+    def __reduce__(self):
+        return (pickle.loads, (self.data,))
+
+    def __getattr__(self, name):
+        # Its name is the callable's (a task's name shows the app).
+        if name in ("__name__", "__qualname__"):
+            return getattr(self.__wrapped__, name)
+        raise AttributeError(name)
+
+    def __repr__(self):
+        return "PickledOnce(%r)" % (self.__wrapped__,)
+
+
+class _PickleCache:
+    """The pickle of each callable, kept while the callable lives (the
+    cache holds only bytes, so it keeps no callable alive)."""
+
+    def __init__(self):
+        self._by_func = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, func):
+        """A PickledOnce for `func`, or `func` itself when it cannot be cached."""
+        try:
+            with self._lock:
+                data = self._by_func.get(func)
+        except TypeError:  # not hashable or not weakly referable: pickled with each call
+            return func
+        if data is not None:
+            return PickledOnce(func, data)
+        once = PickledOnce(func)
+        with self._lock:
+            self._by_func[func] = once.data
+        return once
+
+
 class DroverExecutor(ParslExecutor):
     """Runs Parsl apps on drover workers.
 
@@ -104,6 +166,7 @@ class DroverExecutor(ParslExecutor):
         self.category = category
         self.manager = None
         self._collector = None
+        self._pickled = _PickleCache()
 
     def start(self):
         self.manager = Manager(port=self.port, name=self.name,
@@ -121,8 +184,9 @@ class DroverExecutor(ParslExecutor):
         if unknown:
             raise InvalidResourceSpecification(
                 unknown, "DroverExecutor takes %s" % ", ".join(sorted(_SPEC_KEYS)))
-        task = PythonTask(func, *args, **kwargs)
-        stage_files(task, kwargs)
+        task = PythonTask(self._pickled.get(func), *args, **kwargs)
+        if any(kwargs.get(k) for k in ("inputs", "outputs", "stdout", "stderr")):
+            stage_files(task, kwargs)
         task.set_category(self.category or "parsl:" + app_name(func))
         task.set_cores(int(spec.get("cores", self.default_cores)))
         if "memory" in spec:

@@ -89,3 +89,32 @@ def test_each_app_is_its_own_category(dfk):
     assert total(1, 2).result(timeout=300) == 3
     names = {c["name"] for c in dfk.executors["drover"].manager.categories()}
     assert {"parsl:square", "parsl:total"} <= names
+
+
+def test_an_apps_function_is_pickled_once_per_executor():
+    import pickle
+
+    from drover.parsl import DroverExecutor, PickledOnce
+
+    def scale(x, by=3):
+        return x * by
+
+    ex = DroverExecutor()
+    first = ex._pickled.get(scale)
+    assert isinstance(first, PickledOnce)
+    assert ex._pickled.get(scale).data is first.data
+    assert first.__qualname__ == scale.__qualname__
+    # Unpickled with pickle alone (as on a worker), it is the function itself.
+    back = pickle.loads(pickle.dumps(first))
+    assert not isinstance(back, PickledOnce) and back(2) == 6
+    # Callables that cannot be cached are passed through.
+    unhashable = type("Unhashable", (), {"__call__": lambda self: 1, "__hash__": None})()
+    assert ex._pickled.get(unhashable) is unhashable
+    # The cache keeps no callable alive.
+    import gc
+    import weakref
+
+    gone = weakref.ref(scale)
+    del scale, first, back
+    gc.collect()
+    assert gone() is None
