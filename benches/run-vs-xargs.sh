@@ -11,7 +11,11 @@
 #
 # BIN_DIR holds `drover` and `workloads` (benches/collect-bins.sh makes one); without it the
 # current checkout's release build is used. Env: N (10000), BIG_N (100000; 0 skips), PAIRS (3),
-# OUT (results file, JSON lines).
+# OUT (results file, JSON lines), BASE (a second BIN_DIR, e.g. main's binaries: its library and
+# drover run join each round as "library (base)" and "drover run (base)", for before/after).
+# Every worker runs without the Python function server (DROVER_FUNCTION_SERVER=0), as drover
+# run's own workers do: W1 has no Python calls, and starting the interpreter held the worker
+# back a quarter of a second, which the library's GNU time counted and drover run's did not.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -ge 1 ]; then
@@ -27,6 +31,9 @@ N=${N:-10000}
 BIG_N=${BIG_N:-100000}
 PAIRS=${PAIRS:-3}
 OUT=${OUT:-$root/benches/run-vs-xargs-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
+BASE=${BASE:-}
+[ -n "$BASE" ] && BASE=$(cd "$BASE" && pwd)
+export DROVER_FUNCTION_SERVER=0
 cores=$(nproc)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -49,7 +56,8 @@ round() { # n pair
     local n=$1 pair=$2 f="$tmp/w1-$1.txt"
     [ -f "$f" ] || seq "$n" | sed "s/.*/true/" >"$f"
     local order=(xargs library run)
-    [ $((pair % 2)) = 0 ] && order=(run library xargs)
+    [ -n "$BASE" ] && order=(xargs library-base run-base library run)
+    [ $((pair % 2)) = 0 ] && order=($(printf '%s\n' "${order[@]}" | tac))
     for s in "${order[@]}"; do
         case $s in
         xargs) measure xargs "$n" "$pair" sh -c "xargs -P $cores -n 1 true <$f" ;;
@@ -57,6 +65,8 @@ round() { # n pair
         # start-up, as it does drover run's.
         library) measure library "$n" "$pair" env DROVER_BIN="$drover" "$workloads" --workloads W1 --w1-n "$n" ;;
         run) measure "drover run" "$n" "$pair" sh -c "cd $tmp && '$drover' run '$f' --failed-dir '$tmp/failed'" ;;
+        library-base) measure "library (base)" "$n" "$pair" env DROVER_BIN="$BASE/drover" "$BASE/workloads" --workloads W1 --w1-n "$n" ;;
+        run-base) measure "drover run (base)" "$n" "$pair" sh -c "cd $tmp && '$BASE/drover' run '$f' --failed-dir '$tmp/failed'" ;;
         esac
     done
 }
@@ -74,7 +84,9 @@ print("|---:|---|---:|---:|---:|---:|")
 for n in sorted({r["n"] for r in rows}):
     med = lambda s, k: statistics.median([r[k] for r in rows if r["n"] == n and r["system"] == s])
     x = med("xargs", "tasks_per_s")
-    for s in ("xargs", "library", "drover run"):
+    for s in ("xargs", "library (base)", "drover run (base)", "library", "drover run"):
         k = sum(1 for r in rows if r["n"] == n and r["system"] == s)
+        if k == 0:
+            continue
         print(f"| {n} | {s} | {k} | {med(s, 'tasks_per_s'):.0f} | {med(s, 'tasks_per_s') / x:.2f} | {med(s, 'cpu_us_per_task'):.0f} |")
 PY

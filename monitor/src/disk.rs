@@ -17,11 +17,19 @@ pub(crate) fn usage(root: &Path) -> (u64, u64) {
     while let Some(dir) = stack.pop() {
         let Ok(rd) = fs::read_dir(&dir) else { continue };
         for entry in rd.flatten() {
-            let Ok(md) = entry.metadata() else { continue };
-            files += 1;
-            if md.is_dir() {
+            // The type comes with the directory entry on most file systems;
+            // only a regular file needs a stat, for its size and links.
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                files += 1;
                 stack.push(entry.path());
-            } else if md.is_file() {
+            } else if !kind.is_file() {
+                files += 1;
+            } else {
+                let Ok(md) = entry.metadata() else { continue };
+                files += 1;
                 if md.nlink() > 1 && !seen_links.insert((md.dev(), md.ino())) {
                     continue;
                 }

@@ -57,8 +57,8 @@ struct Kept {
     stat: File,
     statm: Option<File>,
     io: Option<File>,
-    /// The sampling pass that last used it; unused handles are closed at
-    /// the end of the next pass.
+    /// The pass (full or close) that last used it; see [`ProcReader::end_pass`]
+    /// and [`ProcReader::end_close_pass`].
     pass: u64,
 }
 
@@ -71,7 +71,10 @@ pub(crate) struct ProcReader {
     /// opens and closes).
     budget: usize,
     open_fds: usize,
+    /// Counts every pass, full or close.
     pass: u64,
+    /// The last full pass.
+    last_full: u64,
 }
 
 /// Reads the whole of a small /proc or cgroup file from offset 0 into
@@ -146,6 +149,7 @@ impl ProcReader {
             budget,
             open_fds: 0,
             pass: 0,
+            last_full: 0,
         }
     }
 
@@ -221,20 +225,37 @@ impl ProcReader {
         }
     }
 
-    /// Closes the handles of processes not read since the previous call:
-    /// they are gone, or no longer watched.
+    /// After a full pass: closes the handles of processes it did not read
+    /// (they are gone, or no longer watched).
     pub fn end_pass(&mut self) {
         let pass = self.pass;
+        self.retain(|used| used == pass);
+        self.last_full = pass;
+        self.pass += 1;
+    }
+
+    /// After a close pass (the tasks near their limit, or just started):
+    /// closes the handles it opened or used before that it did not use
+    /// now, unless the last full pass used them. Without this, the handles
+    /// of every short task seen by a close look stayed open until the
+    /// second full pass after it (some 400 descriptors at W1's rate), and
+    /// every task start copied and closed the whole descriptor table.
+    pub fn end_close_pass(&mut self) {
+        let (pass, full) = (self.pass, self.last_full);
+        self.retain(|used| used == pass || used == full);
+        self.pass += 1;
+    }
+
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
         let mut closed = 0;
         self.kept.retain(|_, k| {
-            let keep = k.pass == pass;
-            if !keep {
+            let kept = keep(k.pass);
+            if !kept {
                 closed += k.fds();
             }
-            keep
+            kept
         });
         self.open_fds -= closed;
-        self.pass += 1;
     }
 
     pub fn stat(&mut self, pid: i32) -> Option<ProcStat> {
@@ -370,6 +391,11 @@ pub(crate) fn swap_enabled() -> bool {
 mod tests {
     use super::*;
 
+    fn kill_and_reap(mut child: std::process::Child) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     #[test]
     fn reads_self() {
         let mut r = ProcReader::new();
@@ -415,6 +441,26 @@ mod tests {
         assert_eq!(r.open_fds, 2, "used in the pass that ended: kept");
         r.end_pass();
         assert_eq!(r.open_fds, 0, "unused for a whole pass: closed");
+        // A close look keeps what the last full pass read, and what it
+        // read itself only until the next close look that does not.
+        r.stat(me).unwrap();
+        r.end_pass();
+        r.end_close_pass();
+        assert_eq!(r.open_fds, 1, "read by the last full pass: kept");
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        r.stat(pid).unwrap();
+        r.end_close_pass();
+        assert_eq!(r.open_fds, 2, "used in the close pass that ended: kept");
+        r.end_close_pass();
+        assert_eq!(
+            r.open_fds, 1,
+            "unused by a close pass and the full one: closed"
+        );
+        kill_and_reap(child);
         let mut uncached = ProcReader::new();
         assert!(uncached.stat(me).is_some() && uncached.io(me).is_some());
         assert_eq!(uncached.open_fds, 0, "a zero budget keeps nothing open");

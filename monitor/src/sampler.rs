@@ -49,6 +49,7 @@ pub(crate) fn sampler(core: Arc<Core>) {
             next_full = now + core.interval;
         } else {
             close_pass(&tasks, &mut pids, &mut cx);
+            reader.end_close_pass();
         }
         let near_limit = tasks.iter().any(|t| lock(&t.st).near_limit);
         drop(tasks);

@@ -331,12 +331,14 @@ impl Found {
 }
 
 fn cstring(s: impl Into<Vec<u8>>, what: &str) -> io::Result<CString> {
-    CString::new(s).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("the {what} contains a NUL byte"),
-        )
-    })
+    CString::new(s).map_err(|_| nul_error(what))
+}
+
+fn nul_error(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("the {what} contains a NUL byte"),
+    )
 }
 
 /// What the child needs, all prepared before the clone.
@@ -414,15 +416,24 @@ pub(crate) fn spawn(
             exec.env("PWD", cwd);
         }
     }
-    let mut env = Vec::with_capacity(exec.env.len());
+    // Every `KEY=VALUE\0` in one buffer: one allocation instead of one
+    // per variable (some fifty per task, with the worker's environment).
+    let size = exec.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut env = Vec::with_capacity(size);
+    let mut env_starts = Vec::with_capacity(exec.env.len() + 1);
     for (k, v) in &exec.env {
-        if k.is_empty() || k.as_bytes().contains(&b'=') {
+        let (k, v) = (k.as_bytes(), v.as_bytes());
+        if k.is_empty() || k.contains(&b'=') {
             continue;
         }
-        let mut kv = k.as_bytes().to_vec();
-        kv.push(b'=');
-        kv.extend_from_slice(v.as_bytes());
-        env.push(cstring(kv, "environment")?);
+        if k.contains(&0) || v.contains(&0) {
+            return Err(nul_error("environment"));
+        }
+        env_starts.push(env.len());
+        env.extend_from_slice(k);
+        env.push(b'=');
+        env.extend_from_slice(v);
+        env.push(0);
     }
     let cwd = match &exec.cwd {
         Some(d) => Some(cstring(d.as_os_str().as_bytes(), "working directory")?),
@@ -430,7 +441,11 @@ pub(crate) fn spawn(
     };
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    // `env` is not touched again until the child has exec'd.
+    let mut envp: Vec<*const libc::c_char> = env_starts
+        .iter()
+        .map(|&at| env[at..].as_ptr().cast())
+        .collect();
     envp.push(std::ptr::null());
     let stdio = [0, 1, 2].map(|i| exec.stdio[i].as_ref().map_or(-1, |fd| fd.as_raw_fd()));
 
@@ -841,6 +856,25 @@ mod tests {
         let path = format!(".:{}", root.path().display());
         assert_eq!(exit_code(&path, prog), 5);
         assert_eq!(first_known(&path, prog), None);
+    }
+
+    #[test]
+    fn the_environment_reaches_the_child_and_a_nul_in_it_is_an_error() {
+        let mut e = Exec::new("/bin/sh");
+        e.arg("-c")
+            .arg(r#"test "$DROVER_T1" = "a b" && test "$DROVER_T2" = "" && test -n "$PATH""#);
+        e.env("DROVER_T1", "a b").env("DROVER_T2", "");
+        let pid = spawn(e, None, None).unwrap();
+        let mut status = 0;
+        // SAFETY: reaping the child just spawned.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 0, "the child saw its variables");
+
+        let mut bad = Exec::new("/bin/true");
+        bad.env("DROVER_T3", "a\0b");
+        let err = spawn(bad, None, None).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("environment"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,8 @@ const POLL: Duration = Duration::from_millis(500);
 const MAX_NAMED: usize = 8;
 /// How often a progress line is printed when stderr is not a terminal.
 const LINE_EVERY: Duration = Duration::from_secs(5);
+/// How often the bar's status words are remade.
+const BAR_EVERY: Duration = Duration::from_millis(200);
 
 enum View {
     Bar(indicatif::ProgressBar),
@@ -38,6 +40,10 @@ pub struct Progress {
     /// Worker events not yet named on a line, in words (at most
     /// [`MAX_NAMED`]), to say who joined or left.
     worker_events: Vec<String>,
+    /// When the bar's status words were last made.
+    last_status: Instant,
+    /// The failed count they showed.
+    failed_shown: u64,
 }
 
 impl Progress {
@@ -71,6 +77,8 @@ impl Progress {
             workers_lost: 0,
             events_seen: 0,
             worker_events: Vec::new(),
+            last_status: Instant::now(),
+            failed_shown: 0,
         }
     }
 
@@ -166,24 +174,35 @@ impl Progress {
         parts.join(", ")
     }
 
-    /// Shows how many tasks have finished.
+    /// Shows how many tasks have finished. Called once per result, so
+    /// the status words are only made when they are shown: every
+    /// [`LINE_EVERY`] as a line, or every [`BAR_EVERY`] on the bar (which
+    /// draws its position at its own rate).
     pub fn update(&mut self, done: u64, failed: u64) {
-        let status = self.status(failed, done + failed == self.total);
-        match &mut self.view {
+        let all_finished = done + failed == self.total;
+        // The failed count shows at once on the bar: it is what the user
+        // watches for.
+        let news = failed != self.failed_shown && matches!(self.view, View::Bar(_));
+        let (last, every) = match &mut self.view {
             View::Bar(bar) => {
                 bar.set_position(done + failed);
-                bar.set_message(status);
+                (&mut self.last_status, BAR_EVERY)
             }
-            View::Lines { last } => {
-                if last.elapsed() >= LINE_EVERY || done + failed == self.total {
-                    eprintln!(
-                        "drover: {}/{} finished ({status})",
-                        done + failed,
-                        self.total
-                    );
-                    *last = Instant::now();
-                }
-            }
+            View::Lines { last } => (last, LINE_EVERY),
+        };
+        if !(all_finished || news || last.elapsed() >= every) {
+            return;
+        }
+        *last = Instant::now();
+        self.failed_shown = failed;
+        let status = self.status(failed, all_finished);
+        match &self.view {
+            View::Bar(bar) => bar.set_message(status),
+            View::Lines { .. } => eprintln!(
+                "drover: {}/{} finished ({status})",
+                done + failed,
+                self.total
+            ),
         }
     }
 
