@@ -3,6 +3,7 @@
 #
 #   eval "$(bash .ci/local-slurm.sh start)"   # prints only `export SLURM_CONF=...` on stdout
 #   bash .ci/local-slurm.sh stop
+#   bash .ci/local-slurm.sh running           # exit status 0 if its slurmctld is up
 #
 # It installs Debian's slurmctld, slurmd, slurm-client and munge when they are missing, writes a
 # config for one node (this host, all its CPUs, 90% of its available memory, cores and memory
@@ -159,5 +160,6 @@ start() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  *) die "usage: $0 start|stop" ;;
+  running) pid_of slurmctld >/dev/null ;;
+  *) die "usage: $0 start|stop|running" ;;
 esac

@@ -382,6 +382,43 @@ fn local_factory_packs_multi_core_tasks_and_honours_the_password() {
     );
 }
 
+/// A master with TLS: the factory reads its demand over TLS, pinning the
+/// certificate, and its local workers reach it the same way.
+#[test]
+fn local_factory_serves_a_master_with_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, cert, key, fingerprint) = common::tls_init(dir.path());
+    let m = Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .tls(&cert, &key)
+        .build()
+        .expect("manager");
+    submit_sleeps(&m, 2, "0", 1);
+    let master = format!("127.0.0.1:{}", m.port());
+    let factory = Factory::start(
+        "local",
+        &["--master", &master],
+        &[
+            small_workers("2", "1", "2"),
+            vec!["--tls-fingerprint", &fingerprint],
+        ]
+        .concat(),
+    );
+    let results = collect_watching(&m, 2, || {});
+    assert!(
+        results.iter().all(|r| r.outcome == Outcome::Success),
+        "{results:?}\n{}",
+        factory.log()
+    );
+    let (code, out, err) = factory.terminate(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "factory stderr:\n{err}");
+    assert!(
+        summary(&out)["submitted"].as_u64() >= Some(1),
+        "{out}\n{err}"
+    );
+}
+
 #[test]
 fn a_factory_with_the_wrong_password_starts_nothing_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
@@ -632,7 +669,7 @@ fn a_status_query_reports_waiting_shapes_and_is_not_a_worker() {
         .build()
         .unwrap();
     let r = rt
-        .block_on(drover_factory::status::query_master(&addr, None))
+        .block_on(drover_factory::status::query_master(&addr, None, None))
         .expect("status query");
     assert_eq!(r.tasks_waiting, 5);
     assert_eq!(r.port, m.port());
@@ -662,7 +699,11 @@ fn a_status_query_reports_waiting_shapes_and_is_not_a_worker() {
     // A status client is not a worker, and a password the master does not
     // have is refused, as it is for workers.
     let err = rt
-        .block_on(drover_factory::status::query_master(&addr, Some(b"pw")))
+        .block_on(drover_factory::status::query_master(
+            &addr,
+            Some(b"pw"),
+            None,
+        ))
         .unwrap_err();
     assert!(format!("{err:#}").contains("no password"), "{err:#}");
     assert_eq!(m.stats().workers_connected, 0);

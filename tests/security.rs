@@ -13,13 +13,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{collect, drover_bin, wait_until, write_file, Worker};
+use common::{collect, drover_bin, tls_init, wait_until, write_file, Worker};
 use drover_master::{Manager, Outcome, Task};
 
 /// Everything the in-process master logs, for the tests to search.
@@ -170,37 +169,6 @@ fn pipe(
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     });
-}
-
-/// Certificates from the real `drover tls init`.
-fn tls_init(dir: &Path) -> (PathBuf, PathBuf, PathBuf, String) {
-    let certs = dir.join("certs");
-    let out = std::process::Command::new(drover_bin())
-        .args(["tls", "init"])
-        .arg(&certs)
-        .output()
-        .expect("run drover tls init");
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let fingerprint = text
-        .lines()
-        .find_map(|l| l.strip_prefix("fingerprint (SHA-256): "))
-        .expect("a fingerprint line")
-        .to_string();
-    for line in [
-        "drover run",
-        "drover worker",
-        "--tls-ca",
-        "--tls-fingerprint",
-    ] {
-        assert!(text.contains(line), "{line} missing from:\n{text}");
-    }
-    (
-        certs.join("ca.pem"),
-        certs.join("master.pem"),
-        certs.join("master-key.pem"),
-        fingerprint,
-    )
 }
 
 /// Runs the attack in `mode`; returns the task's result, whether the

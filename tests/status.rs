@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{drover_bin, wait_until, CatalogServer, Worker};
+use common::{drover_bin, tls_init, wait_until, CatalogServer, Worker};
 use drover_master::{Manager, Task};
 
 /// Runs `drover status ARGS` and returns its stdout; fails the test on a
@@ -182,4 +182,34 @@ fn status_refuses_a_master_and_a_catalog_together() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot be used with"), "{err}");
+}
+
+/// A master with TLS answers `drover status HOST:PORT` given its CA or its
+/// fingerprint; without them, or with another pin, the query fails.
+#[test]
+fn status_of_a_master_with_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key, fingerprint) = tls_init(dir.path());
+    let m = Manager::builder()
+        .port(0)
+        .bind("127.0.0.1")
+        .project("status-tls")
+        .tls(&cert, &key)
+        .build()
+        .expect("start manager");
+    let addr = format!("127.0.0.1:{}", m.port());
+    let ca = ca.to_str().expect("utf-8 path");
+    for trust in [["--tls-ca", ca], ["--tls-fingerprint", &fingerprint]] {
+        let out = status(&[&addr, "--json", trust[0], trust[1]]);
+        assert!(out.contains("status-tls"), "{trust:?}: {out}");
+    }
+    let wrong_pin = ["00"; 32].join(":");
+    for extra in [vec![], vec!["--tls-fingerprint", wrong_pin.as_str()]] {
+        let out = Command::new(drover_bin())
+            .args(["status", &addr])
+            .args(&extra)
+            .output()
+            .expect("run drover status");
+        assert!(!out.status.success(), "{extra:?} was answered");
+    }
 }

@@ -62,6 +62,8 @@ pub struct WorkerSpec {
     pub idle_timeout: u64,
     /// The master's password file, if it has one.
     pub password_file: Option<PathBuf>,
+    /// The master's TLS certificate fingerprint, if it has TLS.
+    pub tls_fingerprint: Option<String>,
 }
 
 impl WorkerSpec {
@@ -95,6 +97,10 @@ impl WorkerSpec {
         if let Some(p) = password_path {
             a.push("--password-file".into());
             a.push(p.to_string());
+        }
+        if let Some(pin) = &self.tls_fingerprint {
+            a.push("--tls-fingerprint".into());
+            a.push(pin.clone());
         }
         a
     }
@@ -273,6 +279,7 @@ mod tests {
             },
             idle_timeout: 60,
             password_file: Some(PathBuf::from("/home/u/it's secret")),
+            tls_fingerprint: None,
         };
         let line = spec.shell_command().unwrap();
         let words = shlex::split(&line).unwrap();

@@ -29,10 +29,12 @@ pub mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use drover_catalog::MasterReport;
+use drover_protocol::tls::{self, rustls::ClientConfig};
 use drover_protocol::Resources;
 use tracing::{debug, info, warn};
 
@@ -98,6 +100,9 @@ pub struct FactoryConfig {
     pub batch_options: Option<String>,
     /// The master's password file, handed to the workers.
     pub password_file: Option<PathBuf>,
+    /// The master's TLS certificate fingerprint: status queries and the
+    /// workers reach the master over TLS and trust only that certificate.
+    pub tls_fingerprint: Option<String>,
     /// Seconds between two looks at the master and the queue.
     pub interval: f64,
     /// Wall-time limit of each worker job, in seconds (default: the cluster's).
@@ -161,6 +166,8 @@ struct Factory {
     limits: Limits,
     password: Option<Vec<u8>>,
     password_file: Option<PathBuf>,
+    /// TLS for the status queries (see [`FactoryConfig::tls_fingerprint`]).
+    tls: Option<Arc<ClientConfig>>,
     drover: PathBuf,
     name: String,
     interval: Duration,
@@ -224,6 +231,10 @@ impl Factory {
             }
             None => (None, None),
         };
+        let tls = match &args.tls_fingerprint {
+            Some(pin) => Some(tls::client_config(&tls::Trust::fingerprint(pin)?)?),
+            None => None,
+        };
         let drover = match &args.drover {
             Some(d) => absolute(d)?,
             None => std::env::current_exe().context("finding the drover binary")?,
@@ -286,6 +297,7 @@ impl Factory {
             limits,
             password,
             password_file,
+            tls,
             drover,
             name,
             interval,
@@ -314,6 +326,7 @@ impl Factory {
             resources: self.limits.worker,
             idle_timeout: self.args.worker_timeout,
             password_file: self.password_file.clone(),
+            tls_fingerprint: self.args.tls_fingerprint.clone(),
         }
     }
 
@@ -457,9 +470,11 @@ impl Factory {
 
     async fn fetch_status(&mut self) -> Option<MasterReport> {
         let got = match &self.source {
-            Source::Master(addr) => status::query_master(addr, self.password.as_deref())
-                .await
-                .map(Some),
+            Source::Master(addr) => {
+                status::query_master(addr, self.password.as_deref(), self.tls.as_ref())
+                    .await
+                    .map(Some)
+            }
             Source::Catalog { catalog, project } => status::query_catalog(catalog, project).await,
         };
         match got {

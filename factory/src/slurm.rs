@@ -220,6 +220,7 @@ mod tests {
             },
             idle_timeout: 30,
             password_file: None,
+            tls_fingerprint: None,
         };
         let a = s.sbatch_args(&spec).unwrap();
         for want in [

@@ -22,6 +22,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use hmac::{Hmac, Mac};
@@ -29,6 +30,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsStream;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -473,6 +475,30 @@ impl Handshaking {
             writer: BufWriter::with_capacity(BUFFER, RawWrite::Tls(w)),
             binding: Some(binding),
         })
+    }
+
+    /// The connecting side (a worker or a status client) on `stream`,
+    /// which reached `addr` (`HOST:PORT`): over TLS when `tls` is given
+    /// (the master's certificate must name HOST, or match the pinned
+    /// fingerprint), else plain TCP.
+    pub async fn connect(
+        stream: TcpStream,
+        addr: &str,
+        tls: Option<&Arc<ClientConfig>>,
+    ) -> Result<Handshaking, crate::tls::TlsError> {
+        let Some(config) = tls else {
+            return Ok(Handshaking::plain(stream));
+        };
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let name = crate::tls::server_name(host)?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(name, stream)
+            .await
+            .map_err(|e| crate::tls::TlsError::Handshake {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        Handshaking::tls(tls.into())
     }
 
     /// The TLS session's binding, to mix into the password proofs; `None`

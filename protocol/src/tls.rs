@@ -42,6 +42,8 @@ pub enum TlsError {
     Config(String),
     #[error("{0}")]
     Io(#[from] io::Error),
+    #[error("TLS handshake with the master at {addr} failed: {reason}")]
+    Handshake { addr: String, reason: String },
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -67,6 +67,11 @@ pub struct FactoryArgs {
     /// The master's password file, handed to the workers.
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
+    /// The master's TLS certificate fingerprint (SHA-256, as `drover tls
+    /// init` prints it): the factory's status queries and its workers reach
+    /// the master over TLS and trust only that certificate.
+    #[arg(long, value_name = "SHA256")]
+    tls_fingerprint: Option<String>,
     /// Seconds between two looks at the master and the queue.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     interval: f64,
@@ -135,6 +140,7 @@ pub fn run(args: FactoryArgs) -> anyhow::Result<i32> {
         worker_timeout: args.worker_timeout,
         batch_options: args.batch_options,
         password_file: args.password_file,
+        tls_fingerprint: args.tls_fingerprint,
         interval: args.interval,
         time_limit: args.time_limit,
         log_dir: args.log_dir,

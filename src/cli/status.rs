@@ -32,6 +32,19 @@ pub struct StatusArgs {
     /// Password file of the master asked directly (as its workers use).
     #[arg(long, value_name = "FILE", requires = "master")]
     password_file: Option<PathBuf>,
+    /// Reach the master asked directly over TLS, trusting its certificate
+    /// if this CA (PEM, as its workers use) signed it for the master's host.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "master",
+        conflicts_with = "tls_fingerprint"
+    )]
+    tls_ca: Option<PathBuf>,
+    /// Reach the master asked directly over TLS, trusting only the
+    /// certificate with this SHA-256 fingerprint (as its workers use).
+    #[arg(long, value_name = "SHA256", requires = "master")]
+    tls_fingerprint: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -57,6 +70,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<i32> {
         Some(p) => Some(drover_worker::protocol::read_password_file(p)?),
         None => None,
     };
+    let tls = super::tls::client_tls(args.tls_ca.as_deref(), args.tls_fingerprint.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -64,6 +78,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<i32> {
     let mut report = runtime.block_on(drover_factory::status::query_master(
         &master,
         password.as_deref(),
+        tls.as_ref(),
     ))?;
     // The master does not know when a catalog last heard from it; it
     // answered now.

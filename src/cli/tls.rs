@@ -1,8 +1,10 @@
 //! `drover tls`: certificates for TLS between a master and its workers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use drover_worker::protocol::tls;
+use drover_worker::protocol::tls::tokio_rustls::rustls::ClientConfig;
+use drover_worker::protocol::tls::{self, client_config, Trust};
 
 /// Options of `drover tls`.
 #[derive(clap::Args, Debug)]
@@ -74,4 +76,19 @@ pub fn run(args: TlsArgs) -> anyhow::Result<i32> {
         made.fingerprint
     );
     Ok(0)
+}
+
+/// The TLS set-up of a client of the master (a worker, `drover status`,
+/// the factory) from its `--tls-ca` or `--tls-fingerprint`; `None` for
+/// plain TCP.
+pub fn client_tls(
+    ca: Option<&Path>,
+    fingerprint: Option<&str>,
+) -> anyhow::Result<Option<Arc<ClientConfig>>> {
+    let trust = match (ca, fingerprint) {
+        (Some(ca), _) => Trust::Ca(ca.to_path_buf()),
+        (None, Some(pin)) => Trust::fingerprint(pin)?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(client_config(&trust)?))
 }

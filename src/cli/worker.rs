@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use drover_worker::protocol::tls::{client_config, Trust};
 use drover_worker::{run_worker, MasterSource, WorkerConfig};
 
 use super::{host_port, project_regex, Offer, HOST_PORT, PROJECT};
@@ -84,12 +83,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<i32> {
         // clap enforces exactly one of them.
         _ => anyhow::bail!("give exactly one of the master's HOST:PORT and --project"),
     };
-    let trust = match (&args.tls_ca, &args.tls_fingerprint) {
-        (Some(ca), _) => Some(Trust::Ca(ca.clone())),
-        (None, Some(pin)) => Some(Trust::fingerprint(pin)?),
-        (None, None) => None,
-    };
-    let tls = trust.as_ref().map(client_config).transpose()?;
+    let tls = super::tls::client_tls(args.tls_ca.as_deref(), args.tls_fingerprint.as_deref())?;
     let config = WorkerConfig {
         master,
         resources,

@@ -316,3 +316,35 @@ impl Worker {
         std::fs::write(&tasks, "a file where a directory should be").expect("break it");
     }
 }
+
+/// Certificates from the real `drover tls init` in `dir`/certs: the CA,
+/// the master's certificate and key, and its fingerprint.
+pub fn tls_init(dir: &Path) -> (PathBuf, PathBuf, PathBuf, String) {
+    let certs = dir.join("certs");
+    let out = Command::new(drover_bin())
+        .args(["tls", "init"])
+        .arg(&certs)
+        .output()
+        .expect("run drover tls init");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fingerprint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint (SHA-256): "))
+        .expect("a fingerprint line")
+        .to_string();
+    for line in [
+        "drover run",
+        "drover worker",
+        "--tls-ca",
+        "--tls-fingerprint",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    (
+        certs.join("ca.pem"),
+        certs.join("master.pem"),
+        certs.join("master-key.pem"),
+        fingerprint,
+    )
+}

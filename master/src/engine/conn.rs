@@ -25,6 +25,90 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// a real worker finishes in milliseconds and is never the oldest for long.
 const MAX_HANDSHAKING: usize = 256;
 
+/// How often, at most, connections that missed the handshake deadline are
+/// logged at WARN: a flood of stalled connections would otherwise log a
+/// line each. The first one of a quiet spell is logged at once, then one
+/// line per interval with how many more there were.
+const STALL_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The counting behind [`STALL_LOG_INTERVAL`].
+#[derive(Default)]
+struct StallLog {
+    /// Until when stalls are counted, not logged one by one.
+    quiet_until: Option<tokio::time::Instant>,
+    counted: u64,
+}
+
+/// What to do about a stalled connection, from [`StallLog::stalled`].
+#[derive(Debug, PartialEq)]
+enum Stall {
+    /// Log it now.
+    Log,
+    /// Counted; the first one counted in an interval asks for a
+    /// [`StallLog::flush`] at the given instant.
+    Counted(Option<tokio::time::Instant>),
+}
+
+impl StallLog {
+    fn stalled(&mut self, now: tokio::time::Instant) -> Stall {
+        match self.quiet_until {
+            Some(until) if now < until => {
+                self.counted += 1;
+                Stall::Counted((self.counted == 1).then_some(until))
+            }
+            _ => {
+                self.quiet_until = Some(now + STALL_LOG_INTERVAL);
+                Stall::Log
+            }
+        }
+    }
+
+    /// How many were counted since the last flush; when there were any, a
+    /// new interval starts (the flood may go on).
+    fn flush(&mut self, now: tokio::time::Instant) -> u64 {
+        let counted = std::mem::take(&mut self.counted);
+        if counted > 0 {
+            self.quiet_until = Some(now + STALL_LOG_INTERVAL);
+        }
+        counted
+    }
+}
+
+/// Logs a connection that missed the handshake deadline, aggregated by
+/// [`StallLog`].
+fn log_stall(handshakes: &Arc<std::sync::Mutex<Handshakes>>, addr: SocketAddr) {
+    let Ok(mut h) = handshakes.lock() else {
+        return;
+    };
+    match h.stalls.stalled(tokio::time::Instant::now()) {
+        Stall::Log => warn!(
+            peer = %addr,
+            "connection from {addr} did not complete the handshake in {HANDSHAKE_DEADLINE:?} \
+             (more are counted, logged every {STALL_LOG_INTERVAL:?})"
+        ),
+        Stall::Counted(flush_at) => {
+            debug!(peer = %addr, "connection from {addr} did not complete the handshake in {HANDSHAKE_DEADLINE:?}");
+            if let Some(at) = flush_at {
+                let handshakes = Arc::clone(handshakes);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    let counted = match handshakes.lock() {
+                        Ok(mut h) => h.stalls.flush(tokio::time::Instant::now()),
+                        Err(_) => return,
+                    };
+                    if counted > 0 {
+                        warn!(
+                            "{counted} more connections did not complete the handshake in \
+                             {HANDSHAKE_DEADLINE:?} in the last {STALL_LOG_INTERVAL:?} \
+                             (latest from {addr})"
+                        );
+                    }
+                });
+            }
+        }
+    }
+}
+
 /// What a connection must show before it is a worker.
 #[derive(Clone)]
 pub(super) struct Security {
@@ -38,6 +122,7 @@ pub(super) struct Security {
 struct Handshakes {
     next: u64,
     open: VecDeque<(u64, oneshot::Sender<()>)>,
+    stalls: StallLog,
 }
 
 impl Handshakes {
@@ -143,10 +228,7 @@ pub(super) async fn accept_loop(
                     return;
                 }
                 Err(_) => {
-                    warn!(
-                        peer = %addr,
-                        "connection from {addr} did not complete the handshake in {HANDSHAKE_DEADLINE:?}"
-                    );
+                    log_stall(&handshakes, addr);
                     return;
                 }
             };
@@ -464,5 +546,29 @@ mod tests {
         assert!(rxs[1].1.try_recv().is_err(), "a younger one was dropped");
         assert!(newest.try_recv().is_err());
         assert_eq!(h.open.len(), MAX_HANDSHAKING);
+    }
+
+    #[test]
+    fn stalled_handshakes_are_logged_once_then_counted_per_interval() {
+        let mut log = StallLog::default();
+        let t0 = tokio::time::Instant::now();
+        let second = Duration::from_secs(1);
+        assert_eq!(log.stalled(t0), Stall::Log);
+        let flush_at = t0 + STALL_LOG_INTERVAL;
+        assert_eq!(log.stalled(t0 + second), Stall::Counted(Some(flush_at)));
+        // Only the first one counted asks for a flush.
+        for i in 2..100 {
+            assert_eq!(log.stalled(t0 + second * i / 50), Stall::Counted(None));
+        }
+        assert_eq!(log.flush(flush_at), 99);
+        // The flood goes on: still counted, in a new interval.
+        let next = flush_at + STALL_LOG_INTERVAL;
+        assert_eq!(log.stalled(flush_at + second), Stall::Counted(Some(next)));
+        assert_eq!(log.flush(next), 1);
+        // Quiet since: the next interval has nothing to say, and a stall
+        // after it is logged at once again.
+        let later = next + STALL_LOG_INTERVAL;
+        assert_eq!(log.flush(later), 0);
+        assert_eq!(log.stalled(later), Stall::Log);
     }
 }
