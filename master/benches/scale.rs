@@ -172,6 +172,8 @@ async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
                     missing_outputs: Vec::new(),
                     error: None,
                     started_ms: 0,
+                    call_result: None,
+                    call_raised: false,
                 };
                 write_frame(
                     &mut writer,

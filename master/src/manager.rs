@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use drover_protocol::check_sandbox_name;
+use drover_protocol::{check_sandbox_name, CALL_FILE, INLINE_CALL_BYTES};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::category::{CategoryConfig, CategoryStats};
@@ -441,9 +441,23 @@ impl Manager {
             }
             None => None,
         };
+        let mut call = task.call;
+        if let Some(c) = call
+            .as_mut()
+            .filter(|c| c.payload.len() > INLINE_CALL_BYTES)
+        {
+            // Too big for a task message: a file in the sandbox, which the
+            // function server reads when the inline payload is empty.
+            inputs.push(PreparedInput {
+                cache_id: None,
+                source: FileSource::Bytes(std::mem::replace(&mut c.payload, Arc::from(&[][..]))),
+                remote: CALL_FILE.into(),
+            });
+        }
         Ok(Prepared {
             id,
             command: task.command,
+            call,
             inputs,
             outputs: task.outputs,
             env: task.env,
@@ -478,6 +492,32 @@ impl Manager {
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
         }
         got
+    }
+
+    /// Up to `max` finished tasks: waits at most `timeout` for the first
+    /// (None waits forever), then takes those already finished without
+    /// waiting. Empty when none came in time. One call hands a caller (a
+    /// Python binding) many results for one crossing.
+    pub fn wait_many(&self, max: usize, timeout: Option<Duration>) -> Vec<TaskResult> {
+        let Ok(results) = self.results.lock() else {
+            return Vec::new();
+        };
+        let first = match timeout {
+            Some(t) => results.recv_timeout(t).ok(),
+            None => results.recv().ok(),
+        };
+        let mut out = Vec::new();
+        if let Some(r) = first {
+            out.push(r);
+            while out.len() < max {
+                match results.try_recv() {
+                    Ok(r) => out.push(r),
+                    Err(_) => break,
+                }
+            }
+        }
+        self.outstanding.fetch_sub(out.len(), Ordering::Relaxed);
+        out
     }
 
     fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {

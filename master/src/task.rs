@@ -36,6 +36,7 @@ pub struct Task {
     pub(crate) priority: i32,
     pub(crate) max_retries: Option<u32>,
     pub(crate) environment: Option<PathBuf>,
+    pub(crate) call: Option<drover_protocol::FunctionCall>,
 }
 
 /// Where an input's bytes come from.
@@ -172,6 +173,21 @@ impl Task {
         self
     }
 
+    /// Makes this task a Python function call: the worker hands `payload`
+    /// (`cloudpickle.dumps((fn, args, kwargs))`) to its function server,
+    /// which has imported `modules` and forks a child for the call; the
+    /// pickled outcome comes back in [`TaskResult::call_result`]. The
+    /// command stays what runs where the worker has no function server.
+    /// A payload over [`drover_protocol::INLINE_CALL_BYTES`] travels as an
+    /// input file instead of inside the task message.
+    pub fn function_call(mut self, payload: impl Into<Arc<[u8]>>, modules: Vec<String>) -> Task {
+        self.call = Some(drover_protocol::FunctionCall {
+            payload: payload.into(),
+            modules,
+        });
+        self
+    }
+
     /// A packaged environment (from `drover pack create`) to run the command in.
     pub fn environment(mut self, tarball: impl AsRef<Path>) -> Task {
         self.environment = Some(tarball.as_ref().to_path_buf());
@@ -195,6 +211,9 @@ pub enum Outcome {
     ResourceExhausted { resource: String },
     /// Killed at its wall-time limit.
     WallTimeExceeded,
+    /// A function call ([`Task::function_call`]) ran and raised; its
+    /// exception is in [`TaskResult::call_result`].
+    FunctionFailed,
     /// Its workers kept disappearing; retries are used up.
     WorkerLost,
     /// Cancelled by the user.
@@ -229,6 +248,7 @@ impl Outcome {
             Outcome::OutputMissing => "output missing".into(),
             Outcome::ResourceExhausted { resource } => format!("{resource} limit exceeded"),
             Outcome::WallTimeExceeded => "wall time exceeded".into(),
+            Outcome::FunctionFailed => "function raised".into(),
             Outcome::WorkerLost => "worker lost".into(),
             Outcome::Cancelled => "cancelled".into(),
             Outcome::OutputWriteFailed { error } => format!("output write failed: {error}"),
@@ -271,6 +291,9 @@ pub struct TaskResult {
     pub host: Option<String>,
     /// Every attempt, in order (worker lost, retried in a bigger allocation, ...).
     pub attempts: Vec<Attempt>,
+    /// A function call's pickled outcome (see [`Task::function_call`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_result: Option<Vec<u8>>,
 }
 
 impl TaskResult {
@@ -299,6 +322,7 @@ pub(crate) struct Prepared {
     pub max_retries: u32,
     pub environment: Option<PreparedInput>,
     pub submitted: SystemTime,
+    pub call: Option<drover_protocol::FunctionCall>,
 }
 
 #[derive(Debug, Clone)]

@@ -264,6 +264,7 @@ fn encode_run(r: &RunTask, out: &mut Vec<u8>) -> serde_json::Result<()> {
         environment,
         growable,
         queued,
+        call,
     } = r;
     field(out, br#"{"type":"run","task_id":"#, task_id)?;
     field(out, br#","attempt":"#, attempt)?;
@@ -297,6 +298,7 @@ fn encode_run(r: &RunTask, out: &mut Vec<u8>) -> serde_json::Result<()> {
     field(out, br#","environment":"#, environment)?;
     field(out, br#","growable":"#, growable)?;
     field(out, br#","queued":"#, queued)?;
+    field(out, br#","call":"#, call)?;
     out.push(b'}');
     Ok(())
 }
@@ -472,6 +474,10 @@ mod tests {
             environment: Some("env-1".into()),
             growable: true,
             queued: true,
+            call: Some(drover_protocol::FunctionCall {
+                payload: b"\x80\x05call".to_vec().into(),
+                modules: vec!["numpy".into()],
+            }),
         };
         let bare = RunTask {
             task_id: 0,
@@ -486,6 +492,7 @@ mod tests {
             environment: None,
             growable: false,
             queued: false,
+            call: None,
         };
         for msg in [
             MasterMsg::Run(Box::new(full)),

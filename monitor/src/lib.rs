@@ -114,7 +114,7 @@ mod task;
 mod watched;
 
 pub use monitor::{
-    MemoryLimitHook, Method, Monitor, MonitorOptions, SpawnOptions, DEFAULT_INTERVAL,
+    MemoryLimitHook, Method, Monitor, MonitorOptions, Reserved, SpawnOptions, DEFAULT_INTERVAL,
 };
 pub use spawn::Exec;
 pub use summary::{

@@ -278,19 +278,7 @@ impl Monitor {
         limits: Limits,
         opts: SpawnOptions,
     ) -> io::Result<Watched> {
-        let core = &self.handle.core;
-        // One count for the whole process: its monitors share one base
-        // group, in which each task's group is named by this id.
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let group = core.cgroup.as_ref().and_then(|b| {
-            b.task_group(&format!("task-{id}"))
-                .map_err(|e| tracing::debug!("no cgroup for task {id}: {e}"))
-                .ok()
-        });
-        if let (Some(g), Some(cores)) = (&group, limits.cores) {
-            g.set_cores(cores);
-        }
+        let (id, group) = self.new_group(&limits);
         let fd_limit = original_fd_limit();
         let procs = group.as_ref().map(|g| g.procs_path.clone());
         let start = Instant::now();
@@ -325,8 +313,74 @@ impl Monitor {
                 return Err(e);
             }
         };
+        self.register(
+            Started {
+                id,
+                pid,
+                command,
+                start,
+                start_epoch,
+                group,
+                adopted: false,
+            },
+            sandbox,
+            limits,
+            opts,
+        )
+    }
+
+    /// A task id and, where the monitor has cgroups, the task's own empty
+    /// group with `limits`' cores set.
+    fn new_group(&self, limits: &Limits) -> (u64, Option<crate::cgroup::TaskGroup>) {
+        let core = &self.handle.core;
+        // One count for the whole process: its monitors share one base
+        // group, in which each task's group is named by this id.
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let group = core.cgroup.as_ref().and_then(|b| {
+            b.task_group(&format!("task-{id}"))
+                .map_err(|e| tracing::debug!("no cgroup for task {id}: {e}"))
+                .ok()
+        });
+        if let (Some(g), Some(cores)) = (&group, limits.cores) {
+            g.set_cores(cores);
+        }
+        (id, group)
+    }
+
+    /// Readies the watch of a process that another process will start (a
+    /// function server's forked call): its cgroup, when the monitor has
+    /// them, which the process should join before it does anything else
+    /// ([`Reserved::cgroup_procs`]); then [`Reserved::adopt`] with its pid.
+    pub fn reserve(&self, limits: &Limits) -> Reserved {
+        let (id, group) = self.new_group(limits);
+        Reserved {
+            monitor: self.clone(),
+            id,
+            group,
+        }
+    }
+
+    /// Watches a started process: its exit descriptor, its state, and its
+    /// place in the sampler's list.
+    fn register(
+        &self,
+        started: Started,
+        sandbox: Option<&Path>,
+        limits: Limits,
+        opts: SpawnOptions,
+    ) -> io::Result<Watched> {
+        let core = &self.handle.core;
+        let (pid, adopted, group) = (started.pid, started.adopted, started.group);
         let (exit_fd, is_pidfd) = match pidfd_open(pid) {
             Ok(fd) => (fd, true),
+            // Only a pidfd tells when a process that is not our child ends.
+            Err(e) if adopted => {
+                if let Some(g) = &group {
+                    g.remove();
+                }
+                return Err(e);
+            }
             Err(e) => {
                 tracing::debug!("pidfd_open unavailable ({e}); exit is signalled by the sampler");
                 match eventfd() {
@@ -346,13 +400,14 @@ impl Monitor {
             }
         };
         let task = Arc::new(Task {
-            id,
+            id: started.id,
             pid,
-            command,
-            start,
-            start_epoch,
+            command: started.command,
+            start: started.start,
+            start_epoch: started.start_epoch,
             exit_fd,
             is_pidfd,
+            adopted,
             group,
             sandbox: sandbox.map(Path::to_path_buf),
             st: Mutex::new(TaskState::new(&limits, opts.series)),
@@ -375,6 +430,74 @@ impl Monitor {
             core.cv.notify_all();
         }
         Ok(Watched::new(self.clone(), task))
+    }
+}
+
+/// A process just started, before it is watched.
+struct Started {
+    id: u64,
+    pid: i32,
+    command: String,
+    start: Instant,
+    start_epoch: f64,
+    group: Option<crate::cgroup::TaskGroup>,
+    adopted: bool,
+}
+
+/// A watch readied for a process another process starts (see
+/// [`Monitor::reserve`]). Dropped without [`Reserved::adopt`], its cgroup
+/// is removed.
+pub struct Reserved {
+    monitor: Monitor,
+    id: u64,
+    group: Option<crate::cgroup::TaskGroup>,
+}
+
+impl Reserved {
+    /// The `cgroup.procs` file the process should write its pid to before
+    /// it allocates, so that everything it uses is its task's; `None`
+    /// where the monitor samples /proc only.
+    pub fn cgroup_procs(&self) -> Option<&std::ffi::CStr> {
+        self.group.as_ref().map(|g| g.procs_path.as_c_str())
+    }
+
+    /// Watches `pid` (started `start` ago at the latest, not a child of
+    /// this process) as a task with these limits. Its exit is learnt from
+    /// a pidfd; its status and rusage from whoever reaps it, through
+    /// [`Watched::finish_adopted`]. It should lead its own session or
+    /// process group, which a kill of the task reaches.
+    pub fn adopt(
+        mut self,
+        pid: i32,
+        command: String,
+        started: (Instant, f64),
+        sandbox: Option<&Path>,
+        limits: Limits,
+        opts: SpawnOptions,
+    ) -> io::Result<Watched> {
+        let group = self.group.take();
+        self.monitor.register(
+            Started {
+                id: self.id,
+                pid,
+                command,
+                start: started.0,
+                start_epoch: started.1,
+                group,
+                adopted: true,
+            },
+            sandbox,
+            limits,
+            opts,
+        )
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(g) = &self.group {
+            g.remove();
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use crate::scan::all_processes;
 use crate::summary::{LimitExceeded, Limits, MB};
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::thread;
@@ -27,6 +27,9 @@ pub(crate) struct Task {
     /// A pidfd, or an eventfd the sampler signals when pidfd_open is missing.
     pub(crate) exit_fd: OwnedFd,
     pub(crate) is_pidfd: bool,
+    /// Started by another process (see [`crate::Monitor::reserve`]): not
+    /// our child, so its exit comes from its parent, not from wait4.
+    pub(crate) adopted: bool,
     pub(crate) group: Option<TaskGroup>,
     pub(crate) sandbox: Option<PathBuf>,
     pub(crate) limits: Limits,
@@ -313,9 +316,15 @@ impl Task {
         if let Some(g) = &self.group {
             g.kill();
         }
-        // SAFETY: the root is our unreaped child, so its pid and process
-        // group id cannot have been recycled.
-        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        // An adopted root is reaped by its own parent: its pid is only
+        // certainly its own while its pidfd says it has not exited.
+        let root_alive =
+            !self.adopted || !crate::sys::wait_readable(self.exit_fd.as_fd(), 0).unwrap_or(true);
+        if root_alive {
+            // SAFETY: the root is our unreaped child (or alive), so its pid
+            // and process group id cannot have been recycled.
+            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        }
         for (&pid, m) in &st.members {
             if pid != self.pid && reader.stat(pid).is_some_and(|s| s.starttime == m.starttime) {
                 // SAFETY: sending a signal to a process we identified above.

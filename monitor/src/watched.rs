@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub struct Watched {
     monitor: Monitor,
     task: Arc<Task>,
+    /// An adopted task's exit, as its parent reported it.
+    exit: Option<Reaped>,
 }
 
 /// What reaping the root told: how it ended and what it used.
@@ -31,7 +33,24 @@ struct Reaped {
 
 impl Watched {
     pub(crate) fn new(monitor: Monitor, task: Arc<Task>) -> Watched {
-        Watched { monitor, task }
+        Watched {
+            monitor,
+            task,
+            exit: None,
+        }
+    }
+
+    /// For a task started by another process ([`crate::Monitor::reserve`]):
+    /// the final report, given the wait status and rusage (CPU seconds,
+    /// peak RSS in bytes) its parent reaped it with. Call once its pidfd
+    /// is readable.
+    pub fn finish_adopted(mut self, status: i32, cpu: f64, maxrss: u64) -> io::Result<Report> {
+        self.exit = Some(Reaped {
+            status,
+            cpu,
+            maxrss,
+        });
+        self.wait()
     }
 
     /// Pid of the root process (also its session and process group id).
@@ -123,7 +142,12 @@ impl Watched {
         if st.reaped {
             return Err(io::Error::other("task already finished"));
         }
-        if !has_exited(task.pid, false)? {
+        let exited = if task.adopted {
+            wait_readable(task.exit_fd.as_fd(), 0)?
+        } else {
+            has_exited(task.pid, false)?
+        };
+        if !exited {
             return Ok(None);
         }
         let end = Instant::now();
@@ -144,7 +168,16 @@ impl Watched {
         // comes after its death.
         let killed_by_us = st.killed;
         task.kill_tree(&mut st, &mut reader);
-        let reaped = reap(task.pid)?;
+        let reaped = match (task.adopted, self.exit.take()) {
+            (false, _) => reap(task.pid)?,
+            (true, Some(exit)) => exit,
+            // Dropped before its parent said: it was killed.
+            (true, None) => Reaped {
+                status: libc::SIGKILL,
+                cpu: 0.0,
+                maxrss: 0,
+            },
+        };
         st.reaped = true;
         st.finished = true;
         if task.group.is_none() {
@@ -307,7 +340,11 @@ impl Drop for Watched {
         let reaped = lock(&self.task.st).reaped;
         if !reaped {
             self.kill();
-            let _ = has_exited(self.task.pid, true);
+            if self.task.adopted {
+                let _ = wait_readable(self.task.exit_fd.as_fd(), 5000);
+            } else {
+                let _ = has_exited(self.task.pid, true);
+            }
             if let Err(e) = self.try_finish() {
                 tracing::warn!(pid = self.task.pid, "cleaning up a dropped task: {e}");
             }

@@ -57,8 +57,8 @@ pub use frame::{
 };
 pub use host::hostname;
 pub use messages::{
-    Ending, Hello, InputRef, LimitHit, MasterMsg, Measured, OutputHeader, RunTask, TaskReport,
-    WorkerMsg, PROTOCOL_VERSION,
+    Ending, FunctionCall, Hello, InputRef, LimitHit, MasterMsg, Measured, OutputHeader, RunTask,
+    TaskReport, WorkerMsg, CALL_FILE, INLINE_CALL_BYTES, PROTOCOL_VERSION,
 };
 pub use names::{cap_output, check_sandbox_name, OUTPUT_CAP_BYTES};
 pub use resources::Resources;

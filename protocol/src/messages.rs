@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::Resources;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// How a worker's `SetupFailed` error starts when the task itself is at
 /// fault (its environment archive is corrupt), not the worker: such a task
@@ -190,6 +190,74 @@ pub struct RunTask {
     /// the master between one task's end and the next one's start.
     #[serde(default)]
     pub queued: bool,
+    /// A Python function call to run through the worker's function server
+    /// instead of `command` (see [`FunctionCall`]).
+    #[serde(default)]
+    pub call: Option<FunctionCall>,
+}
+
+/// A Python function call carried in a [`RunTask`]: the worker hands
+/// `payload` (`cloudpickle.dumps((fn, args, kwargs))`) to its function
+/// server, which forks a child per call from an interpreter that has
+/// already imported `modules`. The result comes back inline in
+/// [`TaskReport::call_result`]. Without inputs, outputs or an environment
+/// the call runs with no shell and no sandbox directory.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FunctionCall {
+    /// The pickled call, base64 on the wire.
+    #[serde(with = "b64")]
+    pub payload: std::sync::Arc<[u8]>,
+    /// Modules the server imports before forking (once per server).
+    #[serde(default)]
+    pub modules: Vec<String>,
+}
+
+/// Largest pickled call sent inline in a [`RunTask`]; bigger ones travel as
+/// a content-cached input file (`call.pkl` in the sandbox).
+pub const INLINE_CALL_BYTES: usize = 1 << 20;
+
+/// The sandbox name of a call too big to send inline (its
+/// [`FunctionCall::payload`] is then empty).
+pub const CALL_FILE: &str = ".drover-call.pkl";
+
+/// Byte strings as base64 text in the JSON frames.
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, B: AsRef<[u8]>>(v: &B, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v.as_ref()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, B: From<Vec<u8>>>(d: D) -> Result<B, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(B::from)
+            .map_err(serde::de::Error::custom)
+    }
+
+    /// The same for an optional byte string.
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(b) => super::serialize(b, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            let text = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+            text.map(|t| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(t.as_bytes())
+                    .map_err(serde::de::Error::custom)
+            })
+            .transpose()
+        }
+    }
 }
 
 /// Announces one output file whose body follows the [`WorkerMsg::TaskDone`] frame.
@@ -257,6 +325,15 @@ pub struct TaskReport {
     pub error: Option<String>,
     /// Milliseconds since the Unix epoch when the command started.
     pub started_ms: u64,
+    /// For a [`RunTask::call`]: the pickled outcome (`("ok", value)` or
+    /// `("err", ...)`), base64 on the wire; `None` when the call left none
+    /// (killed, crashed).
+    #[serde(default, with = "b64::opt", skip_serializing_if = "Option::is_none")]
+    pub call_result: Option<Vec<u8>>,
+    /// For a [`RunTask::call`]: the call raised (its outcome is the
+    /// function's failure, not success).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub call_raised: bool,
 }
 
 impl TaskReport {
@@ -276,6 +353,8 @@ impl TaskReport {
             missing_outputs: Vec::new(),
             error: None,
             started_ms: now_ms,
+            call_result: None,
+            call_raised: false,
         }
     }
 }

@@ -114,6 +114,10 @@ fn master_msgs() -> Vec<MasterMsg> {
         environment: None,
         growable: true,
         queued: false,
+        call: Some(drover_protocol::FunctionCall {
+            payload: vec![0u8, 1, 255].into(),
+            modules: vec!["numpy".into()],
+        }),
     };
     vec![
         MasterMsg::Challenge {

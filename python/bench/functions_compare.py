@@ -5,7 +5,10 @@
 - Parsl HighThroughputExecutor, 2 workers;
 - Parsl through drover.parsl.DroverExecutor (one local worker of 2 cores);
 - drover.Executor with one `drover worker` process of 2 cores started on its
-  own and connected over TCP (as on a remote node: its own function server).
+  own and connected over TCP (as on a remote node: its own function server);
+- drover.Executor, local, with the worker's monitor not watching calls
+  (DROVER_CALL_MONITOR=0): the difference to the first is what measuring
+  and limiting each call costs.
 
 `--reps R` runs the systems R times, alternating (A B C, C B A, ...), and
 reports medians; `--numpy N` adds N calls that take and return a 1 MB numpy
@@ -65,7 +68,7 @@ def remote_worker(manager):
     return proc, workdir
 
 
-def drover_run(n, remote=False, numpy=False):
+def drover_run(n, remote=False, numpy=False, monitor=True):
     import drover
 
     ex = drover.Executor(cores=1)
@@ -74,7 +77,13 @@ def drover_run(n, remote=False, numpy=False):
         if remote:
             proc, workdir = remote_worker(ex.manager)
         else:
-            ex.manager.local_workers(1, cores=2)
+            if not monitor:
+                # Calls neither watched nor measured: what the monitor costs per call.
+                os.environ["DROVER_CALL_MONITOR"] = "0"
+            try:
+                ex.manager.local_workers(1, cores=2)
+            finally:
+                os.environ.pop("DROVER_CALL_MONITOR", None)
         ex.submit(trivial, -1).result()  # worker up before the clock starts
         if numpy:
             args = numpy_args(n)
@@ -105,6 +114,10 @@ def drover_executor(n):
 
 def drover_remote(n):
     return drover_run(n, remote=True)
+
+
+def drover_unmonitored(n):
+    return drover_run(n, monitor=False)
 
 
 def dask(n, numpy=False):
@@ -176,6 +189,7 @@ SYSTEMS = {
     "Parsl HTEX (2 workers)": parsl_htex,
     "Parsl + DroverExecutor (2 slots)": parsl_drover,
     "drover.Executor (1 remote worker over TCP, 2 slots)": drover_remote,
+    "drover.Executor (local, 2 slots, monitor off)": drover_unmonitored,
 }
 
 NUMPY = {

@@ -77,10 +77,8 @@ class Result:
 
     @property
     def outcome(self):
-        """The engine's outcome, except that a PythonTask whose function
-        raised is ``"function_failed"`` (the task itself exited 0)."""
-        if isinstance(self.task, PythonTask) and self.result.outcome == "success" and self.task.raised:
-            return "function_failed"
+        """The engine's outcome: for a PythonTask whose function raised,
+        ``"function_failed"``."""
         return self.result.outcome
 
     @property
@@ -150,6 +148,41 @@ class Manager:
             tid = self._m.submit(task)
             self._tasks[tid] = task
         return tid
+
+    def submit_many(self, tasks):
+        """Queues many Tasks or PythonTasks in one crossing into the master
+        (the GIL released once) and returns their ids in order. A task that
+        cannot be queued raises as `submit` would; those before it are
+        queued."""
+        tasks = list(tasks)
+        for task in tasks:
+            if not isinstance(task, Task):
+                raise TypeError("submit_many takes drover.Task or drover.PythonTask objects, not %r"
+                                % (task,))
+        with self._lock:
+            ids, error = self._m.submit_many(tasks)
+            for tid, task in zip(ids, tasks):
+                self._tasks[tid] = task
+        if error is not None:
+            raise error
+        return ids
+
+    def wait_many(self, max=1024, timeout=None):
+        """Up to `max` finished tasks as Results: waits at most `timeout`
+        seconds (None: for ever) for the first, then takes every other one
+        already finished, in one crossing. An empty list when `timeout`
+        passes first or nothing is queued or running."""
+        if self._m.empty():
+            return []
+        got = self._m.wait_many(max, timeout)
+        out = []
+        with self._lock:
+            tasks = [self._tasks.pop(r.id, None) for r in got]
+        for r, task in zip(got, tasks):
+            if isinstance(task, PythonTask):
+                task._complete(r)
+            out.append(Result(r, task))
+        return out
 
     def wait(self, timeout=None):
         """The next finished task as a Result, or None when `timeout` seconds

@@ -3,6 +3,7 @@ result collector that the Parsl executor shares with it."""
 
 import concurrent.futures
 import threading
+import time
 
 from ._pytask import PythonTask
 
@@ -34,6 +35,24 @@ class Collector:
         future.drover_task_id = tid
         return future
 
+    def submit_many(self, tasks):
+        """Submits `tasks` in one crossing; returns their Futures in order."""
+        futures = [concurrent.futures.Future() for _ in tasks]
+        for f in futures:
+            f.set_running_or_notify_cancel()
+        with self._lock:
+            if self._stop:
+                raise RuntimeError("cannot submit after shutdown")
+            try:
+                ids = self.manager.submit_many(tasks)
+            finally:
+                # Those queued before a refused one still complete.
+                self._work.notify()
+            for tid, f in zip(ids, futures):
+                self._futures[tid] = f
+                f.drover_task_id = tid
+        return futures
+
     def pending(self):
         with self._lock:
             return len(self._futures)
@@ -46,20 +65,23 @@ class Collector:
                     self._work.wait()
                 if self._stop:
                     return
-            r = self.manager.wait(0.5)
-            if r is None:
+            # Many results per crossing: under load one wait hands back
+            # every call that finished meanwhile.
+            done = self.manager.wait_many(1024, 0.5)
+            if not done:
                 continue
             with self._lock:
-                future = self._futures.pop(r.id, None)
-            if future is None:
-                continue
-            future.drover_result = r
-            try:
-                value = r.output
-            except BaseException as e:  # the function's own exception, or TaskFailed
-                future.set_exception(e)
-            else:
-                future.set_result(value)
+                futures = [self._futures.pop(r.id, None) for r in done]
+            for r, future in zip(done, futures):
+                if future is None:
+                    continue
+                future.drover_result = r
+                try:
+                    value = r.output
+                except BaseException as e:  # the function's own exception, or TaskFailed
+                    future.set_exception(e)
+                else:
+                    future.set_result(value)
 
     def stop(self, wait=True):
         """Ends the thread (after every pending future is done when `wait`),
@@ -137,6 +159,11 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn, /, *args, **kwargs):
         return self._collector.submit(make_task(fn, args, kwargs, self._options))
 
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """Like `concurrent.futures.Executor.map`; the calls are submitted
+        in batches (one crossing into the master per batch)."""
+        return _map(self._collector, fn, iterables, self._options, timeout)
+
     def shutdown(self, wait=True, *, cancel_futures=False):
         self._collector.stop(wait=wait and not cancel_futures)
         if self._own:
@@ -149,5 +176,37 @@ class _OptionsView(concurrent.futures.Executor):
     def submit(self, fn, /, *args, **kwargs):
         return self._parent._collector.submit(make_task(fn, args, kwargs, self._options))
 
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        return _map(self._parent._collector, fn, iterables, self._options, timeout)
+
     def shutdown(self, wait=True, *, cancel_futures=False):
         self._parent.shutdown(wait, cancel_futures=cancel_futures)
+
+
+#: Calls per submit_many of Executor.map: the workers start on the first
+#: batch while the next ones are pickled.
+_MAP_BATCH = 256
+
+
+def _map(collector, fn, iterables, options, timeout):
+    end = None if timeout is None else time.monotonic() + timeout
+    futures, batch = [], []
+    for args in zip(*iterables):
+        batch.append(make_task(fn, args, {}, options))
+        if len(batch) >= _MAP_BATCH:
+            futures += collector.submit_many(batch)
+            batch = []
+    if batch:
+        futures += collector.submit_many(batch)
+
+    def results():
+        try:
+            futures.reverse()
+            while futures:
+                f = futures.pop()
+                yield f.result(None if end is None else end - time.monotonic())
+        finally:
+            for f in futures:
+                f.cancel()
+
+    return results()

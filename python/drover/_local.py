@@ -35,10 +35,11 @@ class LocalWorker:
     `with`, by `Manager.shutdown` for workers from `Manager.local_workers`,
     and at interpreter exit) ends it sooner. Python tasks on it run with
     this interpreter (DROVER_PYTHON is set to `sys.executable`) unless
-    `python` names another, and with `fast_python` through a fork server
-    (drover.forkserver) instead of a new interpreter per task; each call
-    then joins the task's cgroup v2 group, so the worker measures and limits
-    the call itself where the host gives tasks such groups.
+    `python` names another. With `fast_python` (the default) the worker
+    keeps a function server (drover.forkserver, started by the worker
+    itself as on any node) that forks each call instead of starting an
+    interpreter; the worker measures and limits each forked call as its
+    task's process. `fast_python=False` runs every call in a new interpreter.
     """
 
     def __init__(self, manager, cores=1, memory=None, disk=None, gpus=0, workdir=None,
@@ -65,22 +66,12 @@ class LocalWorker:
             cmd += ["--password-file", str(password_file)]
         env = dict(os.environ)
         env["DROVER_PYTHON"] = python or sys.executable
-        self.forkserver = None
+        # The worker's own function server, not one that another worker
+        # or this process exported.
+        env.pop("DROVER_PY_FORKSERVER", None)
         if fast_python:
-            fifo = os.path.join(str(self.workdir), "py-requests")
-            os.mkfifo(fifo, 0o600)
-            from ._pytask import staging_dir
-
-            # Should this process die by a signal, the server removes these
-            # and ends itself and its calls (see drover.forkserver).
-            cleanup = [staging_dir()] + ([str(self.workdir)] if self._own_workdir else [])
-            self.forkserver = subprocess.Popen(
-                [python or sys.executable, "-m", "drover.forkserver", fifo] + cleanup,
-                cwd=str(self.workdir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True)
-            env["DROVER_PY_FORKSERVER"] = fifo
+            env.pop("DROVER_FUNCTION_SERVER", None)
         else:
-            # Nor the one a `drover worker` starts for itself.
             env["DROVER_FUNCTION_SERVER"] = "0"
         out = open(log, "ab") if log else subprocess.DEVNULL
         try:
@@ -94,20 +85,11 @@ class LocalWorker:
         # Should this process die by a signal, the worker, its server and its
         # workdir still go.
         _reaper.watch(pid=self.process.pid, path=self.workdir if self._own_workdir else None)
-        if self.forkserver is not None:
-            _reaper.watch(pid=self.forkserver.pid)
-        self._finalizer = weakref.finalize(self, LocalWorker._reap, self.process, self.forkserver,
+        self._finalizer = weakref.finalize(self, LocalWorker._reap, self.process,
                                            self.workdir if self._own_workdir else None)
 
     @staticmethod
-    def _reap(process, forkserver, workdir):
-        if forkserver is not None:
-            # Its session holds the server and any call still running.
-            try:
-                os.killpg(forkserver.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            forkserver.wait()
+    def _reap(process, workdir):
         if process.poll() is None:
             process.terminate()
             try:
@@ -118,8 +100,6 @@ class LocalWorker:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         _reaper.forget(pid=process.pid, path=workdir)
-        if forkserver is not None:
-            _reaper.forget(pid=forkserver.pid)
 
     @property
     def pid(self):

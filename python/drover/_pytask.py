@@ -103,11 +103,11 @@ def ship_by_value(fn):
 
 
 #: Calls whose pickle is at most this many bytes travel inside the task
-#: message; larger ones are staged as a file.
-INLINE_LIMIT = 64 * 1024
+#: message; larger ones travel as a file (the worker's side of the limit is
+#: drover_protocol::INLINE_CALL_BYTES).
+INLINE_LIMIT = 1 << 20
 
-#: Most modules named to the fork server for one call (the request line
-#: must stay under PIPE_BUF).
+#: Most text of module names sent with one call.
 _MAX_MODULES_TEXT = 3000
 
 
@@ -224,100 +224,53 @@ def load_outcome(data):
 class PythonTask(Task):
     """``fn(*args, **kwargs)`` as a task.
 
-    The call is serialized with cloudpickle, sent inside the task message
-    when small (up to INLINE_LIMIT bytes) and as a staged file otherwise; the worker
-    runs it with ``$DROVER_PYTHON`` (default ``python3``; local workers set
-    it to this interpreter), or with the ``python3`` of the task's packaged
-    environment. After ``Manager.wait`` returns the task's result, its
-    ``output`` is the return value, or raises the remote exception with the
-    remote traceback as its cause. The worker's Python needs ``cloudpickle``
-    and whatever ``fn`` imports, but not drover.
+    The call is serialized with cloudpickle and travels inside the task
+    message (as a file when over 1 MiB). The worker hands it to its function
+    server, a persistent interpreter that has already imported the call's
+    modules and forks one child per call; the worker's monitor measures and
+    limits that child as the task's process, so set_memory and categories
+    apply to the call itself. The return value (or exception), and what the
+    call printed, come back inside the task's report: nothing is written to
+    disk on either side for a small call. Where the worker has no function
+    server (no cloudpickle in its ``$DROVER_PYTHON``, or a packaged
+    environment) the call runs in a new interpreter instead.
+
+    After ``Manager.wait`` returns the task's result, its ``output`` is the
+    return value, or raises the remote exception with the remote traceback
+    as its cause; a call that raised has outcome ``function_failed``. The
+    worker's Python needs ``cloudpickle`` and whatever ``fn`` imports, but
+    not drover.
 
     Resources and other options are set with the ``Task`` methods
     (``set_cores``, ``set_memory``, ``set_tag``, ...).
     """
 
-    #: Shell command the worker runs: through the local fork server when the
-    #: worker has one (see drover.forkserver), else in a new interpreter,
-    #: which the worker's DROVER_PYTHON can name.
-    COMMAND = (
-        'if [ -n "$DROVER_PY_FORKSERVER" ] && [ -p "$DROVER_PY_FORKSERVER" ]; then\n'
-        # The reply channel is open (read-write, so the shell is also a
-        # writer and `read` blocks) before the request goes out. It is the
-        # pipe of an empty here-document where the shell makes one (dash),
-        # reopened through /proc: no mkfifo process per call. Elsewhere it
-        # is a FIFO in the sandbox.
-        'exec 3<<DROVER_EOF\n'
-        'DROVER_EOF\n'
-        'if [ -p /proc/self/fd/3 ] && exec 4<>/proc/self/fd/3; then r=/proc/$$/fd/4; '
-        'else mkfifo .drover-reply && exec 4<>.drover-reply || exit 1; r=$PWD/.drover-reply; fi\n'
-        'printf "%s\\t%s\\t%s\\t%s\\n" "$PWD" "$$" "$DROVER_PY_MODULES" "$r" > "$DROVER_PY_FORKSERVER" && '
-        'read s <&4 && exit "${s:-1}"; exit 1\n'
-        'else exec "${DROVER_PYTHON:-python3}" _drover_remote.py call.pkl result.pkl; fi'
-    )
-
     def __new__(cls, fn, *args, **kwargs):
-        return super().__new__(cls, cls.COMMAND)
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        return super().__new__(cls, "python call %s" % name)
 
     def __init__(self, fn, *args, **kwargs):
         if not callable(fn):
             raise TypeError("PythonTask needs a callable, got %r" % (fn,))
         self.fn = fn
-        n = next(_counter)
         ship_by_value(fn)
         call = cloudpickle.dumps((fn, args, kwargs))
-        self._call_path = None
-        self.add_input_file(REMOTE_RUNNER, "_drover_remote.py", True)
-        if len(call) <= INLINE_LIMIT:
-            # Small calls travel inside the task message: nothing on disk.
-            self.add_input_buffer(call, "call.pkl")
-        else:
-            self._call_path = os.path.join(staging_dir(), "call-%d.pkl" % n)
-            with open(self._call_path, "wb") as f:
-                f.write(call)
-            self.add_input_file(self._call_path, "call.pkl", False)
-        self._result_path = os.path.join(staging_dir(), "result-%d.pkl" % n)
-        self.add_output_file(self._result_path, "result.pkl")
-        #: Modules a worker's fork server imports before forking this call.
+        #: Modules a worker's function server imports before forking this call.
         self.modules = modules = modules_of(fn) + modules_of_values(args, kwargs)
-        if modules:
-            self.set_env("DROVER_PY_MODULES", ",".join(modules))
+        self.set_function_call(call, modules)
         self._data = None
         self._result = None
 
-    def set_environment(self, tarball):
-        """Runs the call with the python3 of a packaged environment (never
-        through a local fork server)."""
-        super().set_environment(tarball)
-        return self.set_env("DROVER_PY_FORKSERVER", "")
-
     def _complete(self, result):
-        """Takes the result file in (called by Manager.wait) and removes the staging files."""
+        """Takes the call's outcome in (called by Manager.wait)."""
         self._result = result
-        try:
-            with open(self._result_path, "rb") as f:
-                self._data = f.read()
-        except FileNotFoundError:
-            self._data = None
-        for p in (self._call_path, self._result_path):
-            if p is None:
-                continue
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        self._data = result.call_result
 
     @property
     def raised(self):
         """True when the call ran and raised (its outcome is ``function_failed``)."""
-        data = self._data
-        if data is None:
-            return False
-        # The payload's first element is the short string "ok" or "err" (the
-        # first SHORT_BINUNICODE of the pickle); reading it does not need
-        # the exception, which may not load here.
-        at = data.find(b"\x8c", 0, 32)
-        return at >= 0 and data[at + 1:at + 5] == b"\x03err"
+        r = self._result
+        return r is not None and r.outcome == "function_failed"
 
     @property
     def output(self):

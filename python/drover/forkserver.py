@@ -1,135 +1,68 @@
-"""A fork server that runs PythonTasks on a local worker without starting an
-interpreter per task: ``python -m drover.forkserver REQUEST_FIFO [CLEANUP_DIR...]``.
+"""The function server a `drover worker` keeps: one persistent interpreter
+that forks a child per Python call, so a call costs a fork instead of an
+interpreter start: ``python3 forkserver.py SOCKET_FD [CLEANUP_DIR...]``.
 
-`LocalWorker` starts one next to each worker it launches and exports
-``DROVER_PY_FORKSERVER=REQUEST_FIFO`` to it. A PythonTask's command sees the
-variable, makes a reply FIFO in its sandbox, writes one request line to the
-request FIFO (under PIPE_BUF, so writes from concurrent tasks do not
-interleave) and blocks reading its exit status from the reply FIFO.
+The worker starts it (the worker's ``functions`` module; this file and
+remote.py are compiled into the binary, so a node needs only Python and
+cloudpickle) and talks to it over one stream socket, inherited as
+SOCKET_FD, with length-prefixed messages multiplexed by call id. Each
+message is a 4-byte big-endian length, then a kind byte and a u64 call id:
 
-A request line is ``SANDBOX<TAB>SHELL_PID<TAB>MODULES<TAB>REPLY``, where
-REPLY is the path the exit status is written to (a pipe the shell holds,
-through /proc, or a FIFO; default SANDBOX/.drover-reply). Before forking, the
-server imports MODULES (comma-separated: the modules the call's function and
-its globals came from, as seen at submit) into itself, once each, so a call
-through Parsl's wrappers does not import Parsl again in every child.
+worker -> server
+  ``R`` run: then five u32-length-prefixed strings (working directory or
+        empty, the cgroup.procs file the child joins first or empty, the
+        modules to import into the server first, comma-separated, the
+        call's environment as NUL-separated ``K=V``) and the pickled call
+        (empty: read ``.drover-call.pkl`` in the working directory).
+  ``A`` adopted: the worker watches the child now; the server may reap it.
+  ``K`` kill: the worker could not watch the child; end it.
 
-The child is made part of the task as the worker sees it: it joins the
-cgroup v2 group of the waiting shell (so the worker's monitor measures and
-limits the call itself, and kills it with the task), and writes to the
-shell's stdout and stderr (so ``print`` comes back as the task's output).
-Where the shell has no cgroup v2 group of its own the worker measures only
-the shell (`LocalWorker(fast_python=False)` then gives true measurements).
+server -> worker
+  ``P`` started: then the child's pid (i32). Sent at once, before the call
+        runs; the worker's monitor measures and limits that pid (its cgroup
+        where it has one, else /proc).
+  ``D`` done: then the wait status (i32), CPU seconds (f64), peak RSS in
+        bytes (u64) from wait4, and what the child wrote to its result pipe
+        (a raised flag byte, then the pickled outcome, the call's stdout and
+        stderr, each u32-length-prefixed; empty if it died first).
 
-The server watches its parent (the master's Python): when that goes away,
-by any signal, the server kills its process group (itself and every call
-still running) after removing the CLEANUP_DIRs.
+A child leads its own session (a kill of the task reaches what it starts),
+joins the task's cgroup before running anything, points its stdout and
+stderr at in-memory files whose contents go back with the result, and
+exits. The server reaps it only after ``A``, so its pid is not reused while
+the worker may still signal it.
+
+Before forking, the server imports the call's modules into itself, once
+each (the modules the call's function and arguments come from, as seen at
+submit), so a call through Parsl's wrappers does not import Parsl again in
+every child.
+
+The server watches its parent (the worker): when that goes away, by any
+signal, it removes the CLEANUP_DIRs and kills its process group (itself and
+every call still running).
 """
 
 import os
+import selectors
 import shutil
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 
 if __package__:
-    from .remote import run
+    from .remote import run_bytes
 else:  # a copy of this file next to remote.py (a `drover worker`'s own server)
-    from remote import run
+    from remote import run_bytes
 
 _imported = set()
-
-
-def _cgroup2_root():
-    """Mount point of the cgroup v2 hierarchy, or None."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return left.split(" ")[4]
-    except OSError:
-        pass
-    return None
-
-
-_CGROUP2 = _cgroup2_root()
-
-
-def _join_cgroup_of(pid):
-    """Moves this process into the cgroup v2 group of `pid`; False if it cannot."""
-    if _CGROUP2 is None:
-        return False
-    try:
-        with open("/proc/%d/cgroup" % pid) as f:
-            for line in f:
-                if line.startswith("0::"):
-                    rel = line[3:].strip()
-                    break
-            else:
-                return False
-        if rel in ("", "/"):
-            return False  # the shell has no group of its own: joining would measure nothing
-        with open(os.path.join(_CGROUP2, rel.lstrip("/"), "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    except OSError:
-        return False
-
-
-def _take_outputs_of(pid):
-    """Points this process's stdout and stderr at those of `pid`."""
-    for fd in (1, 2):
-        try:
-            target = os.open("/proc/%d/fd/%d" % (pid, fd), os.O_WRONLY | os.O_APPEND)
-        except OSError:
-            continue
-        os.dup2(target, fd)
-        os.close(target)
-
-
-def _follow(pid):
-    """Exits this process once `pid` no longer exists."""
-    while True:
-        time.sleep(0.25)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:
-            pass
-
-
-def _child(sandbox, shell_pid, reply):
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # so the call can wait for its own children
-    if shell_pid > 0:
-        # First, so that everything the call allocates is charged to the task.
-        if not _join_cgroup_of(shell_pid):
-            # Outside the task's group, killing the task would not reach the
-            # call: it ends itself when the waiting shell is gone.
-            threading.Thread(target=_follow, args=(shell_pid,), daemon=True).start()
-        _take_outputs_of(shell_pid)
-    status = 1
-    try:
-        os.chdir(sandbox)
-        status = run("call.pkl", "result.pkl")
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except Exception:
-        pass
-    try:
-        fd = os.open(reply or os.path.join(sandbox, ".drover-reply"), os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, b"%d\n" % status)
-        os.close(fd)
-    except OSError:
-        pass  # the task was killed: nobody is listening
-    os._exit(0)
+#: Pids of the calls running (each leads its own session), for the kill
+#: when the worker goes away.
+_live = set()
+_HEAD = struct.Struct(">IcQ")
+_U32 = struct.Struct(">I")
 
 
 def preload(modules):
@@ -147,19 +80,204 @@ def preload(modules):
             pass
 
 
-def parse_request(line):
-    """(sandbox, shell pid, modules, reply path or None) of one request line."""
-    parts = line.split("\t")
-    sandbox = parts[0].strip()
-    pid = 0
-    if len(parts) > 1:
+def _strings(body, n):
+    """`n` u32-length-prefixed strings from `body`, and what follows them."""
+    out, at = [], 0
+    for _ in range(n):
+        (size,) = _U32.unpack_from(body, at)
+        at += 4
+        out.append(bytes(body[at:at + size]))
+        at += size
+    return out, body[at:]
+
+
+def _blob(data):
+    return _U32.pack(len(data)) + data
+
+
+def _child(cwd, procs, env, payload, result_fd):
+    """Runs in the forked child: never returns."""
+    try:
+        os.setsid()
+        if procs:
+            # First, so that everything the call allocates is charged to it.
+            try:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+            except OSError:
+                pass
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # so the call can wait for its own children
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        outs = []
+        for fd in (1, 2):
+            m = os.memfd_create("drover-out-%d" % fd, 0)
+            os.dup2(m, fd)
+            os.close(m)
+            outs.append(fd)
+        for item in env.split(b"\0"):
+            key, eq, value = item.partition(b"=")
+            if eq:
+                os.environb[key] = value
+        if cwd:
+            os.chdir(cwd)
+        if not payload:
+            with open(".drover-call.pkl", "rb") as f:
+                payload = f.read()
+        raised, data = run_bytes(payload)
         try:
-            pid = int(parts[1])
-        except ValueError:
-            pid = 0
-    modules = parts[2].strip().split(",") if len(parts) > 2 else []
-    reply = parts[3].strip() if len(parts) > 3 else ""
-    return sandbox, pid, modules, reply or None
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        captured = []
+        for fd in outs:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            captured.append(os.pread(fd, size, 0) if size else b"")
+        msg = bytes([1 if raised else 0]) + _blob(data) + _blob(captured[0]) + _blob(captured[1])
+        view = memoryview(msg)
+        while view:
+            view = view[os.write(result_fd, view):]
+    except BaseException:
+        try:
+            import traceback
+
+            os.write(2, traceback.format_exc().encode())
+        except Exception:
+            pass
+        os._exit(1)
+    os._exit(0)
+
+
+class _Call:
+    __slots__ = ("id", "pid", "pidfd", "result_fd", "result", "exited", "adopted")
+
+    def __init__(self, cid, pid, pidfd, result_fd):
+        self.id, self.pid, self.pidfd, self.result_fd = cid, pid, pidfd, result_fd
+        self.result = bytearray()
+        self.exited = False
+        self.adopted = False
+
+
+class Server:
+    def __init__(self, sock):
+        self.sock = sock
+        self.sel = selectors.DefaultSelector()
+        self.calls = {}
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        sock.setblocking(False)
+        self.sel.register(sock, selectors.EVENT_READ, None)
+
+    def send(self, kind, cid, body=b""):
+        self.out += _HEAD.pack(9 + len(body), kind, cid) + body
+        self._flush()
+
+    def _flush(self):
+        while self.out:
+            try:
+                n = self.sock.send(self.out)
+            except BlockingIOError:
+                self.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, None)
+                return
+            del self.out[:n]
+        self.sel.modify(self.sock, selectors.EVENT_READ, None)
+
+    def run_call(self, cid, body):
+        (cwd, procs, modules, env), payload = _strings(body, 4)
+        preload(modules.decode().split(","))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            self.sock.close()
+            _child(cwd.decode("utf-8", "surrogateescape"), procs.decode("utf-8", "surrogateescape"),
+                   env, bytes(payload), w)
+        os.close(w)
+        _live.add(pid)
+        pidfd = os.pidfd_open(pid)
+        call = _Call(cid, pid, pidfd, r)
+        self.calls[cid] = call
+        os.set_blocking(r, False)
+        self.sel.register(r, selectors.EVENT_READ, ("result", call))
+        self.sel.register(pidfd, selectors.EVENT_READ, ("exit", call))
+        self.send(b"P", cid, struct.pack(">i", pid))
+
+    def on_message(self, kind, cid, body):
+        if kind == b"R":
+            self.run_call(cid, body)
+        elif kind in (b"A", b"K"):
+            call = self.calls.get(cid)
+            if call is None:
+                return
+            if kind == b"K" and not call.exited:
+                try:
+                    os.killpg(call.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            call.adopted = True
+            self._maybe_done(call)
+
+    def _maybe_done(self, call):
+        if not (call.exited and call.adopted and call.result_fd is None):
+            return
+        del self.calls[call.id]
+        _live.discard(call.pid)
+        os.close(call.pidfd)
+        _, status, ru = os.wait4(call.pid, 0)
+        cpu = ru.ru_utime + ru.ru_stime
+        body = struct.pack(">idQ", status, cpu, ru.ru_maxrss * 1024) + bytes(call.result)
+        self.send(b"D", call.id, body)
+
+    def on_readable(self, what, call):
+        if what == "exit":
+            self.sel.unregister(call.pidfd)
+            call.exited = True
+        else:
+            try:
+                chunk = os.read(call.result_fd, 1 << 20)
+            except BlockingIOError:
+                return
+            if chunk:
+                call.result += chunk
+                return
+            self.sel.unregister(call.result_fd)
+            os.close(call.result_fd)
+            call.result_fd = None
+        self._maybe_done(call)
+
+    def on_socket(self, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if not mask & selectors.EVENT_READ:
+            return True
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        buf = self.inbuf
+        buf += chunk
+        at = 0
+        while len(buf) - at >= 4:
+            (size,) = _U32.unpack_from(buf, at)
+            if len(buf) - at - 4 < size:
+                break
+            _, kind, cid = _HEAD.unpack_from(buf, at)
+            # A copy: a view would pin `buf`, which is resized below.
+            self.on_message(kind, cid, bytes(buf[at + 13:at + 4 + size]))
+            at += 4 + size
+        del buf[:at]
+        return True
+
+    def serve(self):
+        while True:
+            for key, mask in self.sel.select():
+                if key.data is None:
+                    if not self.on_socket(mask):
+                        return
+                else:
+                    self.on_readable(*key.data)
 
 
 def _watch_parent(cleanup):
@@ -169,39 +287,35 @@ def _watch_parent(cleanup):
         time.sleep(0.5)
     for d in cleanup:
         shutil.rmtree(d, ignore_errors=True)
+    _kill_calls()
     os.killpg(0, signal.SIGKILL)
 
 
-def serve(fifo, cleanup=()):
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
+def _kill_calls():
+    for pid in list(_live):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def serve(fd, cleanup=()):
     preload(["cloudpickle"])
     if os.getpgrp() == os.getpid():  # only a group leader may kill its whole group
         threading.Thread(target=_watch_parent, args=(list(cleanup),), daemon=True).start()
-
-    # O_RDWR: the server is also a writer, so the FIFO never reports EOF.
-    fd = os.open(fifo, os.O_RDWR)
+    sock = socket.socket(fileno=fd)
     if os.environ.pop("DROVER_FORKSERVER_READY", None):
         # The worker that started this server waits for this line.
         sys.stdout.write("ready\n")
         sys.stdout.flush()
-    buf = b""
-    while True:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            sandbox, pid, modules, reply = parse_request(line.decode("utf-8", "surrogateescape"))
-            if not sandbox:
-                continue
-            preload(modules)
-            if os.fork() == 0:
-                _child(sandbox, pid, reply)
+    try:
+        Server(sock).serve()
+    finally:
+        _kill_calls()
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.stderr.write("usage: python -m drover.forkserver REQUEST_FIFO [CLEANUP_DIR...]\n")
+        sys.stderr.write("usage: forkserver.py SOCKET_FD [CLEANUP_DIR...]\n")
         sys.exit(2)
-    serve(sys.argv[1], sys.argv[2:])
+    serve(int(sys.argv[1]), sys.argv[2:])

@@ -6,8 +6,8 @@ only needs ``cloudpickle`` (and whatever the function itself imports).
 
 CALL_FILE holds ``cloudpickle.dumps((fn, args, kwargs))``. RESULT_FILE gets
 ``("ok", value)`` or ``("err", exception_or_None, traceback_text,
-type_name, message)``. The exit status is 0 whenever RESULT_FILE was
-written, so a raised exception is a successful task carrying an error.
+type_name, message)``. The exit status is 1 when the call raised. The
+worker's function server (forkserver.py) runs calls through `run_bytes`.
 """
 
 import pickle
@@ -30,19 +30,16 @@ def _error_payload(exc, tb_text):
     return ("err", kept, tb_text, name, message)
 
 
-def run(call_path, result_path):
-    """Loads the call, runs it, and writes the outcome; returns the exit status."""
+def run_bytes(call):
+    """Runs the pickled call `call`; returns (raised, pickled outcome)."""
     try:
         import cloudpickle
     except ImportError as e:
         payload = ("err", None, traceback.format_exc(), "ImportError",
                    "the worker's Python has no cloudpickle: %s (%s)" % (e, sys.executable))
-        with open(result_path, "wb") as f:
-            pickle.dump(payload, f)
-        return 0
+        return True, pickle.dumps(payload)
     try:
-        with open(call_path, "rb") as f:
-            fn, args, kwargs = cloudpickle.load(f)
+        fn, args, kwargs = cloudpickle.loads(call)
         payload = ("ok", fn(*args, **kwargs))
     except BaseException as e:  # the caller decides; KeyboardInterrupt included
         payload = _error_payload(e, traceback.format_exc())
@@ -55,9 +52,18 @@ def run(call_path, result_path):
             traceback.format_exc(),
         )
         data = cloudpickle.dumps(payload)
+    return payload[0] == "err", data
+
+
+def run(call_path, result_path):
+    """Loads the call from a file, runs it, and writes the outcome; returns
+    the exit status: 0 when it returned, 1 when it raised."""
+    with open(call_path, "rb") as f:
+        call = f.read()
+    raised, data = run_bytes(call)
     with open(result_path, "wb") as f:
         f.write(data)
-    return 0
+    return 1 if raised else 0
 
 
 def main(argv=None):

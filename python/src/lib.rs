@@ -15,7 +15,7 @@ use drover_monitor::{Exit, Limits, Monitor, MonitorOptions};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 create_exception!(
     _drover,
@@ -343,6 +343,20 @@ impl PyTask {
         slf
     }
 
+    /// Makes the task a Python function call: `payload` is
+    /// `cloudpickle.dumps((fn, args, kwargs))`, run by the worker's function
+    /// server after importing `modules`; the pickled outcome comes back as
+    /// the result's `call_result`. Used by `drover.PythonTask`.
+    fn set_function_call<'py>(
+        mut slf: PyRefMut<'py, Self>,
+        payload: &[u8],
+        modules: Vec<String>,
+    ) -> PyRefMut<'py, Self> {
+        let payload: std::sync::Arc<[u8]> = payload.into();
+        slf.update(|t| t.function_call(payload, modules));
+        slf
+    }
+
     /// A packaged environment (from `drover pack create`) to run the command in.
     fn set_environment(mut slf: PyRefMut<'_, Self>, tarball: PathBuf) -> PyRefMut<'_, Self> {
         slf.update(|t| t.environment(tarball));
@@ -389,6 +403,16 @@ impl PyTaskResult {
             .and_then(|v| v.get("outcome").and_then(|o| o.as_str()).map(String::from))
             .unwrap_or_else(|| format!("{:?}", self.inner.outcome))
     }
+    /// A function call's pickled outcome (`("ok", value)` or `("err", ...)`),
+    /// or None.
+    #[getter]
+    fn call_result<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner
+            .call_result
+            .as_deref()
+            .map(|b| PyBytes::new(py, b))
+    }
+
     /// For outcome "resource_exhausted": which resource ran out.
     #[getter]
     fn exhausted_resource(&self) -> Option<String> {
@@ -569,11 +593,53 @@ impl PyManager {
         let m = self.get()?;
         let t = task.inner.clone();
         drop(task);
-        py.allow_threads(|| m.m().submit(t)).map_err(|e| match e {
-            SubmitError::InputMissing(m) => PyFileNotFoundError::new_err(m),
-            SubmitError::InvalidName(m) | SubmitError::Invalid(m) => PyValueError::new_err(m),
-            other => DroverError::new_err(other.to_string()),
-        })
+        py.allow_threads(|| m.m().submit(t)).map_err(submit_error)
+    }
+
+    /// Queues many tasks at once (one crossing, the GIL released once).
+    /// Returns the ids of those queued, in order, and the error that stopped
+    /// the rest (None when all were).
+    fn submit_many(
+        &self,
+        py: Python<'_>,
+        tasks: Vec<PyRef<'_, PyTask>>,
+    ) -> PyResult<(Vec<u64>, Option<PyErr>)> {
+        let m = self.get()?;
+        let owned: Vec<Task> = tasks.iter().map(|t| t.inner.clone()).collect();
+        drop(tasks);
+        let mut ids = Vec::with_capacity(owned.len());
+        let failed = py.allow_threads(|| {
+            for t in owned {
+                match m.m().submit(t) {
+                    Ok(id) => ids.push(id),
+                    Err(e) => return Some(e),
+                }
+            }
+            None
+        });
+        Ok((ids, failed.map(submit_error)))
+    }
+
+    /// Up to `max` finished tasks: waits at most `timeout` seconds (None or
+    /// negative: for ever) for the first, then takes those already done.
+    /// Empty after the timeout. Releases the GIL; Ctrl-C interrupts it.
+    #[pyo3(signature = (max=1024, timeout=None))]
+    fn wait_many(
+        &self,
+        py: Python<'_>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<PyTaskResult>> {
+        let m = self.get()?;
+        let got = wait_sliced(py, timeout, |slice| {
+            let got = m.m().wait_many(max.max(1), Some(slice));
+            (!got.is_empty()).then_some(got)
+        })?;
+        Ok(got
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| PyTaskResult { inner: r })
+            .collect())
     }
 
     /// The next finished task, or None after `timeout` seconds (None or a
@@ -581,25 +647,8 @@ impl PyManager {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyTaskResult>> {
         let m = self.get()?;
-        let deadline = match timeout {
-            Some(t) if t >= 0.0 => Some(Instant::now() + seconds(t, "timeout")?),
-            _ => None,
-        };
-        loop {
-            let slice = match deadline {
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(SIGNAL_SLICE),
-                None => SIGNAL_SLICE,
-            };
-            if let Some(r) = py.allow_threads(|| m.m().wait(Some(slice))) {
-                return Ok(Some(PyTaskResult { inner: r }));
-            }
-            py.check_signals()?;
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(None);
-            }
-        }
+        let got = wait_sliced(py, timeout, |slice| m.m().wait(Some(slice)))?;
+        Ok(got.map(|r| PyTaskResult { inner: r }))
     }
 
     /// Cancels a task; its result (outcome "cancelled") still comes out of
@@ -684,6 +733,44 @@ impl PyManager {
     #[getter]
     fn closed(&self) -> bool {
         self.inner.is_none()
+    }
+}
+
+/// Calls `take` (without the GIL) with slices of at most SIGNAL_SLICE until
+/// it gives something or `timeout` seconds (None or negative: never) pass,
+/// checking for Ctrl-C between slices.
+fn wait_sliced<T: Send>(
+    py: Python<'_>,
+    timeout: Option<f64>,
+    take: impl Fn(Duration) -> Option<T> + Sync,
+) -> PyResult<Option<T>> {
+    let deadline = match timeout {
+        Some(t) if t >= 0.0 => Some(Instant::now() + seconds(t, "timeout")?),
+        _ => None,
+    };
+    loop {
+        let slice = match deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(SIGNAL_SLICE),
+            None => SIGNAL_SLICE,
+        };
+        if let Some(got) = py.allow_threads(|| take(slice)) {
+            return Ok(Some(got));
+        }
+        py.check_signals()?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(None);
+        }
+    }
+}
+
+/// The Python exception of a refused submit.
+fn submit_error(e: SubmitError) -> PyErr {
+    match e {
+        SubmitError::InputMissing(m) => PyFileNotFoundError::new_err(m),
+        SubmitError::InvalidName(m) | SubmitError::Invalid(m) => PyValueError::new_err(m),
+        other => DroverError::new_err(other.to_string()),
     }
 }
 

@@ -33,6 +33,11 @@ impl Running {
         opts: SpawnOptions,
     ) -> io::Result<Running> {
         let watched = monitor.spawn_exec_with(cmd, Some(sandbox), limits, opts)?;
+        Running::watch(watched)
+    }
+
+    /// Waits on a process the monitor adopted ([`drover_monitor::Reserved`]).
+    pub fn watch(watched: Watched) -> io::Result<Running> {
         // On failure `watched` is dropped here, which kills and reaps the tree.
         let fd = watched.pidfd().try_clone_to_owned()?;
         // SAFETY: `fd` is a descriptor we own and move into the AsyncFd,
@@ -76,6 +81,26 @@ impl Running {
         // not taken.
         guard.clear_ready();
         Ok(())
+    }
+
+    /// After [`Running::exited`], for an adopted process: the final report,
+    /// with the wait status and rusage its parent reaped it with.
+    pub async fn finish_adopted(
+        mut self,
+        status: i32,
+        cpu: f64,
+        maxrss: u64,
+    ) -> io::Result<Report> {
+        let Some(watched) = self.watched.take() else {
+            return Err(io::Error::other("task already finished"));
+        };
+        drop(self.exit);
+        if !watched.finish_may_block() {
+            return watched.finish_adopted(status, cpu, maxrss);
+        }
+        tokio::task::spawn_blocking(move || watched.finish_adopted(status, cpu, maxrss))
+            .await
+            .map_err(|e| io::Error::other(format!("finishing the task: {e}")))?
     }
 
     /// After [`Running::exited`]: the final report. The root is reaped, any

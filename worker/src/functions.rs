@@ -1,35 +1,43 @@
 //! The worker's Python function server: one persistent interpreter per
 //! worker process that forks each Python call instead of starting an
-//! interpreter for it.
+//! interpreter for it (TaskVine's "library" idea, HTEX's worker pool).
 //!
-//! A `drover.PythonTask`'s command looks for `$DROVER_PY_FORKSERVER` (a FIFO)
-//! and, when it is there, hands the call to the server behind it and waits
-//! for the exit status (see `python/drover/forkserver.py`). Local workers
-//! started from Python get a server from the Python side; a `drover worker`
-//! started anywhere else starts its own here, so remote workers run calls at
-//! the same per-call cost. The server's scripts are compiled into the binary:
-//! a worker's Python needs `cloudpickle`, not the `drover` package.
+//! A task with a [`drover_protocol::FunctionCall`] is handed to the server
+//! over one socket pair, with length-prefixed messages multiplexed by call
+//! id (the format is in `python/drover/forkserver.py`): no shell, and no
+//! sandbox directory unless the call has files. The server forks a child
+//! per call and says its pid at once; the worker's monitor adopts that pid
+//! as the task's process (in the task's own cgroup, which the child joins
+//! before it runs anything, or through /proc), so the call's own memory,
+//! CPU and wall time are measured and its limits enforced. The pickled
+//! outcome and the call's stdout and stderr come back in the server's
+//! answer, and then inline in the task report.
 //!
-//! The forked call joins the cgroup of the task's waiting shell, so the
-//! worker's monitor measures and limits each call on its own (memory summed
-//! over the group where the memory controller is not delegated).
+//! A worker started from anywhere (a remote `drover worker`, or one that
+//! Python's `LocalWorker` starts) starts its own server here. The server's
+//! scripts are compiled into the binary: a worker's Python needs
+//! `cloudpickle`, not the `drover` package. Without a server (no Python, no
+//! cloudpickle, `DROVER_FUNCTION_SERVER=0`) a call runs `remote.py` in a
+//! new interpreter in a sandbox.
 //!
 //! The server lives in its own process group and watches this process: when
 //! the worker dies, by any signal, it removes its directory and kills itself
 //! and every call still running. Dropping [`FunctionServer`] does the same.
 
-use std::io::{BufRead, BufReader};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
-
-/// The variable a PythonTask's command reads the request FIFO from.
-pub const FORKSERVER_VAR: &str = "DROVER_PY_FORKSERVER";
 
 /// Set to `0` to run every Python call in a new interpreter.
 pub const ENABLE_VAR: &str = "DROVER_FUNCTION_SERVER";
@@ -37,38 +45,282 @@ pub const ENABLE_VAR: &str = "DROVER_FUNCTION_SERVER";
 const FORKSERVER_PY: &str = include_str!("../../python/drover/forkserver.py");
 const REMOTE_PY: &str = include_str!("../../python/drover/remote.py");
 
-/// How long the interpreter may take to import cloudpickle and open its FIFO.
+/// How long the interpreter may take to import cloudpickle.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The descriptor the server finds its socket at.
+const SERVER_FD: i32 = 3;
+
+/// Largest message the server may send (a result, its stdout and stderr).
+const MAX_MESSAGE: usize = 64 << 20;
+
+static CLIENT: OnceLock<Arc<Client>> = OnceLock::new();
+static RUNNER: OnceLock<PathBuf> = OnceLock::new();
+
+/// The running server of this worker process, if it has one that is alive.
+pub fn client() -> Option<Arc<Client>> {
+    CLIENT.get().filter(|c| c.alive()).cloned()
+}
+
+/// `remote.py` on disk, for calls run in a new interpreter; `None` before
+/// [`FunctionServer::start_for_worker`].
+pub fn runner() -> Option<&'static Path> {
+    RUNNER.get().map(PathBuf::as_path)
+}
+
+/// What the server says about one call.
+#[derive(Debug)]
+pub enum Event {
+    /// The call's child runs as this pid.
+    Started(i32),
+    /// The child ended and was reaped (after [`Client::adopted`]).
+    Done(Done),
+    /// The server is gone.
+    Lost,
+}
+
+/// A finished call as the server reaped it.
+#[derive(Debug)]
+pub struct Done {
+    /// The wait status.
+    pub status: i32,
+    /// User and system CPU, seconds.
+    pub cpu: f64,
+    /// Peak resident set, bytes.
+    pub maxrss: u64,
+    /// What the child sent back; `None` when it died before.
+    pub outcome: Option<Outcome>,
+}
+
+/// A call's answer: whether it raised, its pickled outcome, its output.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub raised: bool,
+    pub result: Vec<u8>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// One call to make.
+pub struct Request<'a> {
+    /// Working directory of the call (a sandbox), or none (the server's).
+    pub cwd: Option<&'a Path>,
+    /// The `cgroup.procs` the child joins first.
+    pub cgroup_procs: Option<&'a std::ffi::CStr>,
+    pub modules: &'a [String],
+    pub env: &'a [(String, String)],
+    /// The pickled call; empty to read the sandbox's call file.
+    pub payload: &'a [u8],
+}
+
+/// The worker's end of the server's socket.
+pub struct Client {
+    writer: Mutex<UnixStream>,
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
+    next: AtomicU64,
+    lost: AtomicBool,
+}
+
+impl Client {
+    fn alive(&self) -> bool {
+        !self.lost.load(Ordering::Acquire)
+    }
+
+    /// Sends a call; its events come on the receiver.
+    pub fn call(
+        &self,
+        req: &Request<'_>,
+    ) -> std::io::Result<(u64, mpsc::UnboundedReceiver<Event>)> {
+        use std::os::unix::ffi::OsStrExt;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.pending.lock().map_err(poisoned)?.insert(id, tx);
+        let mut body = Vec::with_capacity(64 + req.payload.len());
+        let env: Vec<u8> = req
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("\0")
+            .into_bytes();
+        for part in [
+            req.cwd.map(|p| p.as_os_str().as_bytes()).unwrap_or(b""),
+            req.cgroup_procs.map(|c| c.to_bytes()).unwrap_or(b""),
+            req.modules.join(",").as_bytes(),
+            &env,
+        ] {
+            body.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            body.extend_from_slice(part);
+        }
+        body.extend_from_slice(req.payload);
+        let sent = self.send(b'R', id, &body);
+        if sent.is_err() {
+            self.forget(id);
+        }
+        sent.map(|()| (id, rx))
+    }
+
+    /// The worker watches the call's pid now: the server may reap it.
+    pub fn adopted(&self, id: u64) -> std::io::Result<()> {
+        self.send(b'A', id, &[])
+    }
+
+    /// The worker could not watch the call: the server ends it.
+    pub fn kill(&self, id: u64) -> std::io::Result<()> {
+        self.send(b'K', id, &[])
+    }
+
+    /// Stops routing events of `id` (its task gave up on it).
+    pub fn forget(&self, id: u64) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&id);
+        }
+    }
+
+    fn send(&self, kind: u8, id: u64, body: &[u8]) -> std::io::Result<()> {
+        let len = u32::try_from(9 + body.len())
+            .map_err(|_| std::io::Error::other("a call too large for the function server"))?;
+        let mut head = [0u8; 13];
+        head[..4].copy_from_slice(&len.to_be_bytes());
+        head[4] = kind;
+        head[5..].copy_from_slice(&id.to_be_bytes());
+        let mut w = self.writer.lock().map_err(poisoned)?;
+        w.write_all(&head)?;
+        w.write_all(body)
+    }
+
+    /// Reads the server's messages until it closes; every call still
+    /// waiting then hears it is lost.
+    fn read_loop(self: Arc<Self>, mut reader: UnixStream) {
+        let mut buf = Vec::new();
+        loop {
+            let mut len = [0u8; 4];
+            if reader.read_exact(&mut len).is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes(len) as usize;
+            if !(9..=MAX_MESSAGE).contains(&len) {
+                warn!("the function server sent a message of {len} bytes; dropping it");
+                break;
+            }
+            buf.resize(len, 0);
+            if reader.read_exact(&mut buf).is_err() {
+                break;
+            }
+            let kind = buf[0];
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&buf[1..9]);
+            let id = u64::from_be_bytes(id);
+            let event = match parse_event(kind, &buf[9..]) {
+                Some(e) => e,
+                None => {
+                    warn!("a malformed message from the function server (kind {kind})");
+                    continue;
+                }
+            };
+            let last = matches!(event, Event::Done(_));
+            let Ok(mut pending) = self.pending.lock() else {
+                break;
+            };
+            let tx = if last {
+                pending.remove(&id)
+            } else {
+                pending.get(&id).cloned()
+            };
+            drop(pending);
+            if let Some(tx) = tx {
+                let _ = tx.send(event);
+            }
+        }
+        self.lost.store(true, Ordering::Release);
+        if let Ok(mut p) = self.pending.lock() {
+            for (_, tx) in p.drain() {
+                let _ = tx.send(Event::Lost);
+            }
+        }
+    }
+}
+
+fn poisoned<T>(_: T) -> std::io::Error {
+    std::io::Error::other("the function server's client is poisoned")
+}
+
+/// Reads `n` bytes at `at`, moving it on.
+fn take<'a>(b: &'a [u8], at: &mut usize, n: usize) -> Option<&'a [u8]> {
+    let s = b.get(*at..at.checked_add(n)?)?;
+    *at += n;
+    Some(s)
+}
+
+fn take_blob(b: &[u8], at: &mut usize) -> Option<Vec<u8>> {
+    let n = u32::from_be_bytes(take(b, at, 4)?.try_into().ok()?) as usize;
+    take(b, at, n).map(<[u8]>::to_vec)
+}
+
+fn parse_event(kind: u8, b: &[u8]) -> Option<Event> {
+    let mut at = 0;
+    match kind {
+        b'P' => Some(Event::Started(i32::from_be_bytes(
+            take(b, &mut at, 4)?.try_into().ok()?,
+        ))),
+        b'D' => {
+            let status = i32::from_be_bytes(take(b, &mut at, 4)?.try_into().ok()?);
+            let cpu = f64::from_be_bytes(take(b, &mut at, 8)?.try_into().ok()?);
+            let maxrss = u64::from_be_bytes(take(b, &mut at, 8)?.try_into().ok()?);
+            let outcome = if at == b.len() {
+                None
+            } else {
+                let raised = take(b, &mut at, 1)?[0] != 0;
+                Some(Outcome {
+                    raised,
+                    result: take_blob(b, &mut at)?,
+                    stdout: take_blob(b, &mut at)?,
+                    stderr: take_blob(b, &mut at)?,
+                })
+            };
+            Some(Event::Done(Done {
+                status,
+                cpu,
+                maxrss,
+                outcome,
+            }))
+        }
+        _ => None,
+    }
+}
 
 /// A running function server; stopped (and its directory removed) on drop.
 pub struct FunctionServer {
     child: Arc<Mutex<Child>>,
     pid: i32,
     dir: PathBuf,
-    fifo: PathBuf,
 }
 
 impl FunctionServer {
-    /// Starts a server for this worker unless one is already given
-    /// (`$DROVER_PY_FORKSERVER` set, as local workers started from Python
-    /// have) or turned off (`DROVER_FUNCTION_SERVER=0`). On success the
-    /// variable is set in this process's environment, which tasks inherit.
-    /// Must be called before threads that read the environment start.
+    /// Starts the server for this worker process unless turned off
+    /// (`DROVER_FUNCTION_SERVER=0`), and makes it the one tasks use
+    /// ([`client`]). Writes `remote.py` for calls that run in their own
+    /// interpreter either way.
     ///
     /// A worker whose Python cannot run the server (no interpreter, no
     /// cloudpickle) still works: its calls start their own interpreter, as
     /// the warning says.
     pub fn start_for_worker(workdir: &Path) -> Option<FunctionServer> {
-        if std::env::var_os(FORKSERVER_VAR).is_some_and(|v| !v.is_empty())
-            || std::env::var(ENABLE_VAR).is_ok_and(|v| v == "0")
-        {
+        let runner = workdir.join(format!("remote-{}.py", std::process::id()));
+        match std::fs::write(&runner, REMOTE_PY) {
+            Ok(()) => {
+                let _ = RUNNER.set(runner);
+            }
+            Err(e) => warn!("cannot write {}: {e}", runner.display()),
+        }
+        if std::env::var(ENABLE_VAR).is_ok_and(|v| v == "0") {
             return None;
         }
         let python = std::env::var("DROVER_PYTHON").unwrap_or_else(|_| "python3".into());
         match FunctionServer::start(workdir, &python) {
-            Ok(server) => {
-                info!(python, fifo = %server.fifo.display(), "python function server ready");
-                std::env::set_var(FORKSERVER_VAR, &server.fifo);
+            Ok((server, client)) => {
+                info!(python, "python function server ready");
+                let _ = CLIENT.set(client);
                 Some(server)
             }
             Err(e) => {
@@ -82,19 +334,19 @@ impl FunctionServer {
 
     /// Starts `python` running the fork server in a new directory under
     /// `workdir`, and waits until it reads requests.
-    pub fn start(workdir: &Path, python: &str) -> anyhow::Result<FunctionServer> {
+    pub fn start(workdir: &Path, python: &str) -> anyhow::Result<(FunctionServer, Arc<Client>)> {
         let dir = workdir.join(format!("functions-{}", std::process::id()));
         // A directory of a dead worker with our pid: its server is gone too.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let made = (|| -> anyhow::Result<FunctionServer> {
+        let made = (|| -> anyhow::Result<(FunctionServer, Arc<Client>)> {
             std::fs::write(dir.join("forkserver.py"), FORKSERVER_PY)?;
             std::fs::write(dir.join("remote.py"), REMOTE_PY)?;
-            let fifo = dir.join("requests");
-            make_fifo(&fifo)?;
-            let mut child = Command::new(python)
-                .arg(dir.join("forkserver.py"))
-                .arg(&fifo)
+            let (ours, theirs) = UnixStream::pair().context("a socket for the function server")?;
+            let their_fd = theirs.as_raw_fd();
+            let mut cmd = Command::new(python);
+            cmd.arg(dir.join("forkserver.py"))
+                .arg(SERVER_FD.to_string())
                 .arg(&dir)
                 .current_dir(&dir)
                 .env("DROVER_FORKSERVER_READY", "1")
@@ -103,9 +355,22 @@ impl FunctionServer {
                 .stderr(Stdio::inherit())
                 // Its own group: the server kills the group (itself and
                 // its calls) when the worker goes away.
-                .process_group(0)
-                .spawn()
-                .with_context(|| format!("starting {python}"))?;
+                .process_group(0);
+            // SAFETY: dup2 and fcntl are async-signal-safe; the descriptor
+            // is open in the parent for the duration of the spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if their_fd == SERVER_FD {
+                        let flags = libc::fcntl(SERVER_FD, libc::F_GETFD);
+                        libc::fcntl(SERVER_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(their_fd, SERVER_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn().with_context(|| format!("starting {python}"))?;
+            drop(theirs);
             let pid = child.id() as i32;
             let stdout = child.stdout.take().context("the server's stdout")?;
             let child = Arc::new(Mutex::new(child));
@@ -113,40 +378,41 @@ impl FunctionServer {
                 child: child.clone(),
                 pid,
                 dir: dir.clone(),
-                fifo: fifo.clone(),
             };
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name("function-server".into())
-                .spawn(move || watch(stdout, tx, child, fifo))
+                .spawn(move || watch(stdout, tx, child))
                 .context("starting the function server's watcher")?;
-            match rx.recv_timeout(READY_TIMEOUT) {
-                Ok(()) => Ok(server),
-                Err(_) => {
-                    bail!("{python} did not start the function server (is cloudpickle installed?)")
-                }
+            if rx.recv_timeout(READY_TIMEOUT).is_err() {
+                bail!("{python} did not start the function server (is cloudpickle installed?)")
             }
+            let reader = ours.try_clone().context("the function server's socket")?;
+            let client = Arc::new(Client {
+                writer: Mutex::new(ours),
+                pending: Mutex::new(HashMap::new()),
+                next: AtomicU64::new(1),
+                lost: AtomicBool::new(false),
+            });
+            let c = client.clone();
+            std::thread::Builder::new()
+                .name("function-calls".into())
+                .spawn(move || c.read_loop(reader))
+                .context("starting the function server's reader")?;
+            Ok((server, client))
         })();
         if made.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         made
     }
-
-    /// The request FIFO tasks write to.
-    pub fn fifo(&self) -> &Path {
-        &self.fifo
-    }
 }
 
-/// Reads the server's ready line, then waits for it to end: a server that
-/// dies takes its FIFO along, so that later calls start their own
-/// interpreter rather than wait on a FIFO nobody reads.
+/// Reads the server's ready line, then waits for it to end.
 fn watch(
     stdout: std::process::ChildStdout,
     ready: std::sync::mpsc::Sender<()>,
     child: Arc<Mutex<Child>>,
-    fifo: PathBuf,
 ) {
     let mut lines = BufReader::new(stdout);
     let mut line = String::new();
@@ -158,25 +424,12 @@ fn watch(
     while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
         line.clear();
     }
-    let _ = std::fs::remove_file(&fifo);
     if let Ok(mut c) = child.lock() {
         match c.try_wait() {
             Ok(Some(status)) => warn!("python function server ended ({status})"),
             _ => warn!("python function server closed its output"),
         }
     }
-}
-
-fn make_fifo(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .with_context(|| format!("a NUL in {}", path.display()))?;
-    // SAFETY: `c` is a valid NUL-terminated path.
-    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("making the FIFO {}", path.display()));
-    }
-    Ok(())
 }
 
 impl Drop for FunctionServer {

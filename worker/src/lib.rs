@@ -9,6 +9,7 @@
 //! resources), `disk` (free disk, room for a file), `checks` (numbers from the master checked), `leftovers` (what dead workers left in the workdir), `env` (packaged environments), `slots` (task directories
 //! reused), `exec` (a task's process under the monitor), [`locate`] (a
 //! master found through the catalog).
+mod call;
 mod checks;
 mod disk;
 mod env;

@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::env::{EnvError, Environments};
 use crate::exec::Running;
+use crate::functions;
 use crate::growth;
 use crate::sandbox::{self, InputError};
 use crate::slots;
@@ -46,7 +47,7 @@ pub(crate) struct TaskContext {
 
 impl TaskContext {
     /// What goes back to the session for a task that ended with `report`.
-    fn finished(
+    pub(crate) fn finished(
         &self,
         task: &RunTask,
         report: TaskReport,
@@ -74,10 +75,20 @@ pub(crate) fn now_ms() -> u64 {
 /// Runs one task to its end and says how it went. Never fails: whatever
 /// goes wrong is in the report.
 pub(crate) async fn run_task(
-    task: RunTask,
+    mut task: RunTask,
     mut ctx: TaskContext,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Finished {
+    if task.call.is_some() {
+        match functions::client() {
+            // A packaged environment has its own Python, which the
+            // worker's server is not.
+            Some(client) if task.environment.is_none() => {
+                return crate::call::run_call(task, ctx, control, client).await;
+            }
+            _ => crate::call::as_command(&mut task),
+        }
+    }
     let mut report =
         TaskReport::never_started(task.task_id, task.attempt, Ending::SetupFailed, now_ms());
     let ready = match prepare(&task, &mut ctx, &mut control).await {
@@ -88,6 +99,12 @@ pub(crate) async fn run_task(
             return ctx.finished(&task, report, Vec::new(), None);
         }
     };
+    if let Some(call) = &task.call {
+        if let Err(e) = crate::call::write_payload(&ready.sandbox, call) {
+            report.error = Some(e);
+            return ctx.finished(&task, report, Vec::new(), None);
+        }
+    }
     let (child, output_files) = match launch(&task, &ctx, ready) {
         Ok(started) => {
             // `started` is when the command's process started, not when
@@ -100,15 +117,19 @@ pub(crate) async fn run_task(
             return ctx.finished(&task, report, Vec::new(), None);
         }
     };
-    let (ending, run) = supervise(&task, child, &mut control).await;
+    let ending = supervise(&task, &child, &mut control).await;
+    let run = child.finish().await;
     let outputs = describe(&task, &ctx, &mut report, ending, run, &output_files).await;
+    if task.call.is_some() {
+        crate::call::read_result(&ctx.task_dir.join(slots::SANDBOX), &mut report);
+    }
     ctx.finished(&task, report, outputs, Some(output_files))
 }
 
 /// Why a task ended before its command started.
-struct NotStarted {
-    ending: Ending,
-    error: Option<String>,
+pub(crate) struct NotStarted {
+    pub(crate) ending: Ending,
+    pub(crate) error: Option<String>,
 }
 
 impl NotStarted {
@@ -122,15 +143,15 @@ impl NotStarted {
 
 /// A task ready to launch: its sandbox in place, its environment's
 /// variables, and the slot's open output files when it came with them.
-struct Ready {
-    sandbox: PathBuf,
+pub(crate) struct Ready {
+    pub(crate) sandbox: PathBuf,
     activation: Vec<(String, String)>,
-    output_files: Option<(std::fs::File, std::fs::File)>,
+    pub(crate) output_files: Option<(std::fs::File, std::fs::File)>,
 }
 
 /// Makes the sandbox (on the blocking pool), places the inputs and readies
 /// the environment. A cancel while an environment unpacks ends it here.
-async fn prepare(
+pub(crate) async fn prepare(
     task: &RunTask,
     ctx: &mut TaskContext,
     control: &mut mpsc::UnboundedReceiver<Control>,
@@ -199,6 +220,18 @@ fn wall_limit(task: &RunTask) -> Option<Duration> {
 /// Starts the command under the worker's monitor with the task's limits and
 /// environment; returns it with the output files it writes to, kept open
 /// (the task gets duplicates) to be read back without a second open.
+pub(crate) fn task_limits(task: &RunTask) -> Limits {
+    let positive = |mb: u64| (task.enforce_limits && mb > 0).then_some(mb);
+    Limits {
+        memory_mb: positive(task.allocation.memory_mb),
+        disk_mb: positive(task.allocation.disk_mb),
+        wall_time: wall_limit(task),
+        // Cores stay advisory (CORES, OMP_NUM_THREADS): the scheduler
+        // already keeps the sum of allocations within the worker.
+        cores: None,
+    }
+}
+
 fn launch(
     task: &RunTask,
     ctx: &TaskContext,
@@ -209,15 +242,7 @@ fn launch(
         activation,
         output_files,
     } = ready;
-    let positive = |mb: u64| (task.enforce_limits && mb > 0).then_some(mb);
-    let limits = Limits {
-        memory_mb: positive(task.allocation.memory_mb),
-        disk_mb: positive(task.allocation.disk_mb),
-        wall_time: wall_limit(task),
-        // Cores stay advisory (CORES, OMP_NUM_THREADS): the scheduler
-        // already keeps the sum of allocations within the worker.
-        cores: None,
-    };
+    let limits = task_limits(task);
     // `sh -c` semantics; a plain `prog args` skips starting the shell.
     let mut cmd = Exec::shell(&task.command);
     cmd.current_dir(&sandbox);
@@ -267,11 +292,11 @@ fn launch(
 
 /// Waits for the task to end, killing it past its wall time or on a
 /// cancel, and passing growth answers to its monitor meanwhile.
-async fn supervise(
+pub(crate) async fn supervise(
     task: &RunTask,
-    child: Running,
+    child: &Running,
     control: &mut mpsc::UnboundedReceiver<Control>,
-) -> (Ending, std::io::Result<Report>) {
+) -> Ending {
     let wall_limit = wall_limit(task);
     let deadline = async {
         match wall_limit {
@@ -294,8 +319,8 @@ async fn supervise(
                     ending = Ending::Killed;
                     child.kill();
                 }
-                Some(Control::Grow(allocation)) => growth::answer(&child, Some(allocation)),
-                Some(Control::Refuse) => growth::answer(&child, None),
+                Some(Control::Grow(allocation)) => growth::answer(child, Some(allocation)),
+                Some(Control::Refuse) => growth::answer(child, None),
             }
         }
     };
@@ -305,12 +330,12 @@ async fn supervise(
         child.kill();
         warn!("task {}: waiting for its exit: {e}", task.task_id);
     }
-    (ending, child.finish().await)
+    ending
 }
 
 /// Fills `report` with how the task ended and what it used, reads its
 /// captured output, and checks its declared outputs (on the blocking pool).
-async fn describe(
+pub(crate) async fn describe(
     task: &RunTask,
     ctx: &TaskContext,
     report: &mut TaskReport,
@@ -446,7 +471,7 @@ async fn activate(
 
 /// A duplicate of one `/dev/null` kept open for the worker's life: a dup
 /// is cheaper than an open, once per task.
-fn dev_null() -> std::io::Result<std::fs::File> {
+pub(crate) fn dev_null() -> std::io::Result<std::fs::File> {
     static DEV_NULL: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
     match DEV_NULL.get() {
         Some(f) => f.try_clone(),

@@ -548,6 +548,7 @@ impl<O: Outbox> Engine<O> {
             finished: SystemTime::now(),
             host: None,
             attempts: task.attempts,
+            call_result: None,
         };
         if let Some((report, host)) = report {
             result.exit_code = report.exit_code;
@@ -555,6 +556,7 @@ impl<O: Outbox> Engine<O> {
             result.stdout = report.stdout;
             result.stderr = report.stderr;
             result.measured = report.measured;
+            result.call_result = report.call_result;
             result.started =
                 Some(SystemTime::UNIX_EPOCH + Duration::from_millis(report.started_ms));
             result.host = Some(host);
@@ -666,6 +668,7 @@ fn exhausted_dim(report: &TaskReport) -> Option<Dim> {
 /// What a report makes of a task that is not retried.
 fn outcome_of(report: &TaskReport, cancelling: bool) -> Outcome {
     match report.ending {
+        Ending::Exited if report.call_raised => Outcome::FunctionFailed,
         Ending::Exited if report.exit_code == Some(0) && report.missing_outputs.is_empty() => {
             Outcome::Success
         }

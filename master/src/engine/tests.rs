@@ -129,6 +129,7 @@ impl Harness {
             max_retries: 5,
             environment: None,
             submitted: SystemTime::UNIX_EPOCH,
+            call: None,
         })));
     }
 
@@ -616,6 +617,7 @@ fn a_refused_tasks_cached_input_is_sent_again() {
         max_retries: 5,
         environment: None,
         submitted: SystemTime::UNIX_EPOCH,
+        call: None,
     })));
     let files_sent = |h: &mut Harness| {
         let sent = std::mem::take(&mut h.e.out.sent);

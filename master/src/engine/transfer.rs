@@ -100,6 +100,7 @@ impl<O: Outbox> Engine<O> {
             environment,
             growable,
             queued,
+            call: spec.call.clone(),
         };
         if !spec.outputs.is_empty() {
             self.out.to_worker(

@@ -170,6 +170,7 @@ mod tests {
             finished: SystemTime::UNIX_EPOCH,
             host: None,
             attempts: Vec::new(),
+            call_result: None,
         };
         r.attempts.push(drover_master::Attempt {
             host: "vm".into(),

@@ -1,0 +1,235 @@
+//! A Python function call ([`drover_protocol::FunctionCall`]) as a task:
+//! handed to the worker's function server, which forks a child for it; the
+//! monitor adopts the child as the task's process. No shell, and no sandbox
+//! directory unless the call has files. Where the worker has no server, the
+//! call runs `remote.py` in a new interpreter as a command task
+//! ([`as_command`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use drover_monitor::SpawnOptions;
+use drover_protocol::{cap_output, Ending, FunctionCall, RunTask, TaskReport, CALL_FILE};
+use tokio::sync::mpsc;
+
+use crate::exec::Running;
+use crate::functions::{Client, Done, Event, Request};
+use crate::growth;
+use crate::task::{
+    describe, dev_null, now_ms, prepare, supervise, task_limits, Control, NotStarted, TaskContext,
+};
+use crate::transfer::Finished;
+
+/// Where a call run in its own interpreter leaves its pickled outcome.
+const RESULT_FILE: &str = ".drover-result.pkl";
+
+/// Runs `task`'s call through the function server behind `client`.
+pub(crate) async fn run_call(
+    task: RunTask,
+    mut ctx: TaskContext,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    client: Arc<Client>,
+) -> Finished {
+    let mut report =
+        TaskReport::never_started(task.task_id, task.attempt, Ending::SetupFailed, now_ms());
+    let Some(call) = task.call.as_ref() else {
+        report.error = Some("not a function call".into());
+        return ctx.finished(&task, report, Vec::new(), None);
+    };
+    let has_files = !task.inputs.is_empty() || !task.outputs.is_empty();
+    let (cwd, slot_files) = if has_files {
+        match prepare(&task, &mut ctx, &mut control).await {
+            Ok(ready) => (Some(ready.sandbox), ready.output_files),
+            Err(NotStarted { ending, error }) => {
+                report.ending = ending;
+                report.error = error;
+                return ctx.finished(&task, report, Vec::new(), None);
+            }
+        }
+    } else {
+        // Untouched, so the slot keeps them for its next task.
+        (None, ctx.output_files.take())
+    };
+    let limits = task_limits(&task);
+    let reserved = (monitored() || has_files).then(|| ctx.monitor.reserve(&limits));
+    let sent = client.call(&Request {
+        cwd: cwd.as_deref(),
+        cgroup_procs: reserved.as_ref().and_then(|r| r.cgroup_procs()),
+        modules: &call.modules,
+        env: &task.env,
+        payload: &call.payload,
+    });
+    let start = (Instant::now(), epoch_now());
+    let (id, mut events) = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            report.error = Some(format!("handing the call to the function server: {e}"));
+            return ctx.finished(&task, report, Vec::new(), slot_files);
+        }
+    };
+    let pid = match events.recv().await {
+        Some(Event::Started(pid)) => pid,
+        other => {
+            client.forget(id);
+            report.error = Some(format!(
+                "the function server did not start the call ({other:?})"
+            ));
+            return ctx.finished(&task, report, Vec::new(), slot_files);
+        }
+    };
+    let Some(reserved) = reserved else {
+        return unwatched(task, ctx, client, id, events, report, slot_files).await;
+    };
+    let opts = SpawnOptions {
+        on_memory_limit: growth::ask_hook(&task, limits.memory_mb.is_some(), &ctx.to_master),
+        ..SpawnOptions::default()
+    };
+    let sandbox = has_files.then_some(ctx.task_dir.as_path());
+    let watched = reserved
+        .adopt(pid, "python call".into(), start, sandbox, limits, opts)
+        .and_then(Running::watch);
+    let running = match watched {
+        Ok(r) => r,
+        Err(e) => {
+            // Not watched, so not run: the server ends it.
+            let _ = client.kill(id);
+            let _ = wait_done(&mut events).await;
+            report.error = Some(format!("watching the call's process {pid}: {e}"));
+            return ctx.finished(&task, report, Vec::new(), slot_files);
+        }
+    };
+    report.started_ms = now_ms();
+    if let Err(e) = client.adopted(id) {
+        running.kill();
+        report.error = Some(format!("the function server went away: {e}"));
+    }
+    let ending = supervise(&task, &running, &mut control).await;
+    let done = wait_done(&mut events).await;
+    let run = match &done {
+        Some(d) => running.finish_adopted(d.status, d.cpu, d.maxrss).await,
+        None => {
+            running.kill();
+            let _ = running.finish_adopted(libc::SIGKILL, 0.0, 0).await;
+            Err(std::io::Error::other("the function server went away"))
+        }
+    };
+    let outputs = match (dev_null(), dev_null()) {
+        (Ok(a), Ok(b)) => describe(&task, &ctx, &mut report, ending, run, &(a, b)).await,
+        (Err(e), _) | (_, Err(e)) => {
+            report.error = Some(format!("opening /dev/null: {e}"));
+            Vec::new()
+        }
+    };
+    if let Some(outcome) = done.and_then(|d| d.outcome) {
+        report.stdout = cap_output(&outcome.stdout);
+        report.stderr = cap_output(&outcome.stderr);
+        if report.ending == Ending::Exited {
+            report.call_raised = outcome.raised;
+            report.call_result = Some(outcome.result);
+        }
+    }
+    ctx.finished(&task, report, outputs, slot_files)
+}
+
+/// Whether calls are watched by the monitor: `DROVER_CALL_MONITOR=0` turns
+/// it off, to measure what watching costs per call (benches only: the
+/// call is then neither measured nor limited).
+fn monitored() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DROVER_CALL_MONITOR").map_or(true, |v| v != "0"))
+}
+
+/// A call run without the monitor: only its exit and rusage are known.
+async fn unwatched(
+    task: RunTask,
+    ctx: TaskContext,
+    client: Arc<Client>,
+    id: u64,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    mut report: TaskReport,
+    slot_files: Option<(std::fs::File, std::fs::File)>,
+) -> Finished {
+    report.started_ms = now_ms();
+    let started = Instant::now();
+    if let Err(e) = client.adopted(id) {
+        report.error = Some(format!("the function server went away: {e}"));
+    }
+    let Some(done) = wait_done(&mut events).await else {
+        report.error = Some("the function server went away".into());
+        return ctx.finished(&task, report, Vec::new(), slot_files);
+    };
+    report.ending = Ending::Exited;
+    if libc::WIFSIGNALED(done.status) {
+        report.signal = Some(libc::WTERMSIG(done.status));
+    } else {
+        report.exit_code = Some(libc::WEXITSTATUS(done.status));
+    }
+    report.measured.wall_time_s = started.elapsed().as_secs_f64();
+    report.measured.cpu_time_s = done.cpu;
+    report.measured.memory_mb = done.maxrss as f64 / (1024.0 * 1024.0);
+    if let Some(outcome) = done.outcome {
+        report.stdout = cap_output(&outcome.stdout);
+        report.stderr = cap_output(&outcome.stderr);
+        report.call_raised = outcome.raised;
+        report.call_result = Some(outcome.result);
+    }
+    ctx.finished(&task, report, Vec::new(), slot_files)
+}
+
+/// The server's answer once the call's child is reaped; `None` if the
+/// server went away first.
+async fn wait_done(events: &mut mpsc::UnboundedReceiver<Event>) -> Option<Done> {
+    loop {
+        match events.recv().await? {
+            Event::Done(d) => return Some(d),
+            Event::Lost => return None,
+            Event::Started(_) => {}
+        }
+    }
+}
+
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Makes a call the command that runs it in a new interpreter, for a worker
+/// without a function server or a call in a packaged environment (whose
+/// `python3` comes first on its PATH).
+pub(crate) fn as_command(task: &mut RunTask) {
+    task.command = match crate::functions::runner() {
+        Some(runner) => {
+            let quoted = runner.display().to_string().replace('\'', r"'\''");
+            let python = if task.environment.is_some() {
+                "python3"
+            } else {
+                "\"${DROVER_PYTHON:-python3}\""
+            };
+            format!("exec {python} '{quoted}' {CALL_FILE} {RESULT_FILE}")
+        }
+        None => "echo 'drover: this worker has no python runner' >&2; exit 127".into(),
+    };
+}
+
+/// Puts an inline call in the sandbox for [`as_command`]'s interpreter.
+pub(crate) fn write_payload(sandbox: &Path, call: &FunctionCall) -> Result<(), String> {
+    if call.payload.is_empty() {
+        return Ok(()); // a large call, already placed as an input
+    }
+    let path = sandbox.join(CALL_FILE);
+    std::fs::write(&path, &call.payload).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Takes the outcome an interpreter run by [`as_command`] left.
+pub(crate) fn read_result(sandbox: &Path, report: &mut TaskReport) {
+    if report.ending != Ending::Exited {
+        return;
+    }
+    if let Ok(data) = std::fs::read(sandbox.join(RESULT_FILE)) {
+        report.call_raised = report.exit_code == Some(1);
+        report.call_result = Some(data);
+    }
+}
