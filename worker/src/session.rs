@@ -89,18 +89,50 @@ impl Tasks<'_> {
     fn kill(&mut self, task_id: u64, attempt: u32) {
         if let Some(t) = self.running.get(&(task_id, attempt)) {
             let _ = t.control.send(Control::Kill);
-        } else if let Some(pos) = self
-            .queue
-            .iter()
-            .position(|t| (t.task_id, t.attempt) == (task_id, attempt))
-        {
-            self.queue.remove(pos);
+        } else if self.unqueue(task_id, attempt) {
             let report = TaskReport::never_started(task_id, attempt, Ending::Killed, now_ms());
             self.send(WorkerMsg::TaskDone {
                 report: Box::new(report),
                 outputs: Vec::new(),
             });
         }
+    }
+
+    /// The master wants a task sent ahead back (another worker has room
+    /// for it): given back if it has not started. A task that started has
+    /// said so already, on the same connection, before this answer.
+    fn recall(&mut self, task_id: u64, attempt: u32) {
+        let given_back = self.unqueue(task_id, attempt);
+        self.send(WorkerMsg::Recalled {
+            task_id,
+            attempt,
+            given_back,
+        });
+    }
+
+    /// Drops a task sent ahead that has not started, and the per-task
+    /// input files it was sent with (a started task moves them into its
+    /// sandbox). False if it is not waiting here.
+    fn unqueue(&mut self, task_id: u64, attempt: u32) -> bool {
+        let Some(pos) = self
+            .queue
+            .iter()
+            .position(|t| (t.task_id, t.attempt) == (task_id, attempt))
+        else {
+            return false;
+        };
+        if let Some(task) = self.queue.remove(pos) {
+            // Only ids a file could have been received under (see `receive_file`).
+            let received = |id: &str| !id.is_empty() && !id.contains('/') && !id.starts_with('.');
+            for input in task
+                .inputs
+                .iter()
+                .filter(|i| !i.cached && received(&i.file_id))
+            {
+                let _ = std::fs::remove_file(self.dirs.transfer.join(&input.file_id));
+            }
+        }
+        true
     }
 
     /// The master's answer to a frozen task's request to grow.
@@ -287,6 +319,7 @@ impl<'a> Session<'a> {
                         MasterMsg::Kill { task_id, attempt } => tasks.kill(task_id, attempt),
                         MasterMsg::Grow { task_id, attempt, allocation } => tasks.grow(task_id, attempt, allocation),
                         MasterMsg::Ping => tasks.send(WorkerMsg::Pong),
+                        MasterMsg::Recall { task_id, attempt } => tasks.recall(task_id, attempt),
                         MasterMsg::Shutdown => break StopReason::MasterShutdown,
                         other => warn!("unexpected message from master: {other:?}"),
                     }
