@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use drover_protocol::auth::{self, Answer, AuthError, PeerHandshake};
 use drover_protocol::stream::{End, Handshaking, Reader, Writer};
-use drover_protocol::tls::tokio_rustls::TlsConnector;
 use drover_protocol::{
     hostname, Ending, Hello, MasterMsg, Resources, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
 };
@@ -363,20 +362,7 @@ impl<'a> Session<'a> {
         stream: TcpStream,
         addr: &str,
     ) -> anyhow::Result<(f64, Reader, Writer)> {
-        let mut conn = match &self.config.tls {
-            Some(config) => {
-                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-                let name = drover_protocol::tls::server_name(host)?;
-                let tls = TlsConnector::from(Arc::clone(config))
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("TLS handshake with the master at {addr} failed: {e}")
-                    })?;
-                Handshaking::tls(tls.into())?
-            }
-            None => Handshaking::plain(stream),
-        };
+        let mut conn = Handshaking::connect(stream, addr, self.config.tls.as_ref()).await?;
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             drover_version: env!("CARGO_PKG_VERSION").to_string(),
