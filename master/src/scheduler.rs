@@ -164,6 +164,20 @@ struct Shape {
     blocked: bool,
 }
 
+/// A task sent ahead to a worker, not started there yet.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    task: TaskId,
+    allocation: Resources,
+    /// Asked back ([`Scheduler::recall_for`]); the worker's answer is due.
+    recalling: bool,
+}
+
+/// Holders of tasks sent ahead that [`Scheduler::recall_for`] looks at, at
+/// most, for one worker with room: bounds its cost when every worker holds
+/// some (then the waiting queue feeds the free worker anyway).
+const RECALL_SCAN: usize = 64;
+
 #[derive(Debug, Default)]
 struct WorkerState {
     key: WorkerKey,
@@ -176,7 +190,7 @@ struct WorkerState {
     /// Tasks sent ahead to wait on the worker (see [`Scheduler::prefetch`]),
     /// in the order the worker starts them. While there are any, the
     /// worker is out of the indexes: only the worker knows when they start.
-    queued: VecDeque<(TaskId, Resources)>,
+    queued: VecDeque<Ahead>,
     /// Kept out of the indexes by [`Scheduler::set_blocked`]: nothing new
     /// is placed or sent ahead here.
     blocked: bool,
@@ -236,6 +250,8 @@ pub struct Scheduler {
     by_free: BTreeSet<(u32, u32, usize)>,
     idle: BTreeSet<usize>,
     holders: HashMap<FileKey, Vec<usize>>,
+    /// Workers holding tasks sent ahead that are not being recalled.
+    ahead: BTreeSet<usize>,
 }
 
 impl Scheduler {
@@ -287,6 +303,7 @@ impl Scheduler {
         let state = std::mem::take(&mut self.workers[slot]);
         self.by_free.remove(&state.index_key(slot));
         self.idle.remove(&slot);
+        self.ahead.remove(&slot);
         for file in state.files {
             if let Some(holders) = self.holders.get_mut(&file) {
                 if let Some(pos) = holders.iter().position(|&s| s == slot) {
@@ -520,9 +537,10 @@ impl Scheduler {
             return;
         };
         let queued = &mut self.workers[slot].queued;
-        match queued.iter().position(|&(t, _)| t == task) {
+        match queued.iter().position(|a| a.task == task) {
             Some(pos) => {
                 queued.remove(pos);
+                self.refresh_ahead(slot);
                 self.reindex_if_unqueued(slot);
             }
             None => self.release(worker, allocation),
@@ -572,7 +590,12 @@ impl Scheduler {
             self.by_free.remove(&w.index_key(slot));
             self.idle.remove(&slot);
         }
-        w.queued.push_back((head.task, request));
+        w.queued.push_back(Ahead {
+            task: head.task,
+            allocation: request,
+            recalling: false,
+        });
+        self.ahead.insert(slot);
         Some(Placement {
             task: head.task,
             worker,
@@ -587,16 +610,80 @@ impl Scheduler {
             return false;
         };
         let w = &mut self.workers[slot];
-        let Some(pos) = w.queued.iter().position(|&(t, _)| t == task) else {
+        let Some(pos) = w.queued.iter().position(|a| a.task == task) else {
             return false;
         };
-        let Some((_, allocation)) = w.queued.remove(pos) else {
+        let Some(ahead) = w.queued.remove(pos) else {
             return false;
         };
-        w.free = w.free.saturating_sub(&allocation);
+        w.free = w.free.saturating_sub(&ahead.allocation);
         w.running = w.running.saturating_add(1);
+        self.refresh_ahead(slot);
         self.reindex_if_unqueued(slot);
         true
+    }
+
+    /// A task sent ahead to another worker, not started there, that fits
+    /// in what `worker` has free now: the master asks its holder to give it
+    /// back, so that it does not wait behind a long task while `worker`
+    /// idles. Returns (holder, task) and marks it as being recalled (it is
+    /// not offered twice); the holder's answer goes to
+    /// [`Scheduler::release_task`] (given back: the task is then enqueued
+    /// again), [`Scheduler::started`] or [`Scheduler::recall_refused`].
+    /// Only for a worker in the indexes (holding nothing sent ahead, not
+    /// blocked); the last task a holder would start is offered first.
+    /// Costs O(1) when no worker holds tasks sent ahead, else at most
+    /// [`RECALL_SCAN`] holders times their queue.
+    pub fn recall_for(&mut self, worker: WorkerKey) -> Option<(WorkerKey, TaskId)> {
+        let &slot = self.slots.get(&worker)?;
+        let w = &self.workers[slot];
+        if self.ahead.is_empty() || !w.indexed() {
+            return None;
+        }
+        let room = w.room();
+        let (holder, task) = self
+            .ahead
+            .iter()
+            .filter(|&&h| h != slot)
+            .take(RECALL_SCAN)
+            .find_map(|&h| {
+                let queued = &self.workers[h].queued;
+                let a = queued
+                    .iter()
+                    .rev()
+                    .find(|a| !a.recalling && a.allocation.fits_in(&room))?;
+                Some((h, a.task))
+            })?;
+        let h = &mut self.workers[holder];
+        for a in h.queued.iter_mut().filter(|a| a.task == task) {
+            a.recalling = true;
+        }
+        let key = h.key;
+        self.refresh_ahead(holder);
+        Some((key, task))
+    }
+
+    /// `worker` did not give back `task` (see [`Scheduler::recall_for`]),
+    /// and it is still queued there: it may be offered again.
+    pub fn recall_refused(&mut self, worker: WorkerKey, task: TaskId) {
+        let Some(&slot) = self.slots.get(&worker) else {
+            return;
+        };
+        for a in self.workers[slot].queued.iter_mut() {
+            if a.task == task {
+                a.recalling = false;
+            }
+        }
+        self.refresh_ahead(slot);
+    }
+
+    /// Keeps `ahead` exact for `slot` after its queue changed.
+    fn refresh_ahead(&mut self, slot: usize) {
+        if self.workers[slot].queued.iter().any(|a| !a.recalling) {
+            self.ahead.insert(slot);
+        } else {
+            self.ahead.remove(&slot);
+        }
     }
 
     /// What `worker` reports really free on its disk, MB: a task whose disk
@@ -632,6 +719,11 @@ impl Scheduler {
         } else {
             self.reindex_if_unqueued(slot);
         }
+    }
+
+    /// Whether any worker holds tasks sent ahead that are not being recalled.
+    pub fn any_sent_ahead(&self) -> bool {
+        !self.ahead.is_empty()
     }
 
     /// Whether `worker` holds tasks sent ahead that have not started.

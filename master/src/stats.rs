@@ -37,6 +37,9 @@ pub struct Stats {
     /// Waiting tasks that declare more than any connected worker has (see
     /// [`crate::ManagerBuilder::fits_no_worker_wait`]).
     pub tasks_fit_no_worker: u64,
+    /// Tasks sent ahead that their worker gave back, not started, for a
+    /// worker with room (see [`crate::ManagerBuilder::prefetch`]).
+    pub tasks_recalled: u64,
 }
 
 impl Stats {

@@ -68,6 +68,10 @@ pub enum MasterMsg {
         proof: Option<String>,
         report: Box<drover_catalog::MasterReport>,
     },
+    /// Give back a task sent ahead ([`RunTask::queued`]) that has not
+    /// started: another worker has room for it now. The worker answers
+    /// [`WorkerMsg::Recalled`].
+    Recall { task_id: u64, attempt: u32 },
 }
 
 /// Messages from a worker to the master.
@@ -129,6 +133,15 @@ pub enum WorkerMsg {
     /// places no task there whose disk cannot fit.
     DiskFree {
         free_mb: u64,
+    },
+    /// The answer to [`MasterMsg::Recall`]: `given_back` if the task was
+    /// still waiting here and is dropped (it will not start here); false if
+    /// it had started already (its [`WorkerMsg::Started`] went first) or
+    /// was not here.
+    Recalled {
+        task_id: u64,
+        attempt: u32,
+        given_back: bool,
     },
 }
 

@@ -405,10 +405,9 @@ test('each panel of a real run: history, events with a killed worker and a faile
   writeFileSync(path.join(dir, 'tasks.jsonl'), lines.join('\n') + '\n');
   const project = `panels-${process.pid}`;
   const bin = droverBin();
-  // --prefetch 0: a gate task sent ahead to the first worker to join would
-  // wait there behind the others while the second worker idles (a task
-  // sent ahead is not moved), and the panels would not show three running.
-  const run = spawn(bin, ['run', '--workers', '0', '--port', '0', '--prefetch', '0',
+  // A gate task sent ahead to the first worker to join is recalled to the
+  // second when that one has room, so all three gate tasks run.
+  const run = spawn(bin, ['run', '--workers', '0', '--port', '0',
     '--catalog', `127.0.0.1:${port}`, '--project', project, '--catalog-interval', '0.2',
     '--failed-dir', path.join(dir, 'failed'), path.join(dir, 'tasks.jsonl')],
   { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use drover_protocol::auth::{self, Answer, AuthError, PeerHandshake};
 use drover_protocol::stream::{End, Handshaking, Reader, Writer};
-use drover_protocol::tls::tokio_rustls::TlsConnector;
 use drover_protocol::{
     hostname, Ending, Hello, MasterMsg, Resources, RunTask, TaskReport, WorkerMsg, PROTOCOL_VERSION,
 };
@@ -89,18 +88,50 @@ impl Tasks<'_> {
     fn kill(&mut self, task_id: u64, attempt: u32) {
         if let Some(t) = self.running.get(&(task_id, attempt)) {
             let _ = t.control.send(Control::Kill);
-        } else if let Some(pos) = self
-            .queue
-            .iter()
-            .position(|t| (t.task_id, t.attempt) == (task_id, attempt))
-        {
-            self.queue.remove(pos);
+        } else if self.unqueue(task_id, attempt) {
             let report = TaskReport::never_started(task_id, attempt, Ending::Killed, now_ms());
             self.send(WorkerMsg::TaskDone {
                 report: Box::new(report),
                 outputs: Vec::new(),
             });
         }
+    }
+
+    /// The master wants a task sent ahead back (another worker has room
+    /// for it): given back if it has not started. A task that started has
+    /// said so already, on the same connection, before this answer.
+    fn recall(&mut self, task_id: u64, attempt: u32) {
+        let given_back = self.unqueue(task_id, attempt);
+        self.send(WorkerMsg::Recalled {
+            task_id,
+            attempt,
+            given_back,
+        });
+    }
+
+    /// Drops a task sent ahead that has not started, and the per-task
+    /// input files it was sent with (a started task moves them into its
+    /// sandbox). False if it is not waiting here.
+    fn unqueue(&mut self, task_id: u64, attempt: u32) -> bool {
+        let Some(pos) = self
+            .queue
+            .iter()
+            .position(|t| (t.task_id, t.attempt) == (task_id, attempt))
+        else {
+            return false;
+        };
+        if let Some(task) = self.queue.remove(pos) {
+            // Only ids a file could have been received under (see `receive_file`).
+            let received = |id: &str| !id.is_empty() && !id.contains('/') && !id.starts_with('.');
+            for input in task
+                .inputs
+                .iter()
+                .filter(|i| !i.cached && received(&i.file_id))
+            {
+                let _ = std::fs::remove_file(self.dirs.transfer.join(&input.file_id));
+            }
+        }
+        true
     }
 
     /// The master's answer to a frozen task's request to grow.
@@ -287,6 +318,7 @@ impl<'a> Session<'a> {
                         MasterMsg::Kill { task_id, attempt } => tasks.kill(task_id, attempt),
                         MasterMsg::Grow { task_id, attempt, allocation } => tasks.grow(task_id, attempt, allocation),
                         MasterMsg::Ping => tasks.send(WorkerMsg::Pong),
+                        MasterMsg::Recall { task_id, attempt } => tasks.recall(task_id, attempt),
                         MasterMsg::Shutdown => break StopReason::MasterShutdown,
                         other => warn!("unexpected message from master: {other:?}"),
                     }
@@ -330,20 +362,7 @@ impl<'a> Session<'a> {
         stream: TcpStream,
         addr: &str,
     ) -> anyhow::Result<(f64, Reader, Writer)> {
-        let mut conn = match &self.config.tls {
-            Some(config) => {
-                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-                let name = drover_protocol::tls::server_name(host)?;
-                let tls = TlsConnector::from(Arc::clone(config))
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("TLS handshake with the master at {addr} failed: {e}")
-                    })?;
-                Handshaking::tls(tls.into())?
-            }
-            None => Handshaking::plain(stream),
-        };
+        let mut conn = Handshaking::connect(stream, addr, self.config.tls.as_ref()).await?;
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             drover_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -208,8 +208,23 @@ impl<O: Outbox> Engine<O> {
         why: String,
         count_attempt: bool,
     ) {
+        if self.take_back(worker, id, attempt, count_attempt.then_some(why)) {
+            self.stats.tasks_requeued += 1;
+        }
+    }
+
+    /// Takes `id`'s attempt back from `worker`, recording it as an attempt
+    /// that ended with `ending` if given, and queues the task again (true)
+    /// or finishes it as cancelled.
+    fn take_back(
+        &mut self,
+        worker: WorkerKey,
+        id: TaskId,
+        attempt: u32,
+        ending: Option<String>,
+    ) -> bool {
         let Some(allocation) = self.running_attempt(worker, id, attempt) else {
-            return;
+            return false;
         };
         let has_outputs = self
             .tasks
@@ -221,20 +236,21 @@ impl<O: Outbox> Engine<O> {
         }
         let host = self.release_attempt(worker, id, allocation);
         let Some(task) = self.tasks.get_mut(&id) else {
-            return;
+            return false;
         };
-        if count_attempt {
+        if let Some(ending) = ending {
             task.attempts.push(Attempt {
                 host,
                 allocation,
-                ending: why,
+                ending,
             });
         }
         if task.cancelling {
             self.finish(id, Outcome::Cancelled, None, None);
+            false
         } else {
             self.enqueue_again(id);
-            self.stats.tasks_requeued += 1;
+            true
         }
     }
 
@@ -565,20 +581,86 @@ impl<O: Outbox> Engine<O> {
     }
 
     pub(super) fn schedule(&mut self) {
-        if self.sched.waiting() == 0 || self.workers.is_empty() {
-            // Nothing to send ahead either; what was touched is moot.
-            self.touched.clear();
+        if self.sched.waiting() > 0 && !self.workers.is_empty() {
+            let mut placements = std::mem::take(&mut self.placements);
+            placements.clear();
+            self.sched.schedule(&mut placements);
+            for p in placements.drain(..) {
+                self.touched.push(p.worker);
+                self.dispatch(p, false);
+            }
+            self.placements = placements;
+        }
+        self.recall_ahead();
+        self.send_ahead();
+    }
+
+    /// Asks for tasks sent ahead back, for the workers that joined or freed
+    /// in this pass and still have room after it (no waiting task fits
+    /// them): one task per such worker and pass, from a holder that has not
+    /// started it. The answer comes as `WorkerMsg::Recalled`.
+    fn recall_ahead(&mut self) {
+        if !self.sched.any_sent_ahead() {
             return;
         }
-        let mut placements = std::mem::take(&mut self.placements);
-        placements.clear();
-        self.sched.schedule(&mut placements);
-        for p in placements.drain(..) {
-            self.touched.push(p.worker);
-            self.dispatch(p, false);
+        for i in 0..self.touched.len() {
+            let key = self.touched[i];
+            if self.gone_or_growing(key) {
+                continue;
+            }
+            let Some((holder, id)) = self.sched.recall_for(key) else {
+                continue;
+            };
+            let attempt = match self.tasks.get(&id).map(|t| &t.state) {
+                Some(&TaskState::Running {
+                    worker,
+                    attempt,
+                    on_worker_queue: true,
+                    ..
+                }) if worker == holder => attempt,
+                // The tables disagree: leave it where it is.
+                _ => {
+                    self.sched.recall_refused(holder, id);
+                    continue;
+                }
+            };
+            debug!("recalling task {id} from worker {holder} for worker {key}");
+            self.out.to_worker(
+                holder,
+                Outgoing::Msg(MasterMsg::Recall {
+                    task_id: id,
+                    attempt,
+                }),
+            );
         }
-        self.placements = placements;
-        self.send_ahead();
+    }
+
+    /// Whether worker `key` is gone or has a task waiting to grow (the
+    /// room it frees is that task's; nothing is sent or recalled for it).
+    fn gone_or_growing(&self, key: WorkerKey) -> bool {
+        self.workers
+            .get(&key)
+            .is_none_or(|w| !w.growth.growing.is_empty())
+    }
+
+    /// `key`'s answer to a recall: a task given back waits again and is
+    /// placed as any other; one that started meanwhile goes on there (its
+    /// `Started` came first).
+    pub(super) fn recalled(&mut self, key: WorkerKey, id: TaskId, attempt: u32, given_back: bool) {
+        let queued_here = self.tasks.get(&id).is_some_and(|t| {
+            matches!(t.state, TaskState::Running { worker, attempt: a, on_worker_queue: true, .. }
+                if worker == key && a == attempt)
+        });
+        if !queued_here {
+            return;
+        }
+        if !given_back {
+            self.sched.recall_refused(key, id);
+            return;
+        }
+        self.stats.tasks_recalled += 1;
+        // Not an attempt: it never started, and the next one reuses its number.
+        self.take_back(key, id, attempt, None);
     }
 
     /// Sends tasks ahead to the workers that freed or filled up in this
@@ -594,11 +676,7 @@ impl<O: Outbox> Engine<O> {
         touched.dedup();
         for &key in &touched {
             while self.sched.waiting() > self.workers.len() {
-                let growing = self
-                    .workers
-                    .get(&key)
-                    .is_none_or(|w| !w.growth.growing.is_empty());
-                if growing {
+                if self.gone_or_growing(key) {
                     break;
                 }
                 match self.sched.prefetch(key, self.prefetch) {

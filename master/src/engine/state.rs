@@ -423,6 +423,8 @@ impl<O: Outbox> Engine<O> {
                 );
                 self.last_joined = self.now;
                 self.refresh_largest();
+                // It may take back a task sent ahead to a busy worker.
+                self.touched.push(key);
             }
         }
     }
@@ -447,6 +449,11 @@ impl<O: Outbox> Engine<O> {
                 WorkerMsg::Started { task_id, attempt } => self.started(key, task_id, attempt),
                 WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
                 WorkerMsg::DiskFree { free_mb } => self.sched.set_disk_free(key, free_mb),
+                WorkerMsg::Recalled {
+                    task_id,
+                    attempt,
+                    given_back,
+                } => self.recalled(key, task_id, attempt, given_back),
                 WorkerMsg::Pong
                 | WorkerMsg::Hello(_)
                 | WorkerMsg::AuthProof { .. }
