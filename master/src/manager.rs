@@ -499,23 +499,28 @@ impl Manager {
     /// waiting. Empty when none came in time. One call hands a caller (a
     /// Python binding) many results for one crossing.
     pub fn wait_many(&self, max: usize, timeout: Option<Duration>) -> Vec<TaskResult> {
-        let Ok(results) = self.results.lock() else {
+        let Ok(mut results) = self.results.lock() else {
             return Vec::new();
         };
-        let first = match timeout {
-            Some(t) => results.recv_timeout(t).ok(),
-            None => results.recv().ok(),
-        };
-        let mut out = Vec::new();
-        if let Some(r) = first {
-            out.push(r);
-            while out.len() < max {
-                match results.try_recv() {
-                    Ok(r) => out.push(r),
-                    Err(_) => break,
-                }
+        if results.ready.is_empty() {
+            let first = match timeout {
+                Some(t) => results.rx.recv_timeout(t).ok(),
+                None => results.rx.recv().ok(),
+            };
+            let Some(batch) = first else {
+                return Vec::new();
+            };
+            results.ready.extend(batch);
+        }
+        // Batches the engine already handed over, without waiting for more.
+        while results.ready.len() < max {
+            match results.rx.try_recv() {
+                Ok(batch) => results.ready.extend(batch),
+                Err(_) => break,
             }
         }
+        let take = max.min(results.ready.len());
+        let out: Vec<TaskResult> = results.ready.drain(..take).collect();
         self.outstanding.fetch_sub(out.len(), Ordering::Relaxed);
         out
     }
