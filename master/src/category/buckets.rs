@@ -353,43 +353,65 @@ impl CategoryState {
         if buckets.is_empty() {
             return (0, f64::INFINITY);
         }
-        let f = self.kill_fraction();
-        let uses: Vec<[f64; 3]> = buckets.iter().map(|b| self.use_of(&b.allocation)).collect();
-        let top = match self.max_allocation(&self.largest) {
-            Some(max) => self.use_of(&max),
-            None => [1.0; 3],
-        };
+        let ladder = self.ladder_of(buckets.iter().map(|b| &b.allocation));
         let mut best = (0, f64::INFINITY);
         for start in 0..buckets.len() {
-            let mut total = [0.0; 3];
-            let mut add = |u: &[f64; 3], t: f64| {
-                for (a, x) in total.iter_mut().zip(u) {
-                    *a += x * t;
-                }
-            };
-            for s in &self.window {
-                let t = s.wall_s.max(1e-3);
-                let mut placed = false;
-                for (b, u) in buckets[start..].iter().zip(&uses[start..]) {
-                    if self.fits(&b.allocation, s) {
-                        add(u, t);
-                        placed = true;
-                        break;
-                    }
-                    add(u, f * t);
-                }
-                if !placed {
-                    add(&top, t);
-                }
-            }
-            // The resource that runs out first bounds the throughput: a
-            // bucket is as costly as the worker-time it holds of that one.
-            let cost = total.iter().copied().fold(0.0, f64::max);
+            let cost = self.ladder_cost(&ladder[start..], self.window.iter());
             if cost < best.1 {
                 best = (start, cost);
             }
         }
         (best.0, best.1 / self.window.len().max(1) as f64)
+    }
+
+    /// `allocations` with their use of the largest worker, per resource
+    /// (see [`use_of`](Self::use_of)), for [`ladder_cost`](Self::ladder_cost).
+    pub(super) fn ladder_of<'a>(
+        &self,
+        allocations: impl Iterator<Item = &'a Resources>,
+    ) -> Vec<(Resources, [f64; 3])> {
+        allocations.map(|a| (*a, self.use_of(a))).collect()
+    }
+
+    /// The cost model (module documentation) of starting `samples` on
+    /// `ladder`, smallest first: per resource, the worker-time the attempts
+    /// hold (one that does not fit holds its rung for `f * t` and goes on
+    /// to the next, past the last the task takes the top rung), and of
+    /// those totals the largest, the resource that runs out first. Bucket
+    /// choice and the retry ladder both use it, so a retry goes where a
+    /// first attempt of a task that big would be sent.
+    pub(super) fn ladder_cost<'a>(
+        &self,
+        ladder: &[(Resources, [f64; 3])],
+        samples: impl Iterator<Item = &'a Sample>,
+    ) -> f64 {
+        let f = self.kill_fraction();
+        let top = match self.max_allocation(&self.largest) {
+            Some(max) => self.use_of(&max),
+            None => [1.0; 3],
+        };
+        let mut total = [0.0; 3];
+        let mut add = |u: &[f64; 3], t: f64| {
+            for (a, x) in total.iter_mut().zip(u) {
+                *a += x * t;
+            }
+        };
+        for s in samples {
+            let t = s.wall_s.max(1e-3);
+            let mut placed = false;
+            for (a, u) in ladder {
+                if self.fits(a, s) {
+                    add(u, t);
+                    placed = true;
+                    break;
+                }
+                add(u, f * t);
+            }
+            if !placed {
+                add(&top, t);
+            }
+        }
+        total.iter().copied().fold(0.0, f64::max)
     }
 }
 

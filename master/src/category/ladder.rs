@@ -140,10 +140,12 @@ impl CategoryState {
     }
 
     /// Of `rungs` (each larger than `need` in `dim`, smallest first), the
-    /// one to retry a killed task in: the lowest expected resource-time
-    /// (the model of [`best_start`](Self::best_start)) over the samples
-    /// that needed more than `need`, the tasks this one is now known to be
-    /// like. The smallest when no sample is that big.
+    /// one to retry a killed task in: the lowest expected cost
+    /// ([`ladder_cost`](Self::ladder_cost), the model bucket choice uses:
+    /// worker-time of the resource that runs out first, a sample fitting
+    /// when its peak plus the margin does, growth and kills as misses) over
+    /// the samples that needed more than `need`, the tasks this one is now
+    /// known to be like. The smallest when no sample is that big.
     pub(super) fn cheapest_rung(
         &self,
         rungs: &[Resources],
@@ -151,42 +153,21 @@ impl CategoryState {
         need: u64,
     ) -> Option<Resources> {
         let first = *rungs.first()?;
-        let f = self.kill_fraction();
-        let top = match self.max_allocation(&self.largest) {
-            Some(max) => self.share(&max),
-            None => 1.0_f64.max(self.share(&rungs[rungs.len() - 1])),
-        };
-        let shares: Vec<f64> = rungs.iter().map(|r| self.share(r)).collect();
-        let mut best = (first, f64::INFINITY);
-        let mut any = false;
-        for start in 0..rungs.len() {
-            let mut cost = 0.0;
-            for s in self
-                .window
+        let bigger = || {
+            self.window
                 .iter()
-                .filter(|s| dim.of_sample(s) > need as f64)
-            {
-                any = true;
-                let t = s.wall_s.max(1e-3);
-                let mut placed = false;
-                for (r, share) in rungs[start..].iter().zip(&shares[start..]) {
-                    if covers(r, s) {
-                        cost += share * t;
-                        placed = true;
-                        break;
-                    }
-                    cost += share * f * t;
-                }
-                if !placed {
-                    cost += top * t;
-                }
-            }
-            if !any {
-                return Some(first);
-            }
+                .filter(move |s| dim.of_sample(s) > need as f64)
+        };
+        if bigger().next().is_none() {
+            return Some(first);
+        }
+        let ladder = self.ladder_of(rungs.iter());
+        let mut best = (first, f64::INFINITY);
+        for (start, (rung, _)) in ladder.iter().enumerate() {
+            let cost = self.ladder_cost(&ladder[start..], bigger());
             // A bigger rung must be cheaper, not just as cheap.
             if cost < best.1 * 0.999 {
-                best = (rungs[start], cost);
+                best = (*rung, cost);
             }
         }
         Some(best.0)

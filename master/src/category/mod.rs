@@ -82,7 +82,9 @@
 //! A task killed for exceeding `resource` goes to a bucket strictly larger
 //! in that resource than both its allocation and what the monitor saw it
 //! using when it was killed: of those, the one with the lowest expected
-//! cost (the model above) over the samples that needed more than that,
+//! cost (the model above, the same function as bucket choice: the
+//! resource that runs out first, fitting with the margin, growth and kills
+//! as misses) over the samples that needed more than that,
 //! since those are the tasks it is now known to be like. (With buckets of
 //! 2,000 and 5,000 MB, a task killed at 900 MB goes to 2,000 MB when most
 //! tasks above 900 MB fit there, and straight to 5,000 MB when most do not.)

@@ -687,3 +687,79 @@ fn misses_that_grow_early_make_finer_buckets() {
     let first = fixed(c.first(&Resources::default(), &w));
     assert!(first.memory_mb < 1000, "{first:?}");
 }
+
+/// A category on [`worker`] whose window is `samples` (cores, MB), each of
+/// 1 s, for calling the retry ladder's choice directly.
+fn ladder_category(samples: &[(f64, f64, usize)]) -> CategoryState {
+    let mut c = CategoryState::new("a", CategoryConfig::bucketing());
+    c.largest = worker();
+    for &(cores, mb, n) in samples {
+        for _ in 0..n {
+            c.push(Sample {
+                cores,
+                memory_mb: mb,
+                disk_mb: 0.0,
+                wall_s: 1.0,
+            });
+            c.ok_time.add(1.0);
+        }
+    }
+    c
+}
+
+fn rung(cores: u32, memory_mb: u64) -> Resources {
+    Resources {
+        cores,
+        memory_mb,
+        disk_mb: 0,
+        gpus: 0,
+    }
+}
+
+/// The ladder charges what bucket choice charges: the worker-time of the
+/// resource that runs out first over all the tasks, not each attempt's
+/// dominant share. 4-core rungs of 2,200 and 5,500 MB on a 12-core,
+/// 12,000 MB worker; 20 tasks of 2,000 MB and 10 of 5,000 MB above the
+/// kill. Starting at 2,200 holds 13.3 worker-seconds of cores (the binding
+/// total; memory 10.1), starting at 5,500 holds 13.75 of memory. Summed
+/// dominant shares (the old model) said the opposite: 2,200 first cost
+/// 14.6, since each miss was charged its cores and then its memory.
+#[test]
+fn retry_rung_is_chosen_by_the_resource_that_runs_out_first() {
+    let c = ladder_category(&[(1.0, 300.0, 40), (4.0, 2000.0, 20), (4.0, 5000.0, 10)]);
+    let rungs = [rung(4, 2200), rung(4, 5500)];
+    assert_eq!(c.cheapest_rung(&rungs, Dim::Memory, 400), Some(rungs[0]));
+    // Mostly big ones: the top rung, as before.
+    let c = ladder_category(&[(1.0, 300.0, 40), (4.0, 2000.0, 10), (4.0, 5000.0, 10)]);
+    assert_eq!(c.cheapest_rung(&rungs, Dim::Memory, 400), Some(rungs[1]));
+}
+
+/// A task fits a rung as it fits a bucket: when its peak plus the margin
+/// does. Tasks of 2,100 MB would be killed near a 2,200 MB limit (the
+/// monitor samples); the bare peak counted them as fitting, so the ladder
+/// sent every retry there.
+#[test]
+fn retry_rung_fits_with_the_margin_as_buckets_do() {
+    let c = ladder_category(&[(1.0, 300.0, 40), (1.0, 2100.0, 20)]);
+    let rungs = [rung(1, 2200), rung(1, 2400)];
+    assert_eq!(c.cheapest_rung(&rungs, Dim::Memory, 400), Some(rungs[1]));
+    let c = ladder_category(&[(1.0, 300.0, 40), (1.0, 1950.0, 20)]);
+    assert_eq!(c.cheapest_rung(&rungs, Dim::Memory, 400), Some(rungs[0]));
+}
+
+/// Growth counts as a miss, with what it cost: where misses grow in place
+/// a moment after they start, trying the smaller rung first is cheap and
+/// the ladder does; where a miss costs a whole run (no growth or kill
+/// measured yet), it goes straight to the rung that holds most of them.
+#[test]
+fn retry_rung_follows_how_much_a_miss_costs() {
+    let mut c = ladder_category(&[(1.0, 300.0, 40), (1.0, 2000.0, 5), (1.0, 5000.0, 10)]);
+    let rungs = [rung(1, 2200), rung(1, 5500)];
+    assert_eq!(c.cheapest_rung(&rungs, Dim::Memory, 400), Some(rungs[1]));
+    for _ in 0..10 {
+        c.note_growth_age(0.05);
+    }
+    assert_eq!(c.cheapest_rung(&rungs, Dim::Memory, 400), Some(rungs[0]));
+    // Nothing seen above the kill: the smallest rung.
+    assert_eq!(c.cheapest_rung(&rungs, Dim::Memory, 6000), Some(rungs[0]));
+}
