@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,14 +76,32 @@ def test_python_task_returns_numpy_array(manager):
         import numpy
         return numpy.arange(n, dtype=numpy.float64) * scale
 
-    t = drover.PythonTask(make, 1_000_000, scale=2.0)
+    t = drover.PythonTask(make, 300_000, scale=2.0)
     t.set_cores(1)
     manager.submit(t)
     (r,) = wait_all(manager).values()
     value = r.output
     assert isinstance(value, np.ndarray)
-    assert value.shape == (1_000_000,) and value[-1] == 1_999_998.0
+    assert value.shape == (300_000,) and value[-1] == 599_998.0
     assert r.task is t and t.output[10] == 20.0
+
+
+def test_a_result_too_big_to_send_back_fails_the_call_with_a_clear_error(manager):
+    """A result goes back inline in the task's report (at most 4 MB pickled):
+    an 8 MB array ends the call as failed, saying why, instead of breaking
+    the worker's connection."""
+    pytest.importorskip("numpy")
+
+    def make(n):
+        import numpy
+        return numpy.ones(n)
+
+    t = drover.PythonTask(make, 1_000_000).set_cores(1)
+    manager.submit(t)
+    (r,) = wait_all(manager).values()
+    assert r.outcome == "function_failed"
+    with pytest.raises(drover.TaskFailed, match="more than the 4 MB a result may be"):
+        t.output
 
 
 def deep_failure(x):
@@ -103,8 +122,8 @@ def test_python_task_remote_exception(manager):
 
 
 def test_python_task_in_a_fresh_interpreter(tmp_path):
-    """Without the local fork server each call runs `python3 _drover_remote.py`
-    in the sandbox, as on a remote worker."""
+    """Without a function server each call runs the worker's `remote-PID.py`
+    in a new interpreter."""
     with drover.Manager(port=0) as m:
         m.local_workers(1, cores=1, fast_python=False)
         ok = m.submit(drover.PythonTask(pow, 3, 4))
@@ -113,7 +132,9 @@ def test_python_task_in_a_fresh_interpreter(tmp_path):
     assert results[ok].output == 81
     with pytest.raises(KeyError) as info:
         results[bad].output
-    assert "_drover_remote.py" in info.value.__cause__.tb
+    # The runner the worker wrote for calls in their own interpreter, not
+    # its function server's copy.
+    assert re.search(r"/remote-\d+\.py", info.value.__cause__.tb), info.value.__cause__.tb
 
 
 def test_unpicklable_exception_becomes_remote_error(manager):

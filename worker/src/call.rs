@@ -24,6 +24,30 @@ use crate::transfer::Finished;
 /// Where a call run in its own interpreter leaves its pickled outcome.
 const RESULT_FILE: &str = ".drover-result.pkl";
 
+/// The largest pickled outcome sent back inline: base64 makes it 4/3 as
+/// big, and the whole report must stay under the protocol's frame limit
+/// with the call's printed output beside it.
+pub(crate) const MAX_CALL_RESULT_BYTES: usize = 4 << 20;
+
+/// Puts a call's pickled outcome in its report. One too big for a frame
+/// would break the worker's connection to the master, so the call ends
+/// as failed with a message that says what to do instead.
+fn set_call_result(report: &mut TaskReport, raised: bool, result: Vec<u8>) {
+    if result.len() > MAX_CALL_RESULT_BYTES {
+        report.call_raised = true;
+        report.call_result = None;
+        report.error = Some(format!(
+            "the call's result is {:.1} MB pickled, more than the {} MB a result may be; \
+             write it to a file the task declares as an output and return the file's name",
+            result.len() as f64 / 1e6,
+            MAX_CALL_RESULT_BYTES >> 20
+        ));
+        return;
+    }
+    report.call_raised = raised;
+    report.call_result = Some(result);
+}
+
 /// Runs `task`'s call through the function server behind `client`.
 pub(crate) async fn run_call(
     task: RunTask,
@@ -125,8 +149,7 @@ pub(crate) async fn run_call(
         report.stdout = cap_output(&outcome.stdout);
         report.stderr = cap_output(&outcome.stderr);
         if report.ending == Ending::Exited {
-            report.call_raised = outcome.raised;
-            report.call_result = Some(outcome.result);
+            set_call_result(&mut report, outcome.raised, outcome.result);
         }
     }
     ctx.finished(&task, report, outputs, slot_files)
@@ -171,8 +194,7 @@ async fn unwatched(
     if let Some(outcome) = done.outcome {
         report.stdout = cap_output(&outcome.stdout);
         report.stderr = cap_output(&outcome.stderr);
-        report.call_raised = outcome.raised;
-        report.call_result = Some(outcome.result);
+        set_call_result(&mut report, outcome.raised, outcome.result);
     }
     ctx.finished(&task, report, Vec::new(), slot_files)
 }
@@ -229,7 +251,7 @@ pub(crate) fn read_result(sandbox: &Path, report: &mut TaskReport) {
         return;
     }
     if let Ok(data) = std::fs::read(sandbox.join(RESULT_FILE)) {
-        report.call_raised = report.exit_code == Some(1);
-        report.call_result = Some(data);
+        let raised = report.exit_code == Some(1);
+        set_call_result(report, raised, data);
     }
 }
