@@ -56,6 +56,12 @@ fn worker_msgs() -> Vec<WorkerMsg> {
             proof: "cd".repeat(32),
         },
         WorkerMsg::Pong,
+        WorkerMsg::DiskFree { free_mb: 512 },
+        WorkerMsg::Recalled {
+            task_id: 3,
+            attempt: 2,
+            given_back: true,
+        },
         WorkerMsg::TaskDone {
             report: Box::new(report),
             outputs: vec![OutputHeader {
@@ -147,6 +153,10 @@ fn master_msgs() -> Vec<MasterMsg> {
         },
         MasterMsg::Ping,
         MasterMsg::Shutdown,
+        MasterMsg::Recall {
+            task_id: 3,
+            attempt: 2,
+        },
     ]
 }
 
