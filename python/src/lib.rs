@@ -372,6 +372,19 @@ impl PyTask {
 #[pyclass(frozen, module = "drover._drover", name = "TaskResult")]
 struct PyTaskResult {
     inner: TaskResult,
+    /// The call's pickled outcome, moved out of `inner` into Python bytes
+    /// once: a result of many MB is then held once, not twice.
+    call_result: Option<Py<PyBytes>>,
+}
+
+impl PyTaskResult {
+    fn new(py: Python<'_>, mut inner: TaskResult) -> PyTaskResult {
+        let call_result = inner
+            .call_result
+            .take()
+            .map(|b| PyBytes::new(py, &b).unbind());
+        PyTaskResult { inner, call_result }
+    }
 }
 
 #[pymethods]
@@ -407,10 +420,7 @@ impl PyTaskResult {
     /// or None.
     #[getter]
     fn call_result<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        self.inner
-            .call_result
-            .as_deref()
-            .map(|b| PyBytes::new(py, b))
+        self.call_result.as_ref().map(|b| b.bind(py).clone())
     }
 
     /// For outcome "resource_exhausted": which resource ran out.
@@ -638,7 +648,7 @@ impl PyManager {
         Ok(got
             .unwrap_or_default()
             .into_iter()
-            .map(|r| PyTaskResult { inner: r })
+            .map(|r| PyTaskResult::new(py, r))
             .collect())
     }
 
@@ -648,7 +658,7 @@ impl PyManager {
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyTaskResult>> {
         let m = self.get()?;
         let got = wait_sliced(py, timeout, |slice| m.m().wait(Some(slice)))?;
-        Ok(got.map(|r| PyTaskResult { inner: r }))
+        Ok(got.map(|r| PyTaskResult::new(py, r)))
     }
 
     /// Cancels a task; its result (outcome "cancelled") still comes out of

@@ -24,26 +24,10 @@ use crate::transfer::Finished;
 /// Where a call run in its own interpreter leaves its pickled outcome.
 const RESULT_FILE: &str = ".drover-result.pkl";
 
-/// The largest pickled outcome sent back inline: base64 makes it 4/3 as
-/// big, and the whole report must stay under the protocol's frame limit
-/// with the call's printed output beside it.
-pub(crate) const MAX_CALL_RESULT_BYTES: usize = 4 << 20;
-
-/// Puts a call's pickled outcome in its report. One too big for a frame
-/// would break the worker's connection to the master, so the call ends
-/// as failed with a message that says what to do instead.
+/// Puts a call's pickled outcome in its report. One too big for the
+/// report's frame is taken out again by the writer and sent after the
+/// report as a body of its own (`transfer::write_loop`).
 fn set_call_result(report: &mut TaskReport, raised: bool, result: Vec<u8>) {
-    if result.len() > MAX_CALL_RESULT_BYTES {
-        report.call_raised = true;
-        report.call_result = None;
-        report.error = Some(format!(
-            "the call's result is {:.1} MB pickled, more than the {} MB a result may be; \
-             write it to a file the task declares as an output and return the file's name",
-            result.len() as f64 / 1e6,
-            MAX_CALL_RESULT_BYTES >> 20
-        ));
-        return;
-    }
     report.call_raised = raised;
     report.call_result = Some(result);
 }

@@ -51,8 +51,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The descriptor the server finds its socket at.
 const SERVER_FD: i32 = 3;
 
-/// Largest message the server may send (a result, its stdout and stderr).
-const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message the server may send (a result, its stdout and stderr):
+/// what its 32-bit length can say. A result too big for a report frame goes
+/// to the master as a body of its own, so this is the only cap on it.
+const MAX_MESSAGE: usize = u32::MAX as usize;
 
 static CLIENT: OnceLock<Arc<Client>> = OnceLock::new();
 static RUNNER: OnceLock<PathBuf> = OnceLock::new();
