@@ -10,6 +10,8 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod monitored;
+
 use drover_master::{CategoryConfig, Manager, SubmitError, Task, TaskResult};
 use drover_monitor::{Exit, Limits, Monitor, MonitorOptions};
 use pyo3::create_exception;
@@ -871,6 +873,12 @@ fn monitor_run(
             return Err(e);
         }
     };
+    Ok(PyTuple::new(py, report_objects(py, &report)?)?.unbind())
+}
+
+/// A monitor report as Python sees it: `(exit_code, signal,
+/// limit_exceeded, summary)`.
+fn report_objects(py: Python<'_>, report: &drover_monitor::Report) -> PyResult<[PyObject; 4]> {
     let (code, signal) = match report.exit {
         Exit::Code(c) => (Some(c), None),
         Exit::Signal(s) => (None, Some(s)),
@@ -881,17 +889,12 @@ fn monitor_run(
         .as_ref()
         .map(|l| to_py(py, l))
         .transpose()?;
-    let summary = to_py(py, &report.summary)?;
-    Ok(PyTuple::new(
-        py,
-        [
-            code.into_pyobject(py)?.into_any().unbind(),
-            signal.into_pyobject(py)?.into_any().unbind(),
-            exceeded.into_pyobject(py)?.into_any().unbind(),
-            summary,
-        ],
-    )?
-    .unbind())
+    Ok([
+        code.into_pyobject(py)?.into_any().unbind(),
+        signal.into_pyobject(py)?.into_any().unbind(),
+        exceeded.into_pyobject(py)?.into_any().unbind(),
+        to_py(py, &report.summary)?,
+    ])
 }
 
 /// The drover version this module was built from.
@@ -906,6 +909,7 @@ fn _drover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTaskResult>()?;
     m.add_class::<PyManager>()?;
     m.add_function(wrap_pyfunction!(monitor_run, m)?)?;
+    m.add_function(wrap_pyfunction!(monitored::monitored_call, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add("DroverError", m.py().get_type::<DroverError>())?;
     Ok(())
