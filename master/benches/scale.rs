@@ -174,6 +174,7 @@ async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
                     started_ms: 0,
                     call_result: None,
                     call_raised: false,
+                    call_result_size: None,
                 };
                 write_frame(
                     &mut writer,

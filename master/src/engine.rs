@@ -63,7 +63,7 @@ pub(crate) use conn::raise_fd_limit;
 use growth::WorkerGrowth;
 use state::{Engine, TaskEntry, TaskState};
 pub(crate) use transfer::part_path;
-use transfer::{receive_outputs, write_loop};
+use transfer::{receive_attempt, write_loop};
 
 enum Event {
     Joined {

@@ -58,7 +58,7 @@ pub use frame::{
 pub use host::hostname;
 pub use messages::{
     Ending, FunctionCall, Hello, InputRef, LimitHit, MasterMsg, Measured, OutputHeader, RunTask,
-    TaskReport, WorkerMsg, CALL_FILE, INLINE_CALL_BYTES, PROTOCOL_VERSION,
+    TaskReport, WorkerMsg, CALL_FILE, INLINE_CALL_BYTES, INLINE_RESULT_BYTES, PROTOCOL_VERSION,
 };
 pub use names::{cap_output, check_sandbox_name, OUTPUT_CAP_BYTES};
 pub use resources::Resources;

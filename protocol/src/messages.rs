@@ -212,8 +212,9 @@ pub struct RunTask {
 /// A Python function call carried in a [`RunTask`]: the worker hands
 /// `payload` (`cloudpickle.dumps((fn, args, kwargs))`) to its function
 /// server, which forks a child per call from an interpreter that has
-/// already imported `modules`. The result comes back inline in
-/// [`TaskReport::call_result`]. Without inputs, outputs or an environment
+/// already imported `modules`. The result comes back in
+/// [`TaskReport::call_result`]: inline when small, else as a body after the
+/// report ([`TaskReport::call_result_size`]). Without inputs, outputs or an environment
 /// the call runs with no shell and no sandbox directory.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct FunctionCall {
@@ -232,6 +233,17 @@ pub const INLINE_CALL_BYTES: usize = 1 << 20;
 /// The sandbox name of a call too big to send inline (its
 /// [`FunctionCall::payload`] is then empty).
 pub const CALL_FILE: &str = ".drover-call.pkl";
+
+/// Largest pickled call outcome sent inline in a [`TaskReport`] (base64 in
+/// the frame); a bigger one follows the report's output bodies as a body of
+/// its own ([`TaskReport::call_result_size`]).
+pub const INLINE_RESULT_BYTES: usize = 1 << 20;
+
+/// How a worker's `SetupFailed` error starts when its Python function
+/// server died while it held the call. Not the worker's failing (it starts
+/// a new server) and not known to be the call's: the master runs the call
+/// again, within its retry budget, without counting it against the worker.
+pub const FUNCTION_SERVER_LOST: &str = "the function server went away";
 
 /// Byte strings as base64 text in the JSON frames.
 mod b64 {
@@ -347,6 +359,12 @@ pub struct TaskReport {
     /// function's failure, not success).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub call_raised: bool,
+    /// For a [`RunTask::call`] whose pickled outcome is over
+    /// [`INLINE_RESULT_BYTES`]: its size. The outcome is then not in this
+    /// frame but follows the output bodies as one more body of this many
+    /// bytes, and the master reads it into `call_result`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_result_size: Option<u64>,
 }
 
 impl TaskReport {
@@ -368,6 +386,7 @@ impl TaskReport {
             started_ms: now_ms,
             call_result: None,
             call_raised: false,
+            call_result_size: None,
         }
     }
 }

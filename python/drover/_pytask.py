@@ -230,8 +230,9 @@ class PythonTask(Task):
     modules and forks one child per call; the worker's monitor measures and
     limits that child as the task's process, so set_memory and categories
     apply to the call itself. The return value (or exception), and what the
-    call printed, come back inside the task's report: nothing is written to
-    disk on either side for a small call. Where the worker has no function
+    call printed, come back with the task's report (a pickled value over
+    1 MiB as a raw body after it, into memory): nothing is written to disk
+    on either side for a small call. Where the worker has no function
     server (no cloudpickle in its ``$DROVER_PYTHON``, or a packaged
     environment) the call runs in a new interpreter instead.
 

@@ -10,6 +10,8 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod monitored;
+
 use drover_master::{CategoryConfig, Manager, SubmitError, Task, TaskResult};
 use drover_monitor::{Exit, Limits, Monitor, MonitorOptions};
 use pyo3::create_exception;
@@ -372,6 +374,19 @@ impl PyTask {
 #[pyclass(frozen, module = "drover._drover", name = "TaskResult")]
 struct PyTaskResult {
     inner: TaskResult,
+    /// The call's pickled outcome, moved out of `inner` into Python bytes
+    /// once: a result of many MB is then held once, not twice.
+    call_result: Option<Py<PyBytes>>,
+}
+
+impl PyTaskResult {
+    fn new(py: Python<'_>, mut inner: TaskResult) -> PyTaskResult {
+        let call_result = inner
+            .call_result
+            .take()
+            .map(|b| PyBytes::new(py, &b).unbind());
+        PyTaskResult { inner, call_result }
+    }
 }
 
 #[pymethods]
@@ -407,10 +422,7 @@ impl PyTaskResult {
     /// or None.
     #[getter]
     fn call_result<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        self.inner
-            .call_result
-            .as_deref()
-            .map(|b| PyBytes::new(py, b))
+        self.call_result.as_ref().map(|b| b.bind(py).clone())
     }
 
     /// For outcome "resource_exhausted": which resource ran out.
@@ -638,7 +650,7 @@ impl PyManager {
         Ok(got
             .unwrap_or_default()
             .into_iter()
-            .map(|r| PyTaskResult { inner: r })
+            .map(|r| PyTaskResult::new(py, r))
             .collect())
     }
 
@@ -648,7 +660,7 @@ impl PyManager {
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyTaskResult>> {
         let m = self.get()?;
         let got = wait_sliced(py, timeout, |slice| m.m().wait(Some(slice)))?;
-        Ok(got.map(|r| PyTaskResult { inner: r }))
+        Ok(got.map(|r| PyTaskResult::new(py, r)))
     }
 
     /// Cancels a task; its result (outcome "cancelled") still comes out of
@@ -861,6 +873,12 @@ fn monitor_run(
             return Err(e);
         }
     };
+    Ok(PyTuple::new(py, report_objects(py, &report)?)?.unbind())
+}
+
+/// A monitor report as Python sees it: `(exit_code, signal,
+/// limit_exceeded, summary)`.
+fn report_objects(py: Python<'_>, report: &drover_monitor::Report) -> PyResult<[PyObject; 4]> {
     let (code, signal) = match report.exit {
         Exit::Code(c) => (Some(c), None),
         Exit::Signal(s) => (None, Some(s)),
@@ -871,17 +889,12 @@ fn monitor_run(
         .as_ref()
         .map(|l| to_py(py, l))
         .transpose()?;
-    let summary = to_py(py, &report.summary)?;
-    Ok(PyTuple::new(
-        py,
-        [
-            code.into_pyobject(py)?.into_any().unbind(),
-            signal.into_pyobject(py)?.into_any().unbind(),
-            exceeded.into_pyobject(py)?.into_any().unbind(),
-            summary,
-        ],
-    )?
-    .unbind())
+    Ok([
+        code.into_pyobject(py)?.into_any().unbind(),
+        signal.into_pyobject(py)?.into_any().unbind(),
+        exceeded.into_pyobject(py)?.into_any().unbind(),
+        to_py(py, &report.summary)?,
+    ])
 }
 
 /// The drover version this module was built from.
@@ -896,6 +909,7 @@ fn _drover(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTaskResult>()?;
     m.add_class::<PyManager>()?;
     m.add_function(wrap_pyfunction!(monitor_run, m)?)?;
+    m.add_function(wrap_pyfunction!(monitored::monitored_call, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add("DroverError", m.py().get_type::<DroverError>())?;
     Ok(())

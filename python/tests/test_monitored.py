@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 import drover
@@ -44,3 +46,21 @@ def test_monitored_reraises():
 def test_monitored_bad_limit():
     with pytest.raises(ValueError, match="unknown limit"):
         drover.monitored(limits={"memroy": 1})(len)([1])
+
+
+def test_monitored_calls_are_forked_from_a_function_server(capfd):
+    """The same path as a PythonTask's call on a worker: a child forked from
+    the function server, adopted by the monitor; its output comes back."""
+
+    @drover.monitored
+    def parent():
+        print("from the call")
+        with open("/proc/%d/cmdline" % os.getppid(), "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+
+    first, res = parent()
+    assert "forkserver.py" in first, first
+    assert res["wall_time"] > 0
+    again, _ = parent()
+    assert again == first, "one server per interpreter, kept between calls"
+    assert "from the call" in capfd.readouterr().out

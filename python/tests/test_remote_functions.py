@@ -82,6 +82,31 @@ def test_a_remote_call_over_its_limit_is_killed_and_measured_alone(remote):
     assert abs(ok.measured["memory_mb"] - own) <= 0.05 * own, (ok.measured["memory_mb"], own)
 
 
+def blob(n, seed):
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def test_a_20_mb_result_comes_back_from_a_remote_worker(remote):
+    """A result over the report frame's inline limit comes back over TCP as
+    a body of its own, through a PythonTask and through drover.Executor."""
+    np = pytest.importorskip("numpy")
+    m, _ = remote
+
+    def make(n):
+        import numpy
+        return numpy.arange(n, dtype=numpy.int64)
+
+    t = drover.PythonTask(make, (20 << 20) // 8)
+    m.submit(t)
+    (r,) = wait_all(m, timeout=300).values()
+    assert r.outcome == "success", (r.outcome, r.error, r.stderr)
+    assert np.array_equal(t.output, np.arange((20 << 20) // 8, dtype=np.int64))
+    with drover.Executor(manager=m) as ex:
+        assert ex.submit(blob, 20 << 20, 5).result(timeout=300) == blob(20 << 20, 5)
+
+
 def test_the_server_goes_with_its_worker(remote):
     m, workdir = remote
     m.submit(drover.PythonTask(os.getpid))

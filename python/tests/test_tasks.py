@@ -86,22 +86,49 @@ def test_python_task_returns_numpy_array(manager):
     assert r.task is t and t.output[10] == 20.0
 
 
-def test_a_result_too_big_to_send_back_fails_the_call_with_a_clear_error(manager):
-    """A result goes back inline in the task's report (at most 4 MB pickled):
-    an 8 MB array ends the call as failed, saying why, instead of breaking
-    the worker's connection."""
-    pytest.importorskip("numpy")
+def blob(n, seed):
+    """`n` pseudo-random bytes, the same for the same seed on any machine."""
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def test_a_result_too_big_for_a_report_frame_comes_back_whole(manager):
+    """A result too big to go inline in the task's report (an 8 MB array
+    broke the 8 MB frame before, and then failed the call) travels after the
+    report as a body of its own, and comes back as for a small one."""
+    np = pytest.importorskip("numpy")
 
     def make(n):
         import numpy
-        return numpy.ones(n)
+        return numpy.arange(n, dtype=numpy.float64)
 
-    t = drover.PythonTask(make, 1_000_000).set_cores(1)
-    manager.submit(t)
-    (r,) = wait_all(manager).values()
-    assert r.outcome == "function_failed"
-    with pytest.raises(drover.TaskFailed, match="more than the 4 MB a result may be"):
-        t.output
+    array = drover.PythonTask(make, 1_000_000).set_cores(1)
+    raw = drover.PythonTask(blob, 20 << 20, 7).set_cores(1)
+    manager.submit_many([array, raw])
+    results = wait_all(manager, timeout=300)
+    assert all(r.outcome == "success" for r in results.values()), [
+        (r.outcome, r.error) for r in results.values()]
+    value = array.output
+    assert value.shape == (1_000_000,) and np.array_equal(value, np.arange(1_000_000, dtype=np.float64))
+    assert raw.output == blob(20 << 20, 7)
+
+
+def test_a_20_mb_result_through_the_executor():
+    np = pytest.importorskip("numpy")
+
+    def make(n):
+        import numpy
+        return numpy.full(n, 3, dtype=numpy.int64)
+
+    with drover.Executor(local_workers=1, cores=2) as ex:
+        array = ex.submit(make, (20 << 20) // 8)
+        raw = ex.submit(blob, 20 << 20, 11)
+        small = ex.submit(blob, 100, 11)
+        assert raw.result(timeout=300) == blob(20 << 20, 11)
+        got = array.result(timeout=300)
+        assert got.nbytes == 20 << 20 and np.all(got == 3)
+        assert small.result(timeout=300) == blob(100, 11)
 
 
 def deep_failure(x):

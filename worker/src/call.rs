@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use drover_monitor::SpawnOptions;
+use drover_protocol::messages::FUNCTION_SERVER_LOST;
 use drover_protocol::{cap_output, Ending, FunctionCall, RunTask, TaskReport, CALL_FILE};
 use tokio::sync::mpsc;
 
@@ -24,26 +25,10 @@ use crate::transfer::Finished;
 /// Where a call run in its own interpreter leaves its pickled outcome.
 const RESULT_FILE: &str = ".drover-result.pkl";
 
-/// The largest pickled outcome sent back inline: base64 makes it 4/3 as
-/// big, and the whole report must stay under the protocol's frame limit
-/// with the call's printed output beside it.
-pub(crate) const MAX_CALL_RESULT_BYTES: usize = 4 << 20;
-
-/// Puts a call's pickled outcome in its report. One too big for a frame
-/// would break the worker's connection to the master, so the call ends
-/// as failed with a message that says what to do instead.
+/// Puts a call's pickled outcome in its report. One too big for the
+/// report's frame is taken out again by the writer and sent after the
+/// report as a body of its own (`transfer::write_loop`).
 fn set_call_result(report: &mut TaskReport, raised: bool, result: Vec<u8>) {
-    if result.len() > MAX_CALL_RESULT_BYTES {
-        report.call_raised = true;
-        report.call_result = None;
-        report.error = Some(format!(
-            "the call's result is {:.1} MB pickled, more than the {} MB a result may be; \
-             write it to a file the task declares as an output and return the file's name",
-            result.len() as f64 / 1e6,
-            MAX_CALL_RESULT_BYTES >> 20
-        ));
-        return;
-    }
     report.call_raised = raised;
     report.call_result = Some(result);
 }
@@ -88,7 +73,7 @@ pub(crate) async fn run_call(
     let (id, mut events) = match sent {
         Ok(sent) => sent,
         Err(e) => {
-            report.error = Some(format!("handing the call to the function server: {e}"));
+            report.error = Some(server_lost(format_args!("handing it the call: {e}")));
             return ctx.finished(&task, report, Vec::new(), slot_files);
         }
     };
@@ -96,9 +81,10 @@ pub(crate) async fn run_call(
         Some(Event::Started(pid)) => pid,
         other => {
             client.forget(id);
-            report.error = Some(format!(
-                "the function server did not start the call ({other:?})"
-            ));
+            report.error = Some(match other {
+                None | Some(Event::Lost) => server_lost(format_args!("before the call started")),
+                Some(e) => format!("the function server did not start the call ({e:?})"),
+            });
             return ctx.finished(&task, report, Vec::new(), slot_files);
         }
     };
@@ -124,20 +110,35 @@ pub(crate) async fn run_call(
         }
     };
     report.started_ms = now_ms();
-    if let Err(e) = client.adopted(id) {
-        running.kill();
-        report.error = Some(format!("the function server went away: {e}"));
+    let mut done = None;
+    let ending = match client.adopted(id) {
+        Ok(()) => tokio::select! {
+            ending = supervise(&task, &running, &mut control) => Some(ending),
+            () = until_lost(&mut events, &mut done) => None,
+        },
+        Err(_) => None,
+    };
+    if ending.is_some() && done.is_none() {
+        done = wait_done(&mut events).await;
     }
-    let ending = supervise(&task, &running, &mut control).await;
-    let done = wait_done(&mut events).await;
     let run = match &done {
         Some(d) => running.finish_adopted(d.status, d.cpu, d.maxrss).await,
         None => {
+            // The server died holding the call: its result cannot come
+            // back, so it is ended here and run again by the master.
             running.kill();
-            let _ = running.finish_adopted(libc::SIGKILL, 0.0, 0).await;
-            Err(std::io::Error::other("the function server went away"))
+            let killed = running.finish_adopted(libc::SIGKILL, 0.0, 0).await;
+            match ending {
+                None | Some(Ending::Exited) => {
+                    report.error = Some(server_lost(format_args!("while the call ran")));
+                    return ctx.finished(&task, report, Vec::new(), slot_files);
+                }
+                Some(_) => killed,
+            }
         }
     };
+    // Set whenever the call was supervised to its end.
+    let ending = ending.unwrap_or(Ending::Exited);
     let outputs = match (dev_null(), dev_null()) {
         (Ok(a), Ok(b)) => describe(&task, &ctx, &mut report, ending, run, &(a, b)).await,
         (Err(e), _) | (_, Err(e)) => {
@@ -179,7 +180,7 @@ async fn unwatched(
         report.error = Some(format!("the function server went away: {e}"));
     }
     let Some(done) = wait_done(&mut events).await else {
-        report.error = Some("the function server went away".into());
+        report.error = Some(server_lost(format_args!("while the call ran")));
         return ctx.finished(&task, report, Vec::new(), slot_files);
     };
     report.ending = Ending::Exited;
@@ -197,6 +198,28 @@ async fn unwatched(
         set_call_result(&mut report, outcome.raised, outcome.result);
     }
     ctx.finished(&task, report, Vec::new(), slot_files)
+}
+
+/// The error of a call whose function server died while it held the call
+/// (ending `SetupFailed`): the master runs it again without blaming the
+/// worker, which starts a new server (`functions::restart`).
+fn server_lost(when: std::fmt::Arguments<'_>) -> String {
+    format!("{FUNCTION_SERVER_LOST} {when}")
+}
+
+/// Returns once the server is gone; a [`Done`] that comes first (the call
+/// ended and was reaped while its supervision winds up) is kept in `done`.
+async fn until_lost(events: &mut mpsc::UnboundedReceiver<Event>, done: &mut Option<Done>) {
+    loop {
+        match events.recv().await {
+            Some(Event::Done(d)) => {
+                *done = Some(d);
+                return std::future::pending().await;
+            }
+            Some(Event::Started(_)) => {}
+            None | Some(Event::Lost) => return,
+        }
+    }
 }
 
 /// The server's answer once the call's child is reaped; `None` if the

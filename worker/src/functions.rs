@@ -51,15 +51,21 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The descriptor the server finds its socket at.
 const SERVER_FD: i32 = 3;
 
-/// Largest message the server may send (a result, its stdout and stderr).
-const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message the server may send (a result, its stdout and stderr):
+/// what its 32-bit length can say. A result too big for a report frame goes
+/// to the master as a body of its own, so this is the only cap on it.
+const MAX_MESSAGE: usize = u32::MAX as usize;
 
-static CLIENT: OnceLock<Arc<Client>> = OnceLock::new();
+mod restart;
+
+/// The server calls go to: the worker's first, then each one started after
+/// the one before died ([`restart`]).
+static CLIENT: Mutex<Option<Arc<Client>>> = Mutex::new(None);
 static RUNNER: OnceLock<PathBuf> = OnceLock::new();
 
 /// The running server of this worker process, if it has one that is alive.
 pub fn client() -> Option<Arc<Client>> {
-    CLIENT.get().filter(|c| c.alive()).cloned()
+    CLIENT.lock().ok()?.as_ref().filter(|c| c.alive()).cloned()
 }
 
 /// `remote.py` on disk, for calls run in a new interpreter; `None` before
@@ -122,7 +128,8 @@ pub struct Client {
 }
 
 impl Client {
-    fn alive(&self) -> bool {
+    /// False once the server is gone.
+    pub fn alive(&self) -> bool {
         !self.lost.load(Ordering::Acquire)
     }
 
@@ -238,6 +245,7 @@ impl Client {
                 let _ = tx.send(Event::Lost);
             }
         }
+        restart::after_death();
     }
 }
 
@@ -294,6 +302,9 @@ pub struct FunctionServer {
     child: Arc<Mutex<Child>>,
     pid: i32,
     dir: PathBuf,
+    /// The worker's own (from [`FunctionServer::start_for_worker`]): its
+    /// drop also stops the servers started after it died.
+    owner: bool,
 }
 
 impl FunctionServer {
@@ -318,9 +329,13 @@ impl FunctionServer {
         }
         let python = std::env::var("DROVER_PYTHON").unwrap_or_else(|_| "python3".into());
         match FunctionServer::start(workdir, &python) {
-            Ok((server, client)) => {
+            Ok((mut server, client)) => {
                 info!(python, "python function server ready");
-                let _ = CLIENT.set(client);
+                if let Ok(mut c) = CLIENT.lock() {
+                    *c = Some(client);
+                }
+                restart::remember(workdir, &python);
+                server.owner = true;
                 Some(server)
             }
             Err(e) => {
@@ -378,6 +393,7 @@ impl FunctionServer {
                 child: child.clone(),
                 pid,
                 dir: dir.clone(),
+                owner: false,
             };
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
@@ -434,10 +450,21 @@ fn watch(
 
 impl Drop for FunctionServer {
     fn drop(&mut self) {
+        if self.owner {
+            restart::stop();
+        }
+        // A server that died and was reaped may have its pid reused: no
+        // signal to that group then.
+        let ended = self
+            .child
+            .lock()
+            .is_ok_and(|mut c| matches!(c.try_wait(), Ok(Some(_))));
         // The group holds the server and every call still running.
         // SAFETY: plain syscall on a process group we started.
-        unsafe {
-            libc::killpg(self.pid, libc::SIGKILL);
+        if !ended {
+            unsafe {
+                libc::killpg(self.pid, libc::SIGKILL);
+            }
         }
         if let Ok(mut c) = self.child.lock() {
             let _ = c.wait();

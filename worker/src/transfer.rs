@@ -225,12 +225,13 @@ pub(crate) async fn write_loop(
                 }
                 Outgoing::Done(finished) => {
                     let Finished {
-                        report,
+                        mut report,
                         outputs,
                         task_dir,
                         output_files,
                         ..
                     } = *finished;
+                    let big_result = take_big_result(&mut report);
                     let headers = outputs.iter().map(|(h, _)| h.clone()).collect();
                     let done = WorkerMsg::TaskDone {
                         report: Box::new(report),
@@ -239,6 +240,9 @@ pub(crate) async fn write_loop(
                     protocol::write_frame_in(&mut writer, &mut frame, &done).await?;
                     for (header, path) in &outputs {
                         stream_file(&mut writer, path, header.size).await?;
+                    }
+                    if let Some(body) = big_result {
+                        writer.write_all(&body).await?;
                     }
                     sent_sandboxes.push(Slot {
                         dir: task_dir,
@@ -269,6 +273,18 @@ pub(crate) async fn write_loop(
     Ok(())
 }
 
+/// A call's pickled outcome too big to go inline in its report frame
+/// (base64 would take it past the frame limit): taken out of the report,
+/// which says its size instead, to be sent raw after the output bodies.
+fn take_big_result(report: &mut TaskReport) -> Option<Vec<u8>> {
+    if !matches!(&report.call_result, Some(r) if r.len() > protocol::INLINE_RESULT_BYTES) {
+        return None;
+    }
+    let body = report.call_result.take()?;
+    report.call_result_size = Some(body.len() as u64);
+    Some(body)
+}
+
 /// Streams exactly `size` bytes of `path`: if the file changed size since the
 /// header was written, it is cut or zero-padded so the stream stays in step.
 async fn stream_file(writer: &mut Writer, path: &Path, size: u64) -> anyhow::Result<()> {
@@ -281,4 +297,28 @@ async fn stream_file(writer: &mut Writer, path: &Path, size: u64) -> anyhow::Res
         protocol::pad(writer, size - sent).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_call_result_over_the_inline_limit_leaves_the_report() {
+        let mut small = TaskReport::never_started(1, 1, protocol::Ending::Exited, 0);
+        small.call_result = Some(vec![1; protocol::INLINE_RESULT_BYTES]);
+        assert_eq!(take_big_result(&mut small), None);
+        assert_eq!(small.call_result_size, None);
+        assert!(small.call_result.is_some());
+
+        let mut big = small.clone();
+        big.call_result = Some(vec![2; protocol::INLINE_RESULT_BYTES + 1]);
+        let body = take_big_result(&mut big).expect("taken out");
+        assert_eq!(body.len(), protocol::INLINE_RESULT_BYTES + 1);
+        assert_eq!(big.call_result, None);
+        assert_eq!(big.call_result_size, Some(body.len() as u64));
+
+        let mut none = TaskReport::never_started(1, 1, protocol::Ending::Exited, 0);
+        assert_eq!(take_big_result(&mut none), None);
+    }
 }

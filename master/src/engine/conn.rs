@@ -381,13 +381,13 @@ async fn read_loop(
                 }
             }
         };
-        let msg = match msg {
+        let mut msg = match msg {
             Err(FrameError::Closed) => return "connection closed".into(),
             Err(FrameError::Io(e)) if is_auth_failure(&e) => return format!("{AUTH_FAILED}: {e}"),
             Err(e) => return format!("protocol error: {e}"),
             Ok(m) => m,
         };
-        if let WorkerMsg::TaskDone { report, outputs } = &msg {
+        if let WorkerMsg::TaskDone { report, outputs } = &mut msg {
             // The engine sent the plan before the task, so it is here by now.
             while let Ok(change) = plans.try_recv() {
                 match change {
@@ -410,7 +410,7 @@ async fn read_loop(
             // why, comes back that way); a failed or killed one's are not
             // trusted.
             let keep = report.ending == Ending::Exited && report.exit_code == Some(0);
-            match receive_outputs(&mut *reader, outputs, dests.as_deref(), keep).await {
+            match receive_attempt(&mut *reader, report, outputs, dests.as_deref(), keep).await {
                 Ok(None) => {}
                 Ok(Some(error)) => {
                     let failed = Event::OutputsFailed {

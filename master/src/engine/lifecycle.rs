@@ -443,14 +443,17 @@ impl<O: Outbox> Engine<O> {
         true
     }
 
-    /// The worker's cache lost an input we thought it had: it forgets that
-    /// and the task is queued again, within its retry budget. True if it was.
+    /// The worker's cache lost an input we thought it had (it forgets
+    /// that), or its function server died holding the call: the task is
+    /// queued again, within its retry budget (which bounds a call that
+    /// kills the server itself). True if it was.
     fn retry_input_missing(&mut self, ended: &Ended) -> bool {
         let (id, allocation, report) = (ended.id, ended.allocation, ended.report);
         let Some(task) = self.tasks.get_mut(&id) else {
             return false;
         };
-        if report.ending != Ending::InputMissing
+        let server_lost = function_server_lost(report);
+        if !(report.ending == Ending::InputMissing || server_lost)
             || task.cancelling
             || task.lost >= task.spec.max_retries
         {
@@ -460,7 +463,7 @@ impl<O: Outbox> Engine<O> {
         if let Sizing::Learned { cat, .. } = task.sizing {
             self.categories.note_retry(cat, RetryCause::Other);
         }
-        if let Some(w) = self.workers.get_mut(&ended.key) {
+        if let Some(w) = self.workers.get_mut(&ended.key).filter(|_| !server_lost) {
             for k in &task.cached_keys {
                 w.files.remove(k);
             }
@@ -776,10 +779,22 @@ fn worker_fault(report: &TaskReport) -> Option<String> {
         return None;
     }
     let error = report.error.as_deref().unwrap_or("task setup failed");
-    if drover_protocol::messages::setup_failure_is_the_tasks(error) {
+    if drover_protocol::messages::setup_failure_is_the_tasks(error) || function_server_lost(report)
+    {
         return None;
     }
     Some(format!("setup failed: {error}"))
+}
+
+/// Whether an attempt ended because the worker's function server died
+/// holding the call: neither the worker's failing (it starts a new server)
+/// nor known to be the call's, so it is run again within its retry budget.
+fn function_server_lost(report: &TaskReport) -> bool {
+    report.ending == Ending::SetupFailed
+        && report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(drover_protocol::messages::FUNCTION_SERVER_LOST))
 }
 
 /// A worker that refuses a task is kept out of placement this long, doubled

@@ -877,3 +877,58 @@ fn a_task_cancelled_during_its_recall_is_not_placed_again() {
     assert_eq!(results.len(), 1);
     assert_eq!(results[0].outcome, Outcome::Cancelled);
 }
+
+/// Issue 17: a call whose worker's function server died holding it runs
+/// again on the same worker, which is not blocked for it; a call that
+/// kills the server every time ends after its retry budget, saying why.
+#[test]
+fn a_call_lost_with_its_function_server_runs_again_within_its_retries() {
+    let mut h = Harness::new(0);
+    h.join(1, one_core_worker());
+    h.submit(1, "", declared_task());
+    let lost = |attempt| {
+        let mut r = ended(1, attempt, Ending::SetupFailed, 0.0);
+        r.error = Some(format!(
+            "{} while the call ran",
+            drover_protocol::messages::FUNCTION_SERVER_LOST
+        ));
+        r
+    };
+    let mut attempts = Vec::new();
+    loop {
+        h.e.schedule();
+        let runs = h.runs();
+        let Some((worker, run)) = runs.first() else {
+            break;
+        };
+        assert_eq!(*worker, 1);
+        assert_eq!(h.e.stats().workers_blocked, 0, "the worker was blamed");
+        attempts.push(run.attempt);
+        h.done(1, lost(run.attempt));
+    }
+    // The first run and five retries (the default budget), no more.
+    assert_eq!(attempts, [1, 2, 3, 4, 5, 6]);
+    let results = h.results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].outcome, Outcome::Failed);
+    let error = results[0].error.as_deref().unwrap_or_default();
+    assert!(
+        error.starts_with("the function server went away"),
+        "{error}"
+    );
+
+    // One lost attempt, then success: the task's result is the success.
+    h.submit(2, "", declared_task());
+    h.e.schedule();
+    let (_, run) = h.runs().remove(0);
+    let mut r = lost(run.attempt);
+    r.task_id = 2;
+    h.done(1, r);
+    h.e.schedule();
+    let (_, run) = h.runs().remove(0);
+    h.done(1, succeeded(2, run.attempt, 5.0));
+    let results = h.results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].outcome, Outcome::Success);
+    assert_eq!(results[0].attempts.len(), 2);
+}

@@ -139,7 +139,7 @@ impl<O: Outbox> Engine<O> {
 /// attempt's output nor a partial body ever replaces a user's file. Returns
 /// the first local write failure (with the OS error), which is the task's
 /// outcome; an `Err` is the connection's.
-pub(super) async fn receive_outputs<R: tokio::io::AsyncRead + Unpin>(
+async fn receive_outputs<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
     outputs: &[OutputHeader],
     dests: Option<&[(String, PathBuf)]>,
@@ -189,6 +189,43 @@ pub(super) async fn receive_outputs<R: tokio::io::AsyncRead + Unpin>(
         failure = parts.rename_all().await;
     }
     parts.remove_all().await;
+    Ok(failure)
+}
+
+/// The largest call outcome read as a body of its own: the function
+/// server's messages have a 32-bit length, so no worker sends more.
+const MAX_RESULT_BODY: u64 = u32::MAX as u64;
+
+/// What is reserved up front for a call outcome's body; a bigger one grows
+/// as its bytes arrive, so a size that lies costs no memory before them.
+const RESULT_PREALLOC: u64 = 64 << 20;
+
+/// Receives one attempt's output bodies ([`receive_outputs`]), then its
+/// call's pickled outcome when it was too big for the report frame
+/// ([`TaskReport::call_result_size`]): read into the report's
+/// `call_result` in memory (nothing on the master's disk), which is the
+/// one copy handed on to the user.
+pub(super) async fn receive_attempt<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    report: &mut TaskReport,
+    outputs: &[OutputHeader],
+    dests: Option<&[(String, PathBuf)]>,
+    keep: bool,
+) -> anyhow::Result<Option<String>> {
+    let failure = receive_outputs(&mut *reader, outputs, dests, keep).await?;
+    if let Some(size) = report.call_result_size.take() {
+        if size > MAX_RESULT_BODY {
+            anyhow::bail!(
+                "a call result of {size} bytes, over the {MAX_RESULT_BODY} a worker may send"
+            );
+        }
+        let mut body = Vec::with_capacity(size.min(RESULT_PREALLOC) as usize);
+        let got = (&mut *reader).take(size).read_to_end(&mut body).await?;
+        if got as u64 != size {
+            anyhow::bail!("connection closed in the middle of a call's result");
+        }
+        report.call_result = Some(body);
+    }
     Ok(failure)
 }
 
@@ -333,4 +370,47 @@ pub(super) async fn send_file(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report_of_size(size: u64) -> TaskReport {
+        let mut r = TaskReport::never_started(1, 1, Ending::Exited, 0);
+        r.call_result_size = Some(size);
+        r
+    }
+
+    #[tokio::test]
+    async fn a_call_result_sent_as_a_body_is_read_after_the_outputs() {
+        let outputs = [OutputHeader {
+            name: "o".into(),
+            size: 3,
+        }];
+        let result: Vec<u8> = (0..5_000_000u32).map(|i| i as u8).collect();
+        let mut wire = b"abc".to_vec();
+        wire.extend_from_slice(&result);
+        wire.extend_from_slice(b"next frame");
+        let mut reader = &wire[..];
+        let mut report = report_of_size(result.len() as u64);
+        let failure = receive_attempt(&mut reader, &mut report, &outputs, None, false)
+            .await
+            .expect("received");
+        assert_eq!(failure, None);
+        assert_eq!(report.call_result.as_deref(), Some(&result[..]));
+        assert_eq!(report.call_result_size, None);
+        assert_eq!(reader, b"next frame", "read exactly the bodies");
+    }
+
+    #[tokio::test]
+    async fn a_call_result_cut_short_is_the_connections_error() {
+        let mut reader = &b"only part"[..];
+        let mut report = report_of_size(100);
+        let got = receive_attempt(&mut reader, &mut report, &[], None, true).await;
+        assert!(got.is_err(), "{got:?}");
+        let mut report = report_of_size(MAX_RESULT_BODY + 1);
+        let got = receive_attempt(&mut &b""[..], &mut report, &[], None, true).await;
+        assert!(got.is_err(), "{got:?}");
+    }
 }
