@@ -21,8 +21,18 @@ run() {
 # Deselected on drover, each for a reason that is not drover's to fix:
 # - test_bad_stdout_file, test_bad_stderr_file: they expect /bad/dir to be
 #   uncreatable, which it is not for root (they fail on htex_local here too);
-# - test_resource (test_resource_spec.py): it accepts InvalidResourceSpecification only from the
-#   executors it names, so raising it, as Parsl's other executors do, fails.
+# - test_resource (test_resource_spec.py) submits one app with {cores: 1, memory: 1} and one
+#   with {cpus: 1, memory: 1, disk: 1}; when a call raises InvalidResourceSpecification it
+#   asserts that the executor is an instance of HighThroughputExecutor, WorkQueueExecutor or
+#   ThreadPoolExecutor, and any other exception fails it. Another executor passes only if both
+#   calls return normally, i.e. if it ignores the unknown key `cpus` (issue 17 asks drover to
+#   refuse it with InvalidResourceSpecification, as those three do: test_parsl.py
+#   test_unknown_resource_is_refused) and runs the app under the 1 MB it declared (drover
+#   enforces `memory`; a call measured over 1 MB ends resource_exhausted). Passing it would take
+#   dropping unknown keys and declared limits silently, or a DroverExecutor posing as one of
+#   the three classes: neither is honest, so it is deselected. Parsl marks the test issue_3620
+#   ("do not work correctly on GlobusComputeExecutor"): it fails for an executor outside its
+#   list upstream as well.
 known="not test_bad_stdout_file and not test_bad_stderr_file and not test_resource_spec"
 status=0
 DESELECT="$known" run "$here/drover_config.py" "$@" || status=$?

@@ -23,6 +23,7 @@ import weakref
 
 import cloudpickle
 from parsl.executors.base import ParslExecutor
+from parsl.app.errors import wrap_error
 from parsl.executors.errors import InvalidResourceSpecification
 
 from . import Manager, PythonTask
@@ -82,6 +83,30 @@ def stage_files(task, kwargs):
                 task.add_input_buffer(b"", os.path.join(sub, ".drover-dir"))
 
 
+#: The code of the wrapper Parsl puts around every python and bash app
+#: (parsl.app.errors.wrap_error): it returns the app's exception as a
+#: RemoteExceptionWrapper instead of raising it.
+_WRAP_ERROR_CODE = wrap_error(abs).__code__
+
+
+def unwrap_errors(func):
+    """The app inside Parsl's ``wrap_error`` wrapper, else `func` itself.
+
+    That wrapper is how HTEX carries an app's exception back as a value; a
+    drover call carries it by itself (the function's own exception,
+    re-raised by the future with the remote traceback as its cause, which
+    Parsl's DataFlowKernel treats exactly as a wrapped one). Shipping the
+    wrapper would also make every call import Parsl on the worker: its
+    function server would then hold all of Parsl, and each call's fork
+    would copy that much bigger process (about 3x the cost of a fork of a
+    plain function server, measured)."""
+    if getattr(func, "__code__", None) is _WRAP_ERROR_CODE:
+        inner = getattr(func, "__wrapped__", None)
+        if callable(inner):
+            return inner
+    return func
+
+
 class PickledOnce:
     """Stands for a callable whose pickle was made once: pickling this
     copies those bytes, and unpickling them (on the worker, with pickle
@@ -94,6 +119,7 @@ class PickledOnce:
     __slots__ = ("__wrapped__", "data")
 
     def __init__(self, func, data=None):
+        func = unwrap_errors(func)
         if data is None:
             ship_by_value(func)
             data = cloudpickle.dumps(func)
@@ -130,7 +156,7 @@ class _PickleCache:
             with self._lock:
                 data = self._by_func.get(func)
         except TypeError:  # not hashable or not weakly referable: pickled with each call
-            return func
+            return unwrap_errors(func)
         if data is not None:
             return PickledOnce(func, data)
         once = PickledOnce(func)

@@ -91,6 +91,9 @@ struct PyTask {
     category: Option<String>,
     priority: i32,
     resources: drover_master::Resources,
+    /// Whether submitting reads or removes files (inputs, outputs, a
+    /// packaged environment): only then is the GIL released for submit.
+    touches_files: bool,
 }
 
 impl PyTask {
@@ -103,6 +106,7 @@ impl PyTask {
             Some(r) => r,
             None => base_name(&path)?,
         };
+        self.touches_files = true;
         self.update(|t| t.input_file(path, remote, cache));
         Ok(())
     }
@@ -112,6 +116,7 @@ impl PyTask {
             Some(r) => r,
             None => base_name(&local)?,
         };
+        self.touches_files = true;
         self.update(|t| t.output_file(remote, local));
         Ok(())
     }
@@ -147,6 +152,7 @@ impl PyTask {
             category: None,
             priority: 0,
             resources: Default::default(),
+            touches_files: false,
         };
         for item in inputs.unwrap_or_default() {
             let (path, remote, cache) = parse_input(&item)?;
@@ -206,6 +212,7 @@ impl PyTask {
             t.update(|task| task.max_retries(r));
         }
         if let Some(e) = environment {
+            t.touches_files = true;
             t.update(|task| task.environment(e));
         }
         Ok(t)
@@ -361,6 +368,7 @@ impl PyTask {
 
     /// A packaged environment (from `drover pack create`) to run the command in.
     fn set_environment(mut slf: PyRefMut<'_, Self>, tarball: PathBuf) -> PyRefMut<'_, Self> {
+        slf.touches_files = true;
         slf.update(|t| t.environment(tarball));
         slf
     }
@@ -604,8 +612,19 @@ impl PyManager {
     fn submit(&self, py: Python<'_>, task: PyRef<'_, PyTask>) -> PyResult<u64> {
         let m = self.get()?;
         let t = task.inner.clone();
+        let touches_files = task.touches_files;
         drop(task);
-        py.allow_threads(|| m.m().submit(t)).map_err(submit_error)
+        if touches_files {
+            py.allow_threads(|| m.m().submit(t)).map_err(submit_error)
+        } else {
+            // Without files a submit is a few microseconds and never blocks
+            // (an unbounded channel; a manager's default environment is
+            // hashed once and memoized). Releasing the GIL for it would
+            // mean waiting to get it back behind the caller's other threads
+            // (Parsl's submit loop): 0.2 ms on average, measured, for 9 us
+            // of work.
+            m.m().submit(t).map_err(submit_error)
+        }
     }
 
     /// Queues many tasks at once (one crossing, the GIL released once).

@@ -57,6 +57,18 @@ def test_remote_exception_reaches_the_future(dfk):
         fails().result(timeout=300)
 
 
+def test_python_apps_run_without_parsl_on_the_worker(dfk):
+    @python_app
+    def parsl_imported_here():
+        import sys
+
+        return "parsl" in sys.modules
+
+    # Parsl's error wrapper stays behind: the function server that forks the
+    # call never imports Parsl, so each fork copies a small process.
+    assert parsl_imported_here().result(timeout=300) is False
+
+
 def test_unknown_resource_is_refused(dfk):
     from parsl.executors.errors import InvalidResourceSpecification
 
@@ -107,6 +119,13 @@ def test_an_apps_function_is_pickled_once_per_executor():
     # Unpickled with pickle alone (as on a worker), it is the function itself.
     back = pickle.loads(pickle.dumps(first))
     assert not isinstance(back, PickledOnce) and back(2) == 6
+    # Parsl's wrap_error wrapper is left out; its app is what is shipped.
+    from parsl.app.errors import wrap_error
+
+    wrapped = wrap_error(scale)
+    once = ex._pickled.get(wrapped)
+    assert once.__wrapped__ is scale and pickle.loads(pickle.dumps(once))(2) == 6
+    del wrapped, once
     # Callables that cannot be cached are passed through.
     unhashable = type("Unhashable", (), {"__call__": lambda self: 1, "__hash__": None})()
     assert ex._pickled.get(unhashable) is unhashable

@@ -28,7 +28,8 @@ def test_parsl_suite_subset(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PYTEST7, os.environ.get("PYTHONPATH")])))
     # Two of test_stdout's tests expect an unwritable /bad/dir, which root can
     # create; test_resource passes only for executors it names (HTEX, Work
-    # Queue, threads) when InvalidResourceSpecification is raised.
+    # Queue, threads) when InvalidResourceSpecification is raised (the full
+    # reason is in python/ci/parsl-suite.sh).
     skip = ["cleannet", "test_bad_stdout_file", "test_bad_stderr_file", "test_resource"]
     select = "(%s) and not (%s)" % (" or ".join(MODULES), " or ".join(skip))
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
