@@ -5,6 +5,7 @@ killed over a memory limit."""
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -111,3 +112,19 @@ def test_a_call_over_its_memory_limit_on_a_runner_is_killed_and_the_runner_repla
     after = run_one(one_slot, drover.PythonTask(pid).set_memory(100))
     assert after.outcome == "success", (after.outcome, after.error)
     assert after.output != runner
+
+
+def touch_and_hold(mb):
+    rss_then_touch(mb)
+    time.sleep(0.5)  # held, so that the server's sampling sees it
+    return os.getpid()
+
+
+def test_a_call_over_its_category_bucket_grows_in_place_on_its_runner(manager):
+    manager.category("grower", mode="bucketing", first={"memory": 100}, max={"memory": 1000})
+    r = run_one(manager, drover.PythonTask(touch_and_hold, 300).set_category("grower"), 300)
+    assert r.outcome == "success", (r.outcome, r.error, r.attempts)
+    # Stopped over its 100 MB and let go on with more: one attempt.
+    assert len(r.attempts) == 1, r.attempts
+    assert r.allocated["memory_mb"] > 300
+    assert r.measured["memory_mb"] >= 300
