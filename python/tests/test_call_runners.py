@@ -128,3 +128,29 @@ def test_a_call_over_its_category_bucket_grows_in_place_on_its_runner(manager):
     assert len(r.attempts) == 1, r.attempts
     assert r.allocated["memory_mb"] > 300
     assert r.measured["memory_mb"] >= 300
+
+
+def records_pid_then_sleeps(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_a_cancelled_call_ends_its_runner_and_the_next_call_runs(one_slot, tmp_path):
+    pidfile = tmp_path / "pid"
+    tid = one_slot.submit(drover.PythonTask(records_pid_then_sleeps, str(pidfile)))
+    deadline = time.monotonic() + 120
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner = int(pidfile.read_text())
+    one_slot.cancel(tid)
+    (r,) = wait_all(one_slot).values()
+    assert r.outcome == "cancelled", (r.outcome, r.error)
+    after = run_one(one_slot, drover.PythonTask(pid))
+    assert after.outcome == "success", (after.outcome, after.error)
+    assert after.output != runner
+    with pytest.raises(ProcessLookupError):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            os.kill(runner, 0)  # reaped by the server, so gone, not a zombie
+            time.sleep(0.05)

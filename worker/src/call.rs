@@ -1,11 +1,11 @@
 //! A Python function call ([`drover_protocol::FunctionCall`]) as a task:
-//! handed to the worker's function server. A call without memory or disk
-//! limits and without files runs on one of the server's long-lived call
-//! runners, which measures it by differences (no fork per call: the
-//! common case's speed); any other call gets a child forked for it, which
-//! the monitor adopts as the task's process, so its limits are enforced
-//! and its cgroup is its own. No shell, and no sandbox directory unless the
-//! call has files. Where the worker has no server, the call runs
+//! handed to the worker's function server. A call without files runs on
+//! one of the server's long-lived call runners, which measures it by
+//! differences while the server holds it to its memory limit (no fork per
+//! call: the common case's speed; see [`on_runner`]). A call with files
+//! gets a child forked for it, which the monitor adopts as the task's
+//! process (in its own cgroup where there is one) and which runs in the
+//! task's sandbox. No shell. Where the worker has no server, the call runs
 //! `remote.py` in a new interpreter as a command task ([`as_command`]).
 
 use std::path::Path;
@@ -174,15 +174,15 @@ fn monitored() -> bool {
     *ON.get_or_init(|| std::env::var("DROVER_CALL_MONITOR").map_or(true, |v| v != "0"))
 }
 
-/// Whether calls without limits run on call runners: `DROVER_CALL_RUNNERS=0`
+/// Whether calls without files run on call runners: `DROVER_CALL_RUNNERS=0`
 /// forks every call instead (to compare the two in one build).
 fn runners_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("DROVER_CALL_RUNNERS").map_or(true, |v| v != "0"))
 }
 
-/// Runs a call without files on one of the
-/// server's call runners, which measures it by differences. The server
+/// Runs a call without files on one of the server's call runners, which
+/// measures it by differences. The server
 /// samples the runner's resident set against the call's memory limit: over
 /// it, a call that may grow is stopped while the master is asked for more,
 /// any other is killed; a call that ended over it (between samples) is
