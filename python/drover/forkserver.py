@@ -56,11 +56,20 @@ started after a call exits, so that a leak does not inflate later peaks.
 A call that kills its runner (os._exit, a signal, a crash) ends with the
 runner's wait status and no outcome; the next call gets a new runner.
 Module-level state a call leaves in a runner (globals, imported modules,
-threads, signal handlers, sys.path) is seen by the next calls on it, as in
-any pool of persistent workers; the environment and working directory are
-restored. The worker sends only calls without memory or disk limits to
-runners: a runner's memory is not the call's own, and a cgroup charge does
-not move with a process.
+threads, signal handlers, sys.path, processes it started and left running)
+is seen by the next calls on it, as in any pool of persistent workers; the
+environment and working directory are restored.
+
+Memory limits on runners: the server reads each busy runner's resident set
+every SAMPLE_EVERY seconds while its call has a limit; over it, the runner
+is killed (``F`` then carries the resident set seen, over the limit), or,
+for a call that may grow, stopped with SIGSTOP and reported with ``G`` until
+the worker says ``U`` (go on with a bigger limit) or ``K``. The worker also
+holds the measured peak of a call that returned against its limit. The
+worker sends calls with files to forked children instead: those run in a
+sandbox, in a cgroup of their own where the worker has cgroups (a cgroup
+charge does not move with a long-lived process, so runners stay in the
+server's).
 
 A forked child (``R``) leads its own session (a kill of the task reaches
 what it starts), joins the task's cgroup before running anything, points

@@ -116,7 +116,7 @@ def test_a_call_over_its_memory_limit_on_a_runner_is_killed_and_the_runner_repla
 
 def touch_and_hold(mb):
     rss_then_touch(mb)
-    time.sleep(0.5)  # held, so that the server's sampling sees it
+    time.sleep(2)  # held, so that the server's sampling (every 10 ms) sees it
     return os.getpid()
 
 
