@@ -154,3 +154,27 @@ def test_a_cancelled_call_ends_its_runner_and_the_next_call_runs(one_slot, tmp_p
         while time.monotonic() < deadline:
             os.kill(runner, 0)  # reaped by the server, so gone, not a zombie
             time.sleep(0.05)
+
+
+def logs_then_maybe_dies(path, i):
+    with open(path, "a") as f:
+        f.write("%d\n" % i)
+    if i % 20 == 7:
+        os._exit(5)
+    return i
+
+
+def test_runners_dying_among_many_calls_lose_none_and_run_none_twice(manager, tmp_path):
+    log = tmp_path / "log"
+    ids = {manager.submit(drover.PythonTask(logs_then_maybe_dies, str(log), i).set_max_retries(0)): i
+           for i in range(200)}
+    results = wait_all(manager, 300)
+    assert sorted(ids) == sorted(results)
+    for tid, r in results.items():
+        i = ids[tid]
+        if i % 20 == 7:
+            assert r.outcome != "success" and "runner" in (r.error or ""), (i, r.outcome, r.error)
+        else:
+            assert (r.outcome, r.output) == ("success", i), (i, r.outcome, r.error)
+    ran = sorted(int(x) for x in log.read_text().split())
+    assert ran == list(range(200))  # each call ran exactly once
