@@ -27,10 +27,23 @@ def drover_bin():
     return drover.find_drover()
 
 
+def _one_worker(cores):
+    m = drover.Manager(port=0)
+    m.local_workers(1, cores=cores)
+    return m
+
+
 @pytest.fixture
 def manager():
-    m = drover.Manager(port=0)
-    m.local_workers(1, cores=2)
+    m = _one_worker(2)
+    yield m
+    m.shutdown()
+
+
+@pytest.fixture
+def one_slot():
+    """One worker with one slot: consecutive calls share one call runner."""
+    m = _one_worker(1)
     yield m
     m.shutdown()
 

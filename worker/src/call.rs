@@ -1,9 +1,12 @@
 //! A Python function call ([`drover_protocol::FunctionCall`]) as a task:
-//! handed to the worker's function server, which forks a child for it; the
-//! monitor adopts the child as the task's process. No shell, and no sandbox
-//! directory unless the call has files. Where the worker has no server, the
-//! call runs `remote.py` in a new interpreter as a command task
-//! ([`as_command`]).
+//! handed to the worker's function server. A call without files runs on
+//! one of the server's long-lived call runners, which measures it by
+//! differences while the server holds it to its memory limit (no fork per
+//! call: the common case's speed; see [`on_runner`]). A call with files
+//! gets a child forked for it, which the monitor adopts as the task's
+//! process (in its own cgroup where there is one) and which runs in the
+//! task's sandbox. No shell. Where the worker has no server, the call runs
+//! `remote.py` in a new interpreter as a command task ([`as_command`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +14,9 @@ use std::time::Instant;
 
 use drover_monitor::SpawnOptions;
 use drover_protocol::messages::FUNCTION_SERVER_LOST;
-use drover_protocol::{cap_output, Ending, FunctionCall, RunTask, TaskReport, CALL_FILE};
+use drover_protocol::{
+    cap_output, Ending, FunctionCall, LimitHit, RunTask, TaskReport, WorkerMsg, CALL_FILE,
+};
 use tokio::sync::mpsc;
 
 use crate::exec::Running;
@@ -20,7 +25,9 @@ use crate::growth;
 use crate::task::{
     describe, dev_null, now_ms, prepare, supervise, task_limits, Control, NotStarted, TaskContext,
 };
-use crate::transfer::Finished;
+use crate::transfer::{Finished, Outgoing};
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// Where a call run in its own interpreter leaves its pickled outcome.
 const RESULT_FILE: &str = ".drover-result.pkl";
@@ -61,6 +68,10 @@ pub(crate) async fn run_call(
         (None, ctx.output_files.take())
     };
     let limits = task_limits(&task);
+    // Without files there is no sandbox, so no disk to limit.
+    if !has_files && runners_on() {
+        return on_runner(task, ctx, control, client, report, slot_files).await;
+    }
     let reserved = (monitored() || has_files).then(|| ctx.monitor.reserve(&limits));
     let sent = client.call(&Request {
         cwd: cwd.as_deref(),
@@ -164,6 +175,178 @@ fn monitored() -> bool {
     *ON.get_or_init(|| std::env::var("DROVER_CALL_MONITOR").map_or(true, |v| v != "0"))
 }
 
+/// Whether calls without files run on call runners: `DROVER_CALL_RUNNERS=0`
+/// forks every call instead (to compare the two in one build).
+fn runners_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DROVER_CALL_RUNNERS").map_or(true, |v| v != "0"))
+}
+
+/// Runs a call without files on one of the server's call runners, which
+/// measures it by differences. The server
+/// samples the runner's resident set against the call's memory limit: over
+/// it, a call that may grow is stopped while the master is asked for more,
+/// any other is killed; a call that ended over it (between samples) is
+/// over it too unless it may grow. Either way the call ends as over its
+/// limit, and its category retries it bigger. Its wall time limit and a
+/// cancel kill the runner (the server starts another for the next call);
+/// so does a call that ends its own process, which then ends with the
+/// runner's exit status and no outcome.
+async fn on_runner(
+    task: RunTask,
+    ctx: TaskContext,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    client: Arc<Client>,
+    mut report: TaskReport,
+    slot_files: Option<(std::fs::File, std::fs::File)>,
+) -> Finished {
+    let Some(call) = task.call.as_ref() else {
+        report.error = Some("not a function call".into());
+        return ctx.finished(&task, report, Vec::new(), slot_files);
+    };
+    let limits = task_limits(&task);
+    let growable = task.growable && limits.memory_mb.is_some();
+    let mut limit_mb = limits.memory_mb;
+    let sent = client.call_on_runner(
+        &Request {
+            cwd: None,
+            cgroup_procs: None,
+            modules: &call.modules,
+            env: &task.env,
+            payload: &call.payload,
+        },
+        limit_mb.map(|mb| (mb, growable)),
+    );
+    let (id, mut events) = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            report.error = Some(server_lost(format_args!("handing it the call: {e}")));
+            return ctx.finished(&task, report, Vec::new(), slot_files);
+        }
+    };
+    report.started_ms = now_ms();
+    let started = Instant::now();
+    let deadline = async {
+        match limits.wall_time {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut ending = Ending::Exited;
+    // The resident set (MB) the runner was stopped at, over its limit.
+    let mut frozen: Option<f64> = None;
+    let mut refused: Option<f64> = None;
+    let done = loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(Event::Done(d)) => break Some(d),
+                None | Some(Event::Lost) => break None,
+                Some(Event::Started(_)) => {}
+                Some(Event::Frozen(rss)) => {
+                    let used = rss as f64 / MIB;
+                    frozen = Some(used);
+                    let _ = ctx.to_master.send(Outgoing::Msg(WorkerMsg::Grow {
+                        task_id: task.task_id,
+                        attempt: task.attempt,
+                        limit_mb: limit_mb.unwrap_or(0) as f64,
+                        used_mb: used,
+                    }));
+                }
+            },
+            _ = &mut deadline, if ending == Ending::Exited => {
+                ending = Ending::WallTime;
+                let _ = client.kill(id);
+            }
+            c = control.recv(), if ending == Ending::Exited => match c {
+                // A dropped sender (lost connection) also means kill.
+                None | Some(Control::Kill) => {
+                    ending = Ending::Killed;
+                    let _ = client.kill(id);
+                }
+                Some(Control::Grow(allocation)) => {
+                    if frozen.take().is_some() {
+                        limit_mb = Some(allocation.memory_mb);
+                        if client.grow(id, allocation.memory_mb).is_err() {
+                            let _ = client.kill(id);
+                        }
+                    }
+                }
+                Some(Control::Refuse) => {
+                    if let Some(used) = frozen.take() {
+                        refused = Some(used);
+                        let _ = client.kill(id);
+                    }
+                }
+            }
+        }
+    };
+    let Some(done) = done else {
+        client.forget(id);
+        report.error = Some(server_lost(format_args!("while the call ran")));
+        return ctx.finished(&task, report, Vec::new(), slot_files);
+    };
+    if libc::WIFSIGNALED(done.status) {
+        report.signal = Some(libc::WTERMSIG(done.status));
+    } else {
+        report.exit_code = Some(libc::WEXITSTATUS(done.status));
+    }
+    let wall = done.wall.unwrap_or_else(|| started.elapsed().as_secs_f64());
+    let used = refused.unwrap_or(done.maxrss as f64 / MIB);
+    report.measured.wall_time_s = wall;
+    report.measured.cpu_time_s = done.cpu;
+    report.measured.memory_mb = used;
+    report.measured.cores = if wall > 0.0 { done.cpu / wall } else { 0.0 };
+    report.measured.summary = Some(serde_json::json!({
+        "monitor_method": "runner",
+        "wall_time": wall,
+        "cpu_time": done.cpu,
+        "memory": used,
+    }));
+    // Killed over its limit, refused growth, or (not growable) ended over
+    // it between two samples.
+    let over = limit_mb.filter(|&mb| refused.is_some() || (!growable && used > mb as f64));
+    if let (Some(limit), Ending::Exited) = (over, ending) {
+        ending = Ending::LimitExceeded;
+        report.error = Some(format!(
+            "memory went over its limit: {used:.1} MB used, {limit:.1} MB allowed"
+        ));
+        report.limit_exceeded = Some(LimitHit {
+            resource: "memory".into(),
+            limit: limit as f64,
+            value: used,
+        });
+    }
+    if ending == Ending::WallTime {
+        report.limit_exceeded = Some(LimitHit {
+            resource: "wall_time".into(),
+            limit: limits.wall_time.map_or(0.0, |d| d.as_secs_f64()),
+            value: wall,
+        });
+    }
+    report.ending = ending;
+    match done.outcome {
+        Some(outcome) => {
+            report.stdout = cap_output(&outcome.stdout);
+            report.stderr = cap_output(&outcome.stderr);
+            if ending == Ending::Exited {
+                set_call_result(&mut report, outcome.raised, outcome.result);
+            }
+        }
+        None if ending == Ending::Exited => {
+            report.error = Some(format!(
+                "the call ended its runner process ({}) before it returned",
+                match report.signal {
+                    Some(s) => format!("signal {s}"),
+                    None => format!("exit status {}", report.exit_code.unwrap_or(0)),
+                }
+            ));
+        }
+        None => {}
+    }
+    ctx.finished(&task, report, Vec::new(), slot_files)
+}
+
 /// A call run without the monitor: only its exit and rusage are known.
 async fn unwatched(
     task: RunTask,
@@ -216,7 +399,7 @@ async fn until_lost(events: &mut mpsc::UnboundedReceiver<Event>, done: &mut Opti
                 *done = Some(d);
                 return std::future::pending().await;
             }
-            Some(Event::Started(_)) => {}
+            Some(Event::Started(_)) | Some(Event::Frozen(_)) => {}
             None | Some(Event::Lost) => return,
         }
     }
@@ -229,7 +412,7 @@ async fn wait_done(events: &mut mpsc::UnboundedReceiver<Event>) -> Option<Done> 
         match events.recv().await? {
             Event::Done(d) => return Some(d),
             Event::Lost => return None,
-            Event::Started(_) => {}
+            Event::Started(_) | Event::Frozen(_) => {}
         }
     }
 }

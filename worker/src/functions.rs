@@ -1,6 +1,17 @@
 //! The worker's Python function server: one persistent interpreter per
-//! worker process that forks each Python call instead of starting an
+//! worker process that runs each Python call on a long-lived call runner it
+//! forked once, or in a child it forks for the call, instead of starting an
 //! interpreter for it (TaskVine's "library" idea, HTEX's worker pool).
+//!
+//! A call without files runs on a runner: no fork per call. The runner
+//! measures the call by differences (CPU, wall, its peak resident set after
+//! resetting it) and the server samples its resident set against the
+//! call's memory limit, stopping (to grow) or killing it over the limit
+//! (see `call.rs`). A call with files gets a child forked for it, watched
+//! by the monitor in its own cgroup where there is one.
+//! Runners share state between calls (modules, globals), as any pool of
+//! persistent workers does; each call's environment and directory are
+//! restored after it.
 //!
 //! A task with a [`drover_protocol::FunctionCall`] is handed to the server
 //! over one socket pair, with length-prefixed messages multiplexed by call
@@ -79,8 +90,13 @@ pub fn runner() -> Option<&'static Path> {
 pub enum Event {
     /// The call's child runs as this pid.
     Started(i32),
-    /// The child ended and was reaped (after [`Client::adopted`]).
+    /// The child ended and was reaped (after [`Client::adopted`]), or the
+    /// runner answered or died.
     Done(Done),
+    /// The runner of a call that may grow went over its memory limit with
+    /// this resident set (bytes) and is stopped until [`Client::grow`] or
+    /// [`Client::kill`].
+    Frozen(u64),
     /// The server is gone.
     Lost,
 }
@@ -94,6 +110,9 @@ pub struct Done {
     pub cpu: f64,
     /// Peak resident set, bytes.
     pub maxrss: u64,
+    /// The call's own wall seconds, as a call runner measured it; `None`
+    /// for a forked child (its monitor measures it).
+    pub wall: Option<f64>,
     /// What the child sent back; `None` when it died before.
     pub outcome: Option<Outcome>,
 }
@@ -133,10 +152,43 @@ impl Client {
         !self.lost.load(Ordering::Acquire)
     }
 
-    /// Sends a call; its events come on the receiver.
+    /// Sends a call to run in a forked child; its events come on the
+    /// receiver: [`Event::Started`], then [`Event::Done`] after
+    /// [`Client::adopted`].
     pub fn call(
         &self,
         req: &Request<'_>,
+    ) -> std::io::Result<(u64, mpsc::UnboundedReceiver<Event>)> {
+        let procs = req.cgroup_procs.map(|c| c.to_bytes()).unwrap_or(b"");
+        self.request(b'R', req, procs)
+    }
+
+    /// Sends a call to run on one of the server's call runners, measured
+    /// by the runner: [`Event::Done`] (or [`Event::Lost`]), after
+    /// [`Event::Frozen`] for a call that may grow. The server kills the
+    /// runner when its resident set goes over the limit of `memory_mb`
+    /// (MB, and whether the call may grow instead); [`Client::kill`] kills
+    /// it too.
+    pub fn call_on_runner(
+        &self,
+        req: &Request<'_>,
+        memory_mb: Option<(u64, bool)>,
+    ) -> std::io::Result<(u64, mpsc::UnboundedReceiver<Event>)> {
+        let limit = match memory_mb {
+            Some((mb, true)) => format!("{mb}g"),
+            Some((mb, false)) => mb.to_string(),
+            None => String::new(),
+        };
+        self.request(b'Q', req, limit.as_bytes())
+    }
+
+    /// Sends `kind` with `req`, whose second field is `second` (the cgroup
+    /// to join, or a runner call's memory limit).
+    fn request(
+        &self,
+        kind: u8,
+        req: &Request<'_>,
+        second: &[u8],
     ) -> std::io::Result<(u64, mpsc::UnboundedReceiver<Event>)> {
         use std::os::unix::ffi::OsStrExt;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -152,7 +204,7 @@ impl Client {
             .into_bytes();
         for part in [
             req.cwd.map(|p| p.as_os_str().as_bytes()).unwrap_or(b""),
-            req.cgroup_procs.map(|c| c.to_bytes()).unwrap_or(b""),
+            second,
             req.modules.join(",").as_bytes(),
             &env,
         ] {
@@ -160,7 +212,7 @@ impl Client {
             body.extend_from_slice(part);
         }
         body.extend_from_slice(req.payload);
-        let sent = self.send(b'R', id, &body);
+        let sent = self.send(kind, id, &body);
         if sent.is_err() {
             self.forget(id);
         }
@@ -172,7 +224,13 @@ impl Client {
         self.send(b'A', id, &[])
     }
 
-    /// The worker could not watch the call: the server ends it.
+    /// A frozen runner's call may go on with a limit of `memory_mb`.
+    pub fn grow(&self, id: u64, memory_mb: u64) -> std::io::Result<()> {
+        self.send(b'U', id, &memory_mb.to_be_bytes())
+    }
+
+    /// The worker could not watch the call, or gives up on it: the server
+    /// ends it (a runner's call, by killing the runner).
     pub fn kill(&self, id: u64) -> std::io::Result<()> {
         self.send(b'K', id, &[])
     }
@@ -271,10 +329,18 @@ fn parse_event(kind: u8, b: &[u8]) -> Option<Event> {
         b'P' => Some(Event::Started(i32::from_be_bytes(
             take(b, &mut at, 4)?.try_into().ok()?,
         ))),
-        b'D' => {
+        b'G' => Some(Event::Frozen(u64::from_be_bytes(
+            take(b, &mut at, 8)?.try_into().ok()?,
+        ))),
+        b'D' | b'F' => {
             let status = i32::from_be_bytes(take(b, &mut at, 4)?.try_into().ok()?);
             let cpu = f64::from_be_bytes(take(b, &mut at, 8)?.try_into().ok()?);
             let maxrss = u64::from_be_bytes(take(b, &mut at, 8)?.try_into().ok()?);
+            let wall = if kind == b'F' {
+                Some(f64::from_be_bytes(take(b, &mut at, 8)?.try_into().ok()?))
+            } else {
+                None
+            };
             let outcome = if at == b.len() {
                 None
             } else {
@@ -290,6 +356,7 @@ fn parse_event(kind: u8, b: &[u8]) -> Option<Event> {
                 status,
                 cpu,
                 maxrss,
+                wall,
                 outcome,
             }))
         }

@@ -109,7 +109,19 @@ enum Cleaned {
 fn clean(slot: &Slot, may_remove: bool) -> io::Result<Cleaned> {
     let dir = &slot.dir;
     let sandbox = dir.join(SANDBOX);
-    let meta = fs::symlink_metadata(&sandbox)?;
+    let meta = match fs::symlink_metadata(&sandbox) {
+        Ok(meta) => meta,
+        // A new slot no task created (a Python call without files runs on
+        // the function server): as clean as when it was taken, with no
+        // hand-off to the blocking pool to remove nothing.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && slot.outputs.is_none() => {
+            return match fs::symlink_metadata(dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Cleaned::Yes),
+                _ => Err(e),
+            };
+        }
+        Err(e) => return Err(e),
+    };
     if !meta.is_dir() {
         return Err(io::Error::other("the sandbox is no longer a directory"));
     }
@@ -181,6 +193,20 @@ mod tests {
         fs::write(dir.join(STDERR), b"").unwrap();
         fs::set_permissions(&sb, fs::Permissions::from_mode(0o500)).unwrap();
         slot
+    }
+
+    #[test]
+    fn a_slot_no_task_created_is_reused_without_a_trace() {
+        let root = tempfile::tempdir().unwrap();
+        let slots = Slots::new(root.path().to_owned(), 4);
+        let slot = slots.take();
+        let dir = slot.dir.clone();
+        assert!(
+            slots.recycle_if_quick(slot).is_none(),
+            "quick: nothing to look at"
+        );
+        assert_eq!(slots.take().dir, dir);
+        assert!(!dir.exists());
     }
 
     #[test]
