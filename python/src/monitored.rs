@@ -50,7 +50,7 @@ fn done_of(events: &mut UnboundedReceiver<Event>) -> Option<Done> {
         match events.blocking_recv()? {
             Event::Done(d) => return Some(d),
             Event::Lost => return None,
-            Event::Started(_) => {}
+            Event::Started(_) | Event::Frozen(_) => {}
         }
     }
 }
