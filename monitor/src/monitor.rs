@@ -147,6 +147,9 @@ pub(crate) struct CoreState {
     /// When the sleeping sampler means to wake; `None` while it works, or
     /// has no task.
     pub(crate) sleeping_until: Option<Instant>,
+    /// A task that wants a first look (see [`FIRST_LOOK`]) started since
+    /// the sampler's last pass began.
+    pub(crate) closely_started: bool,
 }
 
 impl CoreState {
@@ -250,7 +253,10 @@ impl Monitor {
     /// Like [`Monitor::spawn`], for an [`Exec`]: the child is started with
     /// `clone(CLONE_VM | CLONE_VFORK)` instead of `fork`, which in a big
     /// multi-threaded process is several times cheaper (see the `spawn`
-    /// module). The worker starts every task this way.
+    /// module). The worker starts every task this way. A child born in a
+    /// cgroup of a process without a controlling terminal leads a process
+    /// group of its own rather than a session, which costs less; it has no
+    /// controlling terminal either way.
     pub fn spawn_exec(
         &self,
         exec: Exec,
@@ -293,7 +299,12 @@ impl Monitor {
                     .map(|fd| fd.as_fd()),
             });
             match how {
-                Launch::Exec(exec) => (exec.command_line(), spawn::spawn(exec, cgroup, fd_limit)),
+                Launch::Exec(exec) => {
+                    let exec_line = exec.command_line();
+                    let own_session = spawn::own_session_needed(cgroup.is_some());
+                    let pid = spawn::spawn(exec, cgroup, fd_limit, own_session);
+                    (exec_line, pid)
+                }
                 Launch::Command(cmd) => {
                     let mut command = cmd.get_program().to_string_lossy().into_owned();
                     for a in cmd.get_args() {
@@ -419,6 +430,7 @@ impl Monitor {
         let wake = {
             let mut s = lock(&core.state);
             s.tasks.push(Arc::clone(&task));
+            s.closely_started |= watch_closely;
             let sleeper_too_late = watch_closely && s.look_by(task.start + FIRST_LOOK);
             s.tasks.len() == 1 || sleeper_too_late
         };

@@ -93,6 +93,8 @@ pub(crate) struct TaskState {
     /// The monitor killed the tree (a limit, a cancel, a drop).
     pub(crate) killed: bool,
     pub(crate) exit_signalled: bool,
+    /// The root has exited (it is being finished): a kill is for what it left.
+    pub(crate) root_exited: bool,
     pub(crate) reaped: bool,
     pub(crate) finished: bool,
     pub(crate) series: Option<Box<dyn Write + Send>>,
@@ -134,6 +136,16 @@ impl Task {
             Some(g) => self.group_members(g, st, reader, pids),
             None => self.known_members(st, reader),
         }
+    }
+
+    /// Whether the root, our own child, has exited: its task is about to
+    /// be finished, and the final sample measures it then, so a sample now
+    /// would only be read again. (An adopted root is reaped by its own
+    /// parent, which may take a while to report: it is sampled as usual.)
+    pub(crate) fn root_exited(&self) -> bool {
+        self.is_pidfd
+            && !self.adopted
+            && crate::sys::wait_readable(self.exit_fd.as_fd(), 0).unwrap_or(false)
     }
 
     /// The group's processes. A process already seen is re-read through
@@ -331,7 +343,9 @@ impl Task {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        if self.is_pidfd {
+        if st.root_exited {
+            // Signalling an exited root does nothing.
+        } else if self.is_pidfd {
             // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
             unsafe {
                 libc::syscall(

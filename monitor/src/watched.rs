@@ -53,7 +53,9 @@ impl Watched {
         self.wait()
     }
 
-    /// Pid of the root process (also its session and process group id).
+    /// Pid of the root process (also its process group id, and its
+    /// session id unless it was started in a cgroup by a process without a
+    /// controlling terminal).
     pub fn pid(&self) -> i32 {
         self.task.pid
     }
@@ -150,6 +152,7 @@ impl Watched {
         if !exited {
             return Ok(None);
         }
+        st.root_exited = true;
         let end = Instant::now();
         let end_epoch = epoch_now();
         let mut reader = ProcReader::new();

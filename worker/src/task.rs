@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover_monitor::{Exec, Limits, Monitor, Report, SpawnOptions};
+use drover_monitor::{BaseEnv, Exec, Limits, Monitor, Report, SpawnOptions};
 use drover_protocol::{
     self as protocol, Ending, LimitHit, Measured, OutputHeader, Resources, RunTask, TaskReport,
 };
@@ -244,7 +244,7 @@ fn launch(
     } = ready;
     let limits = task_limits(task);
     // `sh -c` semantics; a plain `prog args` skips starting the shell.
-    let mut cmd = Exec::shell(&task.command);
+    let mut cmd = Exec::shell_in(&task.command, worker_env());
     cmd.current_dir(&sandbox);
     cmd.stdin(dev_null()?);
     // No O_TRUNC: a slot's output files are empty or absent (see
@@ -467,6 +467,13 @@ async fn activate(
     };
     drover_packager::activation_env(&root, &path)
         .map_err(|e| EnvError::Setup(format!("environment {file_id} cannot be activated: {e:#}")))
+}
+
+/// The worker's environment, which every task starts from, taken once:
+/// the worker never changes its own.
+fn worker_env() -> BaseEnv {
+    static ENV: std::sync::OnceLock<BaseEnv> = std::sync::OnceLock::new();
+    ENV.get_or_init(BaseEnv::current).clone()
 }
 
 /// A duplicate of one `/dev/null` kept open for the worker's life: a dup
