@@ -106,6 +106,11 @@ pub struct SpawnOptions {
     /// let report = watched.wait().unwrap();
     /// ```
     pub on_memory_limit: Option<MemoryLimitHook>,
+    /// Open files outside the sandbox that count against the task's disk
+    /// as if they were in it (each one entry, its size in bytes), such as
+    /// the files its standard output and error go to. Read through these
+    /// descriptors, they cost no directory walk.
+    pub disk_files: Vec<std::fs::File>,
 }
 
 /// One shared poller. Clone is cheap (Arc inside). Creating it spawns exactly
@@ -425,6 +430,7 @@ impl Monitor {
             oom_baseline: core.machine.baseline(core.interval * 2),
             limits,
             on_memory_limit: opts.on_memory_limit,
+            disk_files: opts.disk_files,
         });
         let watch_closely = task.limits.memory_mb.is_some();
         let wake = {

@@ -34,6 +34,8 @@ pub(crate) struct Task {
     pub(crate) sandbox: Option<PathBuf>,
     pub(crate) limits: Limits,
     pub(crate) on_memory_limit: Option<MemoryLimitHook>,
+    /// Files outside the sandbox counted as in it ([`crate::SpawnOptions::disk_files`]).
+    pub(crate) disk_files: Vec<std::fs::File>,
     /// The machine's OOM-kill count at the start, to tell at the end
     /// whether the kernel's OOM killer ran meanwhile.
     pub(crate) oom_baseline: OomBaseline,
@@ -74,6 +76,9 @@ pub(crate) struct TaskState {
     pub(crate) next_disk: Option<Instant>,
     /// How long the last walk of the sandbox took.
     pub(crate) disk_walk: Duration,
+    /// Entries found in the sandbox itself (not counting `disk_files`) by
+    /// the last walk; `None` before one, or if it could not be read.
+    pub(crate) sandbox_entries: Option<u64>,
     /// Past half its memory limit at the last sample, or on course to pass
     /// it before the next full pass: sampled more often.
     pub(crate) near_limit: bool,

@@ -158,6 +158,10 @@ impl Watched {
         let mut reader = ProcReader::new();
         let mut buf = String::new();
         let mut pids = Vec::new();
+        // A task group with no live process stays so (see
+        // `TaskGroup::populated`): what the final walk sees is then what
+        // the tree left.
+        let tree_gone = task.group.as_ref().is_some_and(|g| !g.populated());
         let members = task.members_now(&st, &mut reader, &mut pids);
         let mut cx = Sample {
             core,
@@ -228,7 +232,12 @@ impl Watched {
         let mut summary = summarize(task, &st, exit, end, end_epoch, cpu, memory);
         summary.memory_exhausted = memory_exhausted;
         st.series = None;
-        Ok(Some(Report { exit, summary }))
+        let sandbox_empty = st.sandbox_entries.filter(|_| tree_gone).map(|n| n == 0);
+        Ok(Some(Report {
+            exit,
+            summary,
+            sandbox_empty,
+        }))
     }
 
     /// Whether finishing can block: `false` once the root has exited if the

@@ -351,6 +351,60 @@ fn background_children_die_when_the_task_ends() {
     }
 }
 
+/// Files given as `disk_files` count against the disk as if in the
+/// sandbox, and the report says whether the sandbox was left empty, when
+/// the monitor can know it (a task group with no process left; not /proc).
+#[test]
+fn disk_files_count_and_an_empty_sandbox_is_reported() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sandbox");
+        std::fs::create_dir(&sandbox).unwrap();
+        let outside = dir.path().join("out.log");
+        std::fs::write(&outside, vec![b'x'; 3000]).unwrap();
+        let m = monitor(method);
+        let run = |command: &str| {
+            let mut exec = drover_monitor::Exec::shell(command);
+            exec.current_dir(&sandbox);
+            let opts = drover_monitor::SpawnOptions {
+                disk_files: vec![std::fs::File::open(&outside).unwrap()],
+                ..Default::default()
+            };
+            m.spawn_exec_with(exec, Some(&sandbox), Limits::default(), opts)
+                .unwrap()
+                .wait()
+                .unwrap()
+        };
+        let known = |r: &Report, empty: bool| {
+            if r.summary.monitor_method == "proc" {
+                assert_eq!(r.sandbox_empty, None, "{method:?}");
+            } else {
+                assert_eq!(r.sandbox_empty, Some(empty), "{method:?}");
+            }
+        };
+
+        let r = run("true");
+        assert_eq!(r.summary.total_files, 1, "{method:?}: {:?}", r.summary);
+        assert!(
+            (r.summary.disk - 3000.0 / MB).abs() < 0.002,
+            "{:?}",
+            r.summary
+        );
+        known(&r, true);
+
+        let r = run("head -c 2000 /dev/zero > f");
+        assert_eq!(r.summary.total_files, 2, "{method:?}: {:?}", r.summary);
+        assert!(
+            (r.summary.disk - 5000.0 / MB).abs() < 0.002,
+            "{:?}",
+            r.summary
+        );
+        known(&r, false);
+    }
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
 #[test]
 fn missing_command_is_an_error() {
     for method in METHODS {
