@@ -197,6 +197,25 @@ impl Task {
         out
     }
 
+    /// The task's processes once its root has exited and its group holds
+    /// no live process: the root alone, a zombie, as last seen. Reading its
+    /// /proc entry would tell nothing more: a zombie uses no memory, and
+    /// the group's `cpu.stat` (with the root's rusage) gives the CPU time.
+    pub(crate) fn exited_root(&self, st: &TaskState) -> ProcStat {
+        let seen = st.members.get(&self.pid);
+        ProcStat {
+            pid: self.pid,
+            ppid: seen.map_or(0, |m| m.ppid),
+            pgrp: self.pid,
+            session: 0,
+            starttime: seen.map_or(0, |m| m.starttime),
+            zombie: true,
+            cpu_ticks: seen.map_or(0, |m| m.cpu_ticks),
+            vsize: 0,
+            rss_bytes: 0,
+        }
+    }
+
     /// Known processes only, for the final sample of a /proc-mode task,
     /// which must not cost a full /proc scan per finished task.
     pub(crate) fn known_members(&self, st: &TaskState, reader: &mut ProcReader) -> Vec<ProcStat> {

@@ -162,7 +162,11 @@ impl Watched {
         // `TaskGroup::populated`): what the final walk sees is then what
         // the tree left.
         let tree_gone = task.group.as_ref().is_some_and(|g| !g.populated());
-        let members = task.members_now(&st, &mut reader, &mut pids);
+        let members = if tree_gone {
+            vec![task.exited_root(&st)]
+        } else {
+            task.members_now(&st, &mut reader, &mut pids)
+        };
         let mut cx = Sample {
             core,
             reader: &mut reader,
@@ -197,8 +201,9 @@ impl Watched {
             g.kill();
             g.wait_empty();
             // Read after the group emptied, so the CPU of leftovers killed
-            // just now is included.
-            if let Some(us) = g.cpu_usec() {
+            // just now is included (the final sample's read has it all when
+            // there were none).
+            if let Some(us) = g.cpu_usec().filter(|_| !tree_gone) {
                 cpu = cpu.max(us as f64 / 1e6);
             }
             if let Some(m) = g.memory_peak() {
