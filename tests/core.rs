@@ -622,16 +622,26 @@ fn a_reused_task_directory_carries_nothing_over() {
     // One core: every task runs in the directory the previous one left.
     let _w = Worker::start(m.port(), &["--cores", "1"]);
     let mut ids = Vec::new();
-    for i in 0..6 {
+    for i in 0..9 {
+        // Files and a read-only directory left behind; nothing left (the
+        // slot is then cleaned without reading its sandbox); a file written
+        // by a background child, which may still be running as the shell
+        // exits.
+        let leave = match i % 3 {
+            0 => format!(
+                "mkdir -p sub/deep && echo x > sub/deep/f && echo y > left{i} && chmod 500 sub"
+            ),
+            1 => "true".to_string(),
+            _ => format!("(echo late > late{i}) &"),
+        };
         ids.push(
             m.submit(Task::new(format!(
-                "ls -A; echo task{i}; echo err{i} >&2; \
-                 mkdir -p sub/deep && echo x > sub/deep/f && echo y > left{i} && chmod 500 sub"
+                "ls -A; echo task{i}; echo err{i} >&2; {leave}"
             )))
             .unwrap(),
         );
     }
-    let mut results = collect(&m, 6);
+    let mut results = collect(&m, 9);
     results.sort_by_key(|r| r.id);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.outcome, Outcome::Success, "{r:?}");

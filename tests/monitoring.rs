@@ -191,6 +191,103 @@ fn cancel_kills_the_whole_tree_including_double_forked_children() {
 }
 
 #[test]
+fn a_task_that_ends_takes_its_background_children_with_it() {
+    let mark = marker();
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    // Its shell exits at once, leaving two sleepers (one double-forked,
+    // so no longer its child) that would sleep for days.
+    m.submit(Task::new(with_sleepers(&mark, "true"))).unwrap();
+    let r = collect(&m, 1).remove(0);
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    assert_none_left(&mark);
+}
+
+/// The task's process group and terminal, as `cut` prints them from its
+/// shell's /proc entry: `pid pgrp tty_nr`.
+const GROUP_AND_TTY: &str = "cut -d' ' -f1,5,7 /proc/$$/stat";
+
+/// A task leads its own process group (what a kill of the task reaches)
+/// and has no controlling terminal, whether its worker has one or not.
+fn assert_own_group_and_no_tty(r: &TaskResult) {
+    assert_eq!(r.outcome, Outcome::Success, "{r:?}");
+    let fields: Vec<&str> = r.stdout.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "{:?}", r.stdout);
+    assert_eq!(fields[0], fields[1], "leads its process group: {fields:?}");
+    assert_eq!(fields[2], "0", "no controlling terminal: {fields:?}");
+}
+
+#[test]
+fn a_task_leads_its_own_process_group_without_a_terminal() {
+    let m = manager();
+    let _w = Worker::start(m.port(), &["--cores", "1"]);
+    m.submit(Task::new(GROUP_AND_TTY)).unwrap();
+    assert_own_group_and_no_tty(&collect(&m, 1).remove(0));
+}
+
+/// A worker started from a terminal (here a pseudo-terminal that is its
+/// controlling terminal) still gives its tasks none: a task reading it from
+/// a background process group would be stopped.
+#[test]
+fn a_task_of_a_worker_with_a_terminal_does_not_get_it() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: plain calls on a descriptor we own; ptsname's buffer is
+    // copied out before anything else calls it.
+    let (master, terminal) = unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(
+            master >= 0,
+            "posix_openpt: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(master))
+            .to_string_lossy()
+            .into_owned();
+        (std::os::fd::OwnedFd::from_raw_fd(master), name)
+    };
+    let terminal = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&terminal)
+        .expect("open the pseudo-terminal");
+    let m = manager();
+    let workdir = tempfile::tempdir().unwrap();
+    let tty = terminal.as_raw_fd();
+    let mut cmd = Command::new(drover_bin());
+    cmd.arg("worker")
+        .arg(format!("127.0.0.1:{}", m.port()))
+        .arg("--workdir")
+        .arg(workdir.path())
+        .args(["--cores", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid and ioctl are async-signal-safe; `tty` stays open in
+    // the child until its exec (close-on-exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(tty, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut worker = cmd.spawn().expect("start a worker on a terminal");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", worker.id())).unwrap();
+    let worker_tty = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(4);
+    assert_ne!(worker_tty, Some("0"), "the worker has a terminal: {stat}");
+    m.submit(Task::new(GROUP_AND_TTY)).unwrap();
+    let r = collect(&m, 1).remove(0);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    drop((master, terminal));
+    assert_own_group_and_no_tty(&r);
+}
+
+#[test]
 fn a_task_past_its_wall_time_is_killed_with_its_tree() {
     let mark = marker();
     let m = manager();

@@ -7,15 +7,21 @@ use std::path::{Path, PathBuf};
 
 /// Apparent size in bytes of everything under `root` (not following
 /// symlinks, hard links counted once) and the number of entries (files,
-/// directories, links; `root` itself excluded). Entries that vanish during
-/// the walk are skipped: the task is still running.
-pub(crate) fn usage(root: &Path) -> (u64, u64) {
+/// directories, links; `root` itself excluded); `None` when `root` itself
+/// cannot be read. Entries that vanish during the walk are skipped: the
+/// task is still running.
+pub(crate) fn usage(root: &Path) -> Option<(u64, u64)> {
     let mut bytes = 0u64;
     let mut files = 0u64;
     let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
     let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(_) if dir == root => return None,
+            // Vanished meanwhile.
+            Err(_) => continue,
+        };
         for entry in rd.flatten() {
             // The type comes with the directory entry on most file systems;
             // only a regular file needs a stat, for its size and links.
@@ -37,7 +43,7 @@ pub(crate) fn usage(root: &Path) -> (u64, u64) {
             }
         }
     }
-    (bytes, files)
+    Some((bytes, files))
 }
 
 #[cfg(test)]
@@ -49,8 +55,9 @@ mod tests {
         std::fs::create_dir(d.path().join("sub")).unwrap();
         std::fs::write(d.path().join("sub/b"), vec![0u8; 24]).unwrap();
         std::fs::hard_link(d.path().join("a"), d.path().join("sub/a2")).unwrap();
-        let (bytes, files) = super::usage(d.path());
+        let (bytes, files) = super::usage(d.path()).unwrap();
         assert_eq!(bytes, 1024);
         assert_eq!(files, 4);
+        assert_eq!(super::usage(&d.path().join("missing")), None);
     }
 }

@@ -4,7 +4,10 @@
 //! A [`Monitor`] runs one sampler thread for every task it watches. Each task
 //! is spawned in its own session and process group, and, when the host
 //! allows it, in its own cgroup v2 group, joined between fork and exec so
-//! that no descendant (double-forked or not) escapes it. The summary's
+//! that no descendant (double-forked or not) escapes it. (A task that
+//! [`Monitor::spawn_exec`] starts in a cgroup, from a process without a
+//! controlling terminal, gets only a process group of its own: the group
+//! finds its tree, and a session per task costs a scheduler autogroup.) The summary's
 //! `monitor_method` says how the task was measured:
 //!
 //! | method          | membership                     | memory                          | cpu_time           |
@@ -116,7 +119,7 @@ mod watched;
 pub use monitor::{
     MemoryLimitHook, Method, Monitor, MonitorOptions, Reserved, SpawnOptions, DEFAULT_INTERVAL,
 };
-pub use spawn::Exec;
+pub use spawn::{BaseEnv, Exec};
 pub use summary::{
     Exit, LimitExceeded, LimitParseError, Limits, MemoryExhausted, OomSource, Report, Summary,
     LIMIT_EXIT_STATUS, MB, UNITS,

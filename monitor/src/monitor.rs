@@ -106,6 +106,11 @@ pub struct SpawnOptions {
     /// let report = watched.wait().unwrap();
     /// ```
     pub on_memory_limit: Option<MemoryLimitHook>,
+    /// Open files outside the sandbox that count against the task's disk
+    /// as if they were in it (each one entry, its size in bytes), such as
+    /// the files its standard output and error go to. Read through these
+    /// descriptors, they cost no directory walk.
+    pub disk_files: Vec<std::fs::File>,
 }
 
 /// One shared poller. Clone is cheap (Arc inside). Creating it spawns exactly
@@ -147,6 +152,9 @@ pub(crate) struct CoreState {
     /// When the sleeping sampler means to wake; `None` while it works, or
     /// has no task.
     pub(crate) sleeping_until: Option<Instant>,
+    /// A task that wants a first look (see [`FIRST_LOOK`]) started since
+    /// the sampler's last pass began.
+    pub(crate) closely_started: bool,
 }
 
 impl CoreState {
@@ -250,7 +258,10 @@ impl Monitor {
     /// Like [`Monitor::spawn`], for an [`Exec`]: the child is started with
     /// `clone(CLONE_VM | CLONE_VFORK)` instead of `fork`, which in a big
     /// multi-threaded process is several times cheaper (see the `spawn`
-    /// module). The worker starts every task this way.
+    /// module). The worker starts every task this way. A child born in a
+    /// cgroup of a process without a controlling terminal leads a process
+    /// group of its own rather than a session, which costs less; it has no
+    /// controlling terminal either way.
     pub fn spawn_exec(
         &self,
         exec: Exec,
@@ -293,7 +304,12 @@ impl Monitor {
                     .map(|fd| fd.as_fd()),
             });
             match how {
-                Launch::Exec(exec) => (exec.command_line(), spawn::spawn(exec, cgroup, fd_limit)),
+                Launch::Exec(exec) => {
+                    let exec_line = exec.command_line();
+                    let own_session = spawn::own_session_needed(cgroup.is_some());
+                    let pid = spawn::spawn(exec, cgroup, fd_limit, own_session);
+                    (exec_line, pid)
+                }
                 Launch::Command(cmd) => {
                     let mut command = cmd.get_program().to_string_lossy().into_owned();
                     for a in cmd.get_args() {
@@ -414,11 +430,13 @@ impl Monitor {
             oom_baseline: core.machine.baseline(core.interval * 2),
             limits,
             on_memory_limit: opts.on_memory_limit,
+            disk_files: opts.disk_files,
         });
         let watch_closely = task.limits.memory_mb.is_some();
         let wake = {
             let mut s = lock(&core.state);
             s.tasks.push(Arc::clone(&task));
+            s.closely_started |= watch_closely;
             let sleeper_too_late = watch_closely && s.look_by(task.start + FIRST_LOOK);
             s.tasks.len() == 1 || sleeper_too_late
         };

@@ -190,7 +190,13 @@ impl Task {
             return;
         }
         let t0 = Instant::now();
-        let (bytes, files) = disk::usage(dir);
+        let walked = disk::usage(dir);
+        st.sandbox_entries = walked.map(|(_, files)| files);
+        let (mut bytes, mut files) = walked.unwrap_or((0, 0));
+        for f in &self.disk_files {
+            bytes += f.metadata().map_or(0, |m| m.len());
+            files += 1;
+        }
         st.disk_walk = t0.elapsed();
         let cost = st.disk_walk * 50;
         st.next_disk = Some(cx.now + cost.max(cx.core.interval));

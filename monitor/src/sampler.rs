@@ -2,7 +2,7 @@
 //! interval, and closer looks in between at the tasks near their memory
 //! limit.
 
-use crate::monitor::Core;
+use crate::monitor::{Core, FIRST_LOOK};
 use crate::procscan::{raise_fd_limit, ProcReader, ProcStat};
 use crate::sample::{Pass, Sample};
 use crate::scan::{Scanner, Wanted};
@@ -31,8 +31,9 @@ pub(crate) fn sampler(core: Arc<Core>) {
                 return;
             }
             s.watch_by = None;
-            s.tasks.clone()
+            (s.tasks.clone(), std::mem::take(&mut s.closely_started))
         };
+        let (tasks, streaming) = tasks;
         let now = Instant::now();
         let full = now >= next_full;
         let mut cx = Sample {
@@ -48,16 +49,23 @@ pub(crate) fn sampler(core: Arc<Core>) {
             reader.end_pass();
             next_full = now + core.interval;
         } else {
-            close_pass(&tasks, &mut pids, &mut cx);
+            close_pass(&tasks, &mut pids, &mut cx, fast);
             reader.end_close_pass();
         }
         let near_limit = tasks.iter().any(|t| lock(&t.st).near_limit);
         drop(tasks);
-        let deadline = if near_limit {
+        let mut deadline = if near_limit {
             (now + fast).min(next_full)
         } else {
             next_full
         };
+        if streaming {
+            // Tasks that want a first look keep coming: waking on our own
+            // every FIRST_LOOK serves each within FIRST_LOOK of its start,
+            // and none has to wake us (a thread switch per start, and a
+            // second wake to sleep again until its look).
+            deadline = deadline.min(now + FIRST_LOOK);
+        }
         let mut s = lock(&core.state);
         loop {
             let deadline = s.watch_by.map_or(deadline, |w| w.min(deadline));
@@ -77,11 +85,17 @@ pub(crate) fn sampler(core: Arc<Core>) {
 }
 
 /// Between full passes, only the tasks close to their memory limit,
-/// through the processes already known.
-fn close_pass(tasks: &[Arc<Task>], pids: &mut Vec<i32>, cx: &mut Sample<'_>) {
+/// through the processes already known, each at most once per `spacing`
+/// after its first look: a pass made for another task's first look comes
+/// early for them, and two looks a few milliseconds apart would take a
+/// task that had no time to grow for one that stopped growing.
+fn close_pass(tasks: &[Arc<Task>], pids: &mut Vec<i32>, cx: &mut Sample<'_>, spacing: Duration) {
     for t in tasks {
         let mut st = lock(&t.st);
-        if st.reaped || !st.near_limit {
+        let early = st
+            .memory_seen
+            .is_some_and(|(seen, _)| cx.now.saturating_duration_since(seen) < spacing);
+        if st.reaped || !st.near_limit || early || t.root_exited() {
             continue;
         }
         let members = t.members_now(&st, cx.reader, pids);
@@ -110,7 +124,9 @@ fn full_pass(tasks: &[Arc<Task>], scanner: &mut Scanner, pids: &mut Vec<i32>, cx
     }
     for (i, t) in tasks.iter().enumerate() {
         let mut st = lock(&t.st);
-        if st.reaped {
+        // A finished root's task is sampled by its finish; a /proc-mode
+        // one's scan may still have found a process to remember, though.
+        if st.reaped || (t.group.is_some() && t.root_exited()) {
             continue;
         }
         let members = match &t.group {

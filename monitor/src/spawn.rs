@@ -53,12 +53,29 @@ use std::sync::{Arc, Mutex};
 pub struct Exec {
     program: OsString,
     args: Vec<OsString>,
+    /// The environment it starts from, shared (see [`BaseEnv`]).
+    base: BaseEnv,
+    /// Variables set with [`Exec::env`], replacing the base's of the same name.
     env: Vec<(OsString, OsString)>,
     cwd: Option<PathBuf>,
     stdio: [Option<OwnedFd>; 3],
     /// Program and arguments to exec first, looked up in `PATH`; `program`
     /// runs only if that exec fails (see [`Exec::shell`]).
     direct: Option<Vec<OsString>>,
+}
+
+/// An environment for [`Exec`] to start from, taken once and shared: a
+/// worker starting thousands of commands copied its whole environment
+/// (some fifty variables, an allocation each) for every one of them.
+#[derive(Clone, Debug)]
+pub struct BaseEnv(Arc<[(OsString, OsString)]>);
+
+impl BaseEnv {
+    /// This process's environment now. Later changes to it are not seen
+    /// by commands started from this snapshot.
+    pub fn current() -> BaseEnv {
+        BaseEnv(std::env::vars_os().collect())
+    }
 }
 
 /// Shell builtins and reserved words: a command that starts with one of
@@ -98,10 +115,17 @@ impl Exec {
     /// `program` with no arguments and this process's environment. A
     /// program without a `/` is looked up in the `PATH` of that environment.
     pub fn new(program: impl AsRef<OsStr>) -> Exec {
+        Exec::new_in(program, BaseEnv::current())
+    }
+
+    /// `program` with no arguments, starting from the environment `base`
+    /// (a program without a `/` is looked up in its `PATH`).
+    pub fn new_in(program: impl AsRef<OsStr>, base: BaseEnv) -> Exec {
         Exec {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
-            env: std::env::vars_os().collect(),
+            base,
+            env: Vec::new(),
             cwd: None,
             stdio: [None, None, None],
             direct: None,
@@ -127,7 +151,13 @@ impl Exec {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn shell(command: &str) -> Exec {
-        let mut exec = Exec::new("/bin/sh");
+        Exec::shell_in(command, BaseEnv::current())
+    }
+
+    /// [`Exec::shell`] starting from the environment `base`: a program that
+    /// starts many commands takes its environment once instead of per command.
+    pub fn shell_in(command: &str, base: BaseEnv) -> Exec {
+        let mut exec = Exec::new_in("/bin/sh", base);
         exec.arg("-c").arg(command);
         exec.direct = plain_words(command).map(|w| w.iter().map(OsString::from).collect());
         exec
@@ -141,6 +171,8 @@ impl Exec {
 
     /// Sets an environment variable, replacing an inherited one.
     pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Exec {
+        // Only the variables set here are kept per command; the base is
+        // merged into them once, when the command starts.
         let (key, value) = (key.as_ref(), value.as_ref().to_owned());
         match self.env.iter_mut().find(|(k, _)| k == key) {
             Some(slot) => slot.1 = value,
@@ -191,10 +223,26 @@ impl Exec {
 
     /// The `PATH` the child gets.
     fn path_var(&self) -> &OsStr {
-        self.env
+        self.var("PATH")
+            .unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"))
+    }
+
+    /// The value of `key` in the child's environment.
+    fn var(&self, key: &str) -> Option<&OsStr> {
+        let set = self.env.iter().find(|(k, _)| k == key);
+        set.or_else(|| self.base.0.iter().find(|(k, _)| k == key))
+            .map(|(_, v)| v.as_os_str())
+    }
+
+    /// Every variable of the child's environment, each name once: the
+    /// base's not set here, then those set here.
+    fn vars(&self) -> impl Iterator<Item = &(OsString, OsString)> {
+        let set = &self.env;
+        self.base
+            .0
             .iter()
-            .find(|(k, _)| k == "PATH")
-            .map_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"), |(_, v)| v)
+            .filter(move |(k, _)| !set.iter().any(|(s, _)| s == k))
+            .chain(set)
     }
 
     /// Where the direct program may be, in the order `execvp` tries them,
@@ -357,6 +405,9 @@ struct ChildPlan {
     stdio: [libc::c_int; 3],
     cgroup_procs: Option<CString>,
     fd_limit: Option<libc::rlimit>,
+    /// A session of its own (`setsid`), else a process group of its own
+    /// (`setpgid`); see [`own_session_needed`].
+    own_session: bool,
     old_mask: libc::sigset_t,
     /// The clone already reset caught signals (CLONE_CLEAR_SIGHAND).
     handlers_cleared: bool,
@@ -378,13 +429,50 @@ thread_local! {
         std::cell::RefCell::new(vec![0u8; CHILD_STACK].into_boxed_slice());
 }
 
-/// Starts `exec` in a new session, and in the cgroup whose `cgroup.procs`
-/// is `cgroup_procs`, with the soft open-file limit `fd_limit`. Returns the
-/// child's pid; the caller reaps it.
+/// Whether a task started now needs a session of its own rather than only
+/// a process group of its own. Either way its pid names a process group
+/// that a kill of the task reaches. A session is what /proc sampling
+/// follows (a session id survives double forks and `setpgid`), so a task
+/// without a cgroup gets one. A task in a cgroup is followed by the group,
+/// and needs a session only to be rid of this process's controlling
+/// terminal: in this session it could open the terminal, and reading it
+/// from a background process group would stop it. Otherwise a process
+/// group does, and costs less: each new session is also a scheduler
+/// autogroup, created and torn down per task (about 1% of the CPU of a
+/// stream of short tasks).
+pub(crate) fn own_session_needed(in_cgroup: bool) -> bool {
+    !in_cgroup || has_controlling_terminal()
+}
+
+/// Whether this process has a controlling terminal, looked up once: only
+/// a session leader can gain one later, by opening a terminal, which the
+/// programs that start tasks here (the worker, `drover monitor`) never do.
+fn has_controlling_terminal() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        // The seventh field of /proc/self/stat, after the parenthesised
+        // name (which may hold spaces and parentheses), is the terminal's
+        // device number, 0 for none. Unreadable: assume a terminal.
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return true;
+        };
+        let tty = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(4))
+            .and_then(|f| f.parse::<i64>().ok());
+        tty != Some(0)
+    })
+}
+
+/// Starts `exec` in a session (or, unless `own_session`, a process group)
+/// of its own, and in the cgroup whose `cgroup.procs` is `cgroup_procs`,
+/// with the soft open-file limit `fd_limit`. Returns the child's pid; the
+/// caller reaps it.
 pub(crate) fn spawn(
     exec: Exec,
     cgroup: Option<CgroupTarget<'_>>,
     fd_limit: Option<libc::rlimit>,
+    own_session: bool,
 ) -> io::Result<i32> {
     let program = cstring(
         exec.resolve_program()?.into_os_string().into_vec(),
@@ -418,10 +506,10 @@ pub(crate) fn spawn(
     }
     // Every `KEY=VALUE\0` in one buffer: one allocation instead of one
     // per variable (some fifty per task, with the worker's environment).
-    let size = exec.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let size = exec.vars().map(|(k, v)| k.len() + v.len() + 2).sum();
     let mut env = Vec::with_capacity(size);
-    let mut env_starts = Vec::with_capacity(exec.env.len() + 1);
-    for (k, v) in &exec.env {
+    let mut env_starts = Vec::with_capacity(exec.base.0.len() + exec.env.len() + 1);
+    for (k, v) in exec.vars() {
         let (k, v) = (k.as_bytes(), v.as_bytes());
         if k.is_empty() || k.contains(&b'=') {
             continue;
@@ -460,6 +548,7 @@ pub(crate) fn spawn(
         stdio,
         cgroup_procs: cgroup.map(|c| c.procs.clone()),
         fd_limit,
+        own_session,
         // SAFETY: sigset_t is plain data, filled by pthread_sigmask below.
         old_mask: unsafe { std::mem::zeroed() },
         handlers_cleared: false,
@@ -704,9 +793,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::sigaction(sig, &dfl, std::ptr::null_mut());
             }
         }
-        // A session of its own gives the tree a process group to kill and a
-        // session id that survives double forks, for /proc mode.
-        if libc::setsid() < 0 {
+        // A process group of its own gives the tree a group to kill; a
+        // session, when needed, also an id that survives double forks (for
+        // /proc mode) and no controlling terminal (see `own_session_needed`).
+        let led = if plan.own_session {
+            libc::setsid()
+        } else {
+            libc::setpgid(0, 0)
+        };
+        if led < 0 {
             fail(plan);
         }
         if let Some(procs) = &plan.cgroup_procs {
@@ -787,7 +882,7 @@ mod tests {
         let mut e = Exec::shell(program);
         assert!(e.skips_shell());
         e.env("PATH", path);
-        let pid = spawn(e, None, None).unwrap();
+        let pid = spawn(e, None, None, true).unwrap();
         let mut status = 0;
         // SAFETY: reaping the child just spawned.
         unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -864,7 +959,7 @@ mod tests {
         e.arg("-c")
             .arg(r#"test "$DROVER_T1" = "a b" && test "$DROVER_T2" = "" && test -n "$PATH""#);
         e.env("DROVER_T1", "a b").env("DROVER_T2", "");
-        let pid = spawn(e, None, None).unwrap();
+        let pid = spawn(e, None, None, true).unwrap();
         let mut status = 0;
         // SAFETY: reaping the child just spawned.
         unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -872,7 +967,7 @@ mod tests {
 
         let mut bad = Exec::new("/bin/true");
         bad.env("DROVER_T3", "a\0b");
-        let err = spawn(bad, None, None).unwrap_err();
+        let err = spawn(bad, None, None, true).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
         assert!(err.to_string().contains("environment"), "{err}");
     }

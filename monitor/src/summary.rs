@@ -290,6 +290,12 @@ pub struct Report {
     pub exit: Exit,
     /// What the task used.
     pub summary: Summary,
+    /// Whether the sandbox held no entry at the end, as the final walk saw
+    /// it at a moment when none of the task's processes was alive any more
+    /// (so none could add one later). `None` when that is not known: no
+    /// sandbox, one that could not be read, or a task followed through
+    /// /proc, whose processes cannot all be known dead before the walk.
+    pub sandbox_empty: Option<bool>,
 }
 
 impl Report {

@@ -34,6 +34,8 @@ pub(crate) struct Task {
     pub(crate) sandbox: Option<PathBuf>,
     pub(crate) limits: Limits,
     pub(crate) on_memory_limit: Option<MemoryLimitHook>,
+    /// Files outside the sandbox counted as in it ([`crate::SpawnOptions::disk_files`]).
+    pub(crate) disk_files: Vec<std::fs::File>,
     /// The machine's OOM-kill count at the start, to tell at the end
     /// whether the kernel's OOM killer ran meanwhile.
     pub(crate) oom_baseline: OomBaseline,
@@ -74,6 +76,9 @@ pub(crate) struct TaskState {
     pub(crate) next_disk: Option<Instant>,
     /// How long the last walk of the sandbox took.
     pub(crate) disk_walk: Duration,
+    /// Entries found in the sandbox itself (not counting `disk_files`) by
+    /// the last walk; `None` before one, or if it could not be read.
+    pub(crate) sandbox_entries: Option<u64>,
     /// Past half its memory limit at the last sample, or on course to pass
     /// it before the next full pass: sampled more often.
     pub(crate) near_limit: bool,
@@ -93,6 +98,8 @@ pub(crate) struct TaskState {
     /// The monitor killed the tree (a limit, a cancel, a drop).
     pub(crate) killed: bool,
     pub(crate) exit_signalled: bool,
+    /// The root has exited (it is being finished): a kill is for what it left.
+    pub(crate) root_exited: bool,
     pub(crate) reaped: bool,
     pub(crate) finished: bool,
     pub(crate) series: Option<Box<dyn Write + Send>>,
@@ -134,6 +141,16 @@ impl Task {
             Some(g) => self.group_members(g, st, reader, pids),
             None => self.known_members(st, reader),
         }
+    }
+
+    /// Whether the root, our own child, has exited: its task is about to
+    /// be finished, and the final sample measures it then, so a sample now
+    /// would only be read again. (An adopted root is reaped by its own
+    /// parent, which may take a while to report: it is sampled as usual.)
+    pub(crate) fn root_exited(&self) -> bool {
+        self.is_pidfd
+            && !self.adopted
+            && crate::sys::wait_readable(self.exit_fd.as_fd(), 0).unwrap_or(false)
     }
 
     /// The group's processes. A process already seen is re-read through
@@ -178,6 +195,25 @@ impl Task {
             }
         }
         out
+    }
+
+    /// The task's processes once its root has exited and its group holds
+    /// no live process: the root alone, a zombie, as last seen. Reading its
+    /// /proc entry would tell nothing more: a zombie uses no memory, and
+    /// the group's `cpu.stat` (with the root's rusage) gives the CPU time.
+    pub(crate) fn exited_root(&self, st: &TaskState) -> ProcStat {
+        let seen = st.members.get(&self.pid);
+        ProcStat {
+            pid: self.pid,
+            ppid: seen.map_or(0, |m| m.ppid),
+            pgrp: self.pid,
+            session: 0,
+            starttime: seen.map_or(0, |m| m.starttime),
+            zombie: true,
+            cpu_ticks: seen.map_or(0, |m| m.cpu_ticks),
+            vsize: 0,
+            rss_bytes: 0,
+        }
     }
 
     /// Known processes only, for the final sample of a /proc-mode task,
@@ -331,7 +367,9 @@ impl Task {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        if self.is_pidfd {
+        if st.root_exited {
+            // Signalling an exited root does nothing.
+        } else if self.is_pidfd {
             // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
             unsafe {
                 libc::syscall(

@@ -53,7 +53,9 @@ impl Watched {
         self.wait()
     }
 
-    /// Pid of the root process (also its session and process group id).
+    /// Pid of the root process (also its process group id, and its
+    /// session id unless it was started in a cgroup by a process without a
+    /// controlling terminal).
     pub fn pid(&self) -> i32 {
         self.task.pid
     }
@@ -150,12 +152,21 @@ impl Watched {
         if !exited {
             return Ok(None);
         }
+        st.root_exited = true;
         let end = Instant::now();
         let end_epoch = epoch_now();
         let mut reader = ProcReader::new();
         let mut buf = String::new();
         let mut pids = Vec::new();
-        let members = task.members_now(&st, &mut reader, &mut pids);
+        // A task group with no live process stays so (see
+        // `TaskGroup::populated`): what the final walk sees is then what
+        // the tree left.
+        let tree_gone = task.group.as_ref().is_some_and(|g| !g.populated());
+        let members = if tree_gone {
+            vec![task.exited_root(&st)]
+        } else {
+            task.members_now(&st, &mut reader, &mut pids)
+        };
         let mut cx = Sample {
             core,
             reader: &mut reader,
@@ -190,8 +201,9 @@ impl Watched {
             g.kill();
             g.wait_empty();
             // Read after the group emptied, so the CPU of leftovers killed
-            // just now is included.
-            if let Some(us) = g.cpu_usec() {
+            // just now is included (the final sample's read has it all when
+            // there were none).
+            if let Some(us) = g.cpu_usec().filter(|_| !tree_gone) {
                 cpu = cpu.max(us as f64 / 1e6);
             }
             if let Some(m) = g.memory_peak() {
@@ -225,7 +237,12 @@ impl Watched {
         let mut summary = summarize(task, &st, exit, end, end_epoch, cpu, memory);
         summary.memory_exhausted = memory_exhausted;
         st.series = None;
-        Ok(Some(Report { exit, summary }))
+        let sandbox_empty = st.sandbox_entries.filter(|_| tree_gone).map(|n| n == 0);
+        Ok(Some(Report {
+            exit,
+            summary,
+            sandbox_empty,
+        }))
     }
 
     /// Whether finishing can block: `false` once the root has exited if the

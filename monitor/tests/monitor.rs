@@ -321,6 +321,90 @@ fn kill_cancels_tree_and_drop_cleans_up() {
     }
 }
 
+/// A task's root that exits leaves nothing running: what it started in
+/// the background (a child, and a grandchild whose parent is gone) is
+/// killed before the report, on the worker's own path (`spawn_exec`).
+#[test]
+fn background_children_die_when_the_task_ends() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let m = monitor(method);
+        let pidfile = dir.path().join("pids");
+        let script = format!(
+            "{h} 1 1 - 0 -1 {p}.a & ({h} 1 1 - 0 -1 {p}.b &); \
+             while [ ! -s {p}.a ] || [ ! -s {p}.b ]; do sleep 0.01; done; \
+             cat {p}.a {p}.b > {p}",
+            h = helper().display(),
+            p = pidfile.display()
+        );
+        let r = m
+            .spawn_exec(
+                drover_monitor::Exec::shell(&script),
+                None,
+                Limits::default(),
+            )
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(r.exit, Exit::Code(0), "{method:?}");
+        assert_all_dead(&pidfile, 2, "left behind by a finished task");
+    }
+}
+
+/// Files given as `disk_files` count against the disk as if in the
+/// sandbox, and the report says whether the sandbox was left empty, when
+/// the monitor can know it (a task group with no process left; not /proc).
+#[test]
+fn disk_files_count_and_an_empty_sandbox_is_reported() {
+    for method in METHODS {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sandbox");
+        std::fs::create_dir(&sandbox).unwrap();
+        let outside = dir.path().join("out.log");
+        std::fs::write(&outside, vec![b'x'; 3000]).unwrap();
+        let m = monitor(method);
+        let run = |command: &str| {
+            let mut exec = drover_monitor::Exec::shell(command);
+            exec.current_dir(&sandbox);
+            let opts = drover_monitor::SpawnOptions {
+                disk_files: vec![std::fs::File::open(&outside).unwrap()],
+                ..Default::default()
+            };
+            m.spawn_exec_with(exec, Some(&sandbox), Limits::default(), opts)
+                .unwrap()
+                .wait()
+                .unwrap()
+        };
+        let known = |r: &Report, empty: bool| {
+            if r.summary.monitor_method == "proc" {
+                assert_eq!(r.sandbox_empty, None, "{method:?}");
+            } else {
+                assert_eq!(r.sandbox_empty, Some(empty), "{method:?}");
+            }
+        };
+
+        let r = run("true");
+        assert_eq!(r.summary.total_files, 1, "{method:?}: {:?}", r.summary);
+        assert!(
+            (r.summary.disk - 3000.0 / MB).abs() < 0.002,
+            "{:?}",
+            r.summary
+        );
+        known(&r, true);
+
+        let r = run("head -c 2000 /dev/zero > f");
+        assert_eq!(r.summary.total_files, 2, "{method:?}: {:?}", r.summary);
+        assert!(
+            (r.summary.disk - 5000.0 / MB).abs() < 0.002,
+            "{:?}",
+            r.summary
+        );
+        known(&r, false);
+    }
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
 #[test]
 fn missing_command_is_an_error() {
     for method in METHODS {
@@ -407,7 +491,7 @@ fn exec_starts_what_a_command_would() {
         let mut e = drover_monitor::Exec::new("sh");
         e.arg("-c")
             .arg(
-                "echo \"$1 $DROVER_X $(pwd)\"; cut -d' ' -f6 /proc/$$/stat; \
+                "echo \"$1 $DROVER_X $(pwd)\"; cut -d' ' -f5,7 /proc/$$/stat; \
                  yes | head -n 1 >/dev/null; echo pipe=$?; echo err >&2; \
                  cat; exit 3",
             )
@@ -431,8 +515,14 @@ fn exec_starts_what_a_command_would() {
             format!("first x-value {}", real.display()),
             "{method:?}"
         );
-        // Its own session, led by itself.
-        assert_eq!(lines.next().unwrap().trim(), pid.to_string(), "{method:?}");
+        // Its own process group (a session too, when it needs one: no
+        // cgroup, or a controlling terminal here), and no controlling
+        // terminal either way.
+        assert_eq!(
+            lines.next().unwrap().trim(),
+            format!("{pid} 0"),
+            "{method:?}"
+        );
         // SIGPIPE back to default: `yes` dies quietly and the pipeline succeeds.
         assert_eq!(lines.next().unwrap(), "pipe=0", "{method:?}");
         let err = std::fs::read_to_string(dir.path().join("err")).unwrap();

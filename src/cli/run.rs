@@ -157,10 +157,20 @@ fn start_local_workers(
         if std::env::var_os(FUNCTION_SERVER_VAR).is_none() {
             cmd.env(FUNCTION_SERVER_VAR, "0");
         }
-        // Its own process group, so that Ctrl-C at the terminal reaches only
-        // `drover run`, which then cancels the tasks cleanly; the workers
-        // are killed when the run ends.
-        cmd.process_group(0);
+        // Its own session, so that Ctrl-C at the terminal reaches only
+        // `drover run`, which then cancels the tasks cleanly (the workers
+        // are killed when the run ends), and so that the worker has no
+        // controlling terminal: its tasks then need only a process group of
+        // their own, not a session each (see `drover_monitor::Monitor::spawn_exec`).
+        // SAFETY: setsid is async-signal-safe and touches nothing of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         children.push(cmd.spawn().context("starting a local worker")?);
     }
     Ok(LocalWorkers(children, workdir))

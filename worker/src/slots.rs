@@ -32,6 +32,10 @@ pub(crate) struct Slot {
     /// its report reads through them, so a task that renames or replaces
     /// the files in its directory changes nothing.
     pub outputs: Option<(File, File)>,
+    /// Its task's monitor saw the sandbox empty once no process of the
+    /// task was left (`drover_monitor::Report::sandbox_empty`): cleaning it
+    /// need not read it again.
+    pub sandbox_empty: bool,
 }
 
 pub(crate) struct Slots {
@@ -62,14 +66,16 @@ impl Slots {
         Slot {
             dir: self.root.join(format!("s{n}")),
             outputs: None,
+            sandbox_empty: false,
         }
     }
 
     /// Blocking: empties a finished task's directory and keeps it for the
     /// next task, or removes it when it cannot be made clean or enough are
     /// kept already.
-    pub fn recycle(&self, slot: Slot) {
+    pub fn recycle(&self, mut slot: Slot) {
         if self.lock().len() < self.keep && matches!(clean(&slot, true), Ok(Cleaned::Yes)) {
+            slot.sandbox_empty = false;
             self.lock().push(slot);
             return;
         }
@@ -80,8 +86,9 @@ impl Slots {
     /// in the sandbox), which is quick enough for an async task and spares
     /// a hand-off to the blocking pool per report; else gives it back, for
     /// [`Slots::recycle`] there.
-    pub fn recycle_if_quick(&self, slot: Slot) -> Option<Slot> {
+    pub fn recycle_if_quick(&self, mut slot: Slot) -> Option<Slot> {
         if self.lock().len() < self.keep && matches!(clean(&slot, false), Ok(Cleaned::Yes)) {
+            slot.sandbox_empty = false;
             self.lock().push(slot);
             return None;
         }
@@ -128,7 +135,14 @@ fn clean(slot: &Slot, may_remove: bool) -> io::Result<Cleaned> {
     if meta.permissions().mode() & 0o700 != 0o700 {
         fs::set_permissions(&sandbox, fs::Permissions::from_mode(0o755))?;
     }
-    for entry in fs::read_dir(&sandbox)? {
+    // Reading even an empty directory costs more than the rest of the
+    // cleaning together (ext4 builds a hash tree of it for every read).
+    let entries = if slot.sandbox_empty {
+        None
+    } else {
+        Some(fs::read_dir(&sandbox)?)
+    };
+    for entry in entries.into_iter().flatten() {
         let entry = entry?;
         if !may_remove {
             return Ok(Cleaned::NotEmpty);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover_monitor::{Exec, Limits, Monitor, Report, SpawnOptions};
+use drover_monitor::{BaseEnv, Exec, Limits, Monitor, Report, SpawnOptions};
 use drover_protocol::{
     self as protocol, Ending, LimitHit, Measured, OutputHeader, Resources, RunTask, TaskReport,
 };
@@ -61,6 +61,7 @@ impl TaskContext {
             output_files,
             allocation: task.allocation,
             gpus: self.gpus.clone(),
+            sandbox_empty: false,
         }
     }
 }
@@ -119,11 +120,14 @@ pub(crate) async fn run_task(
     };
     let ending = supervise(&task, &child, &mut control).await;
     let run = child.finish().await;
+    let sandbox_empty = matches!(&run, Ok(r) if r.sandbox_empty == Some(true));
     let outputs = describe(&task, &ctx, &mut report, ending, run, &output_files).await;
     if task.call.is_some() {
         crate::call::read_result(&ctx.task_dir.join(slots::SANDBOX), &mut report);
     }
-    ctx.finished(&task, report, outputs, Some(output_files))
+    let mut finished = ctx.finished(&task, report, outputs, Some(output_files));
+    finished.sandbox_empty = sandbox_empty;
+    finished
 }
 
 /// Why a task ended before its command started.
@@ -244,7 +248,7 @@ fn launch(
     } = ready;
     let limits = task_limits(task);
     // `sh -c` semantics; a plain `prog args` skips starting the shell.
-    let mut cmd = Exec::shell(&task.command);
+    let mut cmd = Exec::shell_in(&task.command, worker_env());
     cmd.current_dir(&sandbox);
     cmd.stdin(dev_null()?);
     // No O_TRUNC: a slot's output files are empty or absent (see
@@ -280,13 +284,15 @@ fn launch(
     for (k, v) in &activation {
         cmd.env(k, v);
     }
+    // Its stdout and stderr count against its disk like any file it
+    // writes; measured through descriptors, they cost the monitor no walk
+    // of the task directory.
     let opts = SpawnOptions {
         on_memory_limit: growth::ask_hook(task, limits.memory_mb.is_some(), &ctx.to_master),
+        disk_files: vec![stdout.try_clone()?, stderr.try_clone()?],
         ..SpawnOptions::default()
     };
-    // The task directory, not just the sandbox: its stdout and stderr are
-    // there too, and count against its disk like any file it writes.
-    let child = Running::spawn(&ctx.monitor, cmd, &ctx.task_dir, limits, opts)?;
+    let child = Running::spawn(&ctx.monitor, cmd, &sandbox, limits, opts)?;
     Ok((child, (stdout, stderr)))
 }
 
@@ -467,6 +473,13 @@ async fn activate(
     };
     drover_packager::activation_env(&root, &path)
         .map_err(|e| EnvError::Setup(format!("environment {file_id} cannot be activated: {e:#}")))
+}
+
+/// The worker's environment, which every task starts from, taken once:
+/// the worker never changes its own.
+fn worker_env() -> BaseEnv {
+    static ENV: std::sync::OnceLock<BaseEnv> = std::sync::OnceLock::new();
+    ENV.get_or_init(BaseEnv::current).clone()
 }
 
 /// A duplicate of one `/dev/null` kept open for the worker's life: a dup

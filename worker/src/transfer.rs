@@ -30,6 +30,8 @@ pub(crate) struct Finished {
     pub(crate) output_files: Option<(std::fs::File, std::fs::File)>,
     pub(crate) allocation: Resources,
     pub(crate) gpus: Vec<u32>,
+    /// See [`Slot::sandbox_empty`].
+    pub(crate) sandbox_empty: bool,
 }
 
 pub(crate) enum Outgoing {
@@ -229,6 +231,7 @@ pub(crate) async fn write_loop(
                         outputs,
                         task_dir,
                         output_files,
+                        sandbox_empty,
                         ..
                     } = *finished;
                     let big_result = take_big_result(&mut report);
@@ -247,6 +250,7 @@ pub(crate) async fn write_loop(
                     sent_sandboxes.push(Slot {
                         dir: task_dir,
                         outputs: output_files,
+                        sandbox_empty,
                     });
                 }
             }
