@@ -231,13 +231,16 @@ impl PartFiles {
 pub(super) async fn write_loop(
     mut writer: Writer,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    gate: Arc<WriteGate>,
     interval: Duration,
 ) -> anyhow::Result<()> {
     let mut frame = Vec::with_capacity(4096);
     let mut last_write = tokio::time::Instant::now();
     // One timer for the connection's life, moved on only when it fires (a
     // timeout per wake-up cost a timer-wheel insert and removal per task):
-    // it pings when nothing was written for `interval`.
+    // it pings when nothing was written for `interval`. The engine's own
+    // writes (see `link`) do not move it, so a busy connection gets a ping
+    // per interval it would not need; that costs one small frame.
     let ping = tokio::time::sleep_until(last_write + interval);
     tokio::pin!(ping);
     loop {
@@ -255,30 +258,57 @@ pub(super) async fn write_loop(
                 }
                 frame.clear();
                 protocol::encode_frame(&MasterMsg::Ping, &mut frame)?;
-                writer.write_all(&frame).await?;
-                writer.flush().await?;
+                gate.enter().await;
+                let sent = async {
+                    writer.write_all(&frame).await?;
+                    writer.flush().await
+                }
+                .await;
+                gate.leave();
+                sent?;
                 last_write = tokio::time::Instant::now();
                 ping.as_mut().reset(last_write + interval);
                 continue;
             }
         };
-        let mut next = Some(item);
-        while let Some(item) = next.take() {
-            match item {
-                Outgoing::Msg(msg) => {
-                    frame.clear();
-                    crate::wire::encode_master_frame(&msg, &mut frame)?;
-                    writer.write_all(&frame).await?;
-                }
-                Outgoing::File { id, cache, source } => {
-                    send_file(&mut writer, &mut frame, id, cache, &source).await?
-                }
-                Outgoing::ExpectOutputs { .. } | Outgoing::ForgetOutputs { .. } => {}
+        gate.enter().await;
+        let mut taken = 0;
+        let sent = async {
+            let mut next = Some(item);
+            while let Some(item) = next.take() {
+                taken += 1;
+                write_item(&mut writer, &mut frame, item).await?;
+                next = rx.try_recv().ok();
             }
-            next = rx.try_recv().ok();
+            writer.flush().await?;
+            anyhow::Ok(())
         }
-        writer.flush().await?;
+        .await;
+        gate.written(taken);
+        gate.leave();
+        sent?;
         last_write = tokio::time::Instant::now();
+    }
+    Ok(())
+}
+
+/// Writes one item the engine handed over (not flushed).
+async fn write_item(
+    writer: &mut Writer,
+    frame: &mut Vec<u8>,
+    item: Outgoing,
+) -> anyhow::Result<()> {
+    match item {
+        Outgoing::Msg(msg) => {
+            frame.clear();
+            crate::wire::encode_master_frame(&msg, frame)?;
+            writer.write_all(frame).await?;
+        }
+        Outgoing::Bytes(bytes) => writer.write_all(&bytes).await?,
+        Outgoing::File { id, cache, source } => {
+            send_file(writer, frame, id, cache, &source).await?
+        }
+        Outgoing::ExpectOutputs { .. } | Outgoing::ForgetOutputs { .. } => {}
     }
     Ok(())
 }
