@@ -183,18 +183,26 @@ async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
                     },
                 )
                 .await?;
-                // Only flush when nothing else is already waiting to be read,
-                // so a burst of runs is answered in one write.
-                if reader.buffer().is_empty() {
-                    writer.flush().await?;
-                }
             }
-            MasterMsg::Ping => {
-                write_frame(&mut writer, &WorkerMsg::Pong).await?;
-                writer.flush().await?;
+            MasterMsg::Recall { task_id, attempt } => {
+                // Every task ran as soon as it came: there is none to give back.
+                let answer = WorkerMsg::Recalled {
+                    task_id,
+                    attempt,
+                    given_back: false,
+                };
+                write_frame(&mut writer, &answer).await?;
             }
+            MasterMsg::Ping => write_frame(&mut writer, &WorkerMsg::Pong).await?,
             MasterMsg::Shutdown | MasterMsg::Refused { .. } => return Ok(()),
             _ => {}
+        }
+        // Flush when nothing else is already waiting to be read, so a burst
+        // of runs is answered in one write; after any message, not only a
+        // run, or a report held back by a message after it would wait for
+        // the next frame (a keepalive ping, 30 s later).
+        if reader.buffer().is_empty() {
+            writer.flush().await?;
         }
     }
 }
