@@ -113,35 +113,15 @@ fn measured(task_id: u64) -> Measured {
 }
 
 async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
-    let stream = loop {
-        match TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(s) => break s,
+    // A real worker whose connection is dropped during the handshake (the
+    // master keeps at most 256 handshakes open, and 1,000 workers starting
+    // at once overflow that) connects again; so does this one.
+    let (mut reader, mut writer) = loop {
+        match connect(port, i, cores).await {
+            Ok(halves) => break halves,
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
-    let mut reader = BufReader::new(r);
-    let mut writer = BufWriter::new(w);
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        drover_version: "scale-sim".into(),
-        hostname: format!("sim-{i}"),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        resources: Resources {
-            cores,
-            memory_mb: 16_000,
-            disk_mb: 100_000,
-            gpus: 0,
-        },
-        password: false,
-        cached: Vec::new(),
-    };
-    let (mut handshake, first) = PeerHandshake::worker(None, hello, Vec::new());
-    auth::run(&mut handshake, &mut reader, &mut writer, Some(first))
-        .await
-        .map_err(std::io::Error::other)?;
     let mut buf = Vec::new();
     loop {
         let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
@@ -205,6 +185,40 @@ async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
             writer.flush().await?;
         }
     }
+}
+
+type Halves = (
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+);
+
+/// Connects and passes the handshake as worker `i`.
+async fn connect(port: u16, i: usize, cores: u32) -> std::io::Result<Halves> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut writer = BufWriter::new(w);
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        drover_version: "scale-sim".into(),
+        hostname: format!("sim-{i}"),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        resources: Resources {
+            cores,
+            memory_mb: 16_000,
+            disk_mb: 100_000,
+            gpus: 0,
+        },
+        password: false,
+        cached: Vec::new(),
+    };
+    let (mut handshake, first) = PeerHandshake::worker(None, hello, Vec::new());
+    auth::run(&mut handshake, &mut reader, &mut writer, Some(first))
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok((reader, writer))
 }
 
 /// Which tasks the run is made of.
