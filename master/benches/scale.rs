@@ -346,7 +346,8 @@ fn main() {
     while let Some(_late) = manager.wait(Some(Duration::from_millis(200))) {
         duplicated += 1;
     }
-    let connected = manager.stats().workers_connected;
+    let stats = manager.stats();
+    let (connected, files_sent) = (stats.workers_connected, stats.files_sent);
     manager.shutdown_workers();
     for sim in &mut sims {
         let _ = sim.kill();
@@ -354,7 +355,7 @@ fn main() {
     }
     let lost = n - reported;
     println!(
-        "{{\"system\":\"drover\",\"workload\":\"scale\",\"variant\":\"{variant_name}\",\"n\":{n},\"workers\":{workers},\"procs\":{procs},\"workers_connected_at_end\":{connected},\"succeeded\":{ok},\"failed\":{failed},\"lost\":{lost},\"duplicated\":{duplicated},\"wall_s\":{wall:.3},\"dispatch_per_s\":{:.0},\"master_bytes_per_queued_task\":{:.0},\"master_cpu_s\":{cpu:.2},\"master_cpu_us_per_task\":{:.2}}}",
+        "{{\"system\":\"drover\",\"workload\":\"scale\",\"variant\":\"{variant_name}\",\"n\":{n},\"workers\":{workers},\"procs\":{procs},\"workers_connected_at_end\":{connected},\"succeeded\":{ok},\"failed\":{failed},\"lost\":{lost},\"duplicated\":{duplicated},\"wall_s\":{wall:.3},\"dispatch_per_s\":{:.0},\"master_bytes_per_queued_task\":{:.0},\"master_cpu_s\":{cpu:.2},\"master_cpu_us_per_task\":{:.2},\"files_sent\":{files_sent}}}",
         reported as f64 / wall,
         (rss1.saturating_sub(rss0)) as f64 / n as f64,
         cpu * 1e6 / n as f64
