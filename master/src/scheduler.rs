@@ -702,12 +702,7 @@ impl Scheduler {
     fn note_ahead(&mut self, r: &Resources) {
         self.ahead_min = Some(match self.ahead_min {
             None => *r,
-            Some(m) => Resources {
-                cores: m.cores.min(r.cores),
-                memory_mb: m.memory_mb.min(r.memory_mb),
-                disk_mb: m.disk_mb.min(r.disk_mb),
-                gpus: m.gpus.min(r.gpus),
-            },
+            Some(m) => m.min_each(r),
         });
     }
 
@@ -1049,17 +1044,24 @@ mod tests {
         placements.iter().map(|p| p.task).collect()
     }
 
+    /// Worker 1 of one core and `memory_mb`, tasks 1 to 3 of one core
+    /// each, task 1 placed on it.
+    fn one_core_three_tasks(memory_mb: u64) -> Scheduler {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(1, memory_mb));
+        for t in 1..=3 {
+            s.enqueue(t, fixed(1), 0, t, &[]);
+        }
+        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        s
+    }
+
     /// A recall scan is skipped only when no task sent ahead could fit:
     /// a task whose recall was refused is a candidate again even after
     /// every other one was recalled (the bound was reset meanwhile).
     #[test]
     fn recall_finds_a_task_given_up_after_the_bound_was_reset() {
-        let mut s = Scheduler::new();
-        s.add_worker(1, res(1, 1000));
-        for t in 1..=3 {
-            s.enqueue(t, fixed(1), 0, t, &[]);
-        }
-        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        let mut s = one_core_three_tasks(1000);
         let ahead: Vec<TaskId> = (0..2)
             .filter_map(|_| s.prefetch(1, 2))
             .map(|p| p.task)
@@ -1200,12 +1202,7 @@ mod tests {
 
     #[test]
     fn requeued_task_keeps_its_place() {
-        let mut s = Scheduler::new();
-        s.add_worker(1, res(1, 0));
-        for t in 1..=3 {
-            s.enqueue(t, fixed(1), 0, t, &[]);
-        }
-        assert_eq!(tasks(&run(&mut s)), vec![1]);
+        let mut s = one_core_three_tasks(0);
         // The worker dies; the master requeues task 1 with its seq.
         s.remove_worker(1);
         s.enqueue(1, fixed(1), 0, 1, &[]);
