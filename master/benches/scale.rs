@@ -113,35 +113,15 @@ fn measured(task_id: u64) -> Measured {
 }
 
 async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
-    let stream = loop {
-        match TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(s) => break s,
+    // A real worker whose connection is dropped during the handshake (the
+    // master keeps at most 256 handshakes open, and 1,000 workers starting
+    // at once overflow that) connects again; so does this one.
+    let (mut reader, mut writer) = loop {
+        match connect(port, i, cores).await {
+            Ok(halves) => break halves,
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
-    let mut reader = BufReader::new(r);
-    let mut writer = BufWriter::new(w);
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        drover_version: "scale-sim".into(),
-        hostname: format!("sim-{i}"),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        resources: Resources {
-            cores,
-            memory_mb: 16_000,
-            disk_mb: 100_000,
-            gpus: 0,
-        },
-        password: false,
-        cached: Vec::new(),
-    };
-    let (mut handshake, first) = PeerHandshake::worker(None, hello, Vec::new());
-    auth::run(&mut handshake, &mut reader, &mut writer, Some(first))
-        .await
-        .map_err(std::io::Error::other)?;
     let mut buf = Vec::new();
     loop {
         let msg: MasterMsg = match read_frame(&mut reader, &mut buf).await {
@@ -184,20 +164,62 @@ async fn one_worker(port: u16, i: usize, cores: u32) -> std::io::Result<()> {
                     },
                 )
                 .await?;
-                // Only flush when nothing else is already waiting to be read,
-                // so a burst of runs is answered in one write.
-                if reader.buffer().is_empty() {
-                    writer.flush().await?;
-                }
             }
-            MasterMsg::Ping => {
-                write_frame(&mut writer, &WorkerMsg::Pong).await?;
-                writer.flush().await?;
+            MasterMsg::Recall { task_id, attempt } => {
+                // Every task ran as soon as it came: there is none to give back.
+                let answer = WorkerMsg::Recalled {
+                    task_id,
+                    attempt,
+                    given_back: false,
+                };
+                write_frame(&mut writer, &answer).await?;
             }
+            MasterMsg::Ping => write_frame(&mut writer, &WorkerMsg::Pong).await?,
             MasterMsg::Shutdown | MasterMsg::Refused { .. } => return Ok(()),
             _ => {}
         }
+        // Flush when nothing else is already waiting to be read, so a burst
+        // of runs is answered in one write; after any message, not only a
+        // run, or a report held back by a message after it would wait for
+        // the next frame (a keepalive ping, 30 s later).
+        if reader.buffer().is_empty() {
+            writer.flush().await?;
+        }
     }
+}
+
+type Halves = (
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+);
+
+/// Connects and passes the handshake as worker `i`.
+async fn connect(port: u16, i: usize, cores: u32) -> std::io::Result<Halves> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut writer = BufWriter::new(w);
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        drover_version: "scale-sim".into(),
+        hostname: format!("sim-{i}"),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        resources: Resources {
+            cores,
+            memory_mb: 16_000,
+            disk_mb: 100_000,
+            gpus: 0,
+        },
+        password: false,
+        cached: Vec::new(),
+    };
+    let (mut handshake, first) = PeerHandshake::worker(None, hello, Vec::new());
+    auth::run(&mut handshake, &mut reader, &mut writer, Some(first))
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok((reader, writer))
 }
 
 /// Which tasks the run is made of.
@@ -325,7 +347,8 @@ fn main() {
     while let Some(_late) = manager.wait(Some(Duration::from_millis(200))) {
         duplicated += 1;
     }
-    let connected = manager.stats().workers_connected;
+    let stats = manager.stats();
+    let (connected, files_sent) = (stats.workers_connected, stats.files_sent);
     manager.shutdown_workers();
     for sim in &mut sims {
         let _ = sim.kill();
@@ -333,7 +356,7 @@ fn main() {
     }
     let lost = n - reported;
     println!(
-        "{{\"system\":\"drover\",\"workload\":\"scale\",\"variant\":\"{variant_name}\",\"n\":{n},\"workers\":{workers},\"procs\":{procs},\"workers_connected_at_end\":{connected},\"succeeded\":{ok},\"failed\":{failed},\"lost\":{lost},\"duplicated\":{duplicated},\"wall_s\":{wall:.3},\"dispatch_per_s\":{:.0},\"master_bytes_per_queued_task\":{:.0},\"master_cpu_s\":{cpu:.2},\"master_cpu_us_per_task\":{:.2}}}",
+        "{{\"system\":\"drover\",\"workload\":\"scale\",\"variant\":\"{variant_name}\",\"n\":{n},\"workers\":{workers},\"procs\":{procs},\"workers_connected_at_end\":{connected},\"succeeded\":{ok},\"failed\":{failed},\"lost\":{lost},\"duplicated\":{duplicated},\"wall_s\":{wall:.3},\"dispatch_per_s\":{:.0},\"master_bytes_per_queued_task\":{:.0},\"master_cpu_s\":{cpu:.2},\"master_cpu_us_per_task\":{:.2},\"files_sent\":{files_sent}}}",
         reported as f64 / wall,
         (rss1.saturating_sub(rss0)) as f64 / n as f64,
         cpu * 1e6 / n as f64

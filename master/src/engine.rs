@@ -55,12 +55,14 @@ use crate::task::{Attempt, FileSource, Outcome, Prepared, PreparedInput, TaskId,
 mod conn;
 mod growth;
 mod lifecycle;
+mod link;
 mod state;
 mod transfer;
 
 use conn::accept_loop;
 pub(crate) use conn::raise_fd_limit;
 use growth::WorkerGrowth;
+use link::{Link, WriteGate};
 use state::{Engine, TaskEntry, TaskState};
 pub(crate) use transfer::part_path;
 use transfer::{receive_attempt, write_loop};
@@ -114,6 +116,8 @@ pub(crate) enum Outgoing {
     },
     /// To the reader: the attempt was taken back; drop its plan.
     ForgetOutputs { task: TaskId, attempt: u32 },
+    /// Frames the engine encoded, to the writer, written as they are.
+    Bytes(Vec<u8>),
 }
 
 /// Where every decision of the engine goes: items down a worker's
@@ -127,15 +131,6 @@ pub(crate) trait Outbox {
     fn to_user(&mut self, result: TaskResult);
 }
 
-/// One worker connection, as the engine's outbox holds it.
-struct Link {
-    /// To its writer task.
-    tx: mpsc::UnboundedSender<Outgoing>,
-    /// To its reader task: output plans (a channel, not a shared map, so
-    /// that no lock is taken per task).
-    plans: mpsc::UnboundedSender<Outgoing>,
-}
-
 /// The outbox of the running master: the connections' channels and the
 /// results channel that `Manager::wait` reads.
 struct Links {
@@ -144,10 +139,18 @@ struct Links {
     /// Results of this engine pass, handed over together at its end
     /// ([`Links::hand_over`]): one wake-up of the user's thread per pass.
     finished: Vec<TaskResult>,
+    /// Links with frames of this pass not written yet.
+    dirty: Vec<WorkerKey>,
 }
 
 impl Links {
+    /// Ends an engine pass: its frames to the workers, its results to the user.
     fn hand_over(&mut self) {
+        for key in self.dirty.drain(..) {
+            if let Some(link) = self.links.get_mut(&key) {
+                link.flush();
+            }
+        }
         if !self.finished.is_empty() {
             let _ = self.results.send(std::mem::take(&mut self.finished));
         }
@@ -156,15 +159,12 @@ impl Links {
 
 impl Outbox for Links {
     fn to_worker(&mut self, worker: WorkerKey, item: Outgoing) {
-        let Some(link) = self.links.get(&worker) else {
+        let Some(link) = self.links.get_mut(&worker) else {
             return;
         };
-        let _ = match item {
-            Outgoing::ExpectOutputs { .. } | Outgoing::ForgetOutputs { .. } => {
-                link.plans.send(item)
-            }
-            _ => link.tx.send(item),
-        };
+        if link.send(item) {
+            self.dirty.push(worker);
+        }
     }
 
     fn to_user(&mut self, result: TaskResult) {
@@ -208,6 +208,7 @@ pub(crate) async fn run(
         links: HashMap::default(),
         results,
         finished: Vec::new(),
+        dirty: Vec::new(),
     };
     let mut engine = Engine::new(links, config.report_identity.clone(), config.prefetch);
     engine.fits_no_worker_wait = config.fits_no_worker_wait;
@@ -303,6 +304,7 @@ impl Engine<Links> {
     }
 
     fn shutdown(&mut self) {
+        self.out.hand_over();
         // Dropping the senders ends each writer, which closes its connection.
         self.out.links.clear();
         self.workers.clear();

@@ -294,18 +294,20 @@ async fn connection(
     let key = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel();
     let (plans, mut plans_rx) = mpsc::unbounded_channel();
+    let gate = Arc::new(WriteGate::default());
+    let direct = link::direct_socket(&writer);
     if events
         .send(Event::Joined {
             key,
             hello,
             addr,
-            link: Link { tx, plans },
+            link: Link::new(tx, plans, direct, Arc::clone(&gate)),
         })
         .is_err()
     {
         return Ok(());
     }
-    let writer_task = tokio::spawn(write_loop(writer, rx, interval));
+    let writer_task = tokio::spawn(write_loop(writer, rx, gate, interval));
     let reason = read_loop(&mut reader, fd, key, &events, &mut plans_rx, timeout).await;
     if reason.starts_with(AUTH_FAILED) {
         // Not a glitch: someone on the path is tampering with the connection.
