@@ -102,6 +102,20 @@ def test_a_runner_measures_each_calls_own_peak(one_slot):
     assert small.measured["memory_mb"] < 100, small.measured
 
 
+def test_memory_an_earlier_call_freed_is_not_the_next_calls_peak(one_slot):
+    first = run_one(one_slot, drover.PythonTask(pid))
+    base = first.measured["memory_mb"]
+    # A 20 MiB block freed makes glibc's default allocator serve the next
+    # blocks under 20 MiB from its heap, where freeing keeps them resident.
+    for mb in (20, 10):
+        r = run_one(one_slot, drover.PythonTask(rss_then_touch, mb))
+        assert r.outcome == "success", (r.outcome, r.error)
+        assert r.output[1] == first.output, "the same runner served every call"
+    small = run_one(one_slot, drover.PythonTask(pid))
+    assert small.output == first.output
+    assert small.measured["memory_mb"] < base + 5, (small.measured, base)
+
+
 def test_a_call_over_its_memory_limit_on_a_runner_is_killed_and_the_runner_replaced(one_slot):
     runner = run_one(one_slot, drover.PythonTask(pid)).output
     big = run_one(one_slot, drover.PythonTask(rss_then_touch, 300).set_memory(100)
