@@ -155,7 +155,9 @@ fn two_busy_threads_use_two_cores() {
         assert_eq!(r.exit, Exit::Code(0));
         // What the machine actually gave the threads, as the test saw it.
         let got = s.cpu_time / wall;
-        assert!(s.cpu_time > 1.0, "{s:?}");
+        // Each thread spins until it has had 3 s of CPU, however loaded
+        // the machine is: all 6 s are the task's.
+        assert!(s.cpu_time > 5.7, "{s:?}");
         assert!(
             (s.cores_avg - got).abs() < 0.25,
             "{method:?}: cores_avg {} vs {got}",

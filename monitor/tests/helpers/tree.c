@@ -9,7 +9,10 @@
  * for HOLD_MS ms (-1: forever). The root waits for every worker, including
  * the orphan, through a pipe they all hold open.
  *
- *   tree busy NTHREADS SECONDS   -- NTHREADS threads spinning for SECONDS.
+ *   tree busy NTHREADS SECONDS   -- NTHREADS threads each spinning until it
+ *                                   has had SECONDS of CPU (not of wall time,
+ *                                   so a loaded machine stretches the run
+ *                                   instead of shrinking what is measured).
  *   tree cow MEM_MB NCHILD HOLD_MS -- touches MEM_MB, then forks NCHILD
  *                                     children that share it copy-on-write.
  */
@@ -23,18 +26,17 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now(void) {
+static double thread_cpu(void) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
 }
 
 static double busy_secs;
 static void *spin(void *arg) {
     volatile unsigned long x = 0;
-    double end = now() + busy_secs;
     (void)arg;
-    while (now() < end)
+    while (thread_cpu() < busy_secs)
         for (int i = 0; i < 100000; i++) x++;
     return NULL;
 }
