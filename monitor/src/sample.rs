@@ -105,12 +105,19 @@ impl Task {
                 .filter(|m| m.starttime == s.starttime)
                 .copied();
             let counted = prev.is_some_and(|m| m.counted);
-            if counting && !counted {
-                st.total_procs += 1;
-            }
             let fresh_io =
                 cx.pass == Pass::Last || prev.is_none() || st.samples.is_multiple_of(IO_EVERY);
             let io = if fresh_io { cx.reader.io(s.pid) } else { None };
+            // A zombie already reaped by the last look has no counters to
+            // read; kept as a member, it would stand for the children it
+            // reaped (whose writes it no longer shows) and their counters
+            // would be dropped. As a dead member it hands them on instead.
+            if s.zombie && cx.pass == Pass::Last && io.is_none() {
+                continue;
+            }
+            if counting && !counted {
+                st.total_procs += 1;
+            }
             let (r, w) = io.or(prev.map(|m| (m.rchar, m.wchar))).unwrap_or((0, 0));
             if !s.zombie {
                 t.live += 1;
