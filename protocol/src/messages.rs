@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::Resources;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// How a worker's `SetupFailed` error starts when the task itself is at
 /// fault (its environment archive is corrupt), not the worker: such a task
@@ -97,6 +97,15 @@ pub enum WorkerMsg {
     },
     /// A task sent ahead ([`RunTask::queued`]) has started.
     Started {
+        task_id: u64,
+        attempt: u32,
+    },
+    /// A running task's process has exited and what it held on this worker
+    /// is free from now: the worker starts what it was sent ahead in that
+    /// room (its [`WorkerMsg::Started`] follows) while it finishes the
+    /// task's accounting. The task's [`WorkerMsg::TaskDone`] comes later.
+    /// Sent only when a task sent ahead starts in the room it left.
+    Exited {
         task_id: u64,
         attempt: u32,
     },

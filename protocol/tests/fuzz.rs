@@ -78,6 +78,10 @@ fn worker_msgs() -> Vec<WorkerMsg> {
             task_id: 1,
             attempt: 1,
         },
+        WorkerMsg::Exited {
+            task_id: 2,
+            attempt: 1,
+        },
         WorkerMsg::Grow {
             task_id: 1,
             attempt: 1,

@@ -129,6 +129,9 @@ pub(crate) async fn run_call(
         },
         Err(_) => None,
     };
+    if ending.is_some() {
+        ctx.root_exited(&task).await;
+    }
     if ending.is_some() && done.is_none() {
         done = wait_done(&mut events).await;
     }

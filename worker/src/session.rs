@@ -15,7 +15,7 @@ use drover_protocol::{
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::main_loop::{Dirs, Shared, StopReason, WorkerConfig};
 use crate::retry::Fatal;
@@ -27,6 +27,17 @@ struct TaskHandle {
     control: mpsc::UnboundedSender<Control>,
     /// What it holds of this worker now (its allocation, grown or not).
     allocation: Resources,
+    /// Its process exited and its room went to a task sent ahead before
+    /// its accounting was done (see [`Tasks::exited`]): it holds nothing.
+    room_given: bool,
+}
+
+/// What a task's own future tells the session.
+pub(crate) enum TaskEvent {
+    /// Its process exited; its final accounting and report are under way.
+    Exited { task_id: u64, attempt: u32 },
+    /// It is over, report and all.
+    Finished(Box<Finished>),
 }
 
 /// The tasks of one session and what they hold of this worker: admits a
@@ -42,7 +53,7 @@ struct Tasks<'a> {
     running: HashMap<(u64, u32), TaskHandle>,
     /// Tasks sent ahead (`RunTask::queued`), not started yet.
     queue: VecDeque<Box<RunTask>>,
-    fin_tx: mpsc::UnboundedSender<Box<Finished>>,
+    events: mpsc::UnboundedSender<TaskEvent>,
     out_tx: mpsc::UnboundedSender<Outgoing>,
 }
 
@@ -140,6 +151,9 @@ impl Tasks<'_> {
         let Some(t) = self.running.get_mut(&(task_id, attempt)) else {
             return;
         };
+        if t.room_given {
+            return;
+        }
         let free = self.free;
         match crate::growth::grant(&t.allocation, allocation, &free) {
             Some(new) => {
@@ -156,13 +170,46 @@ impl Tasks<'_> {
         }
     }
 
+    /// A task's process exited. If the first task sent ahead fits in what
+    /// it held, that room is given to it now, so that the slot's cores do
+    /// not idle while the exited task is reaped, measured and reported:
+    /// the master hears `Exited` (the room is free) before `Started`. A
+    /// task holding gpus keeps them until its end (they are handed out by
+    /// number, at its finish).
+    fn exited(&mut self, task_id: u64, attempt: u32) {
+        let Some(t) = self.running.get_mut(&(task_id, attempt)) else {
+            return;
+        };
+        if t.room_given || t.allocation.gpus > 0 {
+            return;
+        }
+        let room = self.free.saturating_add(&t.allocation);
+        if !self
+            .queue
+            .front()
+            .is_some_and(|q| q.allocation.fits_in(&room))
+        {
+            return;
+        }
+        t.room_given = true;
+        self.free = room;
+        debug!("task {task_id}: its process exited; its room goes to a task sent ahead");
+        self.send(WorkerMsg::Exited { task_id, attempt });
+        self.start_queued();
+    }
+
     /// A task ended: what it held is free again before its report goes
-    /// out, and the tasks sent ahead that now fit start.
+    /// out (unless a task sent ahead has it already), and the tasks sent
+    /// ahead that now fit start.
     fn finished(&mut self, mut finished: Box<Finished>) {
-        let held = self
+        let held = match self
             .running
             .remove(&(finished.report.task_id, finished.report.attempt))
-            .map_or(finished.allocation, |t| t.allocation);
+        {
+            Some(t) if t.room_given => Resources::default(),
+            Some(t) => t.allocation,
+            None => finished.allocation,
+        };
         self.free = self.free.saturating_add(&held);
         self.free_gpus.append(&mut finished.gpus);
         let _ = self.out_tx.send(Outgoing::Done(finished));
@@ -198,6 +245,7 @@ impl Tasks<'_> {
             TaskHandle {
                 control,
                 allocation: task.allocation,
+                room_given: false,
             },
         );
         let at = self
@@ -215,11 +263,12 @@ impl Tasks<'_> {
             monitor: self.shared.monitor.clone(),
             envs: Arc::clone(&self.shared.envs),
             to_master: self.out_tx.clone(),
+            to_session: self.events.clone(),
         };
-        let fin_tx = self.fin_tx.clone();
+        let events = self.events.clone();
         tokio::spawn(async move {
             let finished = run_task(*task, ctx, control_rx).await;
-            let _ = fin_tx.send(Box::new(finished));
+            let _ = events.send(TaskEvent::Finished(Box::new(finished)));
         });
     }
 
@@ -271,7 +320,7 @@ impl<'a> Session<'a> {
         // resources are free before the master can read the report and send
         // the next task: otherwise a prompt master races the bookkeeping and
         // gets a spurious "refusing to overcommit".
-        let (fin_tx, mut fin_rx) = mpsc::unbounded_channel::<Box<Finished>>();
+        let (events, mut events_rx) = mpsc::unbounded_channel::<TaskEvent>();
         let writer_task = tokio::spawn(write_loop(writer, out_rx, Arc::clone(&self.shared.slots)));
         let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<MasterMsg>();
         let read_dirs = ReadDirs {
@@ -290,7 +339,7 @@ impl<'a> Session<'a> {
             free_gpus: (0..total.gpus).rev().collect(),
             running: HashMap::new(),
             queue: VecDeque::new(),
-            fin_tx,
+            events,
             out_tx,
         };
         // The master pings every `keepalive`; silence for several intervals means it is gone.
@@ -323,11 +372,14 @@ impl<'a> Session<'a> {
                         other => warn!("unexpected message from master: {other:?}"),
                     }
                 }
-                fin = fin_rx.recv() => {
-                    // `tasks` holds a sender, so the channel never closes here.
-                    let Some(finished) = fin else { continue };
+                event = events_rx.recv() => {
                     *last_busy = Instant::now();
-                    tasks.finished(finished);
+                    // `tasks` holds a sender, so the channel never closes here.
+                    match event {
+                        Some(TaskEvent::Exited { task_id, attempt }) => tasks.exited(task_id, attempt),
+                        Some(TaskEvent::Finished(finished)) => tasks.finished(finished),
+                        None => {}
+                    }
                 }
                 _ = tick.tick() => {
                     if last_heard.elapsed() > silence_limit {

@@ -18,6 +18,7 @@ use crate::exec::Running;
 use crate::functions;
 use crate::growth;
 use crate::sandbox::{self, InputError};
+use crate::session::TaskEvent;
 use crate::slots;
 use crate::transfer::{Finished, Outgoing};
 
@@ -43,9 +44,24 @@ pub(crate) struct TaskContext {
     pub(crate) envs: Arc<Environments>,
     /// For a growable task's requests for more memory.
     pub(crate) to_master: mpsc::UnboundedSender<Outgoing>,
+    /// For word that its process exited, ahead of its report.
+    pub(crate) to_session: mpsc::UnboundedSender<TaskEvent>,
 }
 
 impl TaskContext {
+    /// Tells the session that `task`'s process exited, and lets it run
+    /// (it may start a task sent ahead in the room this one held) before
+    /// this task's final accounting takes the thread.
+    pub(crate) async fn root_exited(&self, task: &RunTask) {
+        let exited = TaskEvent::Exited {
+            task_id: task.task_id,
+            attempt: task.attempt,
+        };
+        if self.to_session.send(exited).is_ok() {
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// What goes back to the session for a task that ended with `report`.
     pub(crate) fn finished(
         &self,
@@ -119,6 +135,7 @@ pub(crate) async fn run_task(
         }
     };
     let ending = supervise(&task, &child, &mut control).await;
+    ctx.root_exited(&task).await;
     let run = child.finish().await;
     let sandbox_empty = matches!(&run, Ok(r) if r.sandbox_empty == Some(true));
     let outputs = describe(&task, &ctx, &mut report, ending, run, &output_files).await;

@@ -255,6 +255,7 @@ impl<O: Outbox> Engine<O> {
             allocation,
             started,
             on_worker_queue: false,
+            exited: false,
         } = task.state
         else {
             return None;

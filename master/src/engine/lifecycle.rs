@@ -272,15 +272,14 @@ impl<O: Outbox> Engine<O> {
     /// scheduler, its growth reserve and any wait to grow end, and the
     /// worker's frozen tasks may take the room. Returns the worker's host.
     fn release_attempt(&mut self, worker: WorkerKey, id: TaskId, allocation: Resources) -> String {
-        let queued = self.tasks.get(&id).is_some_and(|t| {
-            matches!(
-                t.state,
-                TaskState::Running {
-                    on_worker_queue: true,
-                    ..
-                }
-            )
-        });
+        let (queued, exited) = match self.tasks.get(&id).map(|t| &t.state) {
+            Some(&TaskState::Running {
+                on_worker_queue,
+                exited,
+                ..
+            }) => (on_worker_queue, exited),
+            _ => (false, false),
+        };
         self.drop_grow_wait(worker, id);
         let host = match self.workers.get_mut(&worker) {
             Some(w) => {
@@ -289,7 +288,9 @@ impl<O: Outbox> Engine<O> {
             }
             None => String::new(),
         };
-        self.sched.release_task(worker, id, allocation);
+        if !exited {
+            self.sched.release_task(worker, id, allocation);
+        }
         self.end_reserve(worker, id);
         self.serve_growth(worker);
         self.stats.leave_running(queued);
@@ -693,6 +694,37 @@ impl<O: Outbox> Engine<O> {
         }
         touched.clear();
         self.touched = touched;
+    }
+
+    /// The process of `id`'s attempt on `key` exited, and the worker is
+    /// about to start a task sent ahead in the room it held: that room is
+    /// the scheduler's again now, before the report (which the worker
+    /// sends after its accounting of the task) arrives. The worker holds a
+    /// task sent ahead, so no other task is placed in the room meanwhile
+    /// (see `Scheduler::prefetch`); its `Started` follows.
+    pub(super) fn exited(&mut self, key: WorkerKey, id: TaskId, attempt: u32) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let TaskState::Running {
+            worker,
+            attempt: a,
+            allocation,
+            on_worker_queue: false,
+            ref mut exited,
+            ..
+        } = task.state
+        else {
+            return;
+        };
+        if worker != key || a != attempt || *exited {
+            return;
+        }
+        *exited = true;
+        // It cannot grow any more; room it was gathering goes back first.
+        self.drop_grow_wait(key, id);
+        self.sched.release(key, allocation);
+        self.touched.push(key);
     }
 
     /// A task sent ahead to `key` started there.

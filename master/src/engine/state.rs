@@ -20,6 +20,9 @@ pub(super) enum TaskState {
         started: Instant,
         /// Sent ahead and not started yet (it holds nothing there).
         on_worker_queue: bool,
+        /// Its process has exited ([`WorkerMsg::Exited`]): what it held
+        /// is back in the scheduler already, its report is on the way.
+        exited: bool,
     },
 }
 
@@ -447,6 +450,7 @@ impl<O: Outbox> Engine<O> {
                     ..
                 } => self.grow_asked(key, task_id, attempt, used_mb),
                 WorkerMsg::Started { task_id, attempt } => self.started(key, task_id, attempt),
+                WorkerMsg::Exited { task_id, attempt } => self.exited(key, task_id, attempt),
                 WorkerMsg::Goodbye { reason } => debug!("worker {key} says goodbye: {reason}"),
                 WorkerMsg::DiskFree { free_mb } => self.sched.set_disk_free(key, free_mb),
                 WorkerMsg::Recalled {

@@ -560,6 +560,88 @@ fn a_task_sent_ahead_counts_as_running_only_once_it_starts() {
     assert_eq!(h.results().len(), 2);
 }
 
+fn exited(h: &mut Harness, task_id: TaskId) {
+    h.e.on_worker_msg(
+        1,
+        WorkerMsg::Exited {
+            task_id,
+            attempt: 1,
+        },
+    );
+}
+
+/// Issue 22: a worker that starts a task sent ahead in the room of one
+/// whose process exited says `Exited` before `Started`. The room is freed
+/// once: the report that follows frees nothing more, so the master never
+/// sends a task to run in the room the started one holds.
+#[test]
+fn a_room_freed_at_exit_is_not_freed_again_by_the_report() {
+    let mut h = Harness::new(1);
+    three_on_one_worker(&mut h, one_core_worker(), declared_task());
+    exited(&mut h, 1);
+    h.e.on_worker_msg(
+        1,
+        WorkerMsg::Started {
+            task_id: 2,
+            attempt: 1,
+        },
+    );
+    h.e.schedule();
+    h.done(1, succeeded(1, 1, 10.0));
+    h.e.schedule();
+    assert_eq!(h.e.sched.free(1).map(|f| f.cores), Some(0));
+    assert!(
+        h.runs().is_empty(),
+        "nothing may run in the room task 2 holds"
+    );
+    // A second word of the same exit, and one of a task that waits, change nothing.
+    exited(&mut h, 1);
+    exited(&mut h, 3);
+    h.e.schedule();
+    assert_eq!(h.e.sched.free(1).map(|f| f.cores), Some(0));
+    assert!(h.runs().is_empty());
+    h.done(1, succeeded(2, 1, 10.0));
+    h.e.schedule();
+    let runs: Vec<(TaskId, bool)> = h
+        .runs()
+        .into_iter()
+        .map(|(_, r)| (r.task_id, r.queued))
+        .collect();
+    assert_eq!(runs, vec![(3, false)]);
+    h.done(1, succeeded(3, 1, 10.0));
+    assert_eq!(h.e.sched.free(1).map(|f| f.cores), Some(1));
+    let stats = h.e.stats();
+    assert_eq!((stats.tasks_running, stats.tasks_queued_on_workers), (0, 0));
+    assert_eq!(h.results().len(), 3);
+}
+
+/// A worker lost after a task's `Exited` and before its report: the task
+/// runs again elsewhere, once, and the lost worker's room is not counted.
+#[test]
+fn a_task_whose_worker_is_lost_after_its_exit_runs_again() {
+    let mut h = Harness::new(1);
+    three_on_one_worker(&mut h, one_core_worker(), declared_task());
+    exited(&mut h, 1);
+    h.e.on_worker_msg(
+        1,
+        WorkerMsg::Started {
+            task_id: 2,
+            attempt: 1,
+        },
+    );
+    h.e.worker_gone(1, "test");
+    h.join(2, one_core_worker());
+    h.e.schedule();
+    let runs: Vec<(WorkerKey, TaskId, bool)> = h
+        .runs()
+        .into_iter()
+        .map(|(w, r)| (w, r.task_id, r.queued))
+        .collect();
+    assert_eq!(runs[0], (2, 1, false), "{runs:?}");
+    assert!(runs.iter().all(|&(w, ..)| w == 2));
+    assert_eq!(h.e.sched.free(2).map(|f| f.cores), Some(0));
+}
+
 fn refuse(h: &mut Harness, key: WorkerKey, task_id: TaskId, attempt: u32) {
     h.e.on_worker_msg(
         key,
