@@ -212,13 +212,36 @@ pub enum AuthError {
     #[error("unexpected message during the handshake: {0}")]
     Unexpected(String),
     #[error(transparent)]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+/// A peer that closes with our bytes unread makes its kernel answer with a
+/// reset, which our next read or write gets instead of the end of the
+/// stream: it is the same closed connection, and is said so.
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+impl From<io::Error> for AuthError {
+    fn from(e: io::Error) -> AuthError {
+        if is_closed(&e) {
+            AuthError::Closed
+        } else {
+            AuthError::Io(e)
+        }
+    }
 }
 
 impl From<FrameError> for AuthError {
     fn from(e: FrameError) -> AuthError {
         match e {
             FrameError::Closed => AuthError::Closed,
+            FrameError::Io(e) if is_closed(&e) => AuthError::Closed,
             other => AuthError::Frame(other),
         }
     }
