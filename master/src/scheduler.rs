@@ -962,6 +962,19 @@ impl Scheduler {
     }
 
     fn find_worker(&self, request: &Request, file: FileKey) -> Option<usize> {
+        let best = match request {
+            Request::Fixed(r) => self.best_fit(r),
+            Request::WholeWorker => self.idle.first().copied(),
+        };
+        if file == NO_FILE {
+            return best;
+        }
+        // The best fit holds the file already (always, for a file every
+        // worker holds): no holder need be tried.
+        let best_holds = |slot: usize| self.workers[slot].files.contains(&file);
+        if best.is_none_or(best_holds) {
+            return best;
+        }
         let preferred = |slot: &&usize| {
             let w = &self.workers[**slot];
             if !w.indexed() {
@@ -972,17 +985,11 @@ impl Scheduler {
                 Request::WholeWorker => w.is_idle(),
             }
         };
-        if file != NO_FILE {
-            if let Some(holders) = self.holders.get(&file) {
-                if let Some(&slot) = holders.iter().take(AFFINITY_SCAN).find(preferred) {
-                    return Some(slot);
-                }
-            }
-        }
-        match request {
-            Request::Fixed(r) => self.best_fit(r),
-            Request::WholeWorker => self.idle.first().copied(),
-        }
+        self.holders
+            .get(&file)
+            .and_then(|holders| holders.iter().take(AFFINITY_SCAN).find(preferred))
+            .copied()
+            .or(best)
     }
 
     /// The worker with the fewest free gpus, then fewest free cores, on
@@ -1403,6 +1410,25 @@ mod tests {
                 allocation: res(2, 0)
             }]
         );
+    }
+
+    /// Among holders, the best fit wins: a file every worker holds (the
+    /// shared input of a whole campaign) costs no scan of its holders, and
+    /// tasks pack onto the fullest worker as tasks without inputs do.
+    #[test]
+    fn cache_affinity_takes_the_best_fit_when_it_holds_the_file() {
+        let mut s = Scheduler::new();
+        s.add_worker(1, res(4, 0));
+        s.add_worker(2, res(2, 0));
+        s.add_worker(3, res(4, 0));
+        for w in 1..=3 {
+            s.note_cached(w, 7);
+        }
+        s.enqueue(1, fixed(1), 0, 0, &[7]);
+        s.enqueue(2, fixed(1), 0, 1, &[7]);
+        s.enqueue(3, fixed(1), 0, 2, &[7]);
+        let on: Vec<_> = run(&mut s).iter().map(|p| (p.task, p.worker)).collect();
+        assert_eq!(on, vec![(1, 2), (2, 2), (3, 1)]);
     }
 
     #[test]

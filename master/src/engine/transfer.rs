@@ -36,10 +36,13 @@ impl<O: Outbox> Engine<O> {
         };
         let spec = &task.spec;
         let mut inputs = Vec::with_capacity(spec.inputs.len());
+        // Interned at submit, in the order walked here (inputs, then the
+        // environment): no name is hashed again per placement.
+        let mut keys = task.cached_keys.iter().copied();
         let mut send = |input: &PreparedInput, n: usize| -> String {
             match &input.cache_id {
                 Some(id) => {
-                    let k = self.file_keys.get(&**id).copied();
+                    let k = keys.next();
                     let fresh = k.map(|k| worker.files.insert(k)).unwrap_or(true);
                     if fresh {
                         if let Some(k) = k {
@@ -121,6 +124,7 @@ impl<O: Outbox> Engine<O> {
             allocation: p.allocation,
             started: self.now,
             on_worker_queue: queued,
+            exited: false,
         };
         self.stats.tasks_waiting -= 1;
         if queued {
