@@ -15,6 +15,11 @@
 //! process: the embedded manager) and `worker_cpu_ms_per_task` (the worker
 //! process itself, not its tasks), from /proc.
 
+/// The allocator of the `drover` binary and the Python module, so that the
+/// master measured here is the one users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -23,6 +23,11 @@
 //! (without `--tasks`, e.g. under `cargo test`, it does nothing);
 //! benches/scale/run.sh runs the grid.
 
+/// The allocator of the `drover` binary and the Python module, so that the
+/// master measured here is the one users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
