@@ -50,7 +50,9 @@ use crate::category::{Dim, RetryCause};
 use crate::command::Command;
 use crate::scheduler::{ClassKey, FileKey, Placement, Request, Scheduler, WorkerKey};
 use crate::stats::{Stats, WorkerInfo};
-use crate::task::{Attempt, FileSource, Outcome, Prepared, PreparedInput, TaskId, TaskResult};
+use crate::task::{
+    Attempt, FileSource, Inputs, Outcome, Prepared, PreparedInput, TaskId, TaskResult,
+};
 
 mod conn;
 mod growth;

@@ -16,7 +16,8 @@ use crate::engine::{self, EngineConfig};
 use crate::files::FileNamer;
 use crate::stats::{Stats, WorkerInfo};
 use crate::task::{
-    FileSource, InputSource, Prepared, PreparedInput, Task, TaskId, TaskResult, DEFAULT_MAX_RETRIES,
+    FileSource, InputSource, Inputs, Prepared, PreparedInput, Task, TaskId, TaskResult,
+    DEFAULT_MAX_RETRIES,
 };
 
 /// Why a task was not accepted.
@@ -458,7 +459,7 @@ impl Manager {
             id,
             command: task.command,
             call,
-            inputs,
+            inputs: Inputs::new(inputs),
             outputs: task.outputs,
             env: task.env,
             resources: task.resources,

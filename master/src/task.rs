@@ -311,7 +311,7 @@ pub const DEFAULT_MAX_RETRIES: u32 = 5;
 pub(crate) struct Prepared {
     pub id: TaskId,
     pub command: String,
-    pub inputs: Vec<PreparedInput>,
+    pub inputs: Inputs,
     pub outputs: Vec<(String, PathBuf)>,
     pub env: Vec<(String, String)>,
     pub resources: Resources,
@@ -323,6 +323,61 @@ pub(crate) struct Prepared {
     pub environment: Option<PreparedInput>,
     pub submitted: SystemTime,
     pub call: Option<drover_protocol::FunctionCall>,
+}
+
+/// A task's inputs. The engine lets a task share the list of the task
+/// submitted before it when both name the same cached files under the same
+/// names, as a campaign's tasks usually do: one allocation for all of them,
+/// so that a million queued tasks do not each hold their own copy, nor does
+/// each placement read a copy of its own from a cold line of memory.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Inputs(Option<Arc<[PreparedInput]>>);
+
+impl Inputs {
+    pub(crate) fn new(list: Vec<PreparedInput>) -> Inputs {
+        Inputs((!list.is_empty()).then(|| Arc::from(list)))
+    }
+
+    /// Whether there are inputs and every one is a cached file.
+    pub(crate) fn all_cached(&self) -> bool {
+        !self.is_empty() && self.iter().all(|i| i.cache_id.is_some())
+    }
+
+    /// Whether `other` is `self` for a worker: every input is a cached file
+    /// and each names the same file (the same content name, which the
+    /// master's file namer hands out as one shared string) under the same
+    /// sandbox name, in the same order. Either list can then stand for the
+    /// other, whichever local copy of the content it was named from.
+    pub(crate) fn same_cached_files(&self, other: &Inputs) -> bool {
+        let (a, b) = (&**self, &**other);
+        a.len() == b.len()
+            && !a.is_empty()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| match (&x.cache_id, &y.cache_id) {
+                    (Some(i), Some(j)) => Arc::ptr_eq(i, j) && x.remote == y.remote,
+                    _ => false,
+                })
+    }
+}
+
+#[cfg(test)]
+impl Inputs {
+    /// Whether the two are one allocation.
+    pub(crate) fn is_shared_with(&self, other: &Inputs) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl std::ops::Deref for Inputs {
+    type Target = [PreparedInput];
+
+    fn deref(&self) -> &[PreparedInput] {
+        self.0.as_deref().unwrap_or(&[])
+    }
 }
 
 #[derive(Debug, Clone)]

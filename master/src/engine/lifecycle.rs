@@ -4,15 +4,10 @@
 use super::*;
 
 impl<O: Outbox> Engine<O> {
-    pub(super) fn submit(&mut self, spec: Box<Prepared>) {
+    pub(super) fn submit(&mut self, mut spec: Box<Prepared>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let mut cached_keys = Vec::new();
-        for input in spec.inputs.iter().chain(spec.environment.iter()) {
-            if let Some(id) = &input.cache_id {
-                cached_keys.push(self.intern(id));
-            }
-        }
+        let cached_keys = self.cached_keys(&mut spec);
         let id = spec.id;
         let sizing = self.categories.sizing(&spec.category, &spec.resources);
         self.history
@@ -465,7 +460,7 @@ impl<O: Outbox> Engine<O> {
             self.categories.note_retry(cat, RetryCause::Other);
         }
         if let Some(w) = self.workers.get_mut(&ended.key).filter(|_| !server_lost) {
-            for k in &task.cached_keys {
+            for k in task.cached_keys.iter() {
                 w.files.remove(k);
             }
         }
@@ -727,6 +722,34 @@ impl<O: Outbox> Engine<O> {
         self.touched.push(key);
     }
 
+    /// The interned keys of `spec`'s cached inputs and environment, in that
+    /// order. A task naming the same cached files as the task submitted
+    /// before it shares that task's input list and keys.
+    fn cached_keys(&mut self, spec: &mut Prepared) -> Arc<[FileKey]> {
+        if spec.environment.is_none() {
+            if let Some((inputs, keys)) = &self.last_inputs {
+                if spec.inputs.same_cached_files(inputs) {
+                    spec.inputs = inputs.clone();
+                    return Arc::clone(keys);
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        for input in spec.inputs.iter().chain(spec.environment.iter()) {
+            if let Some(id) = &input.cache_id {
+                keys.push(self.intern(id));
+            }
+        }
+        if keys.is_empty() {
+            return Arc::clone(&self.no_keys);
+        }
+        let keys: Arc<[FileKey]> = Arc::from(keys);
+        if spec.environment.is_none() && spec.inputs.all_cached() {
+            self.last_inputs = Some((spec.inputs.clone(), Arc::clone(&keys)));
+        }
+        keys
+    }
+
     /// A task sent ahead to `key` started there.
     pub(super) fn started(&mut self, key: WorkerKey, id: TaskId, attempt: u32) {
         let Some(task) = self.tasks.get_mut(&id) else {
@@ -863,7 +886,7 @@ impl<O: Outbox> Engine<O> {
         // it: forget that it has the task's cached inputs, or they would never
         // be sent again and it would refuse every task needing them.
         if let (Some(task), Some(w)) = (self.tasks.get(&id), self.workers.get_mut(&key)) {
-            for k in &task.cached_keys {
+            for k in task.cached_keys.iter() {
                 w.files.remove(k);
             }
         }

@@ -33,7 +33,7 @@ pub(super) struct TaskEntry {
     pub(super) attempts: Vec<Attempt>,
     pub(super) cancelling: bool,
     /// Interned cached inputs, largest first would need sizes; submission order is kept.
-    pub(super) cached_keys: Vec<FileKey>,
+    pub(super) cached_keys: Arc<[FileKey]>,
     /// How the allocation is decided (declared, or learned by the category).
     pub(super) sizing: Sizing,
     /// Set once the task was killed for exceeding its allocation: the rung
@@ -86,6 +86,12 @@ pub(super) struct Engine<O: Outbox> {
     pub(super) workers: HashMap<WorkerKey, WorkerEntry>,
     pub(super) file_keys: HashMap<String, FileKey>,
     pub(super) file_names: Vec<String>,
+    /// The last submitted task's inputs, when they were all cached files,
+    /// with their interned keys: the next task naming the same files shares
+    /// both (see `Inputs::same_cached_files`).
+    pub(super) last_inputs: Option<(Inputs, Arc<[FileKey]>)>,
+    /// Shared by every task without cached inputs.
+    pub(super) no_keys: Arc<[FileKey]>,
     pub(super) next_seq: u64,
     pub(super) stats: Stats,
     pub(super) placements: Vec<Placement>,
@@ -137,6 +143,8 @@ impl<O: Outbox> Engine<O> {
             workers: HashMap::default(),
             file_keys: HashMap::default(),
             file_names: Vec::new(),
+            last_inputs: None,
+            no_keys: Arc::from([]),
             next_seq: 0,
             stats: Stats::default(),
             placements: Vec::new(),

@@ -118,7 +118,7 @@ impl Harness {
         self.e.on_command(Command::Submit(Box::new(Prepared {
             id,
             command: format!("task {id}"),
-            inputs: Vec::new(),
+            inputs: Default::default(),
             outputs: Vec::new(),
             env: Vec::new(),
             resources,
@@ -700,11 +700,11 @@ fn a_refused_tasks_cached_input_is_sent_again() {
     h.e.on_command(Command::Submit(Box::new(Prepared {
         id: 1,
         command: "task 1".into(),
-        inputs: vec![crate::task::PreparedInput {
+        inputs: crate::task::Inputs::new(vec![crate::task::PreparedInput {
             cache_id: Some(std::sync::Arc::from("c-big")),
             source: crate::task::FileSource::Bytes(std::sync::Arc::from(&b"data"[..])),
             remote: "in".into(),
-        }],
+        }]),
         outputs: Vec::new(),
         env: Vec::new(),
         resources: declared_task(),
@@ -739,6 +739,86 @@ fn a_refused_tasks_cached_input_is_sent_again() {
     let (files, attempt) = files_sent(&mut h);
     assert!(attempt.is_some(), "the task went back to the worker");
     assert_eq!(files, 1, "the cached input was not sent again");
+}
+
+fn submit_cached(h: &mut Harness, id: TaskId, file: &std::sync::Arc<str>, name: &str) {
+    h.e.on_command(Command::Submit(Box::new(Prepared {
+        id,
+        command: format!("task {id}"),
+        inputs: crate::task::Inputs::new(vec![crate::task::PreparedInput {
+            cache_id: Some(std::sync::Arc::clone(file)),
+            source: crate::task::FileSource::Bytes(std::sync::Arc::from(&b"data"[..])),
+            remote: name.into(),
+        }]),
+        outputs: Vec::new(),
+        env: Vec::new(),
+        resources: declared_task(),
+        wall_time_s: None,
+        category: String::new(),
+        tag: None,
+        priority: 0,
+        max_retries: 5,
+        environment: None,
+        submitted: SystemTime::UNIX_EPOCH,
+        call: None,
+    })));
+}
+
+/// Issue 22: tasks naming the same cached files under the same names share
+/// one input list (a million queued tasks hold one copy); a task naming the
+/// same file under another name keeps its own. Each runs with its own
+/// names, and the file goes to the worker once.
+#[test]
+fn tasks_naming_the_same_cached_files_share_one_input_list() {
+    let mut h = Harness::new(0);
+    h.join(
+        1,
+        Resources {
+            disk_mb: 1000,
+            ..mb(4, 1000)
+        },
+    );
+    let file: std::sync::Arc<str> = std::sync::Arc::from("b3-shared");
+    for (id, name) in [(1, "in"), (2, "in"), (3, "other"), (4, "in")] {
+        submit_cached(&mut h, id, &file, name);
+    }
+    let inputs = |h: &Harness, id: TaskId| {
+        h.e.tasks
+            .get(&id)
+            .map(|t| t.spec.inputs.clone())
+            .expect("queued")
+    };
+    assert!(inputs(&h, 1).is_shared_with(&inputs(&h, 2)));
+    assert!(!inputs(&h, 2).is_shared_with(&inputs(&h, 3)));
+    h.e.schedule();
+    let sent = std::mem::take(&mut h.e.out.sent);
+    let files = sent
+        .iter()
+        .filter(|(_, item)| matches!(item, Outgoing::File { id, .. } if id == "b3-shared"))
+        .count();
+    assert_eq!(files, 1);
+    let mut names: Vec<(TaskId, String, String)> = sent
+        .iter()
+        .filter_map(|(_, item)| match item {
+            Outgoing::Msg(MasterMsg::Run(run)) => Some((
+                run.task_id,
+                run.inputs[0].file_id.clone(),
+                run.inputs[0].name.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    let want = |id: TaskId, name: &str| (id, "b3-shared".to_string(), name.to_string());
+    assert_eq!(
+        names,
+        vec![
+            want(1, "in"),
+            want(2, "in"),
+            want(3, "other"),
+            want(4, "in")
+        ]
+    );
 }
 
 /// Issue 19: a task that every worker refuses ends, saying so, instead of
