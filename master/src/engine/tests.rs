@@ -690,20 +690,14 @@ fn a_worker_that_refuses_is_kept_out_and_the_task_goes_elsewhere() {
     assert_eq!(h.e.stats().workers_blocked, 0);
 }
 
-/// Issue 19: a worker that refuses a task (say its cached input did not
-/// fit, so it kept nothing) is sent that cached input again when it next
-/// gets the task, instead of being thought to have it for ever.
-#[test]
-fn a_refused_tasks_cached_input_is_sent_again() {
-    let mut h = Harness::new(0);
-    h.join(1, one_core_worker());
+fn submit_cached(h: &mut Harness, id: TaskId, file: &std::sync::Arc<str>, name: &str) {
     h.e.on_command(Command::Submit(Box::new(Prepared {
-        id: 1,
-        command: "task 1".into(),
+        id,
+        command: format!("task {id}"),
         inputs: crate::task::Inputs::new(vec![crate::task::PreparedInput {
-            cache_id: Some(std::sync::Arc::from("c-big")),
+            cache_id: Some(std::sync::Arc::clone(file)),
             source: crate::task::FileSource::Bytes(std::sync::Arc::from(&b"data"[..])),
-            remote: "in".into(),
+            remote: name.into(),
         }]),
         outputs: Vec::new(),
         env: Vec::new(),
@@ -717,6 +711,16 @@ fn a_refused_tasks_cached_input_is_sent_again() {
         submitted: SystemTime::UNIX_EPOCH,
         call: None,
     })));
+}
+
+/// Issue 19: a worker that refuses a task (say its cached input did not
+/// fit, so it kept nothing) is sent that cached input again when it next
+/// gets the task, instead of being thought to have it for ever.
+#[test]
+fn a_refused_tasks_cached_input_is_sent_again() {
+    let mut h = Harness::new(0);
+    h.join(1, one_core_worker());
+    submit_cached(&mut h, 1, &std::sync::Arc::from("c-big"), "in");
     let files_sent = |h: &mut Harness| {
         let sent = std::mem::take(&mut h.e.out.sent);
         let files = sent
@@ -739,29 +743,6 @@ fn a_refused_tasks_cached_input_is_sent_again() {
     let (files, attempt) = files_sent(&mut h);
     assert!(attempt.is_some(), "the task went back to the worker");
     assert_eq!(files, 1, "the cached input was not sent again");
-}
-
-fn submit_cached(h: &mut Harness, id: TaskId, file: &std::sync::Arc<str>, name: &str) {
-    h.e.on_command(Command::Submit(Box::new(Prepared {
-        id,
-        command: format!("task {id}"),
-        inputs: crate::task::Inputs::new(vec![crate::task::PreparedInput {
-            cache_id: Some(std::sync::Arc::clone(file)),
-            source: crate::task::FileSource::Bytes(std::sync::Arc::from(&b"data"[..])),
-            remote: name.into(),
-        }]),
-        outputs: Vec::new(),
-        env: Vec::new(),
-        resources: declared_task(),
-        wall_time_s: None,
-        category: String::new(),
-        tag: None,
-        priority: 0,
-        max_retries: 5,
-        environment: None,
-        submitted: SystemTime::UNIX_EPOCH,
-        call: None,
-    })));
 }
 
 /// Issue 22: tasks naming the same cached files under the same names share
