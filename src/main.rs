@@ -8,12 +8,7 @@ mod cli;
 /// The master allocates and frees per task (frames, reports, results) on
 /// several threads; mimalloc's per-thread free lists cost 6-14% less master
 /// CPU per task than glibc's malloc at 1M tasks x 1,000 workers
-/// (benches/README, issue 22 round 6). Release builds only: in a debug
-/// build with mimalloc, a worker's first task was measured with ~18 MB it
-/// did not use (about the debug worker's own resident size;
-/// `measured_memory_is_what_the_task_touched` fails that way, and passes
-/// with the release binary). Not understood yet; see the round's notes.
-#[cfg(not(debug_assertions))]
+/// (benches/README, issue 22 round 6).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

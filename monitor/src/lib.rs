@@ -44,7 +44,11 @@
 //! The peak is the largest value seen at a sample, raised to the root's
 //! `ru_maxrss` (largest single process among the root and its reaped
 //! descendants) so a task that ends before the first sample still reports
-//! its memory.
+//! its memory. Linux raises `ru_maxrss` at exec to the peak of the memory a
+//! process had before, which for a spawned task is the spawner's (the
+//! worker's): a root `ru_maxrss` no larger than the spawner's own peak at
+//! the spawn is therefore not used for a task that a sample saw alive, and
+//! such a task is measured by its samples.
 //!
 //! # Summary schema
 //!

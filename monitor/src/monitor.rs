@@ -294,6 +294,7 @@ impl Monitor {
         let procs = group.as_ref().map(|g| g.procs_path.clone());
         let start = Instant::now();
         let start_epoch = epoch_now();
+        let spawner_peak = own_peak_rss();
         let (command, spawned) = {
             let dir_fd = group.as_ref().map(|g| g.dir_fd());
             let cgroup = group.as_ref().map(|g| spawn::CgroupTarget {
@@ -338,6 +339,7 @@ impl Monitor {
                 start_epoch,
                 group,
                 adopted: false,
+                spawner_peak,
             },
             sandbox,
             limits,
@@ -424,6 +426,7 @@ impl Monitor {
             exit_fd,
             is_pidfd,
             adopted,
+            spawner_peak: started.spawner_peak,
             group,
             sandbox: sandbox.map(Path::to_path_buf),
             st: Mutex::new(TaskState::new(&limits, opts.series)),
@@ -460,6 +463,20 @@ struct Started {
     start_epoch: f64,
     group: Option<crate::cgroup::TaskGroup>,
     adopted: bool,
+    /// This process's peak resident size when it spawned the task, bytes;
+    /// 0 for an adopted task (see `Task::spawner_peak`).
+    spawner_peak: u64,
+}
+
+/// This process's peak resident size so far, bytes (`getrusage`).
+fn own_peak_rss() -> u64 {
+    // SAFETY: rusage is plain data, filled by the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    u64::try_from(ru.ru_maxrss).unwrap_or(0) * 1024
 }
 
 /// A watch readied for a process another process starts (see
@@ -503,6 +520,7 @@ impl Reserved {
                 start_epoch: started.1,
                 group,
                 adopted: true,
+                spawner_peak: 0,
             },
             sandbox,
             limits,

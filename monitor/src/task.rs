@@ -30,6 +30,11 @@ pub(crate) struct Task {
     /// Started by another process (see [`crate::Monitor::reserve`]): not
     /// our child, so its exit comes from its parent, not from wait4.
     pub(crate) adopted: bool,
+    /// The spawning process's peak resident size at the spawn, bytes. Linux
+    /// raises a process's `ru_maxrss` at exec to the peak of the memory it
+    /// had before, which for a spawned task is this process's: a root
+    /// `ru_maxrss` no larger than this may be the spawner's, not the task's.
+    pub(crate) spawner_peak: u64,
     pub(crate) group: Option<TaskGroup>,
     pub(crate) sandbox: Option<PathBuf>,
     pub(crate) limits: Limits,

@@ -195,7 +195,17 @@ impl Watched {
             task.wait_tree_dead(&st, &mut reader, &mut pids);
         }
         let mut cpu = st.cpu.max(reaped.cpu);
-        let mut memory = st.memory.max(reaped.maxrss);
+        // A task seen alive by a sample is measured by its samples when its
+        // root's `ru_maxrss` may be the spawner's peak (see
+        // `Task::spawner_peak`): a 13 MB task spawned by a 31 MB worker
+        // measured 31 MB. One that ended before any sample keeps the
+        // `ru_maxrss`, an overestimate, rather than nothing.
+        let root_peak = if st.memory > 0 && reaped.maxrss <= task.spawner_peak {
+            0
+        } else {
+            reaped.maxrss
+        };
+        let mut memory = st.memory.max(root_peak);
         let mut cgroup_oom_kills = None;
         if let Some(g) = &task.group {
             g.kill();

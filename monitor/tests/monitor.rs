@@ -1098,3 +1098,35 @@ fn a_task_oom_killed_under_an_outside_cap_is_reported_as_out_of_memory() {
         .unwrap()
         .starts_with("ran out of memory: "));
 }
+
+/// Linux raises a process's `ru_maxrss` at exec to the peak of the memory
+/// it had before: for a task, that of the process that spawned it. A task
+/// sampled alive is measured by its samples, not by that: a small task
+/// started by a large spawner (here this test process, made 100 MB larger
+/// first) is not measured at the spawner's size.
+#[test]
+fn a_small_task_is_not_measured_at_its_spawners_size() {
+    let mut ballast = vec![0u8; 100 << 20];
+    for i in (0..ballast.len()).step_by(4096) {
+        ballast[i] = 1;
+    }
+    std::hint::black_box(&ballast);
+    for method in METHODS {
+        let m = monitor(method);
+        let mut sleep = Command::new("sleep");
+        sleep.arg("0.5");
+        let r = m
+            .spawn(sleep, None, Limits::default())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(r.exit, Exit::Code(0));
+        assert!(r.summary.samples >= 2, "{method:?}: {:?}", r.summary);
+        assert!(
+            r.summary.memory < 50.0,
+            "{method:?}: sleep measured {} MB",
+            r.summary.memory
+        );
+    }
+    drop(ballast);
+}
