@@ -570,6 +570,19 @@ fn exited(h: &mut Harness, task_id: TaskId) {
     );
 }
 
+/// Worker 1 says `exited`'s process exited and `started`, sent ahead,
+/// started in its room.
+fn hand_over(h: &mut Harness, exited_id: TaskId, started: TaskId) {
+    exited(h, exited_id);
+    h.e.on_worker_msg(
+        1,
+        WorkerMsg::Started {
+            task_id: started,
+            attempt: 1,
+        },
+    );
+}
+
 /// Issue 22: a worker that starts a task sent ahead in the room of one
 /// whose process exited says `Exited` before `Started`. The room is freed
 /// once: the report that follows frees nothing more, so the master never
@@ -578,14 +591,7 @@ fn exited(h: &mut Harness, task_id: TaskId) {
 fn a_room_freed_at_exit_is_not_freed_again_by_the_report() {
     let mut h = Harness::new(1);
     three_on_one_worker(&mut h, one_core_worker(), declared_task());
-    exited(&mut h, 1);
-    h.e.on_worker_msg(
-        1,
-        WorkerMsg::Started {
-            task_id: 2,
-            attempt: 1,
-        },
-    );
+    hand_over(&mut h, 1, 2);
     h.e.schedule();
     h.done(1, succeeded(1, 1, 10.0));
     h.e.schedule();
@@ -621,14 +627,7 @@ fn a_room_freed_at_exit_is_not_freed_again_by_the_report() {
 fn a_task_whose_worker_is_lost_after_its_exit_runs_again() {
     let mut h = Harness::new(1);
     three_on_one_worker(&mut h, one_core_worker(), declared_task());
-    exited(&mut h, 1);
-    h.e.on_worker_msg(
-        1,
-        WorkerMsg::Started {
-            task_id: 2,
-            attempt: 1,
-        },
-    );
+    hand_over(&mut h, 1, 2);
     h.e.worker_gone(1, "test");
     h.join(2, one_core_worker());
     h.e.schedule();
