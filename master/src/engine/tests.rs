@@ -57,12 +57,16 @@ fn three_on_one_worker(h: &mut Harness, worker: Resources, task: Resources) {
         h.submit(id, "", task);
     }
     h.e.schedule();
-    let runs: Vec<(TaskId, bool)> = h
-        .runs()
+    let runs = run_ids(h);
+    assert_eq!(runs, vec![(1, false), (2, true)]);
+}
+
+/// The tasks sent to run since the last call: (id, sent ahead).
+fn run_ids(h: &mut Harness) -> Vec<(TaskId, bool)> {
+    h.runs()
         .into_iter()
         .map(|(_, r)| (r.task_id, r.queued))
-        .collect();
-    assert_eq!(runs, vec![(1, false), (2, true)]);
+        .collect()
 }
 
 /// A task that declares every resource, so no category learns for it (and
@@ -608,11 +612,7 @@ fn a_room_freed_at_exit_is_not_freed_again_by_the_report() {
     assert!(h.runs().is_empty());
     h.done(1, succeeded(2, 1, 10.0));
     h.e.schedule();
-    let runs: Vec<(TaskId, bool)> = h
-        .runs()
-        .into_iter()
-        .map(|(_, r)| (r.task_id, r.queued))
-        .collect();
+    let runs = run_ids(&mut h);
     assert_eq!(runs, vec![(3, false)]);
     h.done(1, succeeded(3, 1, 10.0));
     assert_eq!(h.e.sched.free(1).map(|f| f.cores), Some(1));
